@@ -1,0 +1,197 @@
+"""One data adapter for every method: ``Data(source, transform=fn)``.
+
+Accepted sources (the adapter never copies the data, it only iterates it):
+
+* a ``torch.utils.data.DataLoader`` (used as is),
+* a ``torch.utils.data.Dataset`` (wrapped in a DataLoader with ``batch_size``),
+* a list/tuple of tensors (each one a batch of inputs) or of ``(inputs, target)`` batches,
+* a single tensor (split into batches of ``batch_size``),
+* a Hugging Face ``datasets.Dataset`` or anything indexable that yields dicts.
+
+The batch convention used across modelpress:
+
+* ``tensor``                 -> inputs only (unlabelled, e.g. calibration)
+* ``(inputs, target)``       -> supervised batch
+* ``dict``                   -> keyword inputs (``input_ids``, ``attention_mask`` ...);
+  an optional ``"labels"`` key is the target.
+
+Example::
+
+    >>> import torch
+    >>> from modelpress.core.data import Data
+    >>> d = Data(torch.randn(10, 4), batch_size=4)
+    >>> [x.shape[0] for x in d.inputs()]
+    [4, 4, 2]
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from .errors import DataError
+
+Batch = Any
+
+
+def split_batch(batch: Batch) -> tuple[Any, torch.Tensor | None]:
+    """Split a batch into ``(inputs, target)``; ``target`` is None for unlabelled batches."""
+    if isinstance(batch, dict):
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        return inputs, batch.get("labels")
+    if isinstance(batch, (list, tuple)):
+        if len(batch) == 2:
+            return batch[0], batch[1]
+        if len(batch) == 1:
+            return batch[0], None
+        raise DataError(
+            f"a batch is a tuple of {len(batch)} items; expected (inputs,) or (inputs, target)",
+            hint="wrap your data with Data(..., transform=fn) returning (inputs, target)",
+        )
+    return batch, None
+
+
+def call_model(model: nn.Module, inputs: Any) -> Any:
+    """Run ``model`` on inputs in the batch convention (dict -> keyword arguments)."""
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (list, tuple)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def batch_size_of(inputs: Any) -> int:
+    if isinstance(inputs, dict):
+        return int(next(iter(inputs.values())).shape[0])
+    if isinstance(inputs, (list, tuple)):
+        return batch_size_of(inputs[0])
+    return int(inputs.shape[0])
+
+
+def to_device(obj: Any, device: torch.device | str) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj
+
+
+def slice_inputs(inputs: Any, n: int) -> Any:
+    """The first ``n`` samples of a batch of inputs (any convention)."""
+    if isinstance(inputs, dict):
+        return {k: v[:n] for k, v in inputs.items()}
+    if isinstance(inputs, (list, tuple)):
+        return type(inputs)(slice_inputs(v, n) for v in inputs)
+    return inputs[:n]
+
+
+def check_finite(inputs: Any, where: str) -> None:
+    """Raise a DataError when a floating tensor in ``inputs`` holds NaN or Inf."""
+    tensors = inputs.values() if isinstance(inputs, dict) else (
+        inputs if isinstance(inputs, (list, tuple)) else [inputs])
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
+            raise DataError(f"{where}: the data contains NaN or Inf values",
+                            hint="clean or normalise the data before compressing")
+
+
+@dataclass
+class Data:
+    """Adapter over any iterable of batches. See the module docstring for accepted sources.
+
+    ``transform`` maps each raw batch (or each dataset item, for a Dataset source) to the
+    batch convention. ``limit`` caps the number of batches yielded per pass (e.g. for
+    calibration on a subset).
+    """
+
+    source: Any
+    transform: Callable[[Any], Any] | None = None
+    batch_size: int = 64
+    shuffle: bool = False
+    limit: int | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.source, Data):  # Data(Data(...)) keeps the inner adapter
+            inner = self.source
+            self.source, self.transform = inner.source, self.transform or inner.transform
+        if self.source is None:
+            raise DataError("no data was given", hint="pass a DataLoader, a Dataset or a list of batches")
+        if self.batch_size < 1:
+            raise DataError(f"Data.batch_size must be >= 1 (got {self.batch_size})")
+
+    # -- iteration -----------------------------------------------------------------
+    def _loader(self) -> Iterable:
+        src = self.source
+        if isinstance(src, DataLoader):
+            return src
+        if isinstance(src, torch.Tensor):
+            return src.split(self.batch_size)
+        if isinstance(src, Dataset) or (hasattr(src, "__getitem__") and hasattr(src, "__len__")
+                                        and not isinstance(src, (list, tuple))):
+            gen = torch.Generator().manual_seed(self.seed)
+            collate = None
+            if self.transform is not None:
+                transform = self.transform
+                collate = lambda items: torch.utils.data.default_collate([transform(i) for i in items])  # noqa: E731
+            return DataLoader(src, batch_size=self.batch_size, shuffle=self.shuffle, generator=gen,
+                              collate_fn=collate)
+        if isinstance(src, (list, tuple)) or hasattr(src, "__iter__"):
+            return src
+        raise DataError(f"cannot iterate data of type {type(src).__name__}",
+                        hint="pass a DataLoader, a Dataset, a tensor or a list of batches")
+
+    def __iter__(self) -> Iterator[Batch]:
+        loader = self._loader()
+        per_item_transform = isinstance(self.source, Dataset) or (
+            not isinstance(self.source, (DataLoader, torch.Tensor, list, tuple))
+            and hasattr(self.source, "__getitem__"))
+        it = iter(loader)
+        if self.limit is not None:
+            it = itertools.islice(it, self.limit)
+        empty = True
+        for batch in it:
+            empty = False
+            if self.transform is not None and not per_item_transform:
+                batch = self.transform(batch)
+            yield batch
+        if empty:
+            raise DataError("the data is empty (no batch was produced)",
+                            hint="check the dataset path and the split / limit you asked for")
+
+    def inputs(self) -> Iterator[Any]:
+        """Iterate only the model inputs of each batch."""
+        for batch in self:
+            yield split_batch(batch)[0]
+
+    def first_inputs(self) -> Any:
+        """The inputs of the first batch (used as example input for tracing/analysis)."""
+        return next(self.inputs())
+
+    def __len__(self) -> int:
+        src = self.source
+        if isinstance(src, DataLoader):
+            n = len(src)
+        elif isinstance(src, torch.Tensor):
+            n = math.ceil(src.shape[0] / self.batch_size)
+        elif isinstance(src, (list, tuple)):
+            n = len(src)
+        elif hasattr(src, "__len__"):
+            n = math.ceil(len(src) / self.batch_size)
+        else:
+            raise TypeError("length unknown")
+        return min(n, self.limit) if self.limit is not None else n
+
+
+def as_data(data: Any, **kwargs) -> Data | None:
+    """Wrap anything accepted by :class:`Data` (None stays None)."""
+    if data is None or isinstance(data, Data):
+        return data
+    return Data(data, **kwargs)

@@ -1,0 +1,150 @@
+"""Turn a model reference into an ``nn.Module``.
+
+A reference is one of
+
+* a zoo name: ``lenet5``, ``resnet_small``, ``minilm`` ... (``modelpress list --models``);
+* ``path/to/file.py:factory``: a function in your file returning an ``nn.Module`` (the file
+  is executed: only pass files you trust);
+* a local Hugging Face model directory (``config.json`` + weights; never downloaded);
+* a modelpress artifact (``.safetensors`` written by modelpress: train, compress, export).
+
+Every loaded model carries ``model.zoo_spec`` (how to rebuild its architecture), which
+the artifact writer records so that a compressed model reloads on its own.
+"""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+from torch import nn
+
+from .errors import ModelLoadError
+
+
+def _from_factory(ref: str, kwargs: dict | None = None) -> nn.Module:
+    file, _, fn_name = ref.rpartition(":")
+    path = Path(file).expanduser().resolve()
+    if not path.is_file():
+        raise ModelLoadError(f"model file {file!r} does not exist", hint="use path/to/file.py:function_name")
+    spec = importlib.util.spec_from_file_location(f"modelpress_user_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        raise ModelLoadError(f"importing {path} failed: {type(exc).__name__}: {exc}",
+                             hint="run the file with python to see the full error") from None
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        available = [n for n in dir(module) if callable(getattr(module, n)) and not n.startswith("_")]
+        raise ModelLoadError(f"{path.name} has no function {fn_name!r}",
+                             hint=f"callables in the file: {', '.join(available[:10])}")
+    model = fn(**(kwargs or {}))
+    if not isinstance(model, nn.Module):
+        raise ModelLoadError(f"{ref} returned {type(model).__name__}, not an nn.Module")
+    model.zoo_spec = {"factory": f"{path}:{fn_name}", "kwargs": kwargs or {}}
+    return model
+
+
+def _from_hf_dir(path: Path) -> nn.Module:
+    from ..zoo.text import SentenceEncoder  # imports transformers (the [nlp] extra)
+
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{path}/config.json is unreadable ({exc})") from None
+    archs = cfg.get("architectures") or []
+    if any(a.endswith("ForSequenceClassification") for a in archs):
+        from ..zoo.hf import HFSequenceClassifier
+        model = HFSequenceClassifier.from_pretrained(path)
+    else:
+        model = SentenceEncoder.from_pretrained(path)
+    model.zoo_spec = {"hf_dir": str(path.resolve())}
+    return model
+
+
+def build_source(source: dict | None, *, trust_remote_code: bool = False) -> nn.Module:
+    """Build the architecture an artifact's ``source`` names."""
+    if not source:
+        raise ModelLoadError("the artifact does not record how to build its architecture",
+                             hint="pass the original model: load_artifact(path, base_model=model)")
+    if "zoo" in source:
+        from ..zoo.models import build_model
+        return build_model(source["zoo"], **source.get("kwargs", {}))
+    if "hf_dir" in source:
+        return _from_hf_dir(Path(source["hf_dir"]))
+    if "factory" in source:
+        if not trust_remote_code:
+            raise ModelLoadError(f"the artifact is built by running {source['factory']}",
+                                 hint="pass --trust-remote-code (trust_remote_code=True) if you trust that file")
+        return _from_factory(source["factory"], source.get("kwargs"))
+    raise ModelLoadError(f"unknown model source {sorted(source)} in the artifact")
+
+
+def load_artifact(path: str | Path, *, base_model: nn.Module | None = None,
+                  trust_remote_code: bool = False) -> tuple[nn.Module, dict]:
+    """Load a modelpress artifact: ``(model, header)``. The model is in eval mode."""
+    from ..export.checkpoint import load_into, load_state
+
+    state, header = load_state(path)
+    if base_model is not None:
+        model = copy.deepcopy(base_model)
+    else:
+        model = build_source(header.get("source"), trust_remote_code=trust_remote_code)
+    model = load_into(model, state, header, where=str(path))
+    if header.get("source"):
+        model.zoo_spec = header["source"]
+    from .masks import set_mask
+    for name in header.get("meta", {}).get("masked", []):  # keep pruned weights pruned in later training
+        module_name, _, pname = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        set_mask(module, pname, (getattr(module, pname) != 0).float())
+    return model.eval(), header
+
+
+def load_model(ref: str | Path, *, trust_remote_code: bool = False) -> nn.Module:
+    """Resolve a model reference (see module docstring) to a module."""
+    ref = str(ref)
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return _from_hf_dir(path)
+        raise ModelLoadError(f"{ref} is a directory without config.json",
+                             hint="pass a Hugging Face model directory, an artifact file or a zoo name")
+    if path.is_file():
+        if path.suffix == ".py":
+            raise ModelLoadError(f"{ref} is a Python file; name the factory function",
+                                 hint=f"use {ref}:function_name")
+        if path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
+            return _from_torch_file(path, trust_remote_code)
+        return load_artifact(path, trust_remote_code=trust_remote_code)[0]
+    if ".py:" in ref:
+        return _from_factory(ref)
+    from ..zoo.models import build_model, list_models
+    if ref in list_models():
+        return build_model(ref)
+    raise ModelLoadError(f"model {ref!r} is not a file, a directory or a zoo model",
+                         hint=f"zoo models: {', '.join(list_models())}; or path/to/file.py:factory")
+
+
+def _from_torch_file(path: Path, trust_remote_code: bool) -> nn.Module:
+    import pickle
+
+    import torch
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=not trust_remote_code)
+    except pickle.UnpicklingError as exc:
+        raise ModelLoadError(f"{path} needs arbitrary pickle to load (it can run code): "
+                             f"{str(exc).splitlines()[0][:120]}",
+                             hint="pass --trust-remote-code if you trust this file") from None
+    except Exception as exc:
+        raise ModelLoadError(f"{path} could not be read as a PyTorch file ({type(exc).__name__}: {exc})",
+                             hint="the file may be truncated or corrupt") from None
+    if isinstance(obj, nn.Module):
+        return obj
+    raise ModelLoadError(f"{path} holds a {type(obj).__name__} (weights only), not a whole model",
+                         hint="load the weights into your module in Python, or save a modelpress artifact")

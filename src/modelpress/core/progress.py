@@ -1,0 +1,34 @@
+"""Progress bars for long-running work (rich), shared by training, calibration and pipelines."""
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+
+console = Console(stderr=True)
+
+
+def progress_enabled() -> bool:
+    return os.environ.get("MODELPRESS_PROGRESS", "1") != "0"
+
+
+@contextmanager
+def progress_bar(description: str, total: int | None):
+    """A rich progress bar; yields ``advance(n=1, **fields)``. Silent when disabled."""
+    if not progress_enabled():
+        yield lambda n=1, **kw: None
+        return
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[note]}")]
+    with Progress(*columns, console=console, transient=not sys.stderr.isatty()) as prog:
+        task = prog.add_task(description, total=total, note="")
+        yield lambda n=1, note=None: prog.update(task, advance=n, **({"note": note} if note else {}))
+
+
+def log(msg: str) -> None:
+    if progress_enabled():
+        console.print(msg)

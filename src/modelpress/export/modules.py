@@ -1,0 +1,116 @@
+"""Describe and rebuild module structure, so a compressed checkpoint reloads without code changes.
+
+Compression changes a model's structure: structured pruning shrinks layers, low-rank
+replaces one layer by two, quantization swaps in packed layers. The artifact records,
+for every module whose class we know how to build, ``{"class": name, "args": {...}}``.
+Loading builds the original model, then replaces every module whose recorded class or
+arguments differ. Only classes registered here (or with :func:`register_buildable`) can
+be built: a checkpoint can never name arbitrary code to run.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+from ..core.errors import ModelLoadError
+
+# class name -> (class, spec(module) -> args dict, build(args) -> module)
+_BUILDERS: dict[str, tuple[type, Callable[[nn.Module], dict], Callable[[dict], nn.Module]]] = {}
+
+
+def register_buildable(cls: type, spec: Callable[[nn.Module], dict] | None = None,
+                       build: Callable[[dict], nn.Module] | None = None, name: str | None = None):
+    """Allow ``cls`` in checkpoints. Custom modules may define ``spec()`` and ``from_spec(args)``."""
+    spec = spec or (lambda m: m.spec())
+    build = build or (lambda a: cls.from_spec(a))
+    _BUILDERS[name or cls.__name__] = (cls, spec, build)
+    return cls
+
+
+def buildable(cls):
+    """Class decorator form of :func:`register_buildable` (uses ``spec``/``from_spec``)."""
+    return register_buildable(cls)
+
+
+def _pair(v):
+    return list(v) if isinstance(v, (tuple, list)) else v
+
+
+def _conv_spec(m: nn.Conv2d) -> dict:
+    return {"in_channels": m.in_channels, "out_channels": m.out_channels,
+            "kernel_size": _pair(m.kernel_size), "stride": _pair(m.stride),
+            "padding": m.padding if isinstance(m.padding, str) else _pair(m.padding),
+            "dilation": _pair(m.dilation), "groups": m.groups, "bias": m.bias is not None,
+            "padding_mode": m.padding_mode}
+
+
+def _bn_spec(m) -> dict:
+    return {"num_features": m.num_features, "eps": m.eps, "momentum": m.momentum,
+            "affine": m.affine, "track_running_stats": m.track_running_stats}
+
+
+register_buildable(nn.Conv2d, _conv_spec, lambda a: nn.Conv2d(**a))
+register_buildable(nn.Conv1d, _conv_spec, lambda a: nn.Conv1d(**a))
+register_buildable(nn.Linear, lambda m: {"in_features": m.in_features, "out_features": m.out_features,
+                                         "bias": m.bias is not None}, lambda a: nn.Linear(**a))
+register_buildable(nn.BatchNorm1d, _bn_spec, lambda a: nn.BatchNorm1d(**a))
+register_buildable(nn.BatchNorm2d, _bn_spec, lambda a: nn.BatchNorm2d(**a))
+register_buildable(nn.LayerNorm, lambda m: {"normalized_shape": list(m.normalized_shape), "eps": m.eps,
+                                            "elementwise_affine": m.elementwise_affine,
+                                            "bias": getattr(m, "bias", None) is not None},
+                   lambda a: nn.LayerNorm(**a))
+register_buildable(nn.Embedding, lambda m: {"num_embeddings": m.num_embeddings,
+                                            "embedding_dim": m.embedding_dim,
+                                            "padding_idx": m.padding_idx}, lambda a: nn.Embedding(**a))
+register_buildable(nn.Identity, lambda m: {}, lambda a: nn.Identity())
+# Containers: built empty, children are filled in from their own records.
+register_buildable(nn.Sequential, lambda m: {}, lambda a: nn.Sequential())
+
+
+def describe(model: nn.Module) -> dict[str, dict]:
+    """``{module name: {"class", "args"}}`` for every module of a buildable class."""
+    out = {}
+    for name, m in model.named_modules():
+        entry = _BUILDERS.get(type(m).__name__)
+        if name and entry and type(m) is entry[0]:
+            out[name] = {"class": type(m).__name__, "args": entry[1](m)}
+    return out
+
+
+def _get(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def _set(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if isinstance(parent, (nn.Sequential, nn.ModuleList)) and child.isdigit() and int(child) >= len(parent):
+        parent.append(module)
+    else:
+        setattr(parent, child, module)
+
+
+def rebuild(model: nn.Module, records: dict[str, dict]) -> nn.Module:
+    """Make ``model``'s structure match ``records`` (from :func:`describe`). Returns the model."""
+    # Parents first, so a replaced container receives its recorded children afterwards.
+    for name in sorted(records, key=lambda n: (n.count("."), n)):
+        rec = records[name]
+        cls_name = rec.get("class")
+        if cls_name not in _BUILDERS:
+            raise ModelLoadError(f"checkpoint names module class {cls_name!r} at {name!r}, "
+                                 "which modelpress does not know how to build",
+                                 hint="load it with the modelpress version that wrote it")
+        current = _get(model, name)
+        entry = _BUILDERS[cls_name]
+        if current is not None and type(current) is entry[0] and entry[1](current) == rec.get("args", {}):
+            continue
+        try:
+            _set(model, name, entry[2](dict(rec.get("args", {}))))
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise ModelLoadError(f"cannot rebuild module {name!r} ({cls_name}) from the checkpoint: {exc}",
+                                 hint="the checkpoint may be corrupt or from another model") from None
+    return model

@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny models and data, a private cache, quiet progress bars."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+os.environ.setdefault("MODELPRESS_PROGRESS", "0")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    # Baselines trained by tests go to a per-session cache, never to the user's.
+    monkeypatch.setenv("MODELPRESS_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    torch.manual_seed(0)
+
+
+class TinyMLP(nn.Module):
+    def __init__(self, d_in=16, hidden=32, classes=4):
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.fc3 = nn.Linear(hidden, classes)
+
+    def forward(self, x):
+        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x.flatten(1))))))
+
+
+@pytest.fixture
+def tiny_mlp():
+    return TinyMLP()
+
+
+@pytest.fixture
+def toy_data():
+    """A learnable 4-class problem: (train batches, test batches)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 16, generator=g)
+    w = torch.randn(16, 4, generator=g)
+    y = (x @ w).argmax(1)
+    batches = [(x[i:i + 64], y[i:i + 64]) for i in range(0, 384, 64)]
+    test = [(x[384:], y[384:])]
+    return batches, test
