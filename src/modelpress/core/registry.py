@@ -65,11 +65,12 @@ class MethodInfo:
 _REGISTRY: dict[str, MethodInfo] = {}
 _BY_CONFIG: dict[type, MethodInfo] = {}
 
-# Modules whose import registers the built-in methods. Imported lazily so that
-# ``import modelpress`` stays fast and optional dependencies stay optional.
-_BUILTIN_MODULES = (
-    "modelpress.pruning.magnitude",
-)
+# Packages whose modules register the built-in methods (one method = one module). They are
+# imported on first lookup, so ``import modelpress`` stays fast; a module whose optional
+# dependency is missing is skipped here and reports the missing extra when used directly.
+_METHOD_PACKAGES = ("modelpress.pruning", "modelpress.quantization", "modelpress.distillation",
+                    "modelpress.lowrank")
+_loaded = False
 
 
 def register_method(name: str, config: type[MethodConfig], *, needs_data: bool = False,
@@ -93,8 +94,21 @@ def register_method(name: str, config: type[MethodConfig], *, needs_data: bool =
 
 
 def _load_builtins() -> None:
-    for mod in _BUILTIN_MODULES:
-        importlib.import_module(mod)
+    global _loaded
+    if _loaded:
+        return
+    import pkgutil
+
+    from .errors import MissingDependencyError
+
+    for pkg_name in _METHOD_PACKAGES:
+        pkg = importlib.import_module(pkg_name)
+        for mod in pkgutil.iter_modules(pkg.__path__):
+            try:
+                importlib.import_module(f"{pkg_name}.{mod.name}")
+            except (ImportError, MissingDependencyError):
+                continue
+    _loaded = True
 
 
 def list_methods(pattern: str = "*") -> list[MethodInfo]:
