@@ -15,6 +15,7 @@ YAML/JSON. Unknown keys are rejected. Nothing is ever ``eval``-ed or unpickled.
 """
 from __future__ import annotations
 
+import contextvars
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -37,6 +38,12 @@ def format_validation_error(err: ValidationError, prefix: str) -> str:
     return "; ".join(parts)
 
 
+# Nested configs are validated inside their parent's __init__: only the outermost one turns
+# pydantic's error into a ConfigError, so the message carries the full key path.
+_depth: contextvars.ContextVar[int] = contextvars.ContextVar("modelpress_config_depth", default=0)
+_prefix: contextvars.ContextVar[str | None] = contextvars.ContextVar("modelpress_config_prefix", default=None)
+
+
 class StrictModel(BaseModel):
     """Base of every validated config: unknown keys are errors, assignment is validated."""
 
@@ -44,26 +51,34 @@ class StrictModel(BaseModel):
                               arbitrary_types_allowed=True)
 
     def __init__(self, **data: Any):
+        token = _depth.set(_depth.get() + 1)
         try:
             super().__init__(**data)
         except ValidationError as err:
-            raise ConfigError(format_validation_error(err, type(self).__name__),
+            if _depth.get() > 1:
+                raise
+            where = _prefix.get() or type(self).__name__
+            raise ConfigError(format_validation_error(err, where),
                               hint=f"see help({type(self).__name__}) for allowed values") from None
+        finally:
+            _depth.reset(token)
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json", exclude_defaults=False)
 
     @classmethod
-    def from_dict(cls, d: dict | None, where: str | None = None):
+    def from_dict(cls, d: Any, where: str | None = None):
+        """Build from a plain dict; errors name fields under ``where`` (e.g. a recipe key path)."""
+        where = where or cls.__name__
+        if d is not None and not isinstance(d, dict):
+            raise ConfigError(f"{where}: expected a mapping of fields, got {type(d).__name__} {d!r}")
+        token = _prefix.set(where)
+        outer = _depth.set(0)
         try:
             return cls(**(d or {}))
-        except ConfigError as err:
-            if where:
-                # re-anchor the path at the caller's location (e.g. a recipe key path)
-                msg = str(err).replace(f"{cls.__name__}.", f"{where}.").replace(
-                    f"{cls.__name__}:", f"{where}:")
-                raise ConfigError(msg, hint=err.hint) from None
-            raise
+        finally:
+            _depth.reset(outer)
+            _prefix.reset(token)
 
 
 class MethodConfig(StrictModel):

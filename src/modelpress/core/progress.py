@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 
 def progress_enabled() -> bool:
@@ -30,5 +30,6 @@ def progress_bar(description: str, total: int | None):
 
 
 def log(msg: str) -> None:
-    if progress_enabled():
-        console.print(msg)
+    """A progress note on stderr (rich markup allowed); MODELPRESS_QUIET=1 silences it."""
+    if os.environ.get("MODELPRESS_QUIET", "0") != "1":
+        console.print(msg, highlight=False)

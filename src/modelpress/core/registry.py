@@ -106,7 +106,11 @@ def _load_builtins() -> None:
         for mod in pkgutil.iter_modules(pkg.__path__):
             try:
                 importlib.import_module(f"{pkg_name}.{mod.name}")
-            except (ImportError, MissingDependencyError):
+            except MissingDependencyError:
+                continue
+            except ImportError as exc:
+                if (exc.name or "").startswith("modelpress"):
+                    raise  # our own bug, not a missing optional package
                 continue
     _loaded = True
 
