@@ -1,4 +1,16 @@
-"""modelpress: make trained PyTorch models smaller and faster, and measure it."""
+"""modelpress: make trained PyTorch models smaller and faster, and measure it.
+
+The verbs (``prune``, ``quantize``, ``distill``, ``factorize``, ``compress``, ``apply``)
+each take a model, one config object and optional data, and return a new model::
+
+    >>> import torch
+    >>> from modelpress import prune, MagnitudePruning
+    >>> net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+    >>> sparse = prune(net, MagnitudePruning(sparsity=0.5))
+
+Names are imported lazily, so ``modelpress --help`` does not pay for importing torch.
+"""
+from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version as _version
 
 try:
@@ -6,19 +18,27 @@ try:
 except PackageNotFoundError:  # running from a source tree without install
     __version__ = "0.0.0"
 
-from .api import apply, compress, distill, factorize, prune, quantize  # noqa: E402
-from .core.config import MethodConfig  # noqa: E402
-from .core.data import Data  # noqa: E402
-from .core.errors import ModelpressError  # noqa: E402
-from .core.registry import get_method, list_methods  # noqa: E402
-from .core.scope import Scope  # noqa: E402
-from .core.training import TrainConfig  # noqa: E402
-from .pruning.magnitude import MagnitudePruning  # noqa: E402
-from .pruning.schedules import Constant, OneShot, Polynomial  # noqa: E402
+_EXPORTS = {
+    "apply": ".api", "compress": ".api", "distill": ".api", "factorize": ".api",
+    "prune": ".api", "quantize": ".api",
+    "MethodConfig": ".core.config", "Data": ".core.data", "ModelpressError": ".core.errors",
+    "get_method": ".core.registry", "list_methods": ".core.registry", "Scope": ".core.scope",
+    "TrainConfig": ".core.training",
+    "MagnitudePruning": ".pruning.magnitude",
+    "OneShot": ".pruning.schedules", "Constant": ".pruning.schedules", "Polynomial": ".pruning.schedules",
+    "analyze": ".analysis.analyze", "load_model": ".core.loading", "load_artifact": ".core.loading",
+    "save_artifact": ".export.checkpoint",
+}
+__all__ = sorted(_EXPORTS)
 
-__all__ = [
-    "apply", "compress", "distill", "factorize", "prune", "quantize",
-    "Data", "MethodConfig", "ModelpressError", "Scope", "TrainConfig",
-    "get_method", "list_methods",
-    "MagnitudePruning", "OneShot", "Constant", "Polynomial",
-]
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(import_module(_EXPORTS[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'modelpress' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

@@ -138,9 +138,11 @@ def _from_torch_file(path: Path, trust_remote_code: bool) -> nn.Module:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=not trust_remote_code)
     except pickle.UnpicklingError as exc:
-        raise ModelLoadError(f"{path} needs arbitrary pickle to load (it can run code): "
-                             f"{str(exc).splitlines()[0][:120]}",
-                             hint="pass --trust-remote-code if you trust this file") from None
+        if "Unsupported global" not in str(exc):  # garbage fails weights_only loading too
+            raise ModelLoadError(f"{path} could not be read as a PyTorch file (corrupt or not a checkpoint)",
+                                 hint="re-create the file") from None
+        raise ModelLoadError(f"{path} is a pickled object that needs arbitrary code to load; refused",
+                             hint="pass --trust-remote-code (trust_remote_code=True) if you trust this file") from None
     except Exception as exc:
         raise ModelLoadError(f"{path} could not be read as a PyTorch file ({type(exc).__name__}: {exc})",
                              hint="the file may be truncated or corrupt") from None

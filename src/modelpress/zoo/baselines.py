@@ -22,7 +22,7 @@ from ..core.errors import ModelLoadError
 from ..core.progress import log
 from ..core.training import TrainConfig, evaluate_accuracy, fit
 
-DEFAULT_TRAIN = TrainConfig(epochs=6, lr=2e-3)
+DEFAULT_TRAIN = TrainConfig(epochs=10, lr=3e-3, batch_size=32)
 
 
 def cache_dir() -> Path:

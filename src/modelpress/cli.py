@@ -1,0 +1,261 @@
+"""The ``modelpress`` command line (typer + rich).
+
+Every command has ``--help`` with examples. Errors print one line with the cause and a
+hint, and exit with status 2 (1 for an unexpected crash, with the traceback).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Column, Table
+from rich.text import Text
+
+from .core.errors import ModelpressError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
+                  help="Make trained PyTorch models smaller and faster, and measure it.\n\n"
+                       "Start with [bold]modelpress demo[/bold]; see [bold]modelpress COMMAND --help[/bold].")
+out = Console()
+_err = Console(stderr=True, soft_wrap=True)  # soft_wrap: an error stays one line, whatever the width
+
+MODEL_HELP = "zoo name (lenet5, resnet_small, minilm ...), path/file.py:factory, HF model dir, or artifact"
+DATA_HELP = "dataset: mnist5k, digits, sts, mnist-idx:DIR, cifar10:DIR, imagefolder:DIR"
+
+
+def _load_bundle(spec: str, seed: int = 0):
+    from .zoo.datasets import load_dataset
+
+    return load_dataset(spec, seed=seed)
+
+
+def _resolve_model(ref: str, bundle, *, seed: int = 0, train=None, trust_remote_code: bool = False):
+    """A zoo name on a classification dataset means its trained baseline (cached)."""
+    from .core.loading import load_model
+    from .zoo.models import list_models
+
+    if ref in list_models() and bundle is not None and bundle.task == "classification":
+        from .zoo.baselines import get_baseline
+
+        return get_baseline(ref, bundle, seed=seed, train=train)[0]
+    return load_model(ref, trust_remote_code=trust_remote_code)
+
+
+def rows_table(rows: list[dict], title: str = "") -> Table:
+    """Report rows as a terminal table: one line per metric, one column per model (baseline
+    first); size, MAC and latency cells carry ``(baseline / value)x``."""
+    from .analysis.tables import row_cell, row_columns
+
+    base = rows[0]
+    table = Table(Column("metric", no_wrap=True), title=title or None)
+    for r in rows:
+        table.add_column(str(r.get("label", "")), justify="right", no_wrap=True)
+    for key, header, kind in row_columns(rows):
+        if key != "label":
+            table.add_row(header, *[row_cell(r.get(key), base.get(key), kind) for r in rows])
+    return table
+
+
+# -- commands ------------------------------------------------------------------------
+@app.command("list")
+def list_cmd(pattern: str = typer.Argument("*", help="glob on method names, e.g. 'prune.*'"),
+             models: bool = typer.Option(False, "--models", help="list zoo models and datasets instead")):
+    """List registered compression methods (or zoo models and datasets).
+
+    [bold]Examples[/bold]: modelpress list · modelpress list 'prune.*' · modelpress list --models
+    """
+    if models:
+        from .zoo.datasets import list_datasets
+        from .zoo.models import list_models
+
+        out.print("[bold]models:[/bold] " + ", ".join(list_models()))
+        out.print("[bold]datasets:[/bold] " + ", ".join(list_datasets()))
+        return
+    from .core.registry import list_methods
+
+    table = Table("summary", "needs data", "trains", "structural", "layers")
+    table.columns.insert(0, Column("method", no_wrap=True))
+    for m in list_methods(pattern):
+        table.add_row(m.name, m.summary, "yes" if m.needs_data else "", "yes" if m.needs_training else "",
+                      "yes" if m.structural else "", ", ".join(m.layer_types))
+    out.print(table)
+
+
+@app.command()
+def train(model: str = typer.Argument(..., help="zoo model name or path/file.py:factory"),
+          data: str = typer.Option("mnist5k", "--data", "-d", help=DATA_HELP),
+          epochs: float = typer.Option(6, help="passes over the training split"),
+          lr: float = typer.Option(2e-3, help="learning rate (Adam, cosine decay)"),
+          seed: int = typer.Option(0), output: Optional[Path] = typer.Option(None, "--out", "-o",
+                                                                            help="artifact path (default: the baseline cache)")):
+    """Train a baseline classifier with a progress bar and save it as an artifact.
+
+    [bold]Examples[/bold]: modelpress train lenet5 --data mnist5k · modelpress train my.py:build --data digits -o base.safetensors
+    """
+    from .core.loading import load_model
+    from .core.training import TrainConfig, evaluate_accuracy
+    from .export.checkpoint import save_artifact
+    from .zoo.baselines import get_baseline, train_model
+    from .zoo.models import list_models
+
+    bundle = _load_bundle(data, seed)
+    cfg = TrainConfig(epochs=epochs, lr=lr)
+    if model in list_models() and output is None:
+        m, path = get_baseline(model, bundle, seed=seed, train=cfg, retrain=True)
+    else:
+        m = train_model(load_model(model), bundle, cfg, seed)
+        path = save_artifact(m, output or Path(f"{model.split(':')[-1]}-{data.split(':')[0]}.safetensors"),
+                             meta={"dataset": bundle.name, "seed": seed, "train": cfg.to_dict()})
+    out.print(f"test accuracy {evaluate_accuracy(m, bundle.test):.4f}; saved to {path}")
+
+
+@app.command()
+def evaluate(model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
+             data: str = typer.Option("mnist5k", "--data", "-d", help=DATA_HELP),
+             reference: Optional[str] = typer.Option(None, help="reference model for embedding fidelity"),
+             trust_remote_code: bool = typer.Option(False, "--trust-remote-code")):
+    """Report accuracy (classification) or Spearman + fidelity (sentence embeddings).
+
+    [bold]Examples[/bold]: modelpress evaluate -m runs/demo/model.safetensors -d mnist5k · modelpress evaluate -m minilm -d sts
+    """
+    from .analysis.quality import evaluate_quality
+
+    bundle = _load_bundle(data)
+    m = _resolve_model(model, bundle, trust_remote_code=trust_remote_code)
+    ref = _resolve_model(reference, bundle, trust_remote_code=trust_remote_code) if reference else None
+    metrics = evaluate_quality(m, bundle, reference=ref)
+    out.print(json.dumps(metrics, indent=2))
+
+
+@app.command()
+def analyze(model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
+            data: str = typer.Option("mnist5k", "--data", "-d", help="dataset giving the example input"),
+            batch_sizes: str = typer.Option("1,64", help="comma-separated batch sizes for latency"),
+            threads: int = typer.Option(1, help="CPU threads for latency measurement"),
+            onnx: bool = typer.Option(True, help="also measure ONNX Runtime latency"),
+            json_out: Optional[Path] = typer.Option(None, "--json", help="write the report as JSON here"),
+            md_out: Optional[Path] = typer.Option(None, "--markdown", help="write the report as Markdown here"),
+            trust_remote_code: bool = typer.Option(False, "--trust-remote-code")):
+    """Parameters, MACs per layer, bytes on disk, peak memory and latency (PyTorch and ONNX Runtime).
+
+    [bold]Examples[/bold]: modelpress analyze -m lenet5 · modelpress analyze -m runs/demo/model.safetensors --json a.json
+    """
+    from .analysis.analyze import analyze as run_analyze
+    from .analysis.tables import to_markdown, to_rich_table
+    from .core.io import write_json, write_text
+    from .export.checkpoint import artifact_size_of
+    from .recipes.pipeline import example_inputs
+
+    bundle = _load_bundle(data)
+    m = _resolve_model(model, bundle, trust_remote_code=trust_remote_code)
+    p = Path(model)
+    size = p.stat().st_size if p.is_file() else artifact_size_of(m)
+    bs = tuple(int(b) for b in batch_sizes.split(",") if b.strip())
+    report = run_analyze(m, example_inputs(bundle, 1), batch_sizes=bs, threads=threads, onnx=onnx,
+                         artifact_bytes=size)
+    out.print(to_rich_table({model: report}, title=model))
+    if json_out:
+        write_json(json_out, report.to_dict())
+    if md_out:
+        write_text(md_out, to_markdown({model: report}))
+
+
+@app.command()
+def recipes(show: Optional[str] = typer.Option(None, "--show", help="print this built-in recipe")):
+    """List built-in recipes, or print one (a starting point for your own).
+
+    [bold]Examples[/bold]: modelpress recipes · modelpress recipes --show lenet5-prune > my.yaml
+    """
+    from .recipes.schema import BUILTIN_DIR, Recipe, builtin_names
+
+    if show:
+        Recipe.load(show)  # validates the name
+        sys.stdout.write((BUILTIN_DIR / f"{show}.yaml").read_text())
+        return
+    table = Table("recipe", "model", "data", "stages", "description")
+    for name in builtin_names():
+        r = Recipe.load(name)
+        table.add_row(name, r.model or "", r.data or "", " -> ".join(s.name for s in r.stages), r.description)
+    out.print(table)
+
+
+def _run_compress(recipe_ref: str, model: Optional[str], data: Optional[str], run_dir: Path,
+                  overrides: List[str], resume: bool, trust_remote_code: bool):
+    from .recipes.pipeline import run_recipe
+    from .recipes.schema import Recipe
+
+    recipe = Recipe.load(recipe_ref, overrides)
+    model_ref = model or recipe.model
+    data_ref = data or recipe.data
+    if not model_ref or not data_ref:
+        raise ModelpressError("the recipe names no model/data and none was given",
+                              hint="pass --model and --data")
+    bundle = _load_bundle(data_ref, recipe.seed)
+    m = _resolve_model(model_ref, bundle, seed=recipe.seed, train=recipe.baseline.train,
+                       trust_remote_code=trust_remote_code)
+    result = run_recipe(recipe, m, bundle, out=run_dir, resume=resume)
+    out.print(rows_table(result.rows, title=f"{recipe.name}: {model_ref} on {bundle.name}"))
+    out.print(f"run folder: {run_dir}  (report.md, report.json, model.safetensors)")
+    return result
+
+
+@app.command()
+def compress(recipe: str = typer.Option(..., "--recipe", "-r", help="recipe YAML file or built-in name"),
+             model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+             data: Optional[str] = typer.Option(None, "--data", "-d", help=DATA_HELP),
+             run_dir: Path = typer.Option(..., "--out", "-o", help="run folder (created; a rerun resumes)"),
+             overrides: List[str] = typer.Option([], "--set", help="override, e.g. stage.1.sparsity=0.8"),
+             resume: bool = typer.Option(True, help="continue a run folder of the same recipe"),
+             trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
+                                                    help="allow loading files that can run code")):
+    """Run a recipe: every stage with progress, a checkpoint per stage, reports, final artifact.
+
+    [bold]Examples[/bold]: modelpress compress -r lenet5-prune -o runs/a ·
+    modelpress compress -r my.yaml -m my.py:build -d imagefolder:photos -o runs/b --set stage.1.sparsity=0.8
+    """
+    _run_compress(recipe, model, data, run_dir, overrides, resume, trust_remote_code)
+
+
+@app.command()
+def demo(run_dir: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="run folder (replaced)"),
+         recipe: str = typer.Option("lenet5-prune", help="built-in recipe to run")):
+    """The built-in demo: LeNet-5 on real MNIST digits, pruned 90%, before/after table.
+
+    Trains the baseline once (cached), then compresses it with the built-in recipe.
+    [bold]Example[/bold]: modelpress demo
+    """
+    if (run_dir / "recipe.yaml").exists():
+        shutil.rmtree(run_dir)  # the demo always starts fresh; only a folder holding a run is removed
+    _run_compress(recipe, None, None, run_dir, [], True, False)
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except ModelpressError as err:
+        # Text, not markup: messages quote user input that may contain [brackets]
+        _err.print(Text.assemble(("error:", "bold red"), " ", str(err)))
+        if err.hint:
+            _err.print(Text.assemble(("hint:", "bold"), " ", err.hint))
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        _err.print("interrupted; finished stages are saved, rerun the same command to resume")
+        sys.exit(130)
+    except Exception as exc:  # click usage errors are handled here too
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(130)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""Run a recipe stage by stage, measuring after each one, resumable from the run folder.
+
+Run folder layout (``out``)::
+
+    recipe.yaml                    the resolved recipe (all defaults filled in)
+    baseline.safetensors           the uncompressed model as given
+    stages/01-prune/model.safetensors, metrics.json   one folder per finished stage
+    model.safetensors              the final artifact
+    report.json, report.md         baseline vs every finished stage (rewritten after each)
+
+A stage counts as finished when its ``metrics.json`` exists (written last, atomically).
+A rerun with the same recipe resumes after the last finished stage; each stage is seeded
+from the recipe seed and its index, and every stage starts from the previous stage's
+*saved* artifact, so a resumed run computes exactly what an uninterrupted run computes.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.data import call_model, slice_inputs
+from ..core.errors import ConfigError
+from ..core.io import write_json, write_text
+from ..core.loading import load_artifact
+from ..core.progress import log
+from ..core.registry import MethodContext, get_method
+from ..core.training import fit
+from ..export.checkpoint import save_artifact
+from .schema import Recipe
+
+
+@dataclass
+class RunResult:
+    """What a recipe run produced: the final model, the report rows, and the run folder."""
+
+    model: nn.Module
+    rows: list[dict]
+    out: Path | None = None
+    infos: list[dict] = field(default_factory=list)
+
+    @property
+    def baseline(self) -> dict:
+        return self.rows[0]
+
+    @property
+    def final(self) -> dict:
+        return self.rows[-1]
+
+
+def embedding_distill_loss(teacher: nn.Module):
+    """Fine-tune loss for sentence encoders without labels: 1 - cosine to the teacher's embedding."""
+    teacher = teacher.eval()
+
+    def loss_fn(model, inputs, target):
+        with torch.no_grad():
+            ref = call_model(teacher, inputs)
+        return (1 - F.cosine_similarity(call_model(model, inputs), ref, dim=-1)).mean()
+
+    return loss_fn
+
+
+def example_inputs(bundle: Any, n: int = 1) -> Any:
+    """The first ``n`` test inputs of a dataset bundle, in the batch convention."""
+    from ..core.data import Data
+
+    source = bundle.train if bundle.task == "embedding" else bundle.test
+    return slice_inputs(Data(source, batch_size=max(n, 1)).first_inputs(), n)
+
+
+def measure(model: nn.Module, label: str, bundle: Any, artifact: Path | None, recipe: Recipe,
+            reference: nn.Module | None = None) -> dict:
+    """One report row: quality, bytes on disk, parameters, MACs and latency."""
+    from ..analysis.analyze import analyze
+    from ..analysis.quality import evaluate_quality
+
+    model.eval()
+    row: dict[str, Any] = {"label": label}
+    row.update(evaluate_quality(model, bundle, reference=reference))
+    ev = recipe.eval
+    report = analyze(model, example_inputs(bundle, 1), batch_sizes=tuple(ev.batch_sizes), threads=ev.threads,
+                     latency=ev.latency, onnx=ev.onnx, repeats=ev.repeats,
+                     artifact_bytes=artifact.stat().st_size if artifact else None)
+    row.update(report.summary())
+    return row
+
+
+def _markdown(recipe: Recipe, rows: list[dict]) -> str:
+    from ..analysis.tables import compare_rows
+
+    return (f"# modelpress report: {recipe.name}\n\n{recipe.description}\n\n"
+            f"{compare_rows(rows)}\n\nBaseline = first row; ratios are baseline / row for sizes, "
+            "MACs and latency (higher is better).\n")
+
+
+def _write_reports(out: Path, recipe: Recipe, rows: list[dict], infos: list[dict]) -> None:
+    write_json(out / "report.json", {"recipe": recipe.name, "rows": rows, "stages": infos})
+    write_text(out / "report.md", _markdown(recipe, rows))
+
+
+def _check_resume(out: Path, recipe: Recipe, resume: bool) -> None:
+    resolved = recipe.to_yaml()
+    path = out / "recipe.yaml"
+    if path.exists():
+        if not resume:
+            raise ConfigError(f"run folder {out} already holds a run",
+                              hint="choose a new --out, or pass --resume to continue it")
+        if path.read_text(encoding="utf-8") != resolved:
+            raise ConfigError(f"run folder {out} holds a run of a different recipe; it cannot be resumed",
+                              hint="choose a new --out, or delete the folder to start over")
+    else:
+        write_text(path, resolved)
+
+
+def run_recipe(recipe: Recipe, model: nn.Module, data: Any, out: str | Path | None = None,
+               resume: bool = True) -> RunResult:
+    """Run every stage of ``recipe`` on ``model`` (modified; pass a copy) with ``data`` (a DatasetBundle)."""
+    configs = recipe.method_configs()
+    out = Path(out) if out else None
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        _check_resume(out, recipe, resume)
+    reference = model if data.task == "embedding" else None
+    rows: list[dict] = []
+    infos: list[dict] = []
+
+    base_path = out / "baseline.safetensors" if out else None
+    base_metrics = out / "baseline.json" if out else None
+    if out and base_metrics.exists():
+        model, _ = load_artifact(base_path, base_model=model)
+        rows.append(json.loads(base_metrics.read_text()))
+        log(f"[dim]resuming: baseline loaded from {base_path}[/dim]")
+    else:
+        if out:
+            save_artifact(model, base_path, meta={"stage": "baseline"})
+        log("measuring the baseline ...")
+        rows.append(measure(model, "baseline", data, base_path, recipe, reference=reference))
+        if out:
+            write_json(base_metrics, rows[0])
+    if reference is not None:
+        reference = load_artifact(base_path, base_model=reference)[0] if out else reference
+
+    for i, (stage, cfg) in enumerate(zip(recipe.stages, configs)):
+        info = get_method(stage.method)
+        stage_dir = out / "stages" / f"{i + 1:02d}-{stage.name}" if out else None
+        if stage_dir and (stage_dir / "metrics.json").exists():
+            model, _ = load_artifact(stage_dir / "model.safetensors", base_model=model)
+            done = json.loads((stage_dir / "metrics.json").read_text())
+            rows.append(done["row"])
+            infos.append(done["info"])
+            log(f"[dim]stage {i + 1}/{len(recipe.stages)} {stage.name}: already done, loaded[/dim]")
+            continue
+        log(f"[bold]stage {i + 1}/{len(recipe.stages)}[/bold] {stage.name} ({stage.method})")
+        torch.manual_seed(recipe.seed * 1000 + i + 1)
+        ctx = MethodContext(data=data.train, train=stage.finetune, task=data.task,
+                            loss_fn=embedding_distill_loss(reference) if reference is not None else None,
+                            log=log)
+        model = info.fn(model, cfg, ctx)
+        if stage.finetune is not None and not ctx.trained:
+            fit(model, data.train, stage.finetune, loss_fn=ctx.loss_fn, description=f"{stage.name}: fine-tune")
+        model.eval()
+        stage_info = {"stage": stage.name, "method": stage.method, **_jsonable(ctx.info)}
+        if stage_dir:
+            path = save_artifact(model, stage_dir / "model.safetensors",
+                                 meta={"stage": stage.name, "method": stage.method})
+            # Continue from what was saved, exactly as a resumed run would.
+            model, _ = load_artifact(path, base_model=model)
+        else:
+            path = None
+        row = measure(model, stage.name, data, path, recipe, reference=reference)
+        rows.append(row)
+        infos.append(stage_info)
+        if stage_dir:
+            write_json(stage_dir / "metrics.json", {"row": row, "info": stage_info})
+            _write_reports(out, recipe, rows, infos)
+        log(f"  {stage.name}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in row.items()
+                                              if k in ("accuracy", "spearman", "fidelity", "artifact_bytes")))
+    if out:
+        save_artifact(model, out / "model.safetensors", meta={"recipe": recipe.name, "final": rows[-1]})
+        _write_reports(out, recipe, rows, infos)
+    return RunResult(model=model, rows=rows, out=out, infos=infos)
+
+
+def _fmt(v):
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def _jsonable(obj):
+    return json.loads(json.dumps(obj, default=str))

@@ -1,0 +1,130 @@
+"""The CLI through its real entry point (the installed ``modelpress`` script)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from modelpress.export.checkpoint import load_state
+
+EXE = str(Path(sys.executable).parent / "modelpress")
+FAST = ["--set", "baseline.train.epochs=1", "--set", "stage.1.finetune.epochs=0.5",
+        "--set", "eval.latency=false", "--set", "eval.onnx=false"]
+
+
+def run(*args, env_extra=None, check=True, timeout=300):
+    env = {**os.environ, "MODELPRESS_PROGRESS": "0", "COLUMNS": "200", **(env_extra or {})}
+    res = subprocess.run([EXE, *args], capture_output=True, text=True, env=env, timeout=timeout)
+    if check and res.returncode != 0:
+        raise AssertionError(f"exit {res.returncode}\nstdout:\n{res.stdout}\nstderr:\n{res.stderr}")
+    return res
+
+
+def test_help_lists_commands_and_each_has_examples():
+    res = run("--help")
+    for cmd in ("list", "train", "evaluate", "analyze", "compress", "recipes", "demo"):
+        assert cmd in res.stdout
+        sub = run(cmd, "--help")
+        assert "Examples" in sub.stdout or "Example" in sub.stdout, cmd
+
+
+def test_list_methods_and_models():
+    assert "prune.magnitude" in run("list").stdout
+    res = run("list", "--models")
+    assert "lenet5" in res.stdout and "mnist5k" in res.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["compress", "-r", "nope", "-o", "x"], "neither a file nor a built-in recipe"),
+    (["compress", "-r", "lenet5-prune", "-o", "{tmp}/r", *FAST, "--set", "stage.1.sparsity=1.2"],
+     "lenet5-prune.yaml.stages.0.config.sparsity"),
+    (["compress", "-r", "lenet5-prune", "-o", "{tmp}/r", *FAST, "--set", "stage.1.scope.include=[conv9]"],
+     "'conv9' matches no layer"),
+    (["evaluate", "-m", "no_such_model"], "is not a file, a directory or a zoo model"),
+    (["evaluate", "-m", "lenet5", "-d", "mnist-idx:/nonexistent"], "/nonexistent"),
+])
+def test_errors_are_one_line_with_hint_and_nonzero_exit(tmp_path, args, message):
+    res = run(*[a.replace("{tmp}", str(tmp_path)) for a in args], check=False)
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr
+    assert message in res.stderr.replace("\n", " ")
+    assert len([ln for ln in res.stderr.splitlines() if ln.startswith("error:")]) == 1
+    assert any(ln.startswith("hint:") for ln in res.stderr.splitlines())
+
+
+def test_recipes_list_and_show():
+    assert "lenet5-prune" in run("recipes").stdout
+    assert "prune.magnitude" in run("recipes", "--show", "lenet5-prune").stdout
+
+
+def _state(path):
+    return load_state(path)[0]
+
+
+def test_compress_writes_run_folder_and_resumes_after_sigkill(tmp_path):
+    # uninterrupted reference run
+    ref = tmp_path / "ref"
+    slow = [*FAST, "--set", "stage.1.finetune.epochs=3"]  # long enough to be killed mid-stage
+    res = run("compress", "-r", "lenet5-prune", "-o", str(ref), *slow)
+    for f in ("recipe.yaml", "baseline.safetensors", "stages/01-prune/model.safetensors",
+              "stages/01-prune/metrics.json", "model.safetensors", "report.json", "report.md"):
+        assert (ref / f).exists(), f
+    report = json.loads((ref / "report.json").read_text())
+    base, final = report["rows"]
+    assert base["label"] == "baseline" and final["label"] == "prune"
+    assert final["artifact_bytes"] < base["artifact_bytes"] / 5  # 90% sparse, stored sparse
+    assert final["accuracy"] > 0.8
+    assert "| model |" in (ref / "report.md").read_text()
+
+    # a run killed during its only stage, then rerun: same final weights
+    run_dir = tmp_path / "killed"
+    env = {**os.environ, "MODELPRESS_PROGRESS": "0"}
+    proc = subprocess.Popen([EXE, "compress", "-r", "lenet5-prune", "-o", str(run_dir), *slow],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 120
+    while not (run_dir / "baseline.json").exists() and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "model.safetensors").exists()
+    res = run("compress", "-r", "lenet5-prune", "-o", str(run_dir), *slow)
+    assert "resuming" in res.stderr
+    a, b = _state(ref / "model.safetensors"), _state(run_dir / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not list(run_dir.rglob("*.tmp"))  # no half-written file left behind
+
+
+def test_resume_refuses_a_different_recipe(tmp_path):
+    from modelpress.recipes.schema import Recipe
+
+    # a run folder as a previous run leaves it (its resolved recipe is written first)
+    (tmp_path / "recipe.yaml").write_text(Recipe.load("lenet5-prune", FAST[1::2]).to_yaml())
+    res = run("compress", "-r", "lenet5-prune", "-o", str(tmp_path), *FAST, "--set", "seed=5", check=False)
+    assert res.returncode == 2 and "different recipe" in res.stderr
+
+
+def test_train_evaluate_analyze_on_user_factory(tmp_path):
+    model_py = tmp_path / "net.py"
+    model_py.write_text("import torch.nn as nn\n"
+                        "def build():\n"
+                        "    return nn.Sequential(nn.Flatten(), nn.Linear(784, 32), nn.ReLU(), nn.Linear(32, 10))\n")
+    art = tmp_path / "net.safetensors"
+    res = run("train", f"{model_py}:build", "--data", "digits", "--epochs", "3", "--out", str(art))
+    assert "test accuracy" in res.stdout and art.exists()
+    # the artifact names a factory: loading it needs explicit trust
+    res = run("evaluate", "-m", str(art), "-d", "digits", check=False)
+    assert res.returncode == 2 and "--trust-remote-code" in res.stderr
+    res = run("evaluate", "-m", str(art), "-d", "digits", "--trust-remote-code")
+    assert json.loads(res.stdout)["accuracy"] > 0.8
+    out_json = tmp_path / "a.json"
+    run("analyze", "-m", str(art), "-d", "digits", "--no-onnx", "--batch-sizes", "1",
+        "--json", str(out_json), "--trust-remote-code")
+    rep = json.loads(out_json.read_text())
+    assert rep["params"]["total"] == 784 * 32 + 32 + 32 * 10 + 10
