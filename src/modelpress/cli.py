@@ -49,7 +49,7 @@ def _resolve_model(ref: str, bundle, *, seed: int = 0, train=None, trust_remote_
 def rows_table(rows: list[dict], title: str = "") -> Table:
     """Report rows as a terminal table: one line per metric, one column per model (baseline
     first); size, MAC and latency cells carry ``(baseline / value)x``."""
-    from .analysis.tables import row_cell, row_columns
+    from .analysis.tables import row_cell, row_columns, speedup_of
 
     base = rows[0]
     table = Table(Column("metric", no_wrap=True), title=title or None)
@@ -57,7 +57,7 @@ def rows_table(rows: list[dict], title: str = "") -> Table:
         table.add_column(str(r.get("label", "")), justify="right", no_wrap=True)
     for key, header, kind in row_columns(rows):
         if key != "label":
-            table.add_row(header, *[row_cell(r.get(key), base.get(key), kind) for r in rows])
+            table.add_row(header, *[row_cell(r.get(key), base.get(key), kind, speedup_of(r, key)) for r in rows])
     return table
 
 
@@ -138,6 +138,7 @@ def analyze(model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
             batch_sizes: str = typer.Option("1,64", help="comma-separated batch sizes for latency"),
             threads: int = typer.Option(1, help="CPU threads for latency measurement"),
             onnx: bool = typer.Option(True, help="also measure ONNX Runtime latency"),
+            layers: int = typer.Option(10, help="show the N layers with the most MACs (0: none)"),
             json_out: Optional[Path] = typer.Option(None, "--json", help="write the report as JSON here"),
             md_out: Optional[Path] = typer.Option(None, "--markdown", help="write the report as Markdown here"),
             trust_remote_code: bool = typer.Option(False, "--trust-remote-code")):
@@ -159,6 +160,13 @@ def analyze(model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
     report = run_analyze(m, example_inputs(bundle, 1), batch_sizes=bs, threads=threads, onnx=onnx,
                          artifact_bytes=size)
     out.print(to_rich_table({model: report}, title=model))
+    if layers and report.macs_by_layer:
+        total = report.macs_total or 1
+        table = Table("layer", Column("MACs", justify="right"), Column("share", justify="right"),
+                      title=f"MACs per layer (top {layers})")
+        for name, macs in sorted(report.macs_by_layer.items(), key=lambda kv: -kv[1])[:layers]:
+            table.add_row(name, f"{macs:,}", f"{100 * macs / total:.1f}%")
+        out.print(table)
     if json_out:
         write_json(json_out, report.to_dict())
     if md_out:

@@ -232,3 +232,38 @@ def _measure(model, example_inputs, onnx_path, batch_sizes, threads, repeats, wa
                 report.errors[f"latency_eager_bs{bs}"] = _error(exc)
         for engine, stats in measured:
             report.latency.append({"engine": engine, **stats.to_dict()})
+
+
+def compare_models(baseline: nn.Module, model: nn.Module, example_inputs: Any, *,
+                   batch_sizes: tuple[int, ...] = (1, 64), threads: int | None = 1, onnx: bool = True,
+                   repeats: int = 20, warmup: int = 3, max_time_s: float | None = 10.0,
+                   example_inputs_baseline: Any = None) -> dict[str, float]:
+    """Speed-up of ``model`` over ``baseline`` (baseline median / model median), timed
+    interleaved in this process for eager PyTorch and ONNX Runtime at each batch size.
+
+    Keys: ``eager_b{N}_ms`` / ``ort_b{N}_ms`` (the model's medians) and
+    ``eager_b{N}_speedup`` / ``ort_b{N}_speedup``. Two separately timed runs would let load
+    changes on the machine pass for speed-ups; interleaving cancels them.
+    """
+    from ..export.onnx import export_onnx
+
+    base_inputs = example_inputs if example_inputs_baseline is None else example_inputs_baseline
+    out: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="modelpress-compare-") as tmp:
+        paths = None
+        if onnx:
+            try:
+                paths = (export_onnx(baseline, base_inputs, Path(tmp) / "a.onnx"),
+                         export_onnx(model, example_inputs, Path(tmp) / "b.onnx"))
+            except Exception:  # noqa: BLE001 - eager numbers are still worth having
+                paths = None
+        for bs in batch_sizes:
+            pairs = [("eager", baseline, model)]
+            if paths:
+                pairs.append(("ort", str(paths[0]), str(paths[1])))
+            for engine, a, b in pairs:
+                cmp = compare_latency(a, b, resize_batch(base_inputs, bs), inputs_b=resize_batch(example_inputs, bs),
+                                      warmup=warmup, repeats=repeats, threads=threads, max_time_s=max_time_s)
+                out[f"{engine}_b{bs}_ms"] = cmp.b.median_ms
+                out[f"{engine}_b{bs}_speedup"] = cmp.ratio
+    return out

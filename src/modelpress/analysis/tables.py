@@ -198,7 +198,8 @@ def row_columns(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
     return cols
 
 
-def row_cell(value: Any, base: Any, kind: str) -> str:
+def row_cell(value: Any, base: Any, kind: str, ratio: float | None = None) -> str:
+    """One cell; ``ratio`` (e.g. an interleaved speed-up) replaces ``base / value`` when given."""
     if value is None:
         return DASH
     if kind == "text":
@@ -208,9 +209,16 @@ def row_cell(value: Any, base: Any, kind: str) -> str:
     if kind == "float":
         return f"{value:.4f}"
     text = {"bytes": format_bytes, "ms": format_ms}.get(kind, format_count)(value)
-    if isinstance(base, (int, float)) and base and value:
+    if ratio is not None:
+        text += f" ({ratio:.2f}x)"
+    elif isinstance(base, (int, float)) and base and value:
         text += f" ({base / value:.2f}x)"
     return text
+
+
+def speedup_of(row: dict[str, Any], key: str) -> float | None:
+    """The measured speed-up stored next to a latency key (``eager_b64_ms`` -> ``eager_b64_speedup``)."""
+    return row.get(key[:-3] + "_speedup") if key.endswith("_ms") else None
 
 
 def compare_rows(rows: list[dict[str, Any]]) -> str:
@@ -224,6 +232,9 @@ def compare_rows(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return ""
     cols = row_columns(rows)
-    table = [[row_cell(r.get(key), rows[0].get(key), kind) for key, _, kind in cols] for r in rows]
-    return _markdown([header for _, header, _ in cols], table)
+    table = [[row_cell(r.get(key), rows[0].get(key), kind, speedup_of(r, key)) for key, _, kind in cols]
+             for r in rows]
+    return _markdown([header for _, header, _ in cols], table) + (
+        "\n\nLatency ratios of compressed rows are measured interleaved with the baseline in one process."
+        if any(speedup_of(r, k) is not None for r in rows for k, _, _ in cols) else "")
 

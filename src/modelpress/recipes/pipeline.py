@@ -15,6 +15,7 @@ from the recipe seed and its index, and every stage starts from the previous sta
 """
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,19 +75,27 @@ def example_inputs(bundle: Any, n: int = 1) -> Any:
 
 
 def measure(model: nn.Module, label: str, bundle: Any, artifact: Path | None, recipe: Recipe,
-            reference: nn.Module | None = None) -> dict:
-    """One report row: quality, bytes on disk, parameters, MACs and latency."""
-    from ..analysis.analyze import analyze
+            reference: nn.Module | None = None, baseline: nn.Module | None = None) -> dict:
+    """One report row: quality, bytes on disk, parameters, MACs and latency.
+
+    With ``baseline``, latency is timed interleaved with the baseline in this process and
+    the row carries the measured speed-ups (``eager_b64_speedup`` ...).
+    """
+    from ..analysis.analyze import analyze, compare_models
     from ..analysis.quality import evaluate_quality
 
     model.eval()
     row: dict[str, Any] = {"label": label}
     row.update(evaluate_quality(model, bundle, reference=reference))
     ev = recipe.eval
-    report = analyze(model, example_inputs(bundle, 1), batch_sizes=tuple(ev.batch_sizes), threads=ev.threads,
-                     latency=ev.latency, onnx=ev.onnx, repeats=ev.repeats,
+    inputs = example_inputs(bundle, 1)
+    report = analyze(model, inputs, batch_sizes=tuple(ev.batch_sizes), threads=ev.threads,
+                     latency=ev.latency and baseline is None, onnx=ev.onnx, repeats=ev.repeats,
                      artifact_bytes=artifact.stat().st_size if artifact else None)
     row.update(report.summary())
+    if ev.latency and baseline is not None:
+        row.update(compare_models(baseline.eval(), model, inputs, batch_sizes=tuple(ev.batch_sizes),
+                                  threads=ev.threads, onnx=ev.onnx, repeats=ev.repeats))
     return row
 
 
@@ -144,6 +153,8 @@ def run_recipe(recipe: Recipe, model: nn.Module, data: Any, out: str | Path | No
             write_json(base_metrics, rows[0])
     if reference is not None:
         reference = load_artifact(base_path, base_model=reference)[0] if out else reference
+    baseline = reference if reference is not None else (
+        load_artifact(base_path, base_model=model)[0] if out else copy.deepcopy(model))
 
     for i, (stage, cfg) in enumerate(zip(recipe.stages, configs)):
         info = get_method(stage.method)
@@ -172,7 +183,7 @@ def run_recipe(recipe: Recipe, model: nn.Module, data: Any, out: str | Path | No
             model, _ = load_artifact(path, base_model=model)
         else:
             path = None
-        row = measure(model, stage.name, data, path, recipe, reference=reference)
+        row = measure(model, stage.name, data, path, recipe, reference=reference, baseline=baseline)
         rows.append(row)
         infos.append(stage_info)
         if stage_dir:
