@@ -229,6 +229,47 @@ def compress(recipe: str = typer.Option(..., "--recipe", "-r", help="recipe YAML
     _run_compress(recipe, model, data, run_dir, overrides, resume, trust_remote_code)
 
 
+def _method_command(family: str, method: str, model: str, data: str, run_dir: Path, sets: List[str],
+                    finetune_epochs: float, lr: float, latency: bool, trust_remote_code: bool):
+    """Run one method as a one-stage recipe, so it gets the same reports, artifact and resume."""
+    import yaml
+
+    from .core.registry import get_method
+    from .recipes.schema import Recipe
+
+    name = method if "." in method else f"{family}.{method}"
+    get_method(name)  # unknown names fail here with the list of methods
+    raw = {"version": 1, "name": f"{name}", "model": model, "data": data,
+           "eval": {"latency": latency, "onnx": latency},
+           "stages": [{"name": name.split(".")[-1], "method": name, "config": {}}]}
+    if finetune_epochs > 0:
+        raw["stages"][0]["finetune"] = {"epochs": finetune_epochs, "lr": lr}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    recipe_path = run_dir / "input-recipe.yaml"
+    from .core.io import write_text
+    write_text(recipe_path, yaml.safe_dump(raw, sort_keys=False))
+    overrides = [f"stage.1.{kv}" for kv in sets]
+    _run_compress(str(recipe_path), None, None, run_dir, overrides, True, trust_remote_code)
+
+
+@app.command()
+def prune(method: str = typer.Argument(..., help="pruning method, e.g. magnitude, channels, nm (see modelpress list 'prune.*')"),
+          model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
+          data: str = typer.Option("mnist5k", "--data", "-d", help=DATA_HELP),
+          run_dir: Path = typer.Option(..., "--out", "-o", help="run folder: artifact + report"),
+          sets: List[str] = typer.Option([], "--set", help="config field, e.g. sparsity=0.9 or schedule.kind=polynomial"),
+          finetune_epochs: float = typer.Option(0, "--finetune", help="fine-tune epochs after/while pruning"),
+          lr: float = typer.Option(1e-3, help="fine-tune learning rate"),
+          latency: bool = typer.Option(True, help="measure latency (eager and ONNX Runtime)"),
+          trust_remote_code: bool = typer.Option(False, "--trust-remote-code")):
+    """Prune a model with one method and report before/after (a one-stage recipe).
+
+    [bold]Examples[/bold]: modelpress prune magnitude -m lenet5 --set sparsity=0.9 --set schedule.kind=polynomial --finetune 3 -o runs/p ·
+    modelpress prune channels -m resnet_small --set target_macs_reduction=0.5 --finetune 3 -o runs/c
+    """
+    _method_command("prune", method, model, data, run_dir, sets, finetune_epochs, lr, latency, trust_remote_code)
+
+
 @app.command()
 def demo(run_dir: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="run folder (replaced)"),
          recipe: str = typer.Option("lenet5-prune", help="built-in recipe to run")):

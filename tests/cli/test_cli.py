@@ -128,3 +128,15 @@ def test_train_evaluate_analyze_on_user_factory(tmp_path):
         "--json", str(out_json), "--trust-remote-code")
     rep = json.loads(out_json.read_text())
     assert rep["params"]["total"] == 784 * 32 + 32 + 32 * 10 + 10
+
+
+def test_prune_command_runs_one_method_with_config_overrides(tmp_path):
+    base = tmp_path / "base.safetensors"
+    run("train", "lenet5", "--data", "mnist5k", "--epochs", "1", "--out", str(base))
+    res = run("prune", "magnitude", "-m", str(base), "-o", str(tmp_path / "p"), "--set", "sparsity=0.75",
+              "--set", "ranking=layer", "--finetune", "0.2", "--no-latency")
+    rows = json.loads((tmp_path / "p" / "report.json").read_text())["rows"]
+    assert rows[1]["nonzero"] < rows[0]["nonzero"]
+    assert "magnitude" in res.stdout
+    res = run("prune", "magnitud", "-m", str(base), "-o", str(tmp_path / "q"), check=False)
+    assert res.returncode == 2 and "unknown method 'prune.magnitud'" in res.stderr
