@@ -8,6 +8,9 @@ import torch
 from torch import nn
 
 os.environ.setdefault("MODELPRESS_PROGRESS", "0")
+# Tiny models train faster on one thread, and a shared CI machine does not oversubscribe;
+# set before torch starts its pools, inherited by the CLI subprocesses.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(autouse=True)

@@ -271,6 +271,43 @@ def prune(method: str = typer.Argument(..., help="pruning method, e.g. magnitude
 
 
 @app.command()
+def sensitivity(model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
+                data: str = typer.Option("mnist5k", "--data", "-d", help=DATA_HELP),
+                out_dir: Path = typer.Option(Path("sensitivity"), "--out", "-o", help="folder for the JSON, table and PNG"),
+                sparsities: str = typer.Option("0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9", help="comma-separated"),
+                metric: str = typer.Option("accuracy", help="accuracy or loss"),
+                target: Optional[float] = typer.Option(None, help="also allocate per-layer sparsity for this global target"),
+                trust_remote_code: bool = typer.Option(False, "--trust-remote-code")):
+    """Per-layer sensitivity: accuracy (or loss) when pruning one layer at a time, as a table and a plot.
+
+    With --target, turns the curves into per-layer sparsities meeting that global target
+    with the least loss (paste them into a recipe's layer_sparsity).
+    [bold]Examples[/bold]: modelpress sensitivity -m lenet5 -o sens · modelpress sensitivity -m runs/a/model.safetensors --target 0.9
+    """
+    from .core.io import write_json
+    from .pruning.sensitivity import SensitivityConfig, sensitivity_scan
+
+    bundle = _load_bundle(data)
+    m = _resolve_model(model, bundle, trust_remote_code=trust_remote_code)
+    cfg = SensitivityConfig.from_dict({"sparsities": [float(v) for v in sparsities.split(",") if v.strip()],
+                                       "metric": metric}, where="sensitivity")
+    result = sensitivity_scan(m, bundle.test, cfg)
+    out.print(result.to_table())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    doc = result.to_dict()
+    if target is not None:
+        ratios = result.ratios_for_target(target)
+        doc["ratios_for_target"] = {"target": target, "layer_sparsity": ratios}
+        table = Table("layer", Column("sparsity", justify="right"), title=f"per-layer sparsity for {target:.0%} overall")
+        for name, r in ratios.items():
+            table.add_row(name, f"{r:.3f}")
+        out.print(table)
+    write_json(out_dir / "sensitivity.json", doc)
+    png = result.plot(out_dir / "sensitivity.png")
+    out.print(f"wrote {out_dir / 'sensitivity.json'} and {png}")
+
+
+@app.command()
 def demo(run_dir: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="run folder (replaced)"),
          recipe: str = typer.Option("lenet5-prune", help="built-in recipe to run")):
     """The built-in demo: LeNet-5 on real MNIST digits, pruned 90%, before/after table.

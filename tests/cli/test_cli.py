@@ -140,3 +140,16 @@ def test_prune_command_runs_one_method_with_config_overrides(tmp_path):
     assert "magnitude" in res.stdout
     res = run("prune", "magnitud", "-m", str(base), "-o", str(tmp_path / "q"), check=False)
     assert res.returncode == 2 and "unknown method 'prune.magnitud'" in res.stderr
+
+
+def test_sensitivity_command_writes_table_plot_and_ratios(tmp_path):
+    base = tmp_path / "base.safetensors"
+    run("train", "lenet300", "--data", "digits", "--epochs", "2", "--out", str(base))
+    res = run("sensitivity", "-m", str(base), "-d", "digits", "-o", str(tmp_path / "s"),
+              "--sparsities", "0.5,0.9", "--target", "0.8")
+    doc = json.loads((tmp_path / "s" / "sensitivity.json").read_text())
+    assert set(doc["curves"]) == {"fc2"}  # lenet300: fc1 and fc3 (first/last) are left out
+    assert doc["ratios_for_target"]["layer_sparsity"]["fc2"] == pytest.approx(0.8, abs=1e-3)
+    png = (tmp_path / "s" / "sensitivity.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    assert "fc2" in res.stdout

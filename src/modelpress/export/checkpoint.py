@@ -3,7 +3,8 @@
 Layout of ``model.mpz.safetensors`` (any name works):
 
 * tensors, each stored raw or through an *encoding* that makes it smaller on disk
-  (``sparse``: a packed bitmask + the non-zero values, exact; quantization adds its own);
+  (``sparse``: a packed bitmask + the non-zero values; ``relidx``: relative indices + values,
+  see :mod:`.sparse_encodings`; both exact, the smaller wins; quantization adds its own);
 * metadata key ``modelpress``: JSON with the format version, the model *source* (zoo name,
   Hugging Face directory or factory), the structure records (see :mod:`.modules`) and the
   encodings, plus free-form ``meta`` (task, input shape, metrics).
@@ -43,11 +44,19 @@ SEP = "::"  # separates a tensor's name from its encoded parts
 Encoder = Callable[[torch.Tensor], tuple[dict[str, torch.Tensor], dict] | None]
 Decoder = Callable[[dict[str, torch.Tensor], dict], torch.Tensor]
 _ENCODINGS: dict[str, tuple[Encoder, Decoder]] = {}
+_AUTO: list[str] = []  # exact encodings tried on every tensor; the smallest result is kept
 
 
-def register_encoding(kind: str, encode: Encoder, decode: Decoder) -> None:
-    """Add a tensor encoding. ``encode`` returns None when it would not make the tensor smaller."""
+def register_encoding(kind: str, encode: Encoder, decode: Decoder, *, auto: bool = False) -> None:
+    """Add a tensor encoding. ``encode`` returns None when it would not make the tensor smaller.
+
+    ``auto=True`` (only for exact encodings) makes :func:`save_artifact` try it on every
+    tensor and keep whichever encoding is smallest. Other encodings (e.g. quantized
+    formats) are used only for the tensors a method lists in ``model.modelpress_encodings``.
+    """
     _ENCODINGS[kind] = (encode, decode)
+    if auto and kind not in _AUTO:
+        _AUTO.append(kind)
 
 
 # -- sparse: packed bitmask + non-zero values (exact) ------------------------------
@@ -75,7 +84,7 @@ def _decode_sparse(parts, info):
     return out.reshape(info["shape"])
 
 
-register_encoding("sparse", _encode_sparse, _decode_sparse)
+register_encoding("sparse", _encode_sparse, _decode_sparse, auto=True)
 
 
 def _unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -93,12 +102,27 @@ def _unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
     return out, ties
 
 
+def _smallest_encoding(t: torch.Tensor, kinds: list[str]):
+    """``(kind, parts, info)`` of the encoding with the fewest bytes (first wins ties), or None."""
+    best, best_bytes = None, None
+    for kind in kinds:
+        res = _ENCODINGS[kind][0](t)
+        if res is None:
+            continue
+        size = sum(p.numel() * p.element_size() for p in res[0].values())
+        if best_bytes is None or size < best_bytes:
+            best, best_bytes = (kind, *res), size
+    return best
+
+
 def save_artifact(model: nn.Module, path: str | os.PathLike, *, source: dict | None = None,
                   meta: dict | None = None, encode: bool = True) -> Path:
     """Write ``model`` as a modelpress artifact (atomic). Returns the path.
 
     ``source`` says how to rebuild the architecture (defaults to ``model.zoo_spec`` when the
-    model comes from the zoo). ``encode=False`` stores every tensor raw.
+    model comes from the zoo). Each tensor is stored with the smallest of the exact
+    encodings (``sparse`` bitmask, ``relidx`` relative index, or raw); ``encode=False``
+    stores every tensor raw.
     """
     from safetensors.torch import save_file
 
@@ -107,17 +131,15 @@ def save_artifact(model: nn.Module, path: str | os.PathLike, *, source: dict | N
     tensors, encodings = {}, {}
     extra_encodings = getattr(model, "modelpress_encodings", {})  # set by quantizers
     for name, t in state.items():
-        kinds = [extra_encodings[name]] if name in extra_encodings else (list(_ENCODINGS) if encode else [])
-        for kind in kinds:
-            res = _ENCODINGS[kind][0](t)
-            if res is not None:
-                parts, info = res
-                for part, pt in parts.items():
-                    tensors[f"{name}{SEP}{part}"] = pt.contiguous()
-                encodings[name] = {"kind": kind, **info}
-                break
-        else:
+        kinds = [extra_encodings[name]] if name in extra_encodings else (list(_AUTO) if encode else [])
+        best = _smallest_encoding(t, kinds)
+        if best is None:
             tensors[name] = t
+            continue
+        kind, parts, info = best
+        for part, pt in parts.items():
+            tensors[f"{name}{SEP}{part}"] = pt.contiguous()
+        encodings[name] = {"kind": kind, **info}
     from ..core.masks import masked_params
 
     meta = dict(meta or {})
@@ -221,3 +243,7 @@ def artifact_size_of(model: nn.Module, **kwargs: Any) -> int:
 
     with tempfile.TemporaryDirectory() as d:
         return artifact_bytes(save_artifact(model, Path(d) / "m.safetensors", **kwargs))
+
+
+# Registers "relidx" (imported last: it needs register_encoding from this module).
+from . import sparse_encodings  # noqa: E402,F401

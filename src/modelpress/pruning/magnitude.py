@@ -1,10 +1,17 @@
-"""Unstructured magnitude pruning (``prune.magnitude``), global or per layer, with schedules.
+"""Unstructured pruning by weight score, global or per layer, with schedules (``prune.magnitude``).
 
-Weights with the smallest ``|w|`` (L1) or ``w**2`` (L2; same order per weight, kept for
-symmetry with the structured criteria) are set to zero and masked, so fine-tuning keeps
-them at zero. ``ranking="global"`` compares weights across all selected layers (one
-threshold, Han et al.'s Deep Compression); ``"layer"`` prunes each layer to the target.
-The number of pruned weights is exact: ``round(sparsity * n)`` (ties broken by index).
+This module holds what every unstructured criterion shares: the config fields
+(:class:`UnstructuredPruning`), layer selection, the global / per-layer ranking with
+per-layer overrides, and the schedule callback. A criterion only supplies a *scorer*
+(``layers -> {name: score tensor}``, low score = pruned first); magnitude lives here,
+random / Taylor / SNIP in :mod:`.criteria`.
+
+Magnitude pruning zeroes the weights with the smallest ``|w|`` (``norm="l1"``) or ``w**2``
+(``"l2"``; any ``|w|**p`` gives the same order per weight, so L1, L2 and Ln agree here and
+the choice only matters for the structured criteria). ``ranking="global"`` compares weights
+across all selected layers (one threshold, Han et al.'s Deep Compression); ``"layer"``
+prunes each layer to the target. The number of pruned weights is exact:
+``round(sparsity * n)``.
 
     >>> import torch
     >>> from modelpress import prune
@@ -15,33 +22,37 @@ The number of pruned weights is exact: ``round(sparsity * n)`` (ties broken by i
     >>> int((pruned[2].weight == 0).sum())
     32
 
-Returns a pruned copy (masks attached); ``strip_masks`` makes the result plain.
+Returns a pruned copy with masks attached (fine-tuning keeps the zeros, see
+:mod:`modelpress.core.masks`); ``strip_masks`` makes the result a plain model.
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from pydantic import Field, field_validator
 from torch import nn
 
 from ..core.config import MethodConfig
-from ..core.masks import set_mask
+from ..core.data import as_data
+from ..core.errors import ScopeError
+from ..core.masks import get_mask, set_mask
 from ..core.registry import MethodContext, register_method
 from ..core.scope import Scope, first_and_last
 from ..core.training import fit, total_steps
-from ..core.data import as_data
 from .schedules import OneShot, Schedule
 
 PRUNABLE = ("Linear", "Conv2d", "Conv1d")
 
+Layers = list[tuple[str, nn.Module]]
+Scorer = Callable[[Layers], dict[str, torch.Tensor]]
 
-class MagnitudePruning(MethodConfig):
-    """Zero the smallest-magnitude weights to reach ``sparsity`` (fraction of weights removed)."""
+
+class UnstructuredPruning(MethodConfig):
+    """Fields shared by every unstructured criterion (not registered itself)."""
 
     sparsity: float = Field(0.5, ge=0, lt=1, description="fraction of weights set to zero")
     ranking: Literal["global", "layer"] = "global"
-    norm: Literal["l1", "l2"] = "l1"
     scope: Scope = Scope()
     layer_sparsity: dict[str, float] = Field(default_factory=dict,
                                              description="per-layer targets overriding `sparsity`")
@@ -57,20 +68,27 @@ class MagnitudePruning(MethodConfig):
         return v
 
 
-def select_layers(model: nn.Module, cfg: MagnitudePruning) -> list[tuple[str, nn.Module]]:
+class MagnitudePruning(UnstructuredPruning):
+    """Zero the smallest-magnitude weights to reach ``sparsity`` (fraction of weights removed)."""
+
+    norm: Literal["l1", "l2"] = "l1"
+
+
+def select_layers(model: nn.Module, cfg: UnstructuredPruning) -> Layers:
+    """The prunable layers in the config's scope (first/last left out unless included by name)."""
     default_exclude = first_and_last(model, PRUNABLE) if cfg.keep_first_last else []
     layers = cfg.scope.resolve(model, PRUNABLE, default_exclude=default_exclude)
     names = {n for n, _ in layers}
     for name in cfg.layer_sparsity:
         if name not in names:
-            from ..core.errors import ScopeError
             raise ScopeError(f"layer_sparsity names {name!r}, which is not a selected prunable layer",
                              hint=f"selected layers: {', '.join(sorted(names))}")
     return layers
 
 
-def _score(w: torch.Tensor, norm: str) -> torch.Tensor:
-    return w.detach().abs() if norm == "l1" else w.detach().pow(2)
+def magnitude_scores(layers: Layers, norm: str = "l1") -> dict[str, torch.Tensor]:
+    """``|w|`` or ``w**2`` per weight of each layer."""
+    return {n: (m.weight.detach().abs() if norm == "l1" else m.weight.detach().pow(2)) for n, m in layers}
 
 
 def _mask_smallest(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -82,16 +100,30 @@ def _mask_smallest(scores: torch.Tensor, k: int) -> torch.Tensor:
     return mask
 
 
+def _with_pruned_lowest(module: nn.Module, score: torch.Tensor) -> torch.Tensor:
+    # Weights already masked rank below everything, so a growing target (schedules,
+    # iterative steps) never revives them, even when a criterion scores other weights 0 too.
+    mask = get_mask(module, "weight")
+    score = score.detach().float()
+    return score if mask is None else score.masked_fill(mask == 0, float("-inf"))
+
+
 @torch.no_grad()
-def prune_to(layers: list[tuple[str, nn.Module]], cfg: MagnitudePruning, sparsity: float) -> dict[str, float]:
-    """Mask ``layers`` to ``sparsity`` (scaled per-layer overrides); returns per-layer sparsity."""
+def prune_to(layers: Layers, cfg: UnstructuredPruning, sparsity: float,
+             scores: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+    """Mask ``layers`` to ``sparsity`` by ``scores`` (default: magnitude); returns per-layer sparsity.
+
+    Per-layer overrides are scaled by ``sparsity / cfg.sparsity`` so a schedule ramps them too.
+    """
+    if scores is None:
+        scores = magnitude_scores(layers, getattr(cfg, "norm", "l1"))
+    scores = {n: _with_pruned_lowest(m, scores[n]) for n, m in layers}
     scale = sparsity / cfg.sparsity if cfg.sparsity > 0 else 0.0
     overrides = {n: s * scale for n, s in cfg.layer_sparsity.items()}
     glob = [(n, m) for n, m in layers if n not in overrides]
     if cfg.ranking == "global" and glob:
-        scores = torch.cat([_score(m.weight, cfg.norm).reshape(-1) for _, m in glob])
-        # Previously pruned weights score 0, so they stay pruned as the target grows.
-        flat = _mask_smallest(scores, int(round(sparsity * scores.numel())))
+        flat_scores = torch.cat([scores[n].reshape(-1) for n, _ in glob])
+        flat = _mask_smallest(flat_scores, int(round(sparsity * flat_scores.numel())))
         offset = 0
         for _, m in glob:
             n = m.weight.numel()
@@ -101,37 +133,48 @@ def prune_to(layers: list[tuple[str, nn.Module]], cfg: MagnitudePruning, sparsit
         overrides.update({n: sparsity for n, _ in glob})
     for n, m in layers:
         if n in overrides:
-            s = _score(m.weight, cfg.norm).reshape(-1)
+            s = scores[n].reshape(-1)
             set_mask(m, "weight", _mask_smallest(s, int(round(overrides[n] * s.numel()))).reshape(m.weight.shape))
     return {n: float((m.weight == 0).float().mean()) for n, m in layers}
 
 
 class _ScheduleCallback:
-    def __init__(self, layers, cfg, schedule):
+    """Re-prunes to the schedule's sparsity at the steps the schedule names (before the step)."""
+
+    def __init__(self, layers: Layers, cfg: UnstructuredPruning, schedule, scorer: Scorer | None = None):
         self.layers, self.cfg, self.schedule = layers, cfg, schedule
+        self.scorer = scorer or (lambda ls: magnitude_scores(ls, getattr(cfg, "norm", "l1")))
         self.history: list[tuple[int, float]] = []
 
     def on_step_begin(self, step: int, model: nn.Module) -> None:
         target = self.schedule.sparsity_at(step, self.cfg.sparsity)
         if target is not None:
-            prune_to(self.layers, self.cfg, target)
+            prune_to(self.layers, self.cfg, target, self.scorer(self.layers))
             self.history.append((step, target))
 
 
-@register_method("prune.magnitude", MagnitudePruning, needs_training=False,
-                 layer_types=PRUNABLE)
-def magnitude_prune(model: nn.Module, cfg: MagnitudePruning, ctx: MethodContext) -> nn.Module:
-    """Unstructured magnitude pruning (L1/L2, global or per layer), one-shot or scheduled."""
+def run_unstructured(model: nn.Module, cfg: UnstructuredPruning, ctx: MethodContext, scorer: Scorer) -> nn.Module:
+    """Prune ``model`` in place by ``scorer``: one-shot, or along the schedule while fine-tuning.
+
+    The schedule runs only when the caller gave training (``ctx.train`` and ``ctx.data``);
+    otherwise the target is applied at once and the caller fine-tunes (``ctx.trained`` stays False).
+    """
     layers = select_layers(model, cfg)
     if isinstance(cfg.schedule, OneShot) or ctx.train is None or ctx.data is None:
-        ctx.info["layer_sparsity"] = prune_to(layers, cfg, cfg.sparsity)
+        ctx.info["layer_sparsity"] = prune_to(layers, cfg, cfg.sparsity, scorer(layers))
         return model
     data = as_data(ctx.data, batch_size=ctx.train.batch_size, shuffle=True)
     schedule = cfg.schedule.resolve(total_steps(data, ctx.train))
-    cb = _ScheduleCallback(layers, cfg, schedule)
+    cb = _ScheduleCallback(layers, cfg, schedule, scorer)
     fit(model, data, ctx.train, loss_fn=ctx.loss_fn, callbacks=[cb], description="prune + fine-tune")
     # The schedule may end after the training does (e.g. a short run): make the target exact.
-    ctx.info["layer_sparsity"] = prune_to(layers, cfg, cfg.sparsity)
+    ctx.info["layer_sparsity"] = prune_to(layers, cfg, cfg.sparsity, scorer(layers))
     ctx.info["schedule"] = cb.history
     ctx.trained = True
     return model
+
+
+@register_method("prune.magnitude", MagnitudePruning, layer_types=PRUNABLE)
+def magnitude_prune(model: nn.Module, cfg: MagnitudePruning, ctx: MethodContext) -> nn.Module:
+    """Unstructured magnitude pruning (L1/L2, global or per layer), one-shot or scheduled."""
+    return run_unstructured(model, cfg, ctx, lambda layers: magnitude_scores(layers, cfg.norm))
