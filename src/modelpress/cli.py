@@ -58,6 +58,8 @@ def rows_table(rows: list[dict], title: str = "") -> Table:
     for key, header, kind in row_columns(rows):
         if key != "label":
             table.add_row(header, *[row_cell(r.get(key), base.get(key), kind, speedup_of(r, key)) for r in rows])
+    if any(k.endswith("_speedup") for r in rows for k in r):
+        table.caption = "latency ratios: each model timed interleaved with the baseline, 1 process"
     return table
 
 
