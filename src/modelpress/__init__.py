@@ -28,6 +28,7 @@ _EXPORTS = {
     "TaylorPruning": ".pruning.criteria", "SNIPPruning": ".pruning.criteria", "NMSparsity": ".pruning.nm",
     "SoftFilterPruning": ".pruning.soft_filter", "IterativePruning": ".pruning.iterative",
     "SensitivityConfig": ".pruning.sensitivity", "sensitivity_scan": ".pruning.sensitivity",
+    "ChannelPruning": ".pruning.structured", "iter_groups": ".pruning.structured", "HeadPruning": ".pruning.heads",
     "OneShot": ".pruning.schedules", "Constant": ".pruning.schedules", "Polynomial": ".pruning.schedules",
     "analyze": ".analysis.analyze", "load_model": ".core.loading", "load_artifact": ".core.loading",
     "save_artifact": ".export.checkpoint",

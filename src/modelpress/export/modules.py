@@ -6,6 +6,12 @@ for every module whose class we know how to build, ``{"class": name, "args": {..
 Loading builds the original model, then replaces every module whose recorded class or
 arguments differ. Only classes registered here (or with :func:`register_buildable`) can
 be built: a checkpoint can never name arbitrary code to run.
+
+Some modules cannot be built from a record (a Hugging Face attention layer needs its
+model's config) but hold integer attributes that compression changes, e.g. the head count
+after head pruning. Their classes are registered by name with :func:`register_attrs`; the
+artifact records ``{"class": name, "attrs": {...}}`` and loading sets those attributes on
+the module the original model already has (only registered names, only integers).
 """
 from __future__ import annotations
 
@@ -31,6 +37,22 @@ def register_buildable(cls: type, spec: Callable[[nn.Module], dict] | None = Non
 def buildable(cls):
     """Class decorator form of :func:`register_buildable` (uses ``spec``/``from_spec``)."""
     return register_buildable(cls)
+
+
+# class name -> integer attributes recorded and restored (see the module docstring)
+_ATTRS: dict[str, tuple[str, ...]] = {}
+
+
+def register_attrs(class_name: str, attrs: tuple[str, ...] | list[str]) -> None:
+    """Record and restore the integer attributes ``attrs`` of modules whose class is named ``class_name``."""
+    _ATTRS[class_name] = tuple(attrs)
+
+
+_HF_ATTENTION_ATTRS = ("num_attention_heads", "attention_head_size", "all_head_size")
+for _name in ("BertSelfAttention", "BertSdpaSelfAttention", "RobertaSelfAttention", "RobertaSdpaSelfAttention",
+              "XLMRobertaSelfAttention", "XLMRobertaSdpaSelfAttention", "CamembertSelfAttention",
+              "ElectraSelfAttention"):
+    register_attrs(_name, _HF_ATTENTION_ATTRS)  # changed by prune.heads
 
 
 def _pair(v):
@@ -69,13 +91,32 @@ register_buildable(nn.Sequential, lambda m: {}, lambda a: nn.Sequential())
 
 
 def describe(model: nn.Module) -> dict[str, dict]:
-    """``{module name: {"class", "args"}}`` for every module of a buildable class."""
+    """``{module name: {"class", "args"}}`` for every module of a buildable class, and
+    ``{"class", "attrs"}`` for modules of a class registered with :func:`register_attrs`."""
     out = {}
     for name, m in model.named_modules():
-        entry = _BUILDERS.get(type(m).__name__)
+        cls_name = type(m).__name__
+        entry = _BUILDERS.get(cls_name)
         if name and entry and type(m) is entry[0]:
-            out[name] = {"class": type(m).__name__, "args": entry[1](m)}
+            out[name] = {"class": cls_name, "args": entry[1](m)}
+        elif name and cls_name in _ATTRS:
+            attrs = {a: getattr(m, a) for a in _ATTRS[cls_name] if isinstance(getattr(m, a, None), int)}
+            out[name] = {"class": cls_name, "attrs": attrs}
     return out
+
+
+def _restore_attrs(model: nn.Module, name: str, rec: dict) -> None:
+    cls_name = rec.get("class")
+    current = _get(model, name)
+    if current is None or type(current).__name__ != cls_name:
+        found = "nothing" if current is None else type(current).__name__
+        raise ModelLoadError(f"checkpoint expects a {cls_name} at {name!r}, the model has {found}",
+                             hint="the checkpoint was saved from a different architecture")
+    for attr, value in (rec.get("attrs") or {}).items():
+        if attr not in _ATTRS[cls_name] or not isinstance(value, int) or isinstance(value, bool):
+            raise ModelLoadError(f"checkpoint sets {cls_name}.{attr} = {value!r} at {name!r}, "
+                                 "which modelpress does not restore (corrupt or foreign file)")
+        setattr(current, attr, value)
 
 
 def _get(model: nn.Module, name: str) -> nn.Module | None:
@@ -100,6 +141,9 @@ def rebuild(model: nn.Module, records: dict[str, dict]) -> nn.Module:
     for name in sorted(records, key=lambda n: (n.count("."), n)):
         rec = records[name]
         cls_name = rec.get("class")
+        if "attrs" in rec and cls_name in _ATTRS:
+            _restore_attrs(model, name, rec)
+            continue
         if cls_name not in _BUILDERS:
             raise ModelLoadError(f"checkpoint names module class {cls_name!r} at {name!r}, "
                                  "which modelpress does not know how to build",

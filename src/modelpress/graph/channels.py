@@ -1,0 +1,447 @@
+"""Follow channels through a traced graph: which positions of which layers are the same channel.
+
+Every Conv/Linear output is a fresh *space* of channels; each channel is one integer
+*slot*. Walking the fx graph in order, every tensor value gets a :class:`Value`: the dim
+that holds channels and, for each position along it, the slot it carries. Ops move slots
+around without knowing about layers:
+
+* activations, pooling, dropout, BatchNorm, depthwise convs: slots pass through unchanged;
+* residual ``add``/``mul`` of two tracked values: slot ``i`` of one operand and slot ``i``
+  of the other are *unioned* (they must be pruned together);
+* ``cat`` along the channel dim: the slot lists are concatenated (offsets come for free);
+* ``flatten``/``view``/``reshape``: worked out from the recorded shapes; a flatten repeats
+  each slot ``H*W`` times, so a following Linear loses ``H*W`` inputs per pruned channel;
+* anything else that touches a tracked value (an unknown function, a view mixing channels,
+  a LayerNorm over channels, ``torch.roll`` ...) *marks* the value's slots as unprunable,
+  with a reason naming the op and its source line. Values that reach the model output are
+  marked too, so output features are never removed.
+
+Each layer axis (a Conv's output channels, a Linear's input features, a BatchNorm) records
+the slot of every position it holds. :mod:`.groups` turns the result into pruning groups.
+The rules are conservative: an op not listed here never gets its channels removed.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .tracing import node_location
+
+
+class UnionFind:
+    """Disjoint sets over 0..n-1, grown on demand (path halving)."""
+
+    def __init__(self):
+        self.parent: list[int] = []
+
+    def add(self) -> int:
+        self.parent.append(len(self.parent))
+        return len(self.parent) - 1
+
+    def find(self, x: int) -> int:
+        while self.parent[x] != x:
+            self.parent[x] = self.parent[self.parent[x]]
+            x = self.parent[x]
+        return x
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)  # the smaller id stays root: stable ordering
+
+
+@dataclass
+class Value:
+    """Channel description of one tensor: ``cdim`` holds channels, ``slots[i]`` is position i's slot."""
+
+    cdim: int
+    slots: list[int]
+
+
+@dataclass
+class Space:
+    """Channels created by one layer (``producer``), or anonymous data concatenated in (None)."""
+
+    producer: str | None
+    slots: list[int]
+
+
+@dataclass
+class ChannelAnalysis:
+    """Result of :func:`analyze_channels` (consumed by :class:`~.groups.ChannelGraph`)."""
+
+    uf: UnionFind = field(default_factory=UnionFind)
+    spaces: list[Space] = field(default_factory=list)
+    slot_space: list[int] = field(default_factory=list)
+    axes: dict[tuple[str, str], list[int]] = field(default_factory=dict)  # (module, kind) -> slot per position
+    marks: dict[int, str] = field(default_factory=dict)                  # slot -> why it cannot be pruned
+    producer_space: dict[str, int] = field(default_factory=dict)
+
+    def new_space(self, producer: str | None, size: int) -> list[int]:
+        slots = [self.uf.add() for _ in range(size)]
+        self.slot_space.extend([len(self.spaces)] * size)
+        self.spaces.append(Space(producer, slots))
+        return slots
+
+    def mark(self, values, reason: str) -> None:
+        for v in values:
+            if v is not None:
+                for s in v.slots:
+                    self.marks.setdefault(s, reason)
+
+    def record_axis(self, module: str, kind: str, slots: list[int]) -> None:
+        key = (module, kind)
+        if key in self.axes:  # a module called twice: both inputs share its positions
+            for a, b in zip(self.axes[key], slots):
+                self.uf.union(a, b)
+        else:
+            self.axes[key] = list(slots)
+
+
+# -- op tables -----------------------------------------------------------------------------
+_PASS_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+                 nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Softsign,
+                 nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+                 nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+                 nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+                 nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample, nn.ZeroPad2d, nn.ConstantPad1d,
+                 nn.ConstantPad2d, nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReplicationPad1d,
+                 nn.ReplicationPad2d)
+_PASS_FUNCTIONS = {torch.relu, torch.relu_, F.relu, F.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, F.gelu,
+                   F.silu, F.mish, F.hardswish, F.hardsigmoid, F.hardtanh, torch.sigmoid, F.sigmoid, torch.tanh,
+                   F.tanh, F.softplus, F.dropout, F.dropout1d, F.dropout2d, F.max_pool1d, F.max_pool2d,
+                   F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
+                   F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
+                   F.interpolate, F.pad, torch.clamp, torch.clip, torch.abs, torch.neg, operator.neg, torch.exp,
+                   torch.sqrt}
+_PASS_METHODS = {"relu", "relu_", "sigmoid", "tanh", "contiguous", "clone", "detach", "float", "half",
+                 "double", "to", "type_as", "abs", "neg", "clamp", "clamp_", "clip", "exp", "sqrt"}
+_ELEMENTWISE_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd,
+                          operator.isub, operator.imul, operator.itruediv, operator.pow, torch.add, torch.sub,
+                          torch.mul, torch.div, torch.maximum, torch.minimum, torch.pow}
+_ELEMENTWISE_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "pow", "maximum", "minimum"}
+_RESHAPE_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze"}
+_RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze}
+_REDUCE_METHODS = {"mean", "sum", "amax", "amin"}
+_REDUCE_FUNCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin}
+_METADATA_METHODS = {"size", "dim", "numel", "stride", "is_contiguous", "element_size", "get_device"}
+
+
+def _prod(xs) -> int:
+    return int(math.prod(xs))
+
+
+def _arg(node: fx.Node, i: int, name: str, default=None):
+    if len(node.args) > i:
+        return node.args[i]
+    return node.kwargs.get(name, default)
+
+
+def _first_input(node: fx.Node):
+    return node.args[0] if node.args else node.kwargs.get("input")
+
+
+def _op_name(node: fx.Node, module: nn.Module | None = None) -> str:
+    if node.op == "call_module":
+        return f"{type(module).__name__} '{node.target}'"
+    if node.op == "call_method":
+        return f"Tensor.{node.target}"
+    fn = node.target
+    mod = getattr(fn, "__module__", None) or ""
+    mod = "torch" if mod.startswith("torch") and mod != "torch.nn.functional" else mod
+    return f"{mod + '.' if mod and mod not in ('_operator', 'builtins') else ''}{getattr(fn, '__name__', str(fn))}"
+
+
+class _Walker:
+    """One pass over the graph in topological order (fx nodes are already ordered)."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        self.res = ChannelAnalysis()
+        self.values: dict[fx.Node, Value | None] = {}
+
+    # -- helpers -----------------------------------------------------------------------
+    def value(self, a) -> Value | None:
+        return self.values.get(a) if isinstance(a, fx.Node) else None
+
+    def tracked_inputs(self, node: fx.Node) -> list[Value]:
+        found: list[Value] = []
+        fx.node.map_arg((node.args, node.kwargs), lambda a: found.append(self.values.get(a)))
+        return [v for v in found if v is not None]
+
+    def reason(self, what: str, node: fx.Node) -> str:
+        where = node_location(node)
+        return f"{what} at {where}" if where else f"{what} (graph node '{node.name}')"
+
+    def unknown(self, node: fx.Node, module: nn.Module | None = None, why: str = "") -> None:
+        what = why or f"{_op_name(node, module)} is not supported by structured pruning"
+        self.res.mark(self.tracked_inputs(node), self.reason(what, node))
+        return None
+
+    def producer(self, name: str, size: int) -> list[int]:
+        if name not in self.res.producer_space:
+            slots = self.res.new_space(name, size)
+            self.res.producer_space[name] = self.res.slot_space[slots[0]]
+            self.res.record_axis(name, "out", slots)
+        return self.res.spaces[self.res.producer_space[name]].slots
+
+    def passthrough(self, node: fx.Node, x: Value | None, module=None) -> Value | None:
+        out = node.meta.get("shape")
+        first = _first_input(node)
+        src = first.meta.get("shape") if isinstance(first, fx.Node) else None
+        if x is None:
+            return None
+        if out is None or src is None or len(out) != len(src) or out[x.cdim] != len(x.slots):
+            return self.unknown(node, module, f"{_op_name(node, module)} changes the channel dim")
+        return Value(x.cdim, list(x.slots))
+
+    # -- dispatch ------------------------------------------------------------------------
+    def run(self) -> ChannelAnalysis:
+        for node in self.gm.graph.nodes:
+            if node.op in ("placeholder", "get_attr"):
+                self.values[node] = None
+            elif node.op == "output":
+                self.res.mark(self.tracked_inputs(node), "feeds the model output")
+            elif node.op == "call_module":
+                self.values[node] = self.call_module(node, self.gm.get_submodule(node.target))
+            elif node.op == "call_method":
+                self.values[node] = self.call_method(node)
+            else:
+                self.values[node] = self.call_function(node)
+        return self.res
+
+    def call_module(self, node: fx.Node, m: nn.Module) -> Value | None:
+        x = self.value(_first_input(node))
+        name = node.target
+        if isinstance(m, nn.modules.conv._ConvNd) and not m.transposed:
+            return self.conv(node, m, x)
+        if isinstance(m, nn.Linear):
+            return self.linear(node, m, x)
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            if x is None:
+                return None
+            if x.cdim != 1 or len(x.slots) != m.num_features:
+                return self.unknown(node, m, f"BatchNorm '{name}' does not normalise the channel dim")
+            self.res.record_axis(name, "norm", x.slots)
+            return Value(1, list(x.slots))
+        if isinstance(m, nn.LayerNorm):
+            shape = node.meta.get("shape") or ()
+            if x is not None and x.cdim >= len(shape) - len(m.normalized_shape):
+                self.res.mark([x], self.reason(f"LayerNorm '{name}' normalises over the channels "
+                                               "(kept as a boundary)", node))
+            return x and Value(x.cdim, list(x.slots))
+        if isinstance(m, (nn.Flatten, nn.Unflatten)):
+            return self.reshape(node, x)
+        if isinstance(m, (nn.Softmax, nn.LogSoftmax)):
+            return self.softmax(node, x, m.dim)
+        if isinstance(m, nn.PReLU) and m.num_parameters == 1:
+            return self.passthrough(node, x, m)
+        if isinstance(m, (nn.InstanceNorm1d, nn.InstanceNorm2d)) and not m.affine and not m.track_running_stats:
+            return self.passthrough(node, x, m)
+        if isinstance(m, _PASS_MODULES):
+            return self.passthrough(node, x, m)
+        return self.unknown(node, m)
+
+    def conv(self, node: fx.Node, m: nn.modules.conv._ConvNd, x: Value | None) -> Value | None:
+        name = node.target
+        if m.groups == 1:
+            if x is not None:
+                if x.cdim == 1 and len(x.slots) == m.in_channels:
+                    self.res.record_axis(name, "in", x.slots)
+                else:
+                    self.unknown(node, m, f"Conv '{name}' reads a tensor whose channels are not in dim 1")
+            return Value(1, self.producer(name, m.out_channels))
+        if m.groups == m.in_channels == m.out_channels:  # depthwise: channel i only feeds channel i
+            if x is None:
+                return None
+            if x.cdim != 1 or len(x.slots) != m.in_channels:
+                return self.unknown(node, m, f"depthwise Conv '{name}' reads channels from another dim")
+            self.res.record_axis(name, "dw", x.slots)
+            return Value(1, list(x.slots))
+        self.unknown(node, m, f"grouped Conv '{name}' (groups={m.groups}) ties channels in groups; "
+                              "only plain and depthwise convs are pruned")
+        return None
+
+    def linear(self, node: fx.Node, m: nn.Linear, x: Value | None) -> Value | None:
+        src = _first_input(node).meta.get("shape") or ()
+        if x is not None:
+            if x.cdim == len(src) - 1 and len(x.slots) == m.in_features:
+                self.res.record_axis(node.target, "in", x.slots)
+            else:
+                self.unknown(node, m, f"Linear '{node.target}' reads features that are not the channel dim")
+        out = node.meta.get("shape") or (m.out_features,)
+        return Value(len(out) - 1, self.producer(node.target, m.out_features))
+
+    def call_method(self, node: fx.Node) -> Value | None:
+        name = node.target
+        x = self.value(_first_input(node))
+        if name in _METADATA_METHODS:
+            return None
+        if name in _PASS_METHODS:
+            return self.passthrough(node, x)
+        if name in _ELEMENTWISE_METHODS:
+            return self.elementwise(node)
+        if name in _RESHAPE_METHODS:
+            shape_args = None
+            if name in ("view", "reshape"):
+                rest = node.args[1:]
+                shape_args = list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else list(rest)
+            return self.reshape(node, x, shape_args)
+        if name in ("permute", "transpose"):
+            return self.permute(node, x, name)
+        if name in _REDUCE_METHODS:
+            return self.reduce(node, x)
+        if name in ("softmax", "log_softmax"):
+            return self.softmax(node, x, _arg(node, 1, "dim"))
+        return self.unknown(node)
+
+    def call_function(self, node: fx.Node) -> Value | None:
+        fn = node.target
+        x = self.value(_first_input(node))
+        if fn is getattr:  # x.shape, x.dtype ...: metadata, not data
+            return None
+        if fn is operator.getitem:
+            return self.unknown(node, why="indexing or slicing a tensor is not supported by structured "
+                                          "pruning") if x is not None else None
+        if fn in _PASS_FUNCTIONS:
+            return self.passthrough(node, x)
+        if fn in _ELEMENTWISE_FUNCTIONS:
+            return self.elementwise(node)
+        if fn in (torch.cat, torch.concat):
+            return self.cat(node)
+        if fn in _RESHAPE_FUNCTIONS:
+            shape_args = list(_arg(node, 1, "shape")) if fn is torch.reshape else None
+            return self.reshape(node, x, shape_args)
+        if fn in (torch.permute, torch.transpose):
+            return self.permute(node, x, fn.__name__)
+        if fn in _REDUCE_FUNCTIONS:
+            return self.reduce(node, x)
+        if fn in (torch.softmax, F.softmax, F.log_softmax, torch.log_softmax):
+            return self.softmax(node, x, _arg(node, 1, "dim"))
+        if not self.tracked_inputs(node):
+            return None  # arithmetic on sizes, tensor factories ...: nothing to follow
+        return self.unknown(node)
+
+    # -- rules ---------------------------------------------------------------------------
+    def elementwise(self, node: fx.Node) -> Value | None:
+        out = node.meta.get("shape")
+        operands = [a for a in list(node.args) + list(node.kwargs.values()) if isinstance(a, fx.Node)]
+        tracked = [(a, self.values[a]) for a in operands if self.values.get(a) is not None]
+        if not tracked:
+            return None
+        all_vals = [v for _, v in tracked]
+        if out is None:
+            return self.unknown(node)
+        right = {len(a.meta["shape"]) - v.cdim for a, v in tracked}  # channel dim counted from the right
+        if len(right) != 1:
+            return self.unknown(node, why=f"{_op_name(node)} combines tensors whose channels are in different dims")
+        r = right.pop()
+        cdim, size = len(out) - r, out[len(out) - r]
+        full = [v for v in all_vals if len(v.slots) == size]
+        if len(full) != len(all_vals):  # a one-channel operand broadcast over many channels
+            return self.unknown(node, why=f"{_op_name(node)} broadcasts one channel over {size}")
+        for a in operands:
+            shape = a.meta.get("shape")
+            if self.values.get(a) is None and shape is not None and len(shape) >= r and shape[len(shape) - r] > 1:
+                self.res.mark(all_vals, self.reason(f"{_op_name(node)} combines the channels with a tensor "
+                                                    "structured pruning cannot follow", node))
+        for v in full[1:]:
+            for a, b in zip(full[0].slots, v.slots):
+                self.res.uf.union(a, b)
+        return Value(cdim, list(full[0].slots))
+
+    def cat(self, node: fx.Node) -> Value | None:
+        tensors = list(_arg(node, 0, "tensors"))
+        out = node.meta.get("shape")
+        vals = [self.value(t) for t in tensors]
+        tracked = [v for v in vals if v is not None]
+        if not tracked or out is None:
+            return None
+        if not all(isinstance(t, fx.Node) and t.meta.get("shape") for t in tensors):
+            return self.unknown(node, why="torch.cat of values structured pruning cannot follow")
+        dim = _arg(node, 1, "dim", 0) % len(out)
+        if len({v.cdim for v in tracked}) != 1:
+            return self.unknown(node, why="torch.cat of tensors whose channels are in different dims")
+        cdim = tracked[0].cdim
+        if dim != cdim:  # concatenating along batch/space: channel i of every input is one channel
+            for v in tracked[1:]:
+                for a, b in zip(tracked[0].slots, v.slots):
+                    self.res.uf.union(a, b)
+            if len(tracked) != len(vals):
+                self.res.mark(tracked, self.reason("torch.cat with a tensor structured pruning cannot follow", node))
+            return Value(cdim, list(tracked[0].slots))
+        slots: list[int] = []
+        for t, v in zip(tensors, vals):
+            if v is None:  # untracked data: its channels get anonymous, unprunable slots
+                anon = self.res.new_space(None, t.meta["shape"][dim])
+                self.res.mark([Value(dim, anon)], self.reason("concatenated with a tensor structured pruning "
+                                                              "cannot follow", node))
+                slots += anon
+            else:
+                slots += v.slots
+        return Value(cdim, slots)
+
+    def reshape(self, node: fx.Node, x: Value | None, shape_args: list | None = None) -> Value | None:
+        """Channel mapping of any view-like op, from the shapes before and after."""
+        if x is None:
+            return None
+        src, out = _first_input(node).meta.get("shape"), node.meta.get("shape")
+        if src is None or out is None:
+            return self.unknown(node)
+        channels, inner = src[x.cdim], _prod(src[x.cdim + 1:])
+        for k in range(len(out)):
+            stride = _prod(out[k + 1:])
+            # output dim k must span exactly the channel block, each position inside one channel
+            if stride <= inner and inner % stride == 0 and out[k] * stride == channels * inner:
+                if shape_args is not None and len(shape_args) == len(out):
+                    arg = shape_args[k]
+                    if isinstance(arg, int) and arg != -1:
+                        return self.unknown(node, why=f"{_op_name(node)} hard-codes {arg} as the size of "
+                                                      "the channel dim (use -1 or x.size(...))")
+                return Value(k, [x.slots[(p * stride) // inner] for p in range(out[k])])
+        return self.unknown(node, why=f"{_op_name(node)} from {tuple(src)} to {tuple(out)} mixes the channel dim")
+
+    def permute(self, node: fx.Node, x: Value | None, name: str) -> Value | None:
+        if x is None:
+            return None
+        ndim = len(node.meta.get("shape") or ())
+        rest = node.args[1:]
+        if name == "permute":
+            dims = list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else list(rest)
+            dims = [d % ndim for d in dims]
+            return Value(dims.index(x.cdim), list(x.slots))
+        a, b = (d % ndim for d in (_arg(node, 1, "dim0"), _arg(node, 2, "dim1")))
+        cdim = b if x.cdim == a else a if x.cdim == b else x.cdim
+        return Value(cdim, list(x.slots))
+
+    def reduce(self, node: fx.Node, x: Value | None) -> Value | None:
+        if x is None:
+            return None
+        src = _first_input(node).meta.get("shape") or ()
+        dims = _arg(node, 1, "dim")
+        keepdim = _arg(node, 2, "keepdim", False)
+        if dims is None:
+            return self.unknown(node, why=f"{_op_name(node)} reduces over the channel dim")
+        dims = [d % len(src) for d in (dims if isinstance(dims, (list, tuple)) else [dims])]
+        if x.cdim in dims:
+            return self.unknown(node, why=f"{_op_name(node)} reduces over the channel dim")
+        cdim = x.cdim if keepdim else x.cdim - sum(d < x.cdim for d in dims)
+        return Value(cdim, list(x.slots))
+
+    def softmax(self, node: fx.Node, x: Value | None, dim) -> Value | None:
+        if x is None:
+            return None
+        ndim = len(node.meta.get("shape") or ())
+        if dim is None or dim % ndim == x.cdim:
+            return self.unknown(node, why=f"{_op_name(node)} normalises over the channel dim")
+        return Value(x.cdim, list(x.slots))
+
+
+def analyze_channels(gm: fx.GraphModule) -> ChannelAnalysis:
+    """Run the channel rules over a graph traced by :func:`~.tracing.trace_with_shapes`."""
+    return _Walker(gm).run()

@@ -1,0 +1,106 @@
+"""Trace a model into a torch.fx graph and record the shape of every value.
+
+Structural edits need two things the module tree does not say: *how* tensors flow
+between layers (a residual add, a concat, a flatten before a Linear) and *how big* each
+tensor is (a flatten turns one channel into ``H*W`` input features of the next Linear).
+:func:`trace_with_shapes` gets the first from ``torch.fx.symbolic_trace`` and the second
+by running the traced graph once on an example input.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> gm = trace_with_shapes(nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten()), torch.zeros(2, 1, 5, 5))
+    >>> [(n.name, n.meta["shape"]) for n in gm.graph.nodes if n.op != "output"]
+    [('input_1', (2, 1, 5, 5)), ('_0', (2, 4, 3, 3)), ('_1', (2, 36))]
+"""
+from __future__ import annotations
+
+import os
+import traceback
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from ..core.errors import UnsupportedError
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+
+
+def _user_frame(exc: BaseException) -> str:
+    """``file:line `code``` of the deepest frame outside torch: the untraceable spot."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(_TORCH_DIR)]
+    if not frames:
+        return "inside torch"
+    f = frames[-1]
+    return f"{os.path.basename(f.filename)}:{f.lineno} `{(f.line or '').strip()}`"
+
+
+def node_location(node: fx.Node) -> str:
+    """Where ``node`` comes from in the model's source (``file:line `code```), or ''."""
+    trace = node.stack_trace or ""
+    lines = [ln.strip() for ln in trace.strip().splitlines()]
+    for i in range(len(lines) - 1, -1, -1):
+        parts = lines[i].split('"')
+        if lines[i].startswith("File ") and len(parts) > 1 and not parts[1].startswith(_TORCH_DIR):
+            file = os.path.basename(parts[1])
+            line_no = lines[i].split("line ")[-1].split(",")[0]
+            code = lines[i + 1] if i + 1 < len(lines) else ""
+            return f"{file}:{line_no} `{code}`"
+    return ""
+
+
+class _ShapeRecorder(fx.Interpreter):
+    """Runs the graph once and stores each node's output shape in ``node.meta["shape"]``
+    (a tuple for tensors, None for anything else)."""
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        n.meta["shape"] = tuple(result.shape) if isinstance(result, torch.Tensor) else None
+        return result
+
+
+def _positional(gm: fx.GraphModule, inputs: Any) -> list:
+    """The example inputs as positional arguments of the traced graph's placeholders."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if isinstance(inputs, dict):
+        args = []
+        for p in placeholders:
+            name = p.target.lstrip("*")
+            args.append(inputs[name] if name in inputs else (p.args[0] if p.args else None))
+        return args
+    args = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+    return args + [p.args[0] if p.args else None for p in placeholders[len(args):]]
+
+
+def trace_with_shapes(model: nn.Module, example_inputs: Any) -> fx.GraphModule:
+    """Symbolically trace ``model`` and annotate every node with its output shape.
+
+    The GraphModule shares its submodules with ``model`` (no copy). The example forward runs
+    in eval mode without grad, so BatchNorm statistics are not touched; the model's training
+    flag is restored. Raises :class:`UnsupportedError` naming the source line that cannot be
+    traced (data-dependent control flow, calls fx cannot follow).
+    """
+    tracer = fx.Tracer()
+    tracer.record_stack_traces = True  # lets a skipped layer's reason name its source line
+    try:
+        graph = tracer.trace(model)
+    except Exception as exc:  # fx raises TraceError, TypeError, ... depending on the construct
+        raise UnsupportedError(
+            f"cannot trace {type(model).__name__} with torch.fx at {_user_frame(exc)}: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+            hint="structural pruning needs an fx-traceable forward (no Python control flow on tensor "
+                 "values); for Hugging Face transformer encoders use prune.heads") from None
+    gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            _ShapeRecorder(gm).run(*_positional(gm, example_inputs))
+    except Exception as exc:
+        raise UnsupportedError(
+            f"running the traced {type(model).__name__} on the example input failed: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+            hint="check that the example input (first batch of the data, or input_shape) fits the model") from None
+    finally:
+        model.train(was_training)
+    return gm

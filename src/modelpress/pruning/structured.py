@@ -1,0 +1,351 @@
+"""Structured channel pruning (``prune.channels``): physically remove filters and neurons.
+
+The model is traced into pruning groups (:mod:`modelpress.graph`): a conv's output channels,
+its BatchNorm, the next layers' input channels, everything tied by a residual add or a
+concat, depthwise convs in between, the inputs of a Linear after a flatten. Channels are
+scored per group (:mod:`.importance`), the lowest-scoring ones are cut, and the pruned model
+is smaller and faster on any hardware: no masks, no sparse kernels.
+
+* ``ratio``: fraction of each group's channels removed (``ranking="layer"``), or of all
+  channels of the selected groups (``ranking="global"``); ``floor(ratio * n + 0.5)``.
+* ``target_macs_reduction``: prune in small steps until at least this fraction of the
+  multiply-accumulates is gone (give either this or ``ratio``).
+* Layers that cannot be pruned safely (the output layer, a reshape mixing channels, an op
+  structured pruning does not know) are left intact and listed in ``ctx.info["skipped"]``.
+
+An example input is needed to trace the model: the first batch of ``data``, or
+``input_shape``. Returns a pruned copy (``prune(..., inplace=True)`` edits the model)::
+
+    >>> import torch
+    >>> from modelpress import prune
+    >>> from modelpress.zoo.models import build_model
+    >>> from modelpress.pruning.structured import ChannelPruning
+    >>> model = build_model("lenet5")
+    >>> small = prune(model, ChannelPruning(ratio=0.5, input_shape=[1, 1, 28, 28]))
+    >>> small.conv1.out_channels, small.conv2.out_channels, small.fc1.in_features, small.fc3.out_features
+    (3, 8, 200, 10)
+
+To look at the groups before cutting, use :func:`iter_groups`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterator, Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from ..core.config import MethodConfig, StrictModel
+from ..core.data import as_data, call_model, slice_inputs
+from ..core.errors import DataError, ScopeError, UnsupportedError
+from ..core.registry import MethodContext, register_method
+from ..core.scope import Scope
+from ..graph import ChannelGraph, Group, build_channel_graph
+from .importance import CRITERIA, channel_importance
+
+PRUNABLE = ("Conv2d", "Conv1d", "Linear")
+
+
+class ChannelPruningAdvanced(StrictModel):
+    """Rare knobs of :class:`ChannelPruning`."""
+
+    step: float = Field(0.02, gt=0, le=0.5, description="fraction of the channels removed per step while "
+                                                         "searching target_macs_reduction")
+    taylor_batches: int = Field(4, ge=1, description="batches of data used by taylor importance")
+    seed: int = Field(0, description="seed of the random criterion")
+
+
+class ChannelPruning(MethodConfig):
+    """Physically remove channels (filters, neurons) by group, by ``ratio`` or to a MAC target."""
+
+    ratio: float | None = Field(None, ge=0, lt=1, description="fraction of channels removed (default 0.5 "
+                                                              "unless target_macs_reduction is given)")
+    target_macs_reduction: float | None = Field(None, gt=0, lt=1, description="remove at least this fraction "
+                                                                              "of the MACs")
+    importance: Literal["l1", "l2", "bn_scale", "taylor", "random"] = "l1"
+    ranking: Literal["layer", "global"] = "layer"
+    scope: Scope = Scope()
+    min_channels: int = Field(1, ge=1, description="channels every layer keeps at least")
+    round_to: int | None = Field(None, ge=1, description="keep a multiple of this many channels per group "
+                                                         "(e.g. 8 for SIMD-friendly widths)")
+    input_shape: list[int] | None = Field(None, description="example input shape, e.g. [1, 1, 28, 28], "
+                                                            "used when no data is given")
+    advanced: ChannelPruningAdvanced = Field(default_factory=ChannelPruningAdvanced)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _ratio_or_target(cls, values):
+        if isinstance(values, dict):
+            ratio, target = values.get("ratio"), values.get("target_macs_reduction")
+            if ratio is not None and target is not None:
+                raise ValueError("give either ratio or target_macs_reduction, not both")
+            if ratio is None and target is None:
+                values = {**values, "ratio": 0.5}
+        return values
+
+
+# -- measuring ---------------------------------------------------------------------------------
+def count_macs(model: nn.Module, inputs: Any) -> int:
+    """MACs of one forward on ``inputs``, as ``modelpress analyze`` counts them."""
+    from ..analysis.macs import count_macs as report
+
+    return report(model, inputs).total
+
+
+def layer_macs(graph: ChannelGraph):
+    """A cheap per-sample MAC count of the traced Conv/Linear layers at their current width.
+
+    Spatial sizes do not change when channels are removed, so the traced output shapes
+    plus the current weight sizes give the exact conv/linear MACs without a forward pass.
+    """
+    sites = []
+    for node in graph.gm.graph.nodes:
+        if node.op != "call_module" or not node.meta.get("shape"):
+            continue
+        m = graph.gm.get_submodule(node.target)
+        out = node.meta["shape"]
+        if isinstance(m, nn.modules.conv._ConvNd):
+            sites.append((m, math.prod(out[2:])))
+        elif isinstance(m, nn.Linear):
+            sites.append((m, math.prod(out[1:-1])))
+    return lambda: sum(per * m.weight.numel() for m, per in sites)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def example_inputs(cfg: ChannelPruning, ctx: MethodContext) -> Any:
+    """Two samples of the first data batch, or seeded random values of ``cfg.input_shape``."""
+    if cfg.input_shape is not None:
+        return torch.randn(*cfg.input_shape, generator=torch.Generator().manual_seed(0))
+    data = as_data(ctx.data)
+    if data is None:
+        raise DataError("structured pruning needs one example batch to trace the model",
+                        hint="pass data=... (the first batch is used) or set input_shape, e.g. [1, 1, 28, 28]")
+    return slice_inputs(data.first_inputs(), 2)
+
+
+# -- planning ----------------------------------------------------------------------------------
+def select_groups(model: nn.Module, graph: ChannelGraph, cfg: ChannelPruning) -> list[Group]:
+    """Groups with prunable channels whose producer layers are all in ``cfg.scope``."""
+    in_scope = {n for n, _ in cfg.scope.resolve(model, PRUNABLE)}
+    groups = [g for g in graph.groups
+              if g.producers and set(g.producers) <= in_scope and g.prunable_count() > 0]
+    if not groups:
+        skipped = "; ".join(f"{s['layer']}: {s['reason']}" for s in graph.skipped if s["layer"] in in_scope)
+        raise ScopeError("the scope selects no prunable channel group" + (f" ({skipped})" if skipped else ""),
+                         hint="widen Scope(include=...); layers coupled by a residual add are pruned together "
+                              "and must all be in scope")
+    return groups
+
+
+def _kept_target(n: int, remove: int, cfg: ChannelPruning) -> int:
+    kept = max(n - remove, min(cfg.min_channels, n))
+    if cfg.round_to:
+        kept = min(n, max(cfg.round_to, cfg.round_to * math.floor(kept / cfg.round_to + 0.5)))
+    return kept
+
+
+class _Budget:
+    """How many more channels each member axis and the group may lose."""
+
+    def __init__(self, group: Group, min_channels: int):
+        self.members, self.slack = group.removal_limits(min_channels)
+        self.group_slack = len(group) - min(min_channels, len(group))
+
+    def _hits(self, channel: int) -> list[int]:
+        return [i for i, m in enumerate(self.members) if m.positions[channel]]
+
+    def take(self, channel: int) -> bool:
+        return self.take_all([channel])
+
+    def take_all(self, channels: list[int]) -> bool:
+        """Take every channel or none of them."""
+        need = len(channels)
+        counts: dict[int, int] = {}
+        for c in channels:
+            for i in self._hits(c):
+                counts[i] = counts.get(i, 0) + 1
+        if need > self.group_slack or any(self.slack[i] < n for i, n in counts.items()):
+            return False
+        for i, n in counts.items():
+            self.slack[i] -= n
+        self.group_slack -= need
+        return True
+
+
+def _order(group: Group, scores: torch.Tensor) -> list[int]:
+    ok = group.prunable()
+    return [c for c in sorted(range(len(group)), key=lambda c: (float(scores[c]), c)) if ok[c]]
+
+
+def plan(groups: list[Group], scores: list[torch.Tensor], cfg: ChannelPruning, fraction: float,
+         base_sizes: list[int] | None = None) -> None:
+    """Set ``group.selected`` so that ``fraction`` of the channels goes (counted on
+    ``base_sizes``, the sizes before pruning started, when given)."""
+    base_sizes = base_sizes or [len(g) for g in groups]
+    for g, s in zip(groups, scores):
+        g.importance, g.selected = s, []
+    if cfg.ranking == "layer":
+        for g, s, base in zip(groups, scores, base_sizes):
+            kept = _kept_target(base, math.floor(fraction * base + 0.5), cfg)
+            want = max(0, len(g) - kept)
+            budget = _Budget(g, cfg.min_channels)
+            for c in _order(g, s):
+                if len(g.selected) >= want:
+                    break
+                if budget.take(c):
+                    g.selected.append(c)
+        return
+    # Global: rank blocks of `round_to` channels (single channels without round_to) across
+    # groups by mean score, so every group keeps a multiple of round_to and a MAC search
+    # moves one block at a time instead of jumping.
+    want = math.floor(fraction * sum(base_sizes) + 0.5) - sum(b - len(g) for g, b in zip(groups, base_sizes))
+    unit = cfg.round_to or 1
+    pool = []
+    for gi, (g, s) in enumerate(zip(groups, scores)):
+        order, start = _order(g, s), len(g) % unit  # a first, smaller block reaches a multiple
+        if len(order) < start:
+            continue
+        chunks = ([order[:start]] if start else []) + [order[i:i + unit]
+                                                       for i in range(start, len(order) - unit + 1, unit)]
+        pool += [(float(s[chunk].mean()), gi, k, chunk) for k, chunk in enumerate(chunks)]
+    budgets = [_Budget(g, cfg.min_channels) for g in groups]
+    stopped: set[int] = set()
+    for _, gi, _, chunk in sorted(pool, key=lambda t: t[:3]):
+        if want <= 0:
+            break
+        if gi in stopped:
+            continue
+        if budgets[gi].take_all(chunk):
+            groups[gi].selected += chunk
+            want -= len(chunk)
+        else:
+            stopped.add(gi)  # a group's blocks go in order: once one is refused, the rest are too
+
+
+def _scores(model, groups, cfg: ChannelPruning, ctx: MethodContext | None):
+    return channel_importance(groups, cfg.importance, model=model, data=ctx.data if ctx else None,
+                              loss_fn=ctx.loss_fn if ctx else None, batches=cfg.advanced.taylor_batches,
+                              seed=cfg.advanced.seed)
+
+
+def iter_groups(model: nn.Module, example_inputs: Any, config: ChannelPruning, *,
+                ctx: MethodContext | None = None) -> Iterator[Group]:
+    """Yield the groups ``config`` would prune, each scored and with ``group.selected`` set.
+
+    Nothing is cut until the caller calls ``group.prune()`` (or ``group.prune(indices)``
+    with its own choice); pruning edits ``model`` in place. ``target_macs_reduction`` is not
+    planned here (it needs several rounds), only ``ratio``::
+
+        >>> import torch
+        >>> from modelpress.zoo.models import build_model
+        >>> model = build_model("resnet_small")
+        >>> for g in iter_groups(model, torch.zeros(2, 1, 28, 28), ChannelPruning(ratio=0.25)):
+        ...     print(g.producers, len(g), len(g.selected))
+        ...     g.prune()
+        ['conv1', 'layer1.0.conv2'] 16 4
+        ['layer1.0.conv1'] 16 4
+        ['layer2.0.downsample.0', 'layer2.0.conv2'] 32 8
+        ['layer2.0.conv1'] 32 8
+        ['layer3.0.downsample.0', 'layer3.0.conv2'] 64 16
+        ['layer3.0.conv1'] 64 16
+        >>> model.layer2[0].conv2.out_channels
+        24
+    """
+    if config.importance == "taylor" and (ctx is None or ctx.data is None):
+        raise DataError("importance='taylor' needs data (a few batches with a loss)",
+                        hint="pass data=..., or use importance='l1'")
+    graph = build_channel_graph(model, example_inputs)
+    if ctx is not None:
+        ctx.info["skipped"] = graph.skipped
+    groups = select_groups(model, graph, config)
+    plan(groups, _scores(model, groups, config, ctx), config, config.ratio or 0.0)
+    yield from groups
+
+
+# -- the method --------------------------------------------------------------------------------
+def _without(scores: torch.Tensor, removed: list[int]) -> torch.Tensor:
+    keep = sorted(set(range(len(scores))) - set(removed))
+    return scores[keep]
+
+
+def _prune_to_macs(model, graph, groups, cfg: ChannelPruning, ctx, macs0: int) -> float:
+    """Cut ``advanced.step`` more of the channels at a time until the MAC target is met."""
+    base = [len(g) for g in groups]
+    fraction, reduction = 0.0, 0.0
+    layers = layer_macs(graph)
+    other = macs0 - layers()  # MACs outside traced Conv/Linear layers never change
+    scores = _scores(model, groups, cfg, ctx)
+    fresh = True
+    while reduction < cfg.target_macs_reduction:
+        fraction = round(fraction + cfg.advanced.step, 6)
+        if fraction >= 1:
+            break
+        plan(groups, scores, cfg, fraction, base)
+        if not any(g.selected for g in groups):
+            continue  # rounding leaves nothing to cut at this step
+        if not fresh:  # the network changed since the last scoring: rescore before cutting
+            scores = _scores(model, groups, cfg, ctx)
+            plan(groups, scores, cfg, fraction, base)
+        cuts = [list(g.selected) for g in groups]
+        for g in groups:
+            g.prune()
+        scores = [_without(s, cut) for s, cut in zip(scores, cuts)]
+        fresh = False
+        reduction = 1 - (other + layers()) / macs0
+        ctx.log(f"prune.channels: removed {fraction:.0%} of the channels, MACs -{reduction:.1%}")
+    if reduction < cfg.target_macs_reduction:
+        raise UnsupportedError(f"prune.channels reached only {reduction:.1%} MAC reduction "
+                               f"(target {cfg.target_macs_reduction:.0%})",
+                               hint="widen the scope or lower min_channels; skipped layers: "
+                                    + (", ".join(s["layer"] for s in ctx.info.get("skipped", [])) or "none"))
+    return fraction
+
+
+@register_method("prune.channels", ChannelPruning, structural=True, layer_types=PRUNABLE)
+def channel_prune(model: nn.Module, cfg: ChannelPruning, ctx: MethodContext) -> nn.Module:
+    """Structured channel pruning: remove whole filters/neurons by coupled group."""
+    if cfg.importance == "taylor" and ctx.data is None:
+        raise DataError("importance='taylor' needs data (a few batches with a loss)",
+                        hint="pass data=..., or use importance='l1'")
+    example = example_inputs(cfg, ctx)
+    mac_input = slice_inputs(example, 1)
+    macs0, params0 = count_macs(model, mac_input), count_parameters(model)
+    with torch.no_grad():
+        was_training = model.training
+        model.eval()
+        out_shape = call_model(model, example).shape
+        model.train(was_training)
+    graph = build_channel_graph(model, example)
+    ctx.info["skipped"] = graph.skipped
+    groups = select_groups(model, graph, cfg)
+    sizes = [(list(g.producers), len(g)) for g in groups]
+    if cfg.target_macs_reduction is None:
+        plan(groups, _scores(model, groups, cfg, ctx), cfg, cfg.ratio)
+        for g in groups:
+            g.prune()
+    else:
+        ctx.info["ratio"] = _prune_to_macs(model, graph, groups, cfg, ctx, macs0)
+    with torch.no_grad():
+        was_training = model.training
+        model.eval()
+        new_shape = call_model(model, example).shape
+        model.train(was_training)
+    if new_shape != out_shape:  # a guard: the output layer is never in a prunable group
+        raise UnsupportedError(f"structured pruning changed the output shape {tuple(out_shape)} -> "
+                               f"{tuple(new_shape)}; please report this model")
+    macs1, params1 = count_macs(model, mac_input), count_parameters(model)
+    ctx.info.update({
+        "groups": [{"layers": p, "channels": [n, len(g)]} for (p, n), g in zip(sizes, groups)],
+        "params": [params0, params1], "macs": [macs0, macs1], "macs_reduction": 1 - macs1 / macs0,
+    })
+    ctx.log(f"prune.channels: params {params0:,} -> {params1:,}, MACs {macs0:,} -> {macs1:,}; "
+            f"{len(graph.skipped)} layer(s) left intact")
+    return model
+
+
+__all__ = ["ChannelPruning", "ChannelPruningAdvanced", "CRITERIA", "channel_prune", "count_macs",
+           "iter_groups", "layer_macs", "plan", "select_groups"]
