@@ -115,7 +115,7 @@ def cnn_rows(args) -> list[dict]:
     x64 = torch.stack([bundle.test[i][0] for i in range(64)])
     ft = TrainConfig(epochs=3, lr=1e-3, max_steps=20 if args.quick else None)
     acc0 = evaluate_accuracy(base, bundle.test)
-    rows = [{"row": "resnet_small dense", "quality": f"acc {acc0:.2%}", "params": n_params(base),
+    rows = [{"row": "resnet_small dense", "quality": f"acc {acc0:.2%}", "acc": acc0, "params": n_params(base),
              "macs": macs(base, x1), "bytes": artifact_bytes(base), "lat": None}]
 
     repeats, min_t = (5, 0.0) if args.quick else (60, 3.0)
@@ -146,6 +146,7 @@ def cnn_rows(args) -> list[dict]:
     for name, model, cut, note in pruned:
         acc = evaluate_accuracy(model, bundle.test)
         rows.append({"row": name, "quality": f"acc {cut:.2%} -> ft {acc:.2%} ({(acc - acc0) * 100:+.2f} pt)",
+                     "acc": acc, "drop": (acc0 - acc) * 100,
                      "params": n_params(model), "macs": macs(model, x1), "bytes": artifact_bytes(model),
                      "lat": latency(base, model, x64, repeats, min_t), "note": note})
     return rows
@@ -159,7 +160,8 @@ def minilm_rows(args) -> list[dict]:
     pairs = load_sts_pairs()
     tokens = tokenize(dense.tokenizer, pair_sentences(pairs)[:32])
     q0 = embedding_quality(dense, pairs)
-    rows = [{"row": "MiniLM-L6 dense", "quality": f"spearman {q0['spearman']:.4f}", "params": n_params(dense),
+    rows = [{"row": "MiniLM-L6 dense", "quality": f"spearman {q0['spearman']:.4f}", "spearman": q0["spearman"],
+             "params": n_params(dense),
              "macs": macs(dense, {k: v[:1] for k, v in tokens.items()}), "bytes": artifact_bytes(dense), "lat": None}]
     t = time.perf_counter()
     pruned = prune(dense, HeadPruning(head_ratio=0.25, ffn_ratio=0.4)).eval()
@@ -168,6 +170,7 @@ def minilm_rows(args) -> list[dict]:
     repeats, min_t = (3, 0.0) if args.quick else (30, 3.0)
     rows.append({"row": "MiniLM prune.heads 25% heads, 40% FFN (no training)",
                  "quality": f"spearman {q['spearman']:.4f}, fidelity {q['fidelity']:.4f}",
+                 "spearman": q["spearman"], "fidelity": q["fidelity"],
                  "params": n_params(pruned), "macs": macs(pruned, {k: v[:1] for k, v in tokens.items()}),
                  "bytes": artifact_bytes(pruned), "lat": latency(dense, pruned, tokens, repeats, min_t),
                  "note": f"prune {prune_s:.1f}s, batch 32 x {tokens['input_ids'].shape[1]} tokens"})
