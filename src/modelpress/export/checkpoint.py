@@ -207,18 +207,16 @@ def load_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def _load_encoding_plugins() -> None:
-    """Import modules that register more encodings (quantization formats)."""
-    import importlib
+    """Import the method modules: they register more encodings and buildable module classes
+    (packed quantized layers, codebooks), which a checkpoint may name."""
+    from ..core.registry import list_methods
 
-    for mod in ("modelpress.quantization.storage",):
-        try:
-            importlib.import_module(mod)
-        except ImportError:
-            pass
+    list_methods()
 
 
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], header: dict, where: str = "") -> nn.Module:
     """Rebuild ``model``'s structure from the header and load ``state`` strictly."""
+    _load_encoding_plugins()  # so every buildable class a method defines is known
     structure.rebuild(model, header.get("structure", {}))
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
