@@ -153,3 +153,18 @@ def test_sensitivity_command_writes_table_plot_and_ratios(tmp_path):
     png = (tmp_path / "s" / "sensitivity.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     assert "fc2" in res.stdout
+
+
+def test_prune_channels_command_shrinks_the_saved_model(tmp_path):
+    """`prune channels` removes channels physically: the artifact reloads with fewer params and MACs."""
+    base = tmp_path / "base.safetensors"
+    run("train", "resnet_small", "--data", "digits", "--epochs", "1", "--out", str(base))
+    run("prune", "channels", "-m", str(base), "-d", "digits", "-o", str(tmp_path / "c"),
+        "--set", "target_macs_reduction=0.5", "--finetune", "0.5", "--no-latency")
+    rows = json.loads((tmp_path / "c" / "report.json").read_text())["rows"]
+    assert rows[1]["params"] < 0.7 * rows[0]["params"]
+    assert rows[1]["macs"] <= 0.5 * rows[0]["macs"] + 1
+    from modelpress import load_artifact
+    model, _ = load_artifact(tmp_path / "c" / "model.safetensors")
+    assert sum(p.numel() for p in model.parameters()) == rows[1]["params"]
+    assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
