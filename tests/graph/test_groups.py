@@ -190,13 +190,114 @@ def test_view_mixing_channels_and_hard_coded_flatten_are_skipped():
     assert "hard-codes 4608" in {s["layer"]: s["reason"] for s in graph.skipped}["conv2"]
 
 
-def test_grouped_conv_and_layernorm_are_boundaries():
-    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.Conv2d(8, 8, 3, groups=2), nn.Flatten(), nn.Linear(8 * 24 * 24, 16),
-                          nn.LayerNorm(16), nn.Linear(16, 2))
+def test_layernorm_over_channels_is_a_boundary():
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.Flatten(), nn.Linear(8 * 26 * 26, 16), nn.LayerNorm(16),
+                          nn.Linear(16, 2))
     graph = build_channel_graph(model, X)
     skipped = {s["layer"]: s["reason"] for s in graph.skipped}
-    assert "grouped Conv '1'" in skipped["0"] and "LayerNorm" in skipped["3"]
-    assert all(g.prunable_count() == 0 for g in graph.groups)
+    assert "LayerNorm" in skipped["2"] and "0" not in skipped
+    assert groups_by_producer(graph)[("2",)].prunable_count() == 0
+
+
+def grouped_net(groups):
+    """conv -> BN -> grouped conv -> BN -> ReLU -> conv -> pooled Linear."""
+    return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16),
+                         nn.Conv2d(16, 24, 3, padding=1, groups=groups), nn.BatchNorm2d(24), nn.ReLU(),
+                         nn.Conv2d(24, 8, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+
+
+class ResNeXtBlock(nn.Module):
+    """Stem, then a bottleneck whose middle 3x3 is grouped, with an identity shortcut."""
+
+    def __init__(self, width=16, groups=4):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU())
+        self.reduce = nn.Sequential(nn.Conv2d(12, width, 1), nn.BatchNorm2d(width), nn.ReLU())
+        self.split = nn.Sequential(nn.Conv2d(width, width, 3, padding=1, groups=groups), nn.BatchNorm2d(width),
+                                   nn.ReLU())
+        self.expand = nn.Sequential(nn.Conv2d(width, 12, 1), nn.BatchNorm2d(12))
+        self.fc = nn.Linear(12, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = F.relu(x + self.expand(self.split(self.reduce(x))))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def every_third_unit(group):
+    """Valid picks for a group tied by a grouped conv: whole units (one channel per cell)."""
+    units = group.removal_units(torch.arange(len(group), dtype=torch.float))
+    return sorted(c for u in units[::3] for c in u)
+
+
+@pytest.mark.parametrize("groups", [2, 4])
+def test_grouped_conv_ties_its_producer_and_its_outputs_per_conv_group(groups):
+    model = grouped_net(groups)
+    by = groups_by_producer(build_channel_graph(model, X))
+    (into,), (out,) = by[("0",)].ties, by[("2",)].ties
+    # the producer's channel i feeds conv group i // (16 / groups); the outputs split the same way
+    assert into.cells == [list(range(j * 16 // groups, (j + 1) * 16 // groups)) for j in range(groups)]
+    assert out.cells == [list(range(j * 24 // groups, (j + 1) * 24 // groups)) for j in range(groups)]
+    assert into.convs == ["2.in"] and out.convs == ["2.out"] and into.problem is None is out.problem
+    assert by[("0",)].prunable_count() == 16 and by[("2",)].prunable_count() == 24
+    units = by[("0",)].removal_units(torch.arange(16.0))
+    assert len(units) == 16 // groups and all(len(u) == groups for u in units)
+    with pytest.raises(UnsupportedError, match="unequal input widths"):
+        by[("0",)].prune([0])  # one channel from one conv group only
+
+
+@pytest.mark.parametrize("groups", [2, 4])
+def test_grouped_conv_removal_is_exact(groups):
+    model = grouped_net(groups)
+    chosen = assert_removal_is_exact(model, X, pick=every_third_unit)
+    conv = model[2]
+    assert conv.groups == groups and conv.in_channels % groups == 0 and conv.out_channels % groups == 0
+    assert conv.in_channels == 16 - len(chosen[next(g for g in chosen if g.producers == ["0"])])
+    assert conv.in_channels < 16 and conv.out_channels < 24 and model[3].num_features == conv.out_channels
+    assert conv.weight.shape[1] == conv.in_channels // groups
+
+
+def test_resnext_block_removal_is_exact_across_the_grouped_conv_and_the_add():
+    model = ResNeXtBlock()
+    graph = build_channel_graph(model, X)
+    by = groups_by_producer(graph)
+    assert set(by) == {("stem.0", "expand.0"), ("reduce.0",), ("split.0",), ("fc",)}
+    assert [len(t.cells) for t in by[("reduce.0",)].ties] == [4] and not by[("stem.0", "expand.0")].ties
+    assert_removal_is_exact(model, X, pick=every_third_unit)
+    split = model.split[0]
+    assert split.groups == 4 and split.in_channels == split.out_channels == 16 - 8
+    assert model.reduce[0].out_channels == 8 and model.expand[0].in_channels == 8
+    assert model.stem[0].out_channels == model.expand[0].out_channels == model.fc.in_features == 12 - 4
+
+
+class UnevenGroups(nn.Module):
+    """A grouped conv reading two layers' channels, one per conv group; a depthwise multiplier."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(1, 4, 3, padding=1)
+        self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.dw2 = nn.Conv2d(8, 16, 3, padding=1, groups=8)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x):
+        y = self.grouped(torch.cat([self.a(x), self.b(x)], dim=1))
+        return self.fc(F.adaptive_avg_pool2d(self.dw2(F.relu(y)), 1).flatten(1))
+
+
+def test_grouped_conv_reading_other_layers_unevenly_is_skipped():
+    model = UnevenGroups()
+    graph = build_channel_graph(model, X)
+    skipped = {s["layer"]: s["reason"] for s in graph.skipped}
+    # a alone fills conv group 0: removing from a without b would unbalance the groups
+    assert "grouped Conv 'grouped' (groups=2) cannot keep its groups equally wide" in skipped["a"]
+    assert "cannot keep" in skipped["b"]
+    assert "one channel per group" in skipped["grouped"]  # its inputs could only go all at once
+    by = groups_by_producer(graph)
+    assert by[("dw2",)].prunable_count() == 16  # 2 outputs per group: one of each may go
+    assert [len(u) for u in by[("dw2",)].removal_units(torch.zeros(16))] == [8, 8]  # a budget keeps one
+    assert_removal_is_exact(model, X, pick=every_third_unit)
+    assert model.dw2.out_channels == 8 and model.dw2.groups == 8 and model.fc.in_features == 8
 
 
 def test_untraceable_model_names_the_line():

@@ -157,3 +157,51 @@ def test_save_load_round_trip(name, tmp_path):
     path = save_artifact(pruned, tmp_path / f"{name}.safetensors")
     again, _ = load_artifact(path)  # rebuilt from the zoo name + the recorded layer shapes
     assert torch.equal(again(X), pruned(X))
+
+
+class GroupedNet(nn.Module):
+    """conv -> BN -> grouped conv -> BN -> ReLU -> conv -> pooled Linear, then a ResNeXt-like
+    bottleneck (1x1, grouped 3x3, 1x1) around an identity shortcut."""
+
+    def __init__(self, groups):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.gconv, self.bn2 = nn.Conv2d(16, 32, 3, padding=1, groups=groups), nn.BatchNorm2d(32)
+        self.conv3 = nn.Conv2d(32, 24, 1)
+        self.reduce = nn.Conv2d(24, 16, 1)
+        self.split = nn.Conv2d(16, 16, 3, padding=1, groups=groups)
+        self.expand = nn.Conv2d(16, 24, 1)
+        self.fc = nn.Linear(24, 10)
+
+    def forward(self, x):
+        x = self.conv3(torch.relu(self.bn2(self.gconv(self.bn1(self.conv1(x))))))
+        x = torch.relu(x + self.expand(torch.relu(self.split(torch.relu(self.reduce(x))))))
+        return self.fc(torch.nn.functional.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def _grouped_convs_stay_valid(model, groups):
+    for conv in (model.gconv, model.split):
+        assert conv.groups == groups and conv.in_channels % groups == 0 and conv.out_channels % groups == 0
+        assert conv.weight.shape[1] == conv.in_channels // groups
+
+
+@pytest.mark.parametrize("groups", [2, 4])
+def test_grouped_convs_are_pruned_evenly(groups):
+    model = GroupedNet(groups)
+    pruned, info = run(model, ChannelPruning(ratio=0.5, input_shape=SHAPE))
+    _grouped_convs_stay_valid(pruned, groups)
+    assert (pruned.conv1.out_channels, pruned.gconv.out_channels, pruned.reduce.out_channels,
+            pruned.split.out_channels, pruned.conv3.out_channels) == (8, 16, 8, 8, 12)
+    assert pruned(X).shape == (4, 10) and info["params"][1] < info["params"][0]
+    assert not info["skipped"][1:]  # only the output layer is left intact
+
+
+@pytest.mark.parametrize("cfg", [ChannelPruning(ratio=0.3, round_to=8, input_shape=SHAPE),
+                                 ChannelPruning(ratio=0.3, ranking="global", input_shape=SHAPE),
+                                 ChannelPruning(target_macs_reduction=0.4, input_shape=SHAPE)])
+def test_grouped_convs_stay_valid_under_round_to_global_and_mac_targets(cfg):
+    pruned, info = run(GroupedNet(4), cfg)
+    _grouped_convs_stay_valid(pruned, 4)
+    assert pruned(X).shape == (4, 10) and info["params"][1] < info["params"][0]
+    if cfg.round_to:
+        assert all(g["channels"][1] % 8 == 0 for g in info["groups"])

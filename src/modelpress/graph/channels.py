@@ -6,6 +6,9 @@ that holds channels and, for each position along it, the slot it carries. Ops mo
 around without knowing about layers:
 
 * activations, pooling, dropout, BatchNorm, depthwise convs: slots pass through unchanged;
+* a grouped conv (``1 < groups``, not depthwise) is read and produces like a plain conv;
+  that its conv groups must stay equally wide is a count constraint checked by
+  :mod:`.groups`, not a union of slots;
 * residual ``add``/``mul`` of two tracked values: slot ``i`` of one operand and slot ``i``
   of the other are *unioned* (they must be pruned together);
 * ``cat`` along the channel dim: the slot lists are concatenated (offsets come for free);
@@ -249,23 +252,26 @@ class _Walker:
 
     def conv(self, node: fx.Node, m: nn.modules.conv._ConvNd, x: Value | None) -> Value | None:
         name = node.target
-        if m.groups == 1:
-            if x is not None:
-                if x.cdim == 1 and len(x.slots) == m.in_channels:
-                    self.res.record_axis(name, "in", x.slots)
-                else:
-                    self.unknown(node, m, f"Conv '{name}' reads a tensor whose channels are not in dim 1")
-            return Value(1, self.producer(name, m.out_channels))
-        if m.groups == m.in_channels == m.out_channels:  # depthwise: channel i only feeds channel i
+        if 1 < m.groups == m.in_channels == m.out_channels:  # depthwise: channel i only feeds channel i
             if x is None:
                 return None
             if x.cdim != 1 or len(x.slots) != m.in_channels:
                 return self.unknown(node, m, f"depthwise Conv '{name}' reads channels from another dim")
             self.res.record_axis(name, "dw", x.slots)
             return Value(1, list(x.slots))
-        self.unknown(node, m, f"grouped Conv '{name}' (groups={m.groups}) ties channels in groups; "
-                              "only plain and depthwise convs are pruned")
-        return None
+        # A plain or grouped conv reads its input channels and creates new ones. A grouped
+        # conv's two axes are recorded like a plain conv's; that every conv group keeps the
+        # same width is a constraint on how many channels go, enforced per group by
+        # graph.groups (selection) and graph.surgery (slicing), not a coupling of slots.
+        if x is not None:
+            if x.cdim != 1 or len(x.slots) != m.in_channels:
+                self.unknown(node, m, f"Conv '{name}' reads a tensor whose channels are not in dim 1")
+            elif m.groups == m.in_channels:  # one input per group (depthwise with a multiplier)
+                self.unknown(node, m, f"grouped Conv '{name}' reads one channel per group "
+                                      f"(groups={m.groups}): its inputs could only go all at once")
+            else:
+                self.res.record_axis(name, "in", x.slots)
+        return Value(1, self.producer(name, m.out_channels))
 
     def linear(self, node: fx.Node, m: nn.Linear, x: Value | None) -> Value | None:
         src = _first_input(node).meta.get("shape") or ()

@@ -6,6 +6,12 @@ that carries it: the producing Conv/Linear's output channel, the BatchNorm entri
 depthwise conv's filter, the next layers' input channels (``H*W`` inputs of a Linear
 after a flatten) and, through a residual add, the same channel of every other branch.
 
+A *grouped* conv must keep its conv groups equally wide, so the channels it reads or
+writes cannot go one at a time: they are split into *cells* (its conv groups, or finer
+when several grouped convs see the same channels) tied in a :class:`ConvGroupTie`, and
+only whole *units* (one channel from every cell of a tie, see
+:meth:`Group.removal_units`) may go. Cutting an uneven set raises.
+
 Scoring is not done here (see :mod:`modelpress.pruning.importance`); a caller inspects
 the groups, picks indices, and calls :meth:`Group.prune`::
 
@@ -32,7 +38,7 @@ from torch import fx, nn
 
 from ..core.errors import UnsupportedError
 from .channels import ChannelAnalysis, UnionFind, analyze_channels
-from .surgery import prune_axis
+from .surgery import conv_groups, group_counts, prune_axis
 from .tracing import trace_with_shapes
 
 
@@ -48,6 +54,11 @@ class Axis:
     @property
     def label(self) -> str:
         return f"{self.name}.{self.kind}" if self.kind in ("out", "in") else self.name
+
+    @property
+    def conv_groups(self) -> int:
+        """Conv groups splitting this axis into slices that must stay equally wide (1: none)."""
+        return conv_groups(self.module, self.kind)
 
 
 @dataclass
@@ -69,6 +80,22 @@ class Member:
     @property
     def module(self) -> nn.Module:
         return self.axis.module
+
+
+@dataclass
+class ConvGroupTie:
+    """Channels of a group that grouped convs force to go in equal numbers per *cell*.
+
+    A channel's cell is the conv group it sits in, for every grouped-conv axis (``convs``)
+    holding it; removing the same count from every cell removes the same count from every
+    conv group, as long as each conv group holds the same number of cells. When it does not
+    (the conv also reads channels of another group, or two grouped convs slice the channels
+    differently) ``problem`` says so and the channels stay.
+    """
+
+    cells: list[list[int]]
+    convs: list[str]
+    problem: str | None = None
 
 
 class Group:
@@ -107,6 +134,72 @@ class Group:
                 out.append(Member(axis, per_channel))
         self._members, self._version = out, self.graph.version
         return out
+
+    @property
+    def ties(self) -> list[ConvGroupTie]:
+        """The channels grouped convs constrain, as cells that must lose equal counts."""
+        split = [m for m in self.members if m.axis.conv_groups > 1]
+        if not split:
+            return []
+        keys: list[list[tuple[int, int]]] = [[] for _ in range(len(self))]
+        twice: dict[int, str] = {}
+        for mi, m in enumerate(split):
+            width = len(m.axis.positions) // m.axis.conv_groups
+            for c, positions in enumerate(m.positions):
+                if not positions:
+                    continue
+                if len(positions) > 1:  # e.g. cat([x, x]): one removal would cut two positions
+                    twice[mi] = f"grouped Conv '{m.name}' reads one channel more than once"
+                keys[c].append((mi, positions[0] // width))  # the conv group channel c sits in
+        cells: dict[tuple, list[int]] = {}
+        for c, key in enumerate(keys):
+            if key:
+                cells.setdefault(tuple(key), []).append(c)
+        # Cells sharing a grouped conv lose the same count: they form one tie.
+        links = UnionFind()
+        for _ in split:
+            links.add()
+        for key in cells:
+            for mi, _ in key[1:]:
+                links.union(key[0][0], mi)
+        ties: dict[int, ConvGroupTie] = {}
+        for key, chans in cells.items():
+            tie = ties.setdefault(links.find(key[0][0]), ConvGroupTie([], []))
+            tie.cells.append(chans)
+        for mi, m in enumerate(split):
+            tie = ties[links.find(mi)]
+            tie.convs.append(m.axis.label)
+            per_group = [0] * m.axis.conv_groups
+            for key in cells:
+                for mj, j in key:
+                    per_group[j] += mj == mi
+            if mi in twice:
+                tie.problem = tie.problem or twice[mi]
+            elif len(set(per_group)) > 1:
+                tie.problem = tie.problem or (
+                    f"grouped Conv '{m.name}' (groups={m.axis.conv_groups}) cannot keep its groups equally "
+                    "wide: these channels fill its groups unevenly (it also reads channels of other layers, "
+                    "or grouped convs split them differently)")
+        return list(ties.values())
+
+    def removal_units(self, scores: torch.Tensor) -> list[list[int]]:
+        """The prunable channels as units that may be removed one at a time, cheapest first.
+
+        A channel no grouped conv constrains is a unit of its own. In a tie, unit ``j`` is the
+        ``j``-th lowest-scoring channel of every cell, so any set of units removes the same
+        count from each conv group. Units are ordered by their mean score (``scores``: one
+        per channel, higher = keep).
+        """
+        ok = self.prunable()
+        by_score = lambda c: (float(scores[c]), c)  # noqa: E731
+        units, tied = [], set()
+        for tie in self.ties:
+            tied.update(c for cell in tie.cells for c in cell)
+            cells = [sorted((c for c in cell if ok[c]), key=by_score) for cell in tie.cells]
+            depth = min(len(cell) for cell in cells)
+            units += [[cell[j] for cell in cells] for j in range(depth)]
+        units += [[c] for c in range(len(self)) if ok[c] and c not in tied]
+        return sorted(units, key=lambda u: (float(scores[u].double().mean()), min(u)))
 
     def unprunable_reason(self, channel: int) -> str | None:
         """Why channel ``channel`` must stay (None when it may be removed)."""
@@ -167,6 +260,7 @@ class ChannelGraph:
             self.marked.setdefault(self.find(slot), reason)
         self._mark_shared_parameters(modules)
         self.groups = self._build_groups(analysis)
+        self._mark_uneven_conv_groups()
         self.skipped = self._skipped(analysis)
 
     def find(self, slot: int) -> int:
@@ -202,6 +296,15 @@ class ChannelGraph:
             groups.append(Group(self, producers, roots))
         return groups
 
+    def _mark_uneven_conv_groups(self) -> None:
+        # A tie whose cells cannot be removed evenly stays whole (reported in `skipped`).
+        for group in self.groups:
+            for tie in group.ties:
+                if tie.problem is not None:
+                    for cell in tie.cells:
+                        for c in cell:
+                            self.marked.setdefault(group._roots[c], tie.problem)
+
     def _skipped(self, analysis: ChannelAnalysis) -> list[dict[str, str]]:
         out = []
         for space in analysis.spaces:
@@ -222,6 +325,14 @@ class ChannelGraph:
             if not keep:
                 raise UnsupportedError(f"pruning would remove every channel of '{axis.name}'",
                                        hint="keep at least one channel per layer (min_channels >= 1)")
+            if axis.conv_groups > 1:
+                counts = group_counts(axis.module, axis.kind, keep, len(axis.positions))
+                if len(set(counts)) > 1:
+                    raise UnsupportedError(
+                        f"pruning would leave the {axis.conv_groups} groups of grouped Conv '{axis.name}' "
+                        f"with unequal {axis.kind}put widths {counts}",
+                        hint="remove the same number of channels from each conv group "
+                             "(Group.removal_units lists valid units)")
             plans.append((axis, keep))
         for axis, keep in plans:
             prune_axis(axis.module, axis.kind, keep)

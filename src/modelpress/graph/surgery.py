@@ -9,9 +9,15 @@ built before pruning must be rebuilt).
 Axis kinds:
 
 * ``out``  Conv/Linear output channels (weight dim 0 and bias);
-* ``in``   Conv/Linear input channels (weight dim 1; ungrouped convs only);
+* ``in``   Conv/Linear input channels (weight dim 1);
 * ``dw``   depthwise conv: its channels pass through, weight dim 0 + bias + ``groups``;
 * ``norm`` BatchNorm: affine weight/bias and running statistics.
+
+A *grouped* conv (``1 < groups``, not depthwise) keeps its ``groups``: its weight is
+``[out_channels, in_channels // groups, ...]``, conv group ``j`` owning output channels
+``j*cout_g ...`` and input channels ``j*cin_g ...``. Both its ``out`` and ``in`` axes can only
+lose the same number of positions in every conv group (see :func:`group_counts`); its ``in``
+axis is sliced per conv group, since each group reads its own columns of the weight.
 
     >>> import torch
     >>> from torch import nn
@@ -39,6 +45,50 @@ def _replace_param(module: nn.Module, name: str, dim: int, keep: torch.Tensor) -
         setattr(module, name, new)
 
 
+def conv_groups(module: nn.Module, kind: str) -> int:
+    """How many conv groups split axis ``kind`` of ``module`` into equal slices (1: none).
+
+    Only the ``out``/``in`` axes of a grouped conv are split; a depthwise conv is pruned
+    through its ``dw`` axis instead, one channel at a time.
+    """
+    if kind in ("out", "in") and isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1:
+        return module.groups
+    return 1
+
+
+def group_counts(module: nn.Module, kind: str, positions, size: int) -> list[int]:
+    """How many of ``positions`` (of an axis with ``size`` positions) fall in each conv group."""
+    groups = conv_groups(module, kind)
+    width = size // groups
+    counts = [0] * groups
+    for p in positions:
+        counts[int(p) // width] += 1
+    return counts
+
+
+def _check_equal_groups(module: nn.Module, kind: str, keep: torch.Tensor, size: int) -> None:
+    counts = group_counts(module, kind, keep.tolist(), size)
+    if len(set(counts)) > 1:
+        raise ValueError(f"a grouped conv (groups={module.groups}) must keep the same number of {kind}put "
+                         f"channels in every group; keeping {counts}")
+
+
+def _slice_grouped_inputs(module: nn.Module, keep: torch.Tensor) -> None:
+    # Conv group j reads input channels j*cin_g ... (j+1)*cin_g - 1 through columns 0..cin_g-1
+    # of its own rows of the weight, so each group keeps its own columns (which may differ
+    # between groups), and the widths stay equal so that in_channels // groups is exact.
+    groups, w = module.groups, module.weight
+    cin_g, cout_g = module.in_channels // groups, w.shape[0] // groups
+    _check_equal_groups(module, "in", keep, module.in_channels)
+    keep = keep.to(w.device)
+    parts = []
+    for j in range(groups):
+        local = keep[(keep >= j * cin_g) & (keep < (j + 1) * cin_g)] - j * cin_g
+        parts.append(w.detach()[j * cout_g:(j + 1) * cout_g].index_select(1, local))
+    module.weight = nn.Parameter(torch.cat(parts).clone(), requires_grad=w.requires_grad)
+    module.in_channels = int(keep.numel())
+
+
 def _conv_or_linear(module: nn.Module) -> str:
     if isinstance(module, nn.modules.conv._ConvNd):
         return "conv"
@@ -54,6 +104,8 @@ def prune_axis(module: nn.Module, kind: str, keep: torch.Tensor | list[int]) -> 
         raise ValueError(f"cannot remove every channel of a {type(module).__name__} ({kind} axis)")
     n = int(keep.numel())
     if kind == "out":
+        if conv_groups(module, kind) > 1:  # rows stay ordered by group: equal counts keep them aligned
+            _check_equal_groups(module, kind, keep, module.out_channels)
         _replace_param(module, "weight", 0, keep)
         _replace_param(module, "bias", 0, keep)
         if _conv_or_linear(module) == "conv":
@@ -63,9 +115,10 @@ def prune_axis(module: nn.Module, kind: str, keep: torch.Tensor | list[int]) -> 
     elif kind == "in":
         if _conv_or_linear(module) == "conv":
             if module.groups != 1:
-                raise ValueError("input channels of a grouped conv cannot be sliced one by one")
-            _replace_param(module, "weight", 1, keep)
-            module.in_channels = n
+                _slice_grouped_inputs(module, keep)
+            else:
+                _replace_param(module, "weight", 1, keep)
+                module.in_channels = n
         else:
             _replace_param(module, "weight", 1, keep)
             module.in_features = n
@@ -81,19 +134,29 @@ def prune_axis(module: nn.Module, kind: str, keep: torch.Tensor | list[int]) -> 
         raise ValueError(f"unknown axis kind {kind!r}; expected one of {AXIS_KINDS}")
 
 
+def _input_rows(module: nn.Module, w: torch.Tensor) -> torch.Tensor:
+    """``w`` (shaped like the weight) as one row per input channel: what that channel feeds."""
+    groups = module.groups if isinstance(module, nn.modules.conv._ConvNd) else 1
+    if groups == 1:
+        return w.transpose(0, 1).reshape(w.shape[1], -1)
+    # grouped conv: input channel j*cin_g + i feeds column i of group j's rows only
+    cout_g, cin_g = w.shape[0] // groups, w.shape[1]
+    return w.reshape(groups, cout_g, cin_g, -1).transpose(1, 2).reshape(groups * cin_g, -1)
+
+
 def axis_rows(module: nn.Module, kind: str) -> torch.Tensor:
     """The parameters of each position of an axis as rows ``[positions, values]`` (detached).
 
     ``out``/``dw``: the filter of each output channel; ``in``: what each input channel
-    feeds into (a column of the weight); ``norm``: the BatchNorm scale (gamma), one value per
-    channel (ones when the norm has no affine weight).
+    feeds into (a column of the weight; for a grouped conv, of its group's rows only);
+    ``norm``: the BatchNorm scale (gamma), one value per channel (ones when the norm has no
+    affine weight).
     """
     if kind in ("out", "dw"):
         w = module.weight.detach()
         return w.reshape(w.shape[0], -1)
     if kind == "in":
-        w = module.weight.detach()
-        return w.transpose(0, 1).reshape(w.shape[1], -1)
+        return _input_rows(module, module.weight.detach())
     if kind == "norm":
         w = getattr(module, "weight", None)
         n = module.num_features
@@ -110,5 +173,5 @@ def axis_grad_rows(module: nn.Module, kind: str) -> torch.Tensor | None:
     if kind in ("out", "dw"):
         return wg.reshape(wg.shape[0], -1)
     if kind == "in":
-        return wg.transpose(0, 1).reshape(wg.shape[1], -1)
+        return _input_rows(module, wg)
     return wg.reshape(-1, 1)

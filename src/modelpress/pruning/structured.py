@@ -141,10 +141,13 @@ def select_groups(model: nn.Module, graph: ChannelGraph, cfg: ChannelPruning) ->
     return groups
 
 
-def _kept_target(n: int, remove: int, cfg: ChannelPruning) -> int:
+def _kept_target(n: int, remove: int, cfg: ChannelPruning, unit: int = 1) -> int:
+    """Channels a group of ``n`` keeps; a multiple of ``round_to`` and of ``unit`` (the size of
+    the group's removal units, > 1 when grouped convs tie its channels), when they apply."""
     kept = max(n - remove, min(cfg.min_channels, n))
-    if cfg.round_to:
-        kept = min(n, max(cfg.round_to, cfg.round_to * math.floor(kept / cfg.round_to + 0.5)))
+    step = math.lcm(cfg.round_to or 1, unit)
+    if step > 1:
+        kept = min(n, max(step, step * math.floor(kept / step + 0.5)))
     return kept
 
 
@@ -157,9 +160,6 @@ class _Budget:
 
     def _hits(self, channel: int) -> list[int]:
         return [i for i, m in enumerate(self.members) if m.positions[channel]]
-
-    def take(self, channel: int) -> bool:
-        return self.take_all([channel])
 
     def take_all(self, channels: list[int]) -> bool:
         """Take every channel or none of them."""
@@ -176,9 +176,15 @@ class _Budget:
         return True
 
 
-def _order(group: Group, scores: torch.Tensor) -> list[int]:
-    ok = group.prunable()
-    return [c for c in sorted(range(len(group)), key=lambda c: (float(scores[c]), c)) if ok[c]]
+def _units(group: Group, scores: torch.Tensor) -> tuple[list[list[int]], int]:
+    """The group's removal units, cheapest first, and their common size (1 when sizes differ).
+
+    A unit is one channel, or one channel of each cell of a grouped-conv tie (see
+    :meth:`Group.removal_units`): selecting whole units keeps every conv group equally wide.
+    """
+    units = group.removal_units(scores)
+    sizes = {len(u) for u in units}
+    return units, sizes.pop() if len(sizes) == 1 else 1
 
 
 def plan(groups: list[Group], scores: list[torch.Tensor], cfg: ChannelPruning, fraction: float,
@@ -190,27 +196,32 @@ def plan(groups: list[Group], scores: list[torch.Tensor], cfg: ChannelPruning, f
         g.importance, g.selected = s, []
     if cfg.ranking == "layer":
         for g, s, base in zip(groups, scores, base_sizes):
-            kept = _kept_target(base, math.floor(fraction * base + 0.5), cfg)
+            units, size = _units(g, s)
+            kept = _kept_target(base, math.floor(fraction * base + 0.5), cfg, size)
             want = max(0, len(g) - kept)
             budget = _Budget(g, cfg.min_channels)
-            for c in _order(g, s):
+            for unit in units:
                 if len(g.selected) >= want:
                     break
-                if budget.take(c):
-                    g.selected.append(c)
+                # units of mixed sizes (rare) may not add up to `want`: never overshoot it
+                if len(g.selected) + len(unit) <= want and budget.take_all(unit):
+                    g.selected += unit
         return
-    # Global: rank blocks of `round_to` channels (single channels without round_to) across
-    # groups by mean score, so every group keeps a multiple of round_to and a MAC search
-    # moves one block at a time instead of jumping.
+    # Global: rank blocks of `round_to` channels (single channels without round_to; whole
+    # removal units of a grouped-conv tie) across groups by mean score, so every group keeps
+    # a multiple of round_to and a MAC search moves one block at a time instead of jumping.
     want = math.floor(fraction * sum(base_sizes) + 0.5) - sum(b - len(g) for g, b in zip(groups, base_sizes))
-    unit = cfg.round_to or 1
     pool = []
     for gi, (g, s) in enumerate(zip(groups, scores)):
-        order, start = _order(g, s), len(g) % unit  # a first, smaller block reaches a multiple
-        if len(order) < start:
-            continue
-        chunks = ([order[:start]] if start else []) + [order[i:i + unit]
-                                                       for i in range(start, len(order) - unit + 1, unit)]
+        units, size = _units(g, s)
+        block = math.lcm(cfg.round_to or 1, size)
+        start = len(g) % block  # a first, smaller block reaches a multiple
+        chunks, chunk = [], []
+        for unit in units:  # units are whole: a block gathers them until it is full
+            chunk = chunk + unit
+            if len(chunk) >= (start if start and not chunks else block):
+                chunks.append(chunk)
+                chunk = []
         pool += [(float(s[chunk].mean()), gi, k, chunk) for k, chunk in enumerate(chunks)]
     budgets = [_Budget(g, cfg.min_channels) for g in groups]
     stopped: set[int] = set()
