@@ -273,6 +273,60 @@ def prune(method: str = typer.Argument(..., help="pruning method, e.g. magnitude
 
 
 @app.command()
+def quantize(method: str = typer.Argument(..., help="quantization method, e.g. static_int8, dynamic_int8, weight_only, "
+                                                     "qat, adaround, kmeans (see modelpress list 'quant.*')"),
+             model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
+             data: str = typer.Option("mnist5k", "--data", "-d", help=DATA_HELP + " (calibration / QAT data)"),
+             run_dir: Path = typer.Option(..., "--out", "-o", help="run folder: artifact + report"),
+             sets: List[str] = typer.Option([], "--set", help="config field, e.g. bits=4 or observer=percentile"),
+             finetune_epochs: float = typer.Option(0, "--finetune", help="training epochs (QAT) or fine-tune after"),
+             lr: float = typer.Option(1e-3, help="training learning rate"),
+             latency: bool = typer.Option(True, help="measure latency (eager and ONNX Runtime)"),
+             trust_remote_code: bool = typer.Option(False, "--trust-remote-code")):
+    """Quantize a model with one method and report before/after (a one-stage recipe).
+
+    [bold]Examples[/bold]: modelpress quantize static_int8 -m lenet5 --set observer=percentile -o runs/q ·
+    modelpress quantize weight_only -m resnet_small --set bits=4 -o runs/w4 ·
+    modelpress quantize qat -m lenet5 --set weight_bits=4 --finetune 2 -o runs/qat ·
+    modelpress quantize dynamic_int8 -m minilm -d sts -o runs/d
+    """
+    _method_command("quant", method, model, data, run_dir, sets, finetune_epochs, lr, latency, trust_remote_code)
+
+
+@app.command("export")
+def export_cmd(model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
+               dest: Path = typer.Option(..., "--out", "-o", help="output file: .onnx or .safetensors"),
+               data: str = typer.Option("mnist5k", "--data", "-d", help="dataset giving the example input"),
+               fmt: str = typer.Option("auto", "--format", help="auto (from the suffix), onnx or artifact"),
+               check: bool = typer.Option(True, help="run the exported ONNX model in ONNX Runtime and compare"),
+               trust_remote_code: bool = typer.Option(False, "--trust-remote-code")):
+    """Export a model for deployment: ONNX (int8 QDQ for statically quantized models) or a modelpress artifact.
+
+    The artifact is safetensors + metadata (packed low-bit weights, codebooks, sparse tensors)
+    and reloads in modelpress to the same outputs. ONNX files run in ONNX Runtime.
+    [bold]Examples[/bold]: modelpress export -m runs/q/model.safetensors -o lenet5-int8.onnx ·
+    modelpress export -m runs/p/model.safetensors -o small.safetensors
+    """
+    from .recipes.pipeline import example_inputs
+
+    kind = fmt if fmt != "auto" else ("onnx" if dest.suffix == ".onnx" else "artifact")
+    if kind not in ("onnx", "artifact"):
+        raise ModelpressError(f"--format {fmt!r} is not known", hint="use auto, onnx or artifact")
+    bundle = _load_bundle(data)
+    m = _resolve_model(model, bundle, trust_remote_code=trust_remote_code)
+    if kind == "artifact":
+        from .export.checkpoint import save_artifact
+
+        path = save_artifact(m, dest)
+        out.print(f"wrote {path} ({path.stat().st_size:,} bytes)")
+        return
+    from .export.deploy import export_deployable
+
+    path, note = export_deployable(m, example_inputs(bundle, 1), dest, check=check)
+    out.print(f"wrote {path} ({path.stat().st_size:,} bytes){'; ' + note if note else ''}")
+
+
+@app.command()
 def sensitivity(model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
                 data: str = typer.Option("mnist5k", "--data", "-d", help=DATA_HELP),
                 out_dir: Path = typer.Option(Path("sensitivity"), "--out", "-o", help="folder for the JSON, table and PNG"),

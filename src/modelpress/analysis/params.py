@@ -41,7 +41,15 @@ def _effective_tensor(module: nn.Module, name: str, param: torch.Tensor) -> torc
 
 
 def _packed_weights(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """Weights of torch.ao quantized Linear/Conv, which hide them in packed params."""
+    """Weights stored as integers, not parameters: modelpress's quantized layers (they expose
+    ``dequantized_weight()`` or a ``weight`` property) and torch.ao quantized Linear/Conv (packed params)."""
+    if "weight" not in module._parameters:
+        if callable(getattr(module, "dequantized_weight", None)):
+            yield "weight", module.dequantized_weight().detach()
+            return
+        if isinstance(getattr(type(module), "weight", None), property):  # e.g. codebook layers
+            yield "weight", module.weight.detach()
+            return
     if not type(module).__module__.startswith("torch.ao.nn.quantized"):
         return
     for attr in ("weight", "bias"):

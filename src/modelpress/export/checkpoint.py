@@ -126,7 +126,9 @@ def save_artifact(model: nn.Module, path: str | os.PathLike, *, source: dict | N
     """
     from safetensors.torch import save_file
 
-    source = source if source is not None else getattr(model, "zoo_spec", None)
+    replayed = structure.get_replay(model)
+    if source is None:
+        source = getattr(model, "zoo_spec", None) or (replayed or {}).get("source")
     state, ties = _unique_state(model)
     tensors, encodings = {}, {}
     extra_encodings = getattr(model, "modelpress_encodings", {})  # set by quantizers
@@ -148,6 +150,8 @@ def save_artifact(model: nn.Module, path: str | os.PathLike, *, source: dict | N
         meta["masked"] = masked  # restored as masks on load, so later fine-tuning keeps them zero
     header = {"format": FORMAT, "source": source, "structure": structure.describe(model),
               "encodings": encodings, "ties": ties, "meta": meta}
+    if replayed:  # rebuilt as: recorded structure, then the method's data-free prepare step
+        header["structure"], header["replay"] = replayed["structure"], replayed["steps"]
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"modelpress": json.dumps(header)})
     return Path(path)
@@ -217,7 +221,11 @@ def _load_encoding_plugins() -> None:
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], header: dict, where: str = "") -> nn.Module:
     """Rebuild ``model``'s structure from the header and load ``state`` strictly."""
     _load_encoding_plugins()  # so every buildable class a method defines is known
-    structure.rebuild(model, header.get("structure", {}))
+    steps = header.get("replay") or []
+    current = structure.get_replay(model)
+    if not (steps and current and current["steps"] == steps):  # else: model already has this form
+        structure.rebuild(model, header.get("structure", {}))
+        model = structure.replay(model, steps)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:

@@ -158,3 +158,53 @@ def rebuild(model: nn.Module, records: dict[str, dict]) -> nn.Module:
             raise ModelLoadError(f"cannot rebuild module {name!r} ({cls_name}) from the checkpoint: {exc}",
                                  hint="the checkpoint may be corrupt or from another model") from None
     return model
+
+
+# -- replayed transforms ------------------------------------------------------------------
+# Some methods rewrite a model in ways no per-module record can express (static int8 traces
+# the model with torch.fx and inserts quantizers between ops). For those, the artifact records
+# the structure *before* the rewrite plus the method name and config, and loading replays the
+# method's data-free "prepare" step; the calibrated values (scales, zero points) then come
+# from the state_dict. Only methods registered here can be replayed, with validated configs.
+_REPLAYS: dict[str, Callable[[nn.Module, dict], nn.Module]] = {}
+_REPLAY_KEY = "modelpress_replay"
+
+
+def register_replay(method: str, prepare: Callable[[nn.Module, dict], nn.Module]) -> None:
+    """Let artifacts of ``method`` reload: ``prepare(model, config_dict)`` redoes the rewrite without data."""
+    _REPLAYS[method] = prepare
+
+
+def get_replay(model: nn.Module) -> dict | None:
+    """``{"structure": ..., "steps": [{"method", "config"}]}`` if ``model`` came from a replayed rewrite."""
+    meta = getattr(model, "meta", None)  # torch.fx.GraphModule keeps .meta through deepcopy
+    if isinstance(meta, dict) and _REPLAY_KEY in meta:
+        return meta[_REPLAY_KEY]
+    return getattr(model, "_" + _REPLAY_KEY, None)
+
+
+def mark_replay(new: nn.Module, before: nn.Module, method: str, config: dict) -> nn.Module:
+    """Record on ``new`` that it is ``before`` rewritten by ``method`` with ``config``."""
+    prior = get_replay(before)
+    rec = {"structure": prior["structure"] if prior else describe(before),
+           "steps": [*(prior["steps"] if prior else []), {"method": method, "config": config}],
+           "source": prior.get("source") if prior else getattr(before, "zoo_spec", None)}
+    meta = getattr(new, "meta", None)
+    if isinstance(meta, dict):
+        meta[_REPLAY_KEY] = rec
+    else:
+        setattr(new, "_" + _REPLAY_KEY, rec)
+    return new
+
+
+def replay(model: nn.Module, steps: list[dict]) -> nn.Module:
+    """Redo the recorded rewrites on ``model`` (already rebuilt to the recorded structure)."""
+    for step in steps:
+        method = step.get("method") if isinstance(step, dict) else None
+        if method not in _REPLAYS:
+            raise ModelLoadError(f"checkpoint asks to replay {method!r}, which modelpress cannot replay",
+                                 hint="load it with the modelpress version that wrote it")
+        before = model
+        model = _REPLAYS[method](model, dict(step.get("config") or {}))
+        mark_replay(model, before, method, dict(step.get("config") or {}))
+    return model

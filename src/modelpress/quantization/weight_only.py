@@ -1,0 +1,118 @@
+"""Weight-only post-training quantization, round-to-nearest (``quant.weight_only``).
+
+Every selected ``Linear``/``Conv2d`` becomes a packed :class:`~.modules.QuantLinear` /
+:class:`~.modules.QuantConv2d`: weights stored as ``bits``-bit integers (2..8) with one fp32
+scale per tensor, output channel or group of ``group_size`` inputs; activations stay float.
+No data is needed. ``range_search="mse"`` shrinks each row's range to the clipping that
+minimises the weight's squared error (a grid search), which matters at 2..4 bits.
+
+    >>> import torch
+    >>> from modelpress import quantize
+    >>> from modelpress.quantization.weight_only import WeightOnly
+    >>> m = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+    >>> q = quantize(m, WeightOnly(bits=4))
+    >>> type(q[0]).__name__, q[0].qweight.numel()          # 64 * 64 weights, 4 bits each
+    ('QuantLinear', 2048)
+
+A layer whose inputs per output channel are not a multiple of ``group_size`` (e.g. a 5x5
+conv on one channel, 25 inputs) falls back to per-channel scales; ``ctx.info["fallback"]``
+lists those layers. ``ctx.info["layers"]`` gives per layer: bits, granularity and the weight
+SQNR in dB. Returns a new model (the verbs copy; see :mod:`modelpress.api`).
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from ..core.config import MethodConfig
+from ..core.registry import MethodContext, register_method
+from ..core.scope import Scope, first_and_last
+from .modules import QUANTIZABLE, quantize_layer, set_module, weight_spec
+from .primitives import QuantizedTensor, QuantSpec, _grouped, minmax, quantize_tensor, sqnr
+
+RangeSearch = Literal["minmax", "mse"]
+
+
+class WeightOnly(MethodConfig):
+    """Weight-only quantization with round-to-nearest (int8, int4, ... with per-row scales)."""
+
+    bits: int = Field(8, ge=2, le=8, description="bits per weight")
+    granularity: Literal["tensor", "channel", "group"] = Field("channel", description="one scale per ...")
+    group_size: int = Field(128, ge=1, description="inputs per scale when granularity='group'")
+    symmetric: bool = Field(True, description="signed integers around zero, no zero point")
+    range_search: RangeSearch = Field("minmax", description="'minmax' or the clipping with the least MSE")
+    scope: Scope = Scope()
+    keep_first_last: bool = Field(False, description="leave the first and last layer in float")
+
+
+def layer_spec(layer: nn.Module, bits: int, granularity: str, group_size: int, symmetric: bool) -> QuantSpec:
+    """The weight spec for ``layer``; group granularity falls back to channel when it does not fit."""
+    fan_in = layer.weight[0].numel()
+    if granularity == "group" and fan_in % group_size:
+        granularity = "channel"
+    return weight_spec(bits, granularity, group_size, symmetric)
+
+
+@torch.no_grad()
+def weight_ranges(w: torch.Tensor, spec: QuantSpec, search: RangeSearch = "minmax",
+                  grid: int = 40, min_shrink: float = 0.3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row ``(lo, hi)`` for quantizing ``w``: its min/max, or the shrunk range with the least MSE.
+
+    The MSE search tries ``grid`` shrink factors between 1 and ``min_shrink`` and keeps, per
+    row, the one with the smallest quantization error of that row.
+    """
+    lo, hi = minmax(w, spec)
+    if search == "minmax":
+        return lo, hi
+    rows = _grouped(w.detach().float(), spec)
+    best_err = torch.full_like(lo, float("inf"))
+    best_lo, best_hi = lo.clone(), hi.clone()
+    for shrink in torch.linspace(1.0, min_shrink, grid).tolist():
+        qt = quantize_tensor(rows, _row_spec(spec), lo * shrink, hi * shrink)
+        err = (qt.dequantize() - rows).pow(2).sum(dim=1, keepdim=True)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_lo = torch.where(better, lo * shrink, best_lo)
+        best_hi = torch.where(better, hi * shrink, best_hi)
+    return best_lo, best_hi
+
+
+def _row_spec(spec: QuantSpec) -> QuantSpec:
+    """``spec`` applied to an already grouped ``(rows, n)`` view: one scale per row."""
+    return spec.model_copy(update={"granularity": "channel", "axis": 0})
+
+
+def quantize_weight(w: torch.Tensor, spec: QuantSpec, search: RangeSearch = "minmax") -> QuantizedTensor:
+    """Round-to-nearest quantization of a weight with ranges from :func:`weight_ranges`."""
+    lo, hi = weight_ranges(w, spec, search)
+    return quantize_tensor(w.detach().float().cpu(), spec, lo, hi)
+
+
+def select_layers(model: nn.Module, scope: Scope, keep_first_last: bool) -> list[tuple[str, nn.Module]]:
+    """The Linear/Conv2d layers in ``scope`` (first and last left out when ``keep_first_last``)."""
+    default_exclude = first_and_last(model, QUANTIZABLE) if keep_first_last else []
+    return scope.resolve(model, QUANTIZABLE, default_exclude=default_exclude)
+
+
+@register_method("quant.weight_only", WeightOnly, layer_types=QUANTIZABLE)
+def weight_only(model: nn.Module, cfg: WeightOnly, ctx: MethodContext) -> nn.Module:
+    """Weight-only round-to-nearest quantization into packed int2..int8 layers (no data needed)."""
+    layers = select_layers(model, cfg.scope, cfg.keep_first_last)
+    report, fallback = {}, []
+    for name, layer in layers:
+        spec = layer_spec(layer, cfg.bits, cfg.granularity, cfg.group_size, cfg.symmetric)
+        if spec.granularity != cfg.granularity:
+            fallback.append(name)
+        qt = quantize_weight(layer.weight, spec, cfg.range_search)
+        report[name] = {"params": layer.weight.numel(), "bits": cfg.bits, "granularity": spec.granularity,
+                        "sqnr_db": round(sqnr(layer.weight.detach().cpu(), qt.dequantize()), 2)}
+        set_module(model, name, quantize_layer(layer, spec, qt=qt))
+    if fallback:
+        ctx.log(f"quant.weight_only: group_size {cfg.group_size} does not divide the inputs of "
+                f"{', '.join(fallback)}; those layers use per-channel scales")
+    ctx.info["layers"] = report
+    ctx.info["fallback"] = fallback
+    return model
