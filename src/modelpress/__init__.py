@@ -30,6 +30,10 @@ _EXPORTS = {
     "SensitivityConfig": ".pruning.sensitivity", "sensitivity_scan": ".pruning.sensitivity",
     "ChannelPruning": ".pruning.structured", "iter_groups": ".pruning.structured", "HeadPruning": ".pruning.heads",
     "OneShot": ".pruning.schedules", "Constant": ".pruning.schedules", "Polynomial": ".pruning.schedules",
+    "QuantSpec": ".quantization.primitives", "WeightOnly": ".quantization.weight_only", "QAT": ".quantization.qat",
+    "AdaRound": ".quantization.adaround", "MixedPrecision": ".quantization.mixed",
+    "DynamicInt8": ".quantization.dynamic", "DynamicInt8Linear": ".quantization.dynamic",
+    "QuantLinear": ".quantization.modules", "QuantConv2d": ".quantization.modules",
     "analyze": ".analysis.analyze", "load_model": ".core.loading", "load_artifact": ".core.loading",
     "save_artifact": ".export.checkpoint",
 }
