@@ -33,6 +33,8 @@ _EXPORTS = {
     "QuantSpec": ".quantization.primitives", "WeightOnly": ".quantization.weight_only", "QAT": ".quantization.qat",
     "AdaRound": ".quantization.adaround", "MixedPrecision": ".quantization.mixed",
     "DynamicInt8": ".quantization.dynamic", "DynamicInt8Linear": ".quantization.dynamic",
+    "WeightSharing": ".quantization.codebook", "PowerOfTwo": ".quantization.codebook",
+    "CodebookLinear": ".quantization.codebook", "CodebookConv2d": ".quantization.codebook",
     "QuantLinear": ".quantization.modules", "QuantConv2d": ".quantization.modules",
     "analyze": ".analysis.analyze", "load_model": ".core.loading", "load_artifact": ".core.loading",
     "save_artifact": ".export.checkpoint",
