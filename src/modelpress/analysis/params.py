@@ -46,6 +46,9 @@ def _packed_weights(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     if "weight" not in module._parameters:
         if callable(getattr(module, "dequantized_weight", None)):
             yield "weight", module.dequantized_weight().detach()
+            bias = getattr(module, "bias", None)
+            if "bias" not in module._parameters and isinstance(bias, torch.Tensor):
+                yield "bias", bias.detach()  # int8 layers keep their bias as a buffer
             return
         if isinstance(getattr(type(module), "weight", None), property):  # e.g. codebook layers
             yield "weight", module.weight.detach()
