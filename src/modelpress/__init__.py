@@ -32,6 +32,8 @@ _EXPORTS = {
     "OneShot": ".pruning.schedules", "Constant": ".pruning.schedules", "Polynomial": ".pruning.schedules",
     "QuantSpec": ".quantization.primitives", "WeightOnly": ".quantization.weight_only", "QAT": ".quantization.qat",
     "AdaRound": ".quantization.adaround", "MixedPrecision": ".quantization.mixed",
+    "StaticInt8": ".quantization.static", "fold_batchnorm": ".quantization.fold",
+    "make_observer": ".quantization.observers", "export_int8_onnx": ".export.onnx_quant",
     "DynamicInt8": ".quantization.dynamic", "DynamicInt8Linear": ".quantization.dynamic",
     "WeightSharing": ".quantization.codebook", "PowerOfTwo": ".quantization.codebook",
     "CodebookLinear": ".quantization.codebook", "CodebookConv2d": ".quantization.codebook",
