@@ -204,3 +204,30 @@ def test_minilm_meets_the_quality_target():
     quality = embedding_quality(q, pairs, reference=ref)
     assert quality["spearman"] >= spearman0 - 0.01
     assert quality["fidelity"] >= 0.98
+
+
+def test_embedding_tables_are_stored_as_int8_rows(tmp_path):
+    from modelpress import load_artifact, save_artifact
+    from modelpress.quantization.dynamic import Int8Embedding
+
+    class Bag(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(1000, 64)
+            self.fc = nn.Linear(64, 8)
+
+        def forward(self, ids):
+            return self.fc(self.emb(ids).mean(1))
+
+    torch.manual_seed(0)
+    model = Bag().eval()
+    q = quantize(model, DynamicInt8()).eval()
+    assert isinstance(q.emb, Int8Embedding) and q.emb.weight_int8.dtype == torch.int8
+    ids = torch.randint(0, 1000, (4, 12))
+    assert sqnr(model.emb(ids), q.emb(ids)) > 40
+    path = save_artifact(q, tmp_path / "q.safetensors")
+    assert path.stat().st_size < 1000 * 64 * 4 / 3  # int8 table + row scales, not fp32
+    again, _ = load_artifact(path, base_model=model)
+    assert torch.equal(again(ids), q(ids))
+    kept = quantize(model, DynamicInt8(embeddings=False))
+    assert type(kept.emb) is nn.Embedding
