@@ -150,8 +150,8 @@ def save_artifact(model: nn.Module, path: str | os.PathLike, *, source: dict | N
         meta["masked"] = masked  # restored as masks on load, so later fine-tuning keeps them zero
     header = {"format": FORMAT, "source": source, "structure": structure.describe(model),
               "encodings": encodings, "ties": ties, "meta": meta}
-    if replayed:  # rebuilt as: recorded structure, then the method's data-free prepare step
-        header["structure"], header["replay"] = replayed["structure"], replayed["steps"]
+    if replayed:  # loading replays these rewrites, then applies "structure" (see modules.replay)
+        header["replay"] = replayed["steps"]
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"modelpress": json.dumps(header)})
     return Path(path)
@@ -223,9 +223,9 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], header: dict, wh
     _load_encoding_plugins()  # so every buildable class a method defines is known
     steps = header.get("replay") or []
     current = structure.get_replay(model)
-    if not (steps and current and current["steps"] == steps):  # else: model already has this form
-        structure.rebuild(model, header.get("structure", {}))
+    if steps and not (current and current["steps"] == steps):  # else: the model already has this form
         model = structure.replay(model, steps)
+    structure.rebuild(model, header.get("structure", {}))
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:

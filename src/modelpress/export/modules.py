@@ -162,10 +162,12 @@ def rebuild(model: nn.Module, records: dict[str, dict]) -> nn.Module:
 
 # -- replayed transforms ------------------------------------------------------------------
 # Some methods rewrite a model in ways no per-module record can express (static int8 traces
-# the model with torch.fx and inserts quantizers between ops). For those, the artifact records
-# the structure *before* the rewrite plus the method name and config, and loading replays the
-# method's data-free "prepare" step; the calibrated values (scales, zero points) then come
-# from the state_dict. Only methods registered here can be replayed, with validated configs.
+# the model with torch.fx and inserts quantizers between ops; a layer-dropping student builder
+# shortens a ModuleList). For those, the model carries a list of steps: the method, its config
+# and the structure just *before* the rewrite. Loading rebuilds that structure, replays the
+# method's data-free "prepare" step, and finally applies the model's own records (edits made
+# after the rewrite); calibrated values then come from the state_dict. Only methods registered
+# here can be replayed, with validated configs.
 _REPLAYS: dict[str, Callable[[nn.Module, dict], nn.Module]] = {}
 _REPLAY_KEY = "modelpress_replay"
 
@@ -176,7 +178,7 @@ def register_replay(method: str, prepare: Callable[[nn.Module, dict], nn.Module]
 
 
 def get_replay(model: nn.Module) -> dict | None:
-    """``{"structure": ..., "steps": [{"method", "config"}]}`` if ``model`` came from a replayed rewrite."""
+    """``{"steps": [{"method", "config", "before"}], "source"}`` if ``model`` came from replayable rewrites."""
     meta = getattr(model, "meta", None)  # torch.fx.GraphModule keeps .meta through deepcopy
     if isinstance(meta, dict) and _REPLAY_KEY in meta:
         return meta[_REPLAY_KEY]
@@ -185,10 +187,9 @@ def get_replay(model: nn.Module) -> dict | None:
 
 def mark_replay(new: nn.Module, before: nn.Module, method: str, config: dict) -> nn.Module:
     """Record on ``new`` that it is ``before`` rewritten by ``method`` with ``config``."""
-    prior = get_replay(before)
-    rec = {"structure": prior["structure"] if prior else describe(before),
-           "steps": [*(prior["steps"] if prior else []), {"method": method, "config": config}],
-           "source": prior.get("source") if prior else getattr(before, "zoo_spec", None)}
+    prior = get_replay(before) or {}
+    rec = {"steps": [*prior.get("steps", []), {"method": method, "config": config, "before": describe(before)}],
+           "source": prior.get("source") or getattr(before, "zoo_spec", None)}
     meta = getattr(new, "meta", None)
     if isinstance(meta, dict):
         meta[_REPLAY_KEY] = rec
@@ -198,13 +199,15 @@ def mark_replay(new: nn.Module, before: nn.Module, method: str, config: dict) ->
 
 
 def replay(model: nn.Module, steps: list[dict]) -> nn.Module:
-    """Redo the recorded rewrites on ``model`` (already rebuilt to the recorded structure)."""
+    """Redo the recorded rewrites on ``model``: per step, rebuild the structure it started from,
+    then run the method's prepare step."""
     for step in steps:
         method = step.get("method") if isinstance(step, dict) else None
         if method not in _REPLAYS:
             raise ModelLoadError(f"checkpoint asks to replay {method!r}, which modelpress cannot replay",
                                  hint="load it with the modelpress version that wrote it")
-        before = model
-        model = _REPLAYS[method](model, dict(step.get("config") or {}))
-        mark_replay(model, before, method, dict(step.get("config") or {}))
+        rebuild(model, step.get("before") or {})
+        before, config = model, dict(step.get("config") or {})
+        model = _REPLAYS[method](model, config)
+        mark_replay(model, before, method, config)
     return model

@@ -1,0 +1,159 @@
+"""Student builders: smaller copies of a teacher, initialised from the teacher's own weights.
+
+* :func:`keep_layers` drops whole blocks from a ``ModuleList`` / ``Sequential`` (a transformer's
+  layer stack, a ResNet stage) and keeps the named ones, initialised from the teacher as
+  DistilBERT does. :func:`bert_student` picks every k-th layer of a BERT-style encoder
+  (ending at the last layer, whose output the pooling reads); :func:`shallower` keeps every
+  k-th shape-preserving block of each stage of a CNN.
+* :func:`narrower` removes channels (``width`` < 1) with structured L1 pruning, so the narrow
+  student starts from the teacher's most important filters rather than from random weights.
+
+The teacher is never modified. Students save and reload as artifacts: a dropped-layer student
+records the step (``distill.keep_layers`` + the kept indices), replayed on load.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> teacher = nn.Sequential(nn.Linear(8, 8), nn.Sequential(*[nn.Linear(8, 8) for _ in range(4)]), nn.Linear(8, 2))
+    >>> student = keep_layers(teacher, "1", [1, 3])
+    >>> len(student[1]), torch.equal(student[1][0].weight, teacher[1][1].weight)
+    (2, True)
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from ..core.errors import ConfigError, UnsupportedError
+from ..export.modules import mark_replay, register_replay
+
+_STACKS = (nn.ModuleList, nn.Sequential)
+
+
+def _stack(model: nn.Module, path: str) -> nn.Module:
+    try:
+        stack = model.get_submodule(path) if path else model
+    except AttributeError:
+        names = [n for n, m in model.named_modules() if isinstance(m, _STACKS) and len(m) > 1]
+        raise ConfigError(f"keep_layers: the model has no module {path!r} (layer stacks: "
+                          f"{', '.join(names[:8]) or 'none'})", hint="name one of the layer stacks") from None
+    if not isinstance(stack, _STACKS):
+        raise ConfigError(f"keep_layers: {path!r} is a {type(stack).__name__}, not a ModuleList/Sequential")
+    return stack
+
+
+def _keep_in_place(model: nn.Module, path: str, keep: Sequence[int]) -> nn.Module:
+    stack = _stack(model, path)
+    n = len(stack)
+    keep = list(keep)
+    if not keep or sorted(set(keep)) != keep or keep[0] < 0 or keep[-1] >= n:
+        raise ConfigError(f"keep_layers: indices {keep} for {path!r} must be increasing, unique and in [0, {n})")
+    kept = [stack[i] for i in keep]
+    new = nn.Sequential(*kept) if isinstance(stack, nn.Sequential) else nn.ModuleList(kept)
+    parent_name, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if path:
+        setattr(parent, child, new)
+    config = getattr(_owner_with_config(model, path), "config", None)
+    if config is not None and hasattr(config, "num_hidden_layers"):
+        config.num_hidden_layers = len(kept)  # HF reads it for masks / caches
+    return model if path else new
+
+
+def _owner_with_config(model: nn.Module, path: str) -> Any:
+    """The nearest module above ``path`` that carries a Hugging Face ``config``."""
+    parts = path.split(".")
+    for i in range(len(parts) - 1, -1, -1):
+        m = model.get_submodule(".".join(parts[:i])) if i else model
+        if hasattr(m, "config"):
+            return m
+    return None
+
+
+def keep_layers(teacher: nn.Module, path: str, keep: Sequence[int]) -> nn.Module:
+    """A copy of ``teacher`` whose stack at ``path`` holds only the blocks ``keep`` (teacher weights)."""
+    if not path:
+        raise ConfigError("keep_layers: name the layer stack, e.g. 'backbone.encoder.layer'")
+    student = _keep_in_place(copy.deepcopy(teacher), path, keep)
+    return mark_replay(student, teacher, "distill.keep_layers", {"path": path, "keep": list(keep)})
+
+
+register_replay("distill.keep_layers", lambda model, cfg: _keep_in_place(model, cfg["path"], cfg["keep"]))
+
+
+def find_layer_stack(model: nn.Module) -> str:
+    """Name of a BERT-style encoder's layer list (``*.encoder.layer``)."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.ModuleList) and name.endswith("encoder.layer"):
+            return name
+    raise UnsupportedError("bert_student: no '*.encoder.layer' ModuleList in this model",
+                           hint="use keep_layers(model, path, keep) with the name of its layer stack")
+
+
+def every_kth(n: int, every: int) -> list[int]:
+    """Every ``every``-th of ``n`` indices, ending at the last one (6 layers, every 2: [1, 3, 5])."""
+    if every < 1:
+        raise ConfigError(f"every must be >= 1 (got {every})")
+    return list(range(n - 1, -1, -every))[::-1]
+
+
+def bert_student(teacher: nn.Module, every: int = 2, keep: Sequence[int] | None = None) -> nn.Module:
+    """Keep every ``every``-th transformer layer (or the layers ``keep``), initialised from the teacher.
+
+    6-layer MiniLM with ``every=2`` -> 3 layers (teacher layers 1, 3, 5).
+    """
+    path = find_layer_stack(teacher)
+    n = len(teacher.get_submodule(path))
+    return keep_layers(teacher, path, list(keep) if keep is not None else every_kth(n, every))
+
+
+def shallower(teacher: nn.Module, every: int = 2, example_inputs: Any = None) -> nn.Module:
+    """Keep, in every ``Sequential`` stage of residual blocks, the first block (it changes stride or
+    width) and every ``every``-th of the shape-preserving rest. Needs ``example_inputs`` to check shapes."""
+    if example_inputs is None:
+        raise ConfigError("shallower: pass example_inputs (one batch) to find shape-preserving blocks")
+    shapes: dict[str, tuple] = {}
+    hooks = []
+    stacks = [(n, m) for n, m in teacher.named_modules() if isinstance(m, nn.Sequential) and len(m) > 1
+              and len({type(c) for c in m}) == 1]
+    for name, stack in stacks:
+        for i, block in enumerate(stack):
+            def hook(mod, args, out, key=f"{name}.{i}"):
+                shapes[key] = (tuple(args[0].shape), tuple(out.shape))
+            hooks.append(block.register_forward_hook(hook))
+    was_training = teacher.training
+    try:
+        teacher.eval()
+        with torch.no_grad():
+            teacher(example_inputs)
+    finally:
+        teacher.train(was_training)
+        for h in hooks:
+            h.remove()
+    student = teacher
+    for name, stack in stacks:
+        free = [i for i in range(1, len(stack)) if shapes.get(f"{name}.{i}", (0, 1))[0] == shapes[f"{name}.{i}"][1]]
+        if not free:
+            continue
+        drop = set(free) - set(free[every - 1::every])
+        keep = [i for i in range(len(stack)) if i not in drop]
+        if len(keep) < len(stack):
+            student = keep_layers(student, name, keep)
+    if student is teacher:
+        raise UnsupportedError("shallower: no stage has shape-preserving blocks to drop",
+                               hint="build the student with more blocks per stage, or use narrower()")
+    return student
+
+
+def narrower(teacher: nn.Module, width: float, example_inputs: Any, importance: str = "l1") -> nn.Module:
+    """A copy with ``width`` of the channels (e.g. 0.5), keeping the teacher's most important ones."""
+    from ..api import prune
+    from ..pruning.structured import ChannelPruning
+
+    if not 0 < width <= 1:
+        raise ConfigError(f"narrower: width must be in (0, 1] (got {width})")
+    if width == 1:
+        return copy.deepcopy(teacher)
+    return prune(teacher, ChannelPruning(ratio=1 - width, importance=importance), [example_inputs])
