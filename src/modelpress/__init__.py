@@ -38,6 +38,8 @@ _EXPORTS = {
     "WeightSharing": ".quantization.codebook", "PowerOfTwo": ".quantization.codebook",
     "CodebookLinear": ".quantization.codebook", "CodebookConv2d": ".quantization.codebook",
     "QuantLinear": ".quantization.modules", "QuantConv2d": ".quantization.modules",
+    "KD": ".distillation.kd", "distill_from": ".distillation.kd",
+    "bert_student": ".distillation.students", "keep_layers": ".distillation.students",
     "analyze": ".analysis.analyze", "load_model": ".core.loading", "load_artifact": ".core.loading",
     "save_artifact": ".export.checkpoint",
 }

@@ -1,0 +1,269 @@
+"""Offline knowledge distillation from one or more frozen teachers (``distill.kd``).
+
+The student trains with :func:`~modelpress.core.training.fit` on a loss that mixes
+
+* soft targets (Hinton et al.): ``alpha * T**2 * KL(p_teacher || softmax(s/T)) + (1 - alpha) * CE``,
+  pure soft targets on unlabelled batches; with several teachers ``p_teacher`` is the
+  ``weights``-weighted average of their softened probabilities;
+* or, for sentence encoders, ``loss="embedding_cosine"`` / ``"embedding_mse"`` against the
+  teacher's embeddings (several teachers: weighted average of the per-teacher losses);
+* plus optional feature hints: ``hints=[("student_layer", "teacher_layer"), ...]``, taken with
+  forward hooks on the first teacher; ``hint_loss="fitnet"`` (MSE through a learned
+  :class:`~modelpress.distillation.losses.HintAdapter`, trained with the student and dropped
+  after) or ``"attention"`` (attention transfer), weighted by ``hint_weight``.
+
+Teachers are frozen for the run (eval mode, ``requires_grad=False``, forward under
+``no_grad``) and restored afterwards. They come from the config (``teacher``: a model
+reference for :func:`~modelpress.core.loading.load_model`, e.g. an artifact path; a bare zoo
+name gives fresh, untrained weights except ``minilm``) or, from Python, as modules through
+:func:`distill_from`::
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from modelpress.core.training import TrainConfig
+    >>> teacher = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+    >>> student = nn.Linear(4, 3)
+    >>> x = torch.randn(64, 4)
+    >>> small = distill_from(student, teacher, [x[:32], x[32:]], KD(T=2.0),
+    ...                      train=TrainConfig(epochs=5, lr=1e-2))
+    >>> small(x).shape, all(p.grad is None for p in teacher.parameters())
+    (torch.Size([64, 3]), True)
+
+Like every verb, the student is copied unless ``inplace=True``.
+"""
+from __future__ import annotations
+
+import difflib
+from contextlib import contextmanager
+from typing import Any, Literal, Sequence
+
+import torch
+from pydantic import Field, field_validator
+from torch import nn
+
+from ..core.config import MethodConfig
+from ..core.data import as_data, call_model, split_batch
+from ..core.errors import ConfigError, DataError
+from ..core.registry import MethodContext, register_method
+from ..core.training import TrainConfig, fit
+from .losses import (HintAdapter, attention_transfer_loss, embedding_cosine_loss, embedding_mse_loss,
+                     ensemble_probs, hint_loss, soft_hard_loss)
+
+
+class KD(MethodConfig):
+    """Offline distillation from frozen teacher(s): soft targets or embeddings, optional hints."""
+
+    teacher: str | list[str] | None = Field(
+        None, description="model reference(s) (artifact path, HF dir, file.py:fn, zoo name); "
+                          "or pass modules with distill_from()")
+    T: float = Field(4.0, gt=0, description="softmax temperature of the soft targets")
+    alpha: float = Field(0.9, ge=0, le=1, description="weight of the soft-target term (1 - alpha: labels)")
+    loss: Literal["kd", "embedding_cosine", "embedding_mse"] = "kd"
+    weights: list[float] | None = Field(None, description="per-teacher weights (default: equal)")
+    hints: list[tuple[str, str]] = Field(default_factory=list,
+                                         description="(student_layer, teacher_layer) feature pairs")
+    hint_loss: Literal["fitnet", "attention"] = "fitnet"
+    hint_weight: float = Field(1.0, ge=0, description="weight of the summed hint losses")
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, v):
+        if v is not None and (not v or any(w < 0 for w in v) or sum(v) <= 0):
+            raise ValueError(f"teacher weights must be >= 0 with a positive sum, got {v}")
+        return v
+
+
+# -- teachers ---------------------------------------------------------------------------
+def _resolve_teachers(cfg: KD, ctx: MethodContext) -> list[nn.Module]:
+    given = getattr(ctx, "teachers", None) or getattr(ctx, "teacher", None)
+    if given is not None:
+        teachers = list(given) if isinstance(given, (list, tuple)) else [given]
+    elif cfg.teacher:
+        from ..core.loading import load_model
+
+        refs = [cfg.teacher] if isinstance(cfg.teacher, str) else cfg.teacher
+        teachers = [load_model(r) for r in refs]
+    else:
+        raise ConfigError("KD.teacher: no teacher was given",
+                          hint="set KD(teacher='path/to/teacher.safetensors') "
+                               "or call distill_from(student, teacher, data)")
+    if not teachers or not all(isinstance(t, nn.Module) for t in teachers):
+        raise ConfigError(f"teachers must be nn.Module instances, got {[type(t).__name__ for t in teachers]}")
+    if cfg.weights is not None and len(cfg.weights) != len(teachers):
+        raise ConfigError(f"KD.weights: {len(cfg.weights)} weights for {len(teachers)} teachers",
+                          hint="give one weight per teacher")
+    return teachers
+
+
+@contextmanager
+def frozen(modules: Sequence[nn.Module]):
+    """Eval mode and ``requires_grad=False`` for the block; the previous state is restored after."""
+    saved = [(m.training, [(p, p.requires_grad) for p in m.parameters()]) for m in modules]
+    try:
+        for m in modules:
+            m.eval().requires_grad_(False)
+        yield
+    finally:
+        for m, (training, params) in zip(modules, saved):
+            m.train(training)
+            for p, flag in params:
+                p.requires_grad_(flag)
+
+
+# -- hints ------------------------------------------------------------------------------
+def _find_layer(model: nn.Module, name: str, role: str) -> nn.Module:
+    layers = dict(model.named_modules())
+    if name not in layers:
+        close = difflib.get_close_matches(name, [n for n in layers if n], n=5, cutoff=0.4)
+        raise ConfigError(f"KD.hints: the {role} has no layer {name!r}",
+                          hint=f"close names: {', '.join(close)}" if close
+                          else f"layers: {', '.join(list(n for n in layers if n)[:15])}")
+    return layers[name]
+
+
+def _first_tensor(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (list, tuple)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    if hasattr(out, "last_hidden_state"):
+        return out.last_hidden_state
+    raise DataError(f"cannot take a feature from a layer output of type {type(out).__name__}",
+                    hint="hint a layer that returns a tensor")
+
+
+class _FeatureTaps:
+    """Forward hooks storing the outputs of named layers (removed by :meth:`remove`)."""
+
+    def __init__(self, model: nn.Module, names: Sequence[str], role: str):
+        self.features: dict[str, torch.Tensor] = {}
+        self.handles = []
+        for name in names:
+            layer = _find_layer(model, name, role)
+            self.handles.append(layer.register_forward_hook(self._hook(name)))
+
+    def _hook(self, name: str):
+        def hook(module, args, out):
+            self.features[name] = _first_tensor(out)
+        return hook
+
+    def take(self, name: str, role: str) -> torch.Tensor:
+        if name not in self.features:
+            raise DataError(f"KD.hints: the {role} layer {name!r} did not run in the forward pass",
+                            hint="hint a layer that the model's forward calls")
+        return self.features[name]
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+class _StudentWithAdapters(nn.Module):
+    """What ``fit`` trains: the student and the hint adapters (so the optimizer sees both)."""
+
+    def __init__(self, student: nn.Module, adapters: list[nn.Module]):
+        super().__init__()
+        self.student = student
+        self.adapters = nn.ModuleList(adapters)
+
+    def forward(self, *args, **kwargs):
+        return self.student(*args, **kwargs)
+
+
+def _output(out: Any) -> torch.Tensor:
+    """Logits / embeddings from a model output (tensor, tuple, or an object with ``.logits``)."""
+    if hasattr(out, "logits"):
+        return out.logits
+    return _first_tensor(out)
+
+
+# -- the method -------------------------------------------------------------------------
+def _make_loss(cfg: KD, teachers: list[nn.Module], s_taps: _FeatureTaps | None, t_taps: _FeatureTaps | None):
+    weights = cfg.weights or [1.0] * len(teachers)
+    total_w = float(sum(weights))
+
+    def loss_fn(model: _StudentWithAdapters, inputs: Any, target: torch.Tensor | None) -> torch.Tensor:
+        with torch.no_grad():
+            t_outs = [_output(call_model(t, inputs)) for t in teachers]
+        s_out = _output(call_model(model.student, inputs))
+        if cfg.loss == "kd":
+            probs = ensemble_probs(t_outs, weights, cfg.T)
+            loss = soft_hard_loss(s_out, probs, target, cfg.T, cfg.alpha, teacher_is_probs=True)
+        else:
+            emb_loss = embedding_cosine_loss if cfg.loss == "embedding_cosine" else embedding_mse_loss
+            loss = sum((w / total_w) * emb_loss(s_out, t) for w, t in zip(weights, t_outs))
+        if cfg.hints and cfg.hint_weight > 0:
+            parts = []
+            for (s_name, t_name), adapter in zip(cfg.hints, model.adapters):
+                s_f, t_f = s_taps.take(s_name, "student"), t_taps.take(t_name, "teacher")
+                parts.append(attention_transfer_loss(s_f, t_f) if cfg.hint_loss == "attention"
+                             else hint_loss(s_f, t_f, adapter))
+            loss = loss + cfg.hint_weight * sum(parts) / len(parts)
+        return loss
+
+    return loss_fn
+
+
+def _build_adapters(cfg: KD, student: nn.Module, teacher: nn.Module, data, s_taps, t_taps) -> list[nn.Module]:
+    if cfg.hint_loss == "attention":
+        return [nn.Identity() for _ in cfg.hints]
+    inputs = split_batch(next(iter(data)))[0]
+    was_training = student.training
+    student.eval()  # a probe pass must not move BatchNorm statistics
+    try:
+        with torch.no_grad():
+            call_model(student, inputs)
+            call_model(teacher, inputs)
+    finally:
+        student.train(was_training)
+    adapters = []
+    for s_name, t_name in cfg.hints:
+        s_f, t_f = s_taps.take(s_name, "student"), t_taps.take(t_name, "teacher")
+        try:
+            adapters.append(HintAdapter(s_f, t_f))
+        except DataError as exc:
+            raise ConfigError(f"KD.hints ({s_name!r}, {t_name!r}): {exc}", hint=exc.hint) from None
+    return adapters
+
+
+@register_method("distill.kd", KD, needs_data=True, needs_training=True)
+def knowledge_distillation(student: nn.Module, cfg: KD, ctx: MethodContext) -> nn.Module:
+    """Offline KD (soft targets / embeddings, multi-teacher, FitNets or attention hints)."""
+    if ctx.data is None:
+        raise DataError("distill.kd needs training data (labelled or not)", hint="pass data=...")
+    if cfg.loss != "kd" and ctx.task != "embedding":
+        ctx.log(f"distill.kd: loss={cfg.loss!r} on a {ctx.task!r} task compares raw outputs")
+    teachers = _resolve_teachers(cfg, ctx)
+    if any(t is student for t in teachers):
+        raise ConfigError("the teacher is the student itself", hint="pass a separate teacher model")
+    train = ctx.train or TrainConfig()
+    data = as_data(ctx.data, batch_size=train.batch_size, shuffle=True)
+    s_taps = t_taps = None
+    with frozen(teachers):
+        try:
+            adapters: list[nn.Module] = []
+            if cfg.hints:
+                s_taps = _FeatureTaps(student, [s for s, _ in cfg.hints], "student")
+                t_taps = _FeatureTaps(teachers[0], [t for _, t in cfg.hints], "teacher")
+                adapters = _build_adapters(cfg, student, teachers[0], data, s_taps, t_taps)
+            wrapped = _StudentWithAdapters(student, adapters)
+            fit(wrapped, data, train, loss_fn=_make_loss(cfg, teachers, s_taps, t_taps), description="distill")
+        finally:
+            for taps in (s_taps, t_taps):
+                if taps is not None:
+                    taps.remove()
+    ctx.trained = True
+    ctx.info.update(teachers=len(teachers), T=cfg.T, alpha=cfg.alpha, hints=len(cfg.hints))
+    return student
+
+
+def distill_from(student: nn.Module, teachers: nn.Module | Sequence[nn.Module], data: Any,
+                 cfg: KD | None = None, train: TrainConfig | None = None, *, inplace: bool = False,
+                 task: str = "classification") -> nn.Module:
+    """Distill ``teachers`` (one module or a list) into ``student``; returns the trained student
+    (a copy unless ``inplace``). ``cfg.teacher`` is ignored: the modules given here are used."""
+    from ..api import apply
+
+    ctx = MethodContext()
+    ctx.teachers = [teachers] if isinstance(teachers, nn.Module) else list(teachers)
+    return apply(student, cfg or KD(), data, train=train or TrainConfig(), inplace=inplace, task=task, context=ctx)
