@@ -40,6 +40,7 @@ _EXPORTS = {
     "QuantLinear": ".quantization.modules", "QuantConv2d": ".quantization.modules",
     "KD": ".distillation.kd", "distill_from": ".distillation.kd",
     "bert_student": ".distillation.students", "keep_layers": ".distillation.students",
+    "SVD": ".lowrank.svd", "Tucker": ".lowrank.tucker", "CP": ".lowrank.cp",
     "analyze": ".analysis.analyze", "load_model": ".core.loading", "load_artifact": ".core.loading",
     "save_artifact": ".export.checkpoint",
 }

@@ -1,0 +1,163 @@
+"""CP decomposition of Conv2d layers (``lowrank.cp``), Lebedev et al. 2015 style.
+
+A kernel ``W`` (out, in, kh, kw) is fitted by a rank-``R`` CP decomposition (tensorly
+``parafac``, ALS, SVD init, fixed seed): ``W ~ sum_r a_r (x) b_r (x) c_r (x) d_r``. The conv
+becomes a :class:`~.layers.FactorizedLayer` of four convs:
+
+1. 1x1 ``in -> R`` (the ``b_r``);
+2. depthwise ``kh x 1`` on R channels (the ``c_r``) with the original vertical stride,
+   padding and dilation;
+3. depthwise ``1 x kw`` (the ``d_r``) with the horizontal ones;
+4. 1x1 ``R -> out`` (the ``a_r``, with the original bias).
+
+The kernel is separable along height and width, so splitting stride, padding and dilation
+per axis is exact. The rank is ``rank`` when given, else the largest one keeping at most
+``param_ratio`` (default 0.5) of the layer's parameters. CP is an iterative fit and can be
+poor on kernels without low-rank structure: ``max_error`` leaves layers whose relative
+reconstruction error exceeds it dense (they are listed in ``ctx.info["skipped"]``, as are
+grouped convs, 1x1 kernels, for which ``lowrank.svd`` is the right tool, and layers that
+would not shrink). ``ctx.info["layers"]`` gives rank, params before/after and the relative
+error ``||W - W_R||_F / ||W||_F``.
+
+    >>> import torch
+    >>> from modelpress import factorize
+    >>> from modelpress.lowrank.cp import CP
+    >>> m = torch.nn.Sequential(torch.nn.Conv2d(32, 64, 3, padding=1))
+    >>> f = factorize(m, CP(rank=16))
+    >>> [tuple(c.weight.shape) for c in f[0]]
+    [(16, 32, 1, 1), (16, 1, 3, 1), (16, 1, 1, 3), (64, 16, 1, 1)]
+
+With ``train=TrainConfig(...)`` and data, the factorized model is fine-tuned (``fit``).
+Returns a new model (the verbs copy; see :mod:`modelpress.api`).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from ..core.config import MethodConfig
+from ..core.registry import MethodContext, register_method
+from ..core.scope import Scope, first_and_last
+from ..quantization.modules import set_module
+from .layers import FactorizedLayer, check_conv, conv_weight, finetune, n_params, relative_error
+
+DEFAULT_PARAM_RATIO = 0.5
+LAYER_TYPES = ("Conv2d",)
+
+
+class CP(MethodConfig):
+    """CP decomposition of Conv2d kernels: 1x1 -> depthwise kx1 -> depthwise 1xk -> 1x1."""
+
+    rank: int | None = Field(None, ge=1, description="CP rank R of every selected conv")
+    param_ratio: float | None = Field(None, gt=0, lt=1, description="keep at most this fraction of params "
+                                                                     "(0.5 when rank is not given)")
+    max_error: float | None = Field(None, gt=0, description="leave a layer dense when its relative "
+                                                           "reconstruction error exceeds this (None: never)")
+    scope: Scope = Scope()
+    keep_first_last: bool = Field(False, description="leave the first and last conv dense")
+    n_iter_max: int = Field(100, ge=1, description="ALS iterations of parafac")
+    seed: int = Field(0, ge=0, description="random state of parafac")
+
+    @model_validator(mode="after")
+    def _one_rank_rule(self):
+        if self.rank is not None and self.param_ratio is not None:
+            raise ValueError("give one of rank, param_ratio (got both)")
+        return self
+
+
+def cp_params(shape: tuple[int, ...], rank: int, bias: bool) -> int:
+    out_ch, in_ch, kh, kw = shape
+    return rank * (in_ch + kh + kw + out_ch) + (out_ch if bias else 0)
+
+
+def cp_rank(shape: tuple[int, ...], cfg: CP, bias: bool) -> int:
+    if cfg.rank is not None:
+        return cfg.rank
+    ratio = cfg.param_ratio if cfg.param_ratio is not None else DEFAULT_PARAM_RATIO
+    out_ch, in_ch, kh, kw = shape
+    budget = ratio * (out_ch * in_ch * kh * kw + (out_ch if bias else 0)) - (out_ch if bias else 0)
+    return max(1, math.floor(budget / (in_ch + kh + kw + out_ch)))
+
+
+@torch.no_grad()
+def cp_factors(w: torch.Tensor, rank: int, n_iter_max: int = 100, seed: int = 0) -> list[torch.Tensor]:
+    """``[A (out, R), B (in, R), C (kh, R), D (kw, R)]`` with ``W ~ sum_r A_r (x) B_r (x) C_r (x) D_r``.
+
+    The CP weights are spread evenly over the four factors (each column scaled by
+    ``|lambda_r|^(1/4)``, the sign on ``A``), so no factor is much larger than the others.
+    """
+    from tensorly.decomposition import parafac
+
+    arr = w.detach().double().cpu().numpy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lam, factors = parafac(arr, rank=rank, init="svd", n_iter_max=n_iter_max, tol=1e-8,
+                               normalize_factors=True, random_state=seed)
+    lam = torch.from_numpy(lam.copy())
+    scale = lam.abs().pow(0.25)
+    out = [torch.from_numpy(f.copy()) * scale[None, :] for f in factors]
+    out[0] = out[0] * torch.sign(lam)[None, :]
+    return out
+
+
+def _axis(value, axis: int, other):
+    """Per-axis geometry: ``value[axis]`` on the conv's own axis, ``other`` on the one it does not touch."""
+    if isinstance(value, str):
+        return value
+    return (value[0], other) if axis == 0 else (other, value[1])
+
+
+@torch.no_grad()
+def cp_conv(layer: nn.Conv2d, rank: int, n_iter_max: int = 100, seed: int = 0) -> tuple[FactorizedLayer, float]:
+    """``layer`` as 1x1 -> depthwise kx1 -> depthwise 1xk -> 1x1 convs of CP rank ``rank``, and the error."""
+    w = layer.weight
+    out_ch, in_ch, kh, kw = w.shape
+    a, b, c, d = cp_factors(w, rank, n_iter_max, seed)
+    approx = torch.einsum("or,ir,hr,wr->oihw", a, b, c, d)
+    dt = w.dtype
+    first = conv_weight(layer, (rank, in_ch, 1, 1), b.t().to(dt))
+    vertical = conv_weight(layer, (rank, 1, kh, 1), c.t().to(dt), groups=rank, stride=_axis(layer.stride, 0, 1),
+                           padding=_axis(layer.padding, 0, 0), dilation=_axis(layer.dilation, 0, 1))
+    horizontal = conv_weight(layer, (rank, 1, 1, kw), d.t().to(dt), groups=rank, stride=_axis(layer.stride, 1, 1),
+                             padding=_axis(layer.padding, 1, 0), dilation=_axis(layer.dilation, 1, 1))
+    last = conv_weight(layer, (out_ch, rank, 1, 1), a.to(dt), bias=layer.bias is not None)
+    return FactorizedLayer("cp", first, vertical, horizontal, last), relative_error(w, approx)
+
+
+@register_method("lowrank.cp", CP, structural=True, layer_types=LAYER_TYPES)
+def cp(model: nn.Module, cfg: CP, ctx: MethodContext) -> nn.Module:
+    """CP decomposition of Conv2d kernels into 1x1 -> depthwise kx1 -> 1xk -> 1x1 convs (tensorly parafac)."""
+    default_exclude = first_and_last(model, LAYER_TYPES) if cfg.keep_first_last else []
+    layers = cfg.scope.resolve(model, LAYER_TYPES, default_exclude=default_exclude)
+    report, skipped = {}, {}
+    for name, layer in layers:
+        reason = check_conv(layer)
+        if reason is None and tuple(layer.kernel_size) == (1, 1):
+            reason = "1x1 conv (use lowrank.svd)"
+        if reason is None:
+            bias = layer.bias is not None
+            rank = cp_rank(tuple(layer.weight.shape), cfg, bias)
+            after = cp_params(tuple(layer.weight.shape), rank, bias)
+            if after >= n_params(layer):
+                reason = f"rank {rank} would not reduce parameters ({after} >= {n_params(layer)})"
+        if reason is not None:
+            skipped[name] = reason
+            continue
+        new, err = cp_conv(layer, rank, cfg.n_iter_max, cfg.seed)
+        if cfg.max_error is not None and err > cfg.max_error:
+            skipped[name] = f"relative error {err:.3f} at rank {rank} exceeds max_error={cfg.max_error}"
+            continue
+        report[name] = {"rank": rank, "params_before": n_params(layer), "params_after": n_params(new),
+                        "rel_error": err}
+        set_module(model, name, new)
+    ctx.info["layers"] = report
+    ctx.info["skipped"] = skipped
+    if skipped:
+        ctx.log(f"lowrank.cp: left dense: {', '.join(f'{n} ({r})' for n, r in skipped.items())}")
+    if report:
+        finetune(model, ctx, "cp fine-tune")
+    return model

@@ -1,0 +1,144 @@
+"""Truncated SVD of Linear and 1x1 Conv2d layers (``lowrank.svd``).
+
+A weight ``W`` (out x in) becomes ``U_r diag(S_r) V_r^T``: one layer ``in -> r`` without bias
+holding ``diag(S_r)^(1/2) V_r^T``, then one ``r -> out`` holding ``U_r diag(S_r)^(1/2)`` and
+the original bias, in a :class:`~.layers.FactorizedLayer`. That costs ``r * (in + out)``
+weights instead of ``in * out``, so a layer is factorized only when its rank is below
+``in * out / (in + out)``; the others are left dense and listed in ``ctx.info["skipped"]``.
+
+The rank of each layer comes from exactly one of
+
+* ``rank_ratio``: a fraction of ``min(out, in)``;
+* ``energy``: the fraction of the sum of squared singular values kept (e.g. 0.95);
+* ``param_ratio``: the largest rank keeping at most this fraction of the layer's parameters;
+
+and ``energy=0.95`` when none is given. ``ctx.info["layers"]`` gives per layer: rank,
+params before/after and the relative reconstruction error ``||W - W_r||_F / ||W||_F``.
+
+    >>> import torch
+    >>> from modelpress import factorize
+    >>> from modelpress.lowrank.svd import SVD
+    >>> m = torch.nn.Sequential(torch.nn.Linear(256, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
+    >>> f = factorize(m, SVD(param_ratio=0.5, scope={"include": ["0"]}))
+    >>> [tuple(l.weight.shape) for l in f[0]]      # 256 -> 42 -> 128: 16,128 of 32,768 weights
+    [(42, 256), (128, 42)]
+
+With ``train=TrainConfig(...)`` and data, the factorized model is fine-tuned (``fit``).
+Returns a new model (the verbs copy; see :mod:`modelpress.api`).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from ..core.config import MethodConfig
+from ..core.registry import MethodContext, register_method
+from ..core.scope import Scope, first_and_last
+from ..quantization.modules import set_module
+from .layers import FactorizedLayer, check_conv, conv_weight, energy_rank, finetune, n_params, ratio_rank
+
+DEFAULT_ENERGY = 0.95
+
+
+class SVD(MethodConfig):
+    """Truncated SVD of Linear / 1x1 Conv2d weights into two thinner layers."""
+
+    rank_ratio: float | None = Field(None, gt=0, le=1, description="rank as a fraction of min(out, in)")
+    energy: float | None = Field(None, gt=0, le=1, description="fraction of squared singular values kept")
+    param_ratio: float | None = Field(None, gt=0, lt=1, description="keep at most this fraction of params")
+    scope: Scope = Scope()
+    keep_first_last: bool = Field(False, description="leave the first and last layer dense")
+    min_rank: int = Field(1, ge=1, description="never factorize below this rank")
+
+    @model_validator(mode="after")
+    def _one_rank_rule(self):
+        given = [k for k in ("rank_ratio", "energy", "param_ratio") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one of rank_ratio, energy, param_ratio (got {', '.join(given)})")
+        return self
+
+
+def layer_matrix(layer: nn.Module) -> torch.Tensor:
+    """The weight of a Linear or 1x1 conv as an (out, in) matrix."""
+    return layer.weight.detach().reshape(layer.weight.shape[0], -1)
+
+
+def svd_rank(s: torch.Tensor, out_f: int, in_f: int, cfg: SVD) -> int:
+    """The rank the config asks for, given the singular values ``s`` of an (out, in) weight."""
+    full = min(out_f, in_f)
+    if cfg.rank_ratio is not None:
+        r = ratio_rank(full, cfg.rank_ratio)
+    elif cfg.param_ratio is not None:
+        before = out_f * in_f + out_f  # with a bias; the factorized layer keeps it
+        r = math.floor((cfg.param_ratio * before - out_f) / (in_f + out_f))
+    else:
+        r = energy_rank(s, cfg.energy if cfg.energy is not None else DEFAULT_ENERGY)
+    return max(min(cfg.min_rank, full), min(full, max(r, 1)))
+
+
+@torch.no_grad()
+def factorize_matrix_layer(layer: nn.Module, rank: int) -> tuple[FactorizedLayer, float]:
+    """``layer`` (Linear or 1x1 Conv2d) as two layers of inner width ``rank``, and the relative error."""
+    w = layer_matrix(layer).double()
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    root = s[:rank].sqrt()
+    first_w = (root[:, None] * vh[:rank]).to(layer.weight.dtype)   # (r, in)
+    second_w = (u[:, :rank] * root[None, :]).to(layer.weight.dtype)  # (out, r)
+    err = float((w - u[:, :rank] @ torch.diag(s[:rank]) @ vh[:rank]).norm() / w.norm()) if w.norm() > 0 else 0.0
+    out_f, in_f = w.shape
+    if isinstance(layer, nn.Linear):
+        first = nn.Linear(in_f, rank, bias=False)
+        second = nn.Linear(rank, out_f, bias=layer.bias is not None)
+        first.weight.copy_(first_w)
+        second.weight.copy_(second_w)
+        if layer.bias is not None:
+            second.bias.copy_(layer.bias)
+        first, second = (m.to(device=layer.weight.device, dtype=layer.weight.dtype) for m in (first, second))
+    else:  # a 1x1 conv: stride and padding on the first factor (padded zeros stay zero through it)
+        first = conv_weight(layer, (rank, in_f, 1, 1), first_w, stride=layer.stride, padding=layer.padding)
+        second = conv_weight(layer, (out_f, rank, 1, 1), second_w, bias=layer.bias is not None)
+    return FactorizedLayer("svd", first, second), err
+
+
+def unsupported(layer: nn.Module) -> str | None:
+    if isinstance(layer, nn.Conv2d):
+        if tuple(layer.kernel_size) != (1, 1):
+            return f"{layer.kernel_size[0]}x{layer.kernel_size[1]} conv (use lowrank.tucker or lowrank.cp)"
+        return check_conv(layer)
+    return None
+
+
+LAYER_TYPES = ("Linear", "Conv2d")
+
+
+@register_method("lowrank.svd", SVD, structural=True, layer_types=LAYER_TYPES)
+def svd(model: nn.Module, cfg: SVD, ctx: MethodContext) -> nn.Module:
+    """Truncated SVD of Linear / 1x1 conv weights into two thinner layers (rank by ratio, energy or budget)."""
+    default_exclude = first_and_last(model, LAYER_TYPES) if cfg.keep_first_last else []
+    layers = cfg.scope.resolve(model, LAYER_TYPES, default_exclude=default_exclude)
+    report, skipped = {}, {}
+    for name, layer in layers:
+        reason = unsupported(layer)
+        if reason is None:
+            w = layer_matrix(layer)
+            out_f, in_f = w.shape
+            rank = svd_rank(torch.linalg.svdvals(w.double()), out_f, in_f, cfg)
+            if rank * (in_f + out_f) >= in_f * out_f:
+                reason = f"rank {rank} would not reduce parameters (needs < {in_f * out_f / (in_f + out_f):.1f})"
+        if reason is not None:
+            skipped[name] = reason
+            continue
+        new, err = factorize_matrix_layer(layer, rank)
+        report[name] = {"rank": rank, "params_before": n_params(layer), "params_after": n_params(new),
+                        "rel_error": err}
+        set_module(model, name, new)
+    ctx.info["layers"] = report
+    ctx.info["skipped"] = skipped
+    if skipped:
+        ctx.log(f"lowrank.svd: left dense: {', '.join(f'{n} ({r})' for n, r in skipped.items())}")
+    if report:
+        finetune(model, ctx, "svd fine-tune")
+    return model

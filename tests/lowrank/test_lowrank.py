@@ -1,0 +1,231 @@
+"""Low-rank factorization: lowrank.svd, lowrank.tucker, lowrank.cp and their FactorizedLayer."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modelpress import factorize
+from modelpress.analysis.macs import count_macs
+from modelpress.core.errors import ConfigError, ScopeError
+from modelpress.core.loading import load_artifact
+from modelpress.core.registry import MethodContext
+from modelpress.core.training import TrainConfig
+from modelpress.export.checkpoint import save_artifact
+from modelpress.lowrank.cp import CP, cp_conv
+from modelpress.lowrank.layers import FactorizedLayer, energy_rank
+from modelpress.lowrank.svd import SVD, factorize_matrix_layer
+from modelpress.lowrank.tucker import Tucker, tucker_conv
+
+
+class ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False)
+        self.dw = nn.Conv2d(32, 32, 3, padding=1, groups=32)
+        self.pw = nn.Conv2d(32, 32, 1)
+        self.fc = nn.Linear(32 * 4 * 4, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.conv1(x))
+        x = torch.relu(self.pw(torch.relu(self.dw(torch.relu(self.conv2(x))))))
+        return self.fc(torch.flatten(x, 1))
+
+
+def mlp():
+    return nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 48), nn.ReLU(), nn.Linear(48, 10))
+
+
+def n_params(m):
+    return sum(p.numel() for p in m.parameters())
+
+
+def cp_structured_weight(shape, rank, seed=0):
+    """A kernel that is exactly a rank-``rank`` CP tensor (so CP can fit it)."""
+    g = torch.Generator().manual_seed(seed)
+    factors = [torch.randn(s, rank, generator=g) for s in shape]
+    return torch.einsum("or,ir,hr,wr->oihw", *factors)
+
+
+# -- layer level: error vs rank, exactness at full rank, geometry ---------------------------------
+@pytest.mark.parametrize("layer", [nn.Linear(40, 24), nn.Conv2d(12, 20, 1, stride=2, padding=1)],
+                         ids=["linear", "conv1x1"])
+def test_svd_error_falls_with_rank_and_full_rank_is_exact(layer):
+    x = torch.randn(4, 40) if isinstance(layer, nn.Linear) else torch.randn(2, 12, 9, 9)
+    full = min(layer.weight.shape[0], layer.weight[0].numel())
+    errs = [factorize_matrix_layer(layer, r)[1] for r in (1, 4, full // 2, full - 1, full)]
+    assert all(a > b for a, b in zip(errs, errs[1:]))
+    assert errs[-1] < 1e-5
+    f, _ = factorize_matrix_layer(layer, full)
+    with torch.no_grad():
+        assert f(x).shape == layer(x).shape
+        assert torch.allclose(f(x), layer(x), atol=1e-4)
+
+
+def test_svd_error_is_the_tail_of_the_spectrum():
+    layer = nn.Linear(30, 20)
+    s = torch.linalg.svdvals(layer.weight.detach().double())
+    _, err = factorize_matrix_layer(layer, 5)
+    assert err == pytest.approx(float(s[5:].pow(2).sum().sqrt() / s.pow(2).sum().sqrt()), rel=1e-6)
+
+
+def test_energy_rank_counts_squared_singular_values():
+    s = torch.tensor([3.0, 2.0, 1.0, 1.0])  # squares 9, 4, 1, 1 of 15
+    assert [energy_rank(s, e) for e in (0.5, 0.65, 9 / 15, 13 / 15, 0.9, 1.0)] == [1, 2, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("geometry", [dict(stride=1, padding=1), dict(stride=2, padding=2, dilation=2),
+                                      dict(stride=(2, 1), padding=(0, 2))], ids=["s1", "s2d2", "asym"])
+def test_tucker_error_falls_with_rank_and_full_rank_is_exact(geometry):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 12, (3, 5), **geometry)
+    x = torch.randn(2, 8, 11, 13)
+    errs = [tucker_conv(conv, r_out, r_in)[1] for r_out, r_in in ((2, 2), (4, 4), (8, 6), (12, 8))]
+    assert all(a > b for a, b in zip(errs, errs[1:]))
+    assert errs[-1] < 1e-5
+    f, _ = tucker_conv(conv, 12, 8)
+    assert [c.weight.shape[:2] for c in f] == [(8, 8), (12, 8), (12, 12)]
+    with torch.no_grad():
+        assert f(x).shape == conv(x).shape
+        assert torch.allclose(f(x), conv(x), atol=1e-4)
+
+
+@pytest.mark.parametrize("geometry", [dict(stride=1, padding=1), dict(stride=(2, 1), padding=(1, 2), dilation=(1, 2))],
+                         ids=["s1", "strided-dilated"])
+def test_cp_error_falls_with_rank_and_layer_computes_its_kernel(geometry):
+    conv = nn.Conv2d(6, 10, (3, 3), **geometry)
+    with torch.no_grad():
+        conv.weight.copy_(cp_structured_weight((10, 6, 3, 3), 5) / 10)
+    x = torch.randn(2, 6, 10, 12)
+    errs = [cp_conv(conv, r, n_iter_max=500)[1] for r in (1, 3, 5)]
+    assert errs[0] > errs[1] > errs[2]
+    assert errs[-1] < 1e-3  # ALS recovers the rank-5 kernel
+    f, _ = cp_conv(conv, 5, n_iter_max=500)
+    # the four convs compute exactly a conv with the CP kernel: stride/padding/dilation split per axis
+    kernel = torch.einsum("or,ir,hr,wr->oihw", f[3].weight[:, :, 0, 0], f[0].weight[:, :, 0, 0].t(),
+                          f[1].weight[:, 0, :, 0].t(), f[2].weight[:, 0, 0, :].t())
+    with torch.no_grad():
+        ref = F.conv2d(x, kernel, conv.bias, conv.stride, conv.padding, conv.dilation)
+        assert f(x).shape == conv(x).shape
+        assert torch.allclose(f(x), ref, atol=1e-4)
+        assert torch.allclose(f(x), conv(x), atol=1e-2 * conv(x).abs().max().item())
+
+
+# -- method level: reports, parameter and MAC counts ----------------------------------------------
+def test_svd_param_ratio_reports_ranks_params_and_macs():
+    m = mlp()
+    ctx = MethodContext()
+    f = factorize(m, SVD(param_ratio=0.5), context=ctx)
+    # floor((0.5 * (in * out + out) - out) / (in + out)): 64->48: 13; 48->48: 11; 48->10: 4
+    assert {n: r["rank"] for n, r in ctx.info["layers"].items()} == {"0": 13, "2": 11, "4": 4}
+    assert not ctx.info["skipped"]
+    for name, rank, (d_in, d_out) in (("0", 13, (64, 48)), ("2", 11, (48, 48)), ("4", 4, (48, 10))):
+        rep = ctx.info["layers"][name]
+        assert rep["params_before"] == d_in * d_out + d_out
+        assert rep["params_after"] == rank * (d_in + d_out) + d_out <= 0.5 * rep["params_before"]
+        assert isinstance(f.get_submodule(name), FactorizedLayer)
+        assert 0 < rep["rel_error"] < 1
+    assert n_params(f) == n_params(m) - sum(r["params_before"] - r["params_after"] for r in ctx.info["layers"].values())
+    x = torch.randn(1, 64)
+    assert count_macs(f, x).total == 13 * (64 + 48) + 11 * (48 + 48) + 4 * (48 + 10) < count_macs(m, x).total
+
+
+def test_tucker_and_cp_report_exact_params_and_macs():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, stride=2, padding=1))
+    x = torch.randn(1, 16, 8, 8)
+    ctx = MethodContext()
+    f = factorize(m, Tucker(rank_ratio=0.5), context=ctx)
+    assert {n: r["rank"] for n, r in ctx.info["layers"].items()} == {"0": [16, 8], "2": [16, 16]}
+    assert ctx.info["layers"]["0"]["params_after"] == 16 * 8 + 8 * 16 * 9 + 16 * 32 + 32
+    tucker_macs = (64 * (16 * 8 + 8 * 16 * 9 + 16 * 32)          # conv 0 at 8x8
+                   + 64 * 32 * 16 + 16 * (16 * 16 * 9 + 16 * 32))  # conv 2: 1x1 at 8x8, then 4x4
+    assert count_macs(f, x).total == tucker_macs < count_macs(m, x).total
+    assert n_params(f) == sum(r["params_after"] for r in ctx.info["layers"].values())
+
+    ctx = MethodContext()
+    f = factorize(m, CP(rank=12), context=ctx)
+    assert ctx.info["layers"]["2"]["params_after"] == 12 * (32 + 3 + 3 + 32) + 32
+    cp_macs = 64 * 12 * (16 + 3 + 3 + 32) + 64 * 12 * 32 + 4 * 8 * 12 * 3 + 16 * 12 * (3 + 32)
+    assert count_macs(f, x).total == cp_macs < count_macs(m, x).total
+
+
+def test_layers_that_cannot_be_factorized_are_skipped_and_reported():
+    model = ConvNet()
+    for cfg in (Tucker(rank_ratio=0.5), CP(rank=4)):
+        ctx = MethodContext()
+        f = factorize(model, cfg, context=ctx)
+        assert "grouped conv" in ctx.info["skipped"]["dw"]
+        assert type(f.dw) is nn.Conv2d and "dw" not in ctx.info["layers"]
+    ctx = MethodContext()
+    f = factorize(model, SVD(rank_ratio=0.25), context=ctx)
+    assert "3x3 conv" in ctx.info["skipped"]["conv1"] and "pw" in ctx.info["layers"] and "fc" in ctx.info["layers"]
+    assert f(torch.randn(2, 3, 8, 8)).shape == (2, 10)
+    ctx = MethodContext()
+    factorize(mlp(), SVD(energy=1.0), context=ctx)  # full rank never shrinks a layer
+    assert not ctx.info["layers"] and set(ctx.info["skipped"]) == {"0", "2", "4"}
+
+
+def test_keep_first_last_and_scope():
+    ctx = MethodContext()
+    factorize(mlp(), SVD(rank_ratio=0.2, keep_first_last=True), context=ctx)
+    assert list(ctx.info["layers"]) == ["2"]
+    ctx = MethodContext()
+    factorize(mlp(), SVD(rank_ratio=0.2, scope={"include": ["0"]}), context=ctx)
+    assert list(ctx.info["layers"]) == ["0"]
+
+
+# -- artifacts ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cfg", [SVD(rank_ratio=0.3), Tucker(rank_ratio=0.5), CP(rank=6)], ids=["svd", "tucker", "cp"])
+def test_artifact_roundtrip_reproduces_outputs(cfg, tmp_path):
+    torch.manual_seed(0)
+    model = ConvNet().eval()
+    f = factorize(model, cfg).eval()
+    path = save_artifact(f, tmp_path / "m.safetensors")
+    loaded, _ = load_artifact(path, base_model=ConvNet())
+    x = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), f(x))
+    assert [type(m).__name__ for m in loaded.modules()] == [type(m).__name__ for m in f.modules()]
+
+
+# -- fine-tuning ----------------------------------------------------------------------------------
+def test_train_fine_tunes_the_factorized_model(toy_data):
+    train, test = toy_data
+    m = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    ctx = MethodContext()
+    f = factorize(m, SVD(rank_ratio=0.25, scope={"include": ["2"]}), train, train=TrainConfig(epochs=1), context=ctx)
+    assert ctx.trained
+    plain = factorize(m, SVD(rank_ratio=0.25, scope={"include": ["2"]}))
+    assert not torch.equal(f[2][0].weight, plain[2][0].weight)  # the factors themselves were trained
+    ctx = MethodContext()
+    factorize(m, SVD(rank_ratio=0.25), context=ctx)  # no data: no training
+    assert not ctx.trained
+
+
+# -- errors ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("build,field", [
+    (lambda: SVD(energy=1.5), "energy"), (lambda: SVD(rank_ratio=0), "rank_ratio"),
+    (lambda: SVD(param_ratio=1.0), "param_ratio"), (lambda: SVD(min_rank=0), "min_rank"),
+    (lambda: SVD(energy=0.9, rank_ratio=0.5), "rank_ratio, energy"),
+    (lambda: Tucker(energy=-0.1), "energy"), (lambda: Tucker(rank_ratio=2), "rank_ratio"),
+    (lambda: CP(rank=0), "rank"), (lambda: CP(rank=4, param_ratio=0.5), "rank, param_ratio"),
+    (lambda: CP(max_error=0), "max_error"),
+])
+def test_bad_configs_name_the_field(build, field):
+    with pytest.raises(ConfigError, match=field):
+        build()
+
+
+def test_scope_matching_nothing_is_an_error():
+    with pytest.raises(ScopeError, match="fc9"):
+        factorize(mlp(), SVD(scope={"include": ["fc9"]}))
+    with pytest.raises(ScopeError):
+        factorize(mlp(), Tucker())  # no Conv2d at all
+
+
+def test_configs_round_trip():
+    for cfg in (SVD(param_ratio=0.4, scope={"exclude": ["fc"]}), Tucker(energy=0.9), CP(rank=8, max_error=0.4)):
+        assert type(cfg).from_dict(cfg.to_dict()) == cfg
