@@ -54,7 +54,7 @@ def cosine_distillation(model, inputs, target):
     return (1 - F.cosine_similarity(call_model(model, inputs), target, dim=-1)).mean()
 
 
-def rows(quick: bool) -> list[dict]:
+def rows(quick: bool, epochs: float = 15, lr: float = 5e-4) -> list[dict]:
     torch.manual_seed(0)
     teacher = build_model("minilm").eval()
     pairs = load_sts_pairs()
@@ -75,7 +75,7 @@ def rows(quick: bool) -> list[dict]:
     out.append({"row": "student: layers 1,3,5 of the teacher, no training", "spearman": q["spearman"],
                 "fidelity": q["fidelity"], "params": n_params(student), "bytes": artifact_size_of(student),
                 "lat": None, "seconds": 0.0})
-    cfg = TrainConfig(epochs=1 if quick else 6, lr=1e-4 if quick else 2e-4, optimizer="adamw", batch_size=32,
+    cfg = TrainConfig(epochs=1 if quick else epochs, lr=1e-4 if quick else lr, optimizer="adamw", batch_size=32,
                       max_steps=10 if quick else None)
     t = time.perf_counter()
     torch.manual_seed(0)
@@ -98,9 +98,11 @@ def rows(quick: bool) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: 256 sentences, 10 steps")
+    parser.add_argument("--epochs", type=float, default=15)
+    parser.add_argument("--lr", type=float, default=5e-4)
     args = parser.parse_args()
     t0 = time.perf_counter()
-    table = rows(args.quick)
+    table = rows(args.quick, args.epochs, args.lr)
     print("| model | spearman | fidelity | params | size (bytes) | batch 32, 1 thread (teacher -> student) | "
           "2 threads | train s | target met |")
     print("|---|---|---|---|---|---|---|---|---|")

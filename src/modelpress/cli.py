@@ -293,6 +293,42 @@ def quantize(method: str = typer.Argument(..., help="quantization method, e.g. s
     _method_command("quant", method, model, data, run_dir, sets, finetune_epochs, lr, latency, trust_remote_code)
 
 
+@app.command()
+def factorize(method: str = typer.Argument(..., help="low-rank method: svd, tucker, cp (see modelpress list 'lowrank.*')"),
+              model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
+              data: str = typer.Option("mnist5k", "--data", "-d", help=DATA_HELP),
+              run_dir: Path = typer.Option(..., "--out", "-o", help="run folder: artifact + report"),
+              sets: List[str] = typer.Option([], "--set", help="config field, e.g. energy=0.9 or rank_ratio=0.5"),
+              finetune_epochs: float = typer.Option(0, "--finetune", help="fine-tune epochs after factorizing"),
+              lr: float = typer.Option(1e-3, help="fine-tune learning rate"),
+              latency: bool = typer.Option(True, help="measure latency (eager and ONNX Runtime)"),
+              trust_remote_code: bool = typer.Option(False, "--trust-remote-code")):
+    """Replace layers by low-rank factors (SVD, Tucker-2, CP) and report before/after (a one-stage recipe).
+
+    [bold]Examples[/bold]: modelpress factorize svd -m lenet5 --set param_ratio=0.5 --finetune 3 -o runs/svd ·
+    modelpress factorize tucker -m resnet_small --set rank_ratio=0.5 --finetune 3 -o runs/tucker
+    """
+    _method_command("lowrank", method, model, data, run_dir, sets, finetune_epochs, lr, latency, trust_remote_code)
+
+
+@app.command()
+def distill(model: str = typer.Option(..., "--model", "-m", help="the student: " + MODEL_HELP),
+            teacher: str = typer.Option(..., "--teacher", "-t", help="teacher artifact or zoo name (trained!)"),
+            data: str = typer.Option("mnist5k", "--data", "-d", help=DATA_HELP),
+            run_dir: Path = typer.Option(..., "--out", "-o", help="run folder: artifact + report"),
+            sets: List[str] = typer.Option([], "--set", help="config field, e.g. T=4 or alpha=0.9"),
+            epochs: float = typer.Option(3, "--epochs", help="training epochs"),
+            lr: float = typer.Option(1e-3, help="learning rate"),
+            latency: bool = typer.Option(True, help="measure latency (eager and ONNX Runtime)"),
+            trust_remote_code: bool = typer.Option(False, "--trust-remote-code")):
+    """Train a student from a frozen teacher's soft targets (+ hard labels), report before/after.
+
+    [bold]Examples[/bold]: modelpress distill -m small.py:build -t runs/base/model.safetensors --set T=4 -o runs/kd
+    """
+    _method_command("distill", "kd", model, data, run_dir, [f"teacher={teacher}", *sets], epochs, lr, latency,
+                    trust_remote_code)
+
+
 @app.command("export")
 def export_cmd(model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
                dest: Path = typer.Option(..., "--out", "-o", help="output file: .onnx or .safetensors"),

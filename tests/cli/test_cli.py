@@ -168,3 +168,22 @@ def test_prune_channels_command_shrinks_the_saved_model(tmp_path):
     model, _ = load_artifact(tmp_path / "c" / "model.safetensors")
     assert sum(p.numel() for p in model.parameters()) == rows[1]["params"]
     assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_quantize_factorize_and_export_commands(tmp_path):
+    base = tmp_path / "base.safetensors"
+    run("train", "lenet5", "--data", "digits", "--epochs", "2", "--out", str(base))
+    run("quantize", "weight_only", "-m", str(base), "-d", "digits", "-o", str(tmp_path / "w4"),
+        "--set", "bits=4", "--no-latency")
+    rows = json.loads((tmp_path / "w4" / "report.json").read_text())["rows"]
+    assert rows[1]["artifact_bytes"] < rows[0]["artifact_bytes"] / 4
+    run("factorize", "svd", "-m", str(base), "-d", "digits", "-o", str(tmp_path / "svd"),
+        "--set", "param_ratio=0.5", "--no-latency")
+    rows = json.loads((tmp_path / "svd" / "report.json").read_text())["rows"]
+    assert rows[1]["params"] < rows[0]["params"]
+    run("quantize", "static_int8", "-m", str(base), "-d", "digits", "-o", str(tmp_path / "s8"), "--no-latency")
+    res = run("export", "-m", str(tmp_path / "s8" / "model.safetensors"), "-d", "digits", "-o",
+              str(tmp_path / "s8.onnx"))
+    assert "int8 QDQ" in res.stdout and (tmp_path / "s8.onnx").stat().st_size < base.stat().st_size
+    res = run("export", "-m", str(base), "-d", "digits", "-o", str(tmp_path / "x.bin"), "--format", "tflite", check=False)
+    assert res.returncode == 2 and "--format" in res.stderr and not (tmp_path / "x.bin").exists()
