@@ -54,7 +54,7 @@ def cosine_distillation(model, inputs, target):
     return (1 - F.cosine_similarity(call_model(model, inputs), target, dim=-1)).mean()
 
 
-def rows(quick: bool, epochs: float = 15, lr: float = 5e-4) -> list[dict]:
+def rows(quick: bool, epochs: float = 6, lr: float = 2e-4) -> list[dict]:
     torch.manual_seed(0)
     teacher = build_model("minilm").eval()
     pairs = load_sts_pairs()
@@ -98,8 +98,8 @@ def rows(quick: bool, epochs: float = 15, lr: float = 5e-4) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: 256 sentences, 10 steps")
-    parser.add_argument("--epochs", type=float, default=15)
-    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--epochs", type=float, default=6)
+    parser.add_argument("--lr", type=float, default=2e-4)
     args = parser.parse_args()
     t0 = time.perf_counter()
     table = rows(args.quick, args.epochs, args.lr)
