@@ -30,7 +30,7 @@ def _check_family(config: MethodConfig, verb: str, families: tuple[str, ...]) ->
     info = get_method(config)
     if info.family not in families:
         raise ConfigError(f"{type(config).__name__} is a '{info.name}' method; {verb}() takes "
-                          f"{'/'.join(families)} methods", hint=f"use the matching verb, or apply(model, config)")
+                          f"{'/'.join(families)} methods", hint="use the matching verb, or apply(model, config)")
 
 
 def apply(model: nn.Module, config: MethodConfig, data: Any = None, *, train: TrainConfig | None = None,

@@ -237,7 +237,6 @@ def _method_command(family: str, method: str, model: str, data: str, run_dir: Pa
     import yaml
 
     from .core.registry import get_method
-    from .recipes.schema import Recipe
 
     name = method if "." in method else f"{family}.{method}"
     get_method(name)  # unknown names fail here with the list of methods

@@ -17,15 +17,36 @@ from __future__ import annotations
 import math
 
 import torch
+from pydantic import Field, model_validator
 from torch import nn
 
+from ..core.config import MethodConfig
 from ..core.data import as_data
 from ..core.errors import ConfigError
 from ..core.registry import MethodContext
+from ..core.scope import Scope
 from ..core.training import fit
 from ..export.modules import buildable
 
 METHODS = ("svd", "tucker", "cp")
+
+
+class RankChoice(MethodConfig):
+    """Fields SVD and Tucker share: how the rank is chosen (one of three rules) and which layers."""
+
+    rank_ratio: float | None = Field(None, gt=0, le=1, description="rank as a fraction of the full rank")
+    energy: float | None = Field(None, gt=0, le=1, description="fraction of squared singular values kept")
+    param_ratio: float | None = Field(None, gt=0, lt=1, description="keep at most this fraction of params")
+    scope: Scope = Scope()
+    keep_first_last: bool = Field(False, description="leave the first and last layer dense")
+    min_rank: int = Field(1, ge=1, description="never factorize below this rank")
+
+    @model_validator(mode="after")
+    def _one_rank_rule(self):
+        given = [k for k in ("rank_ratio", "energy", "param_ratio") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one of rank_ratio, energy, param_ratio (got {', '.join(given)})")
+        return self
 
 
 @buildable

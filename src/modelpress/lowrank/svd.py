@@ -31,34 +31,18 @@ from __future__ import annotations
 import math
 
 import torch
-from pydantic import Field, model_validator
 from torch import nn
 
-from ..core.config import MethodConfig
 from ..core.registry import MethodContext, register_method
-from ..core.scope import Scope, first_and_last
+from ..core.scope import first_and_last
 from ..quantization.modules import set_module
-from .layers import FactorizedLayer, check_conv, conv_weight, energy_rank, finetune, n_params, ratio_rank
+from .layers import FactorizedLayer, RankChoice, check_conv, conv_weight, energy_rank, finetune, n_params, ratio_rank
 
 DEFAULT_ENERGY = 0.95
 
 
-class SVD(MethodConfig):
-    """Truncated SVD of Linear / 1x1 Conv2d weights into two thinner layers."""
-
-    rank_ratio: float | None = Field(None, gt=0, le=1, description="rank as a fraction of min(out, in)")
-    energy: float | None = Field(None, gt=0, le=1, description="fraction of squared singular values kept")
-    param_ratio: float | None = Field(None, gt=0, lt=1, description="keep at most this fraction of params")
-    scope: Scope = Scope()
-    keep_first_last: bool = Field(False, description="leave the first and last layer dense")
-    min_rank: int = Field(1, ge=1, description="never factorize below this rank")
-
-    @model_validator(mode="after")
-    def _one_rank_rule(self):
-        given = [k for k in ("rank_ratio", "energy", "param_ratio") if getattr(self, k) is not None]
-        if len(given) > 1:
-            raise ValueError(f"give one of rank_ratio, energy, param_ratio (got {', '.join(given)})")
-        return self
+class SVD(RankChoice):
+    """Truncated SVD of Linear / 1x1 Conv2d weights into two thinner layers (rank_ratio: of min(out, in))."""
 
 
 def layer_matrix(layer: nn.Module) -> torch.Tensor:

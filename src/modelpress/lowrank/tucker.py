@@ -37,37 +37,24 @@ from __future__ import annotations
 import warnings
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import nn
 
-from ..core.config import MethodConfig
 from ..core.registry import MethodContext, register_method
-from ..core.scope import Scope, first_and_last
+from ..core.scope import first_and_last
 from ..quantization.modules import set_module
-from .layers import (FactorizedLayer, check_conv, conv_weight, energy_rank, finetune, n_params, ratio_rank,
+from .layers import (FactorizedLayer, RankChoice, check_conv, conv_weight, energy_rank, finetune, n_params, ratio_rank,
                      relative_error)
 
 DEFAULT_ENERGY = 0.95
 LAYER_TYPES = ("Conv2d",)
 
 
-class Tucker(MethodConfig):
-    """Tucker-2 over the output/input channels of Conv2d kernels: 1x1 -> kxk core -> 1x1."""
+class Tucker(RankChoice):
+    """Tucker-2 over the output/input channels of Conv2d kernels: 1x1 -> kxk core -> 1x1
+    (rank_ratio and energy apply to each channel mode)."""
 
-    rank_ratio: float | None = Field(None, gt=0, le=1, description="rank as a fraction of each channel count")
-    energy: float | None = Field(None, gt=0, le=1, description="fraction of squared singular values kept per mode")
-    param_ratio: float | None = Field(None, gt=0, lt=1, description="keep at most this fraction of params")
-    scope: Scope = Scope()
-    keep_first_last: bool = Field(False, description="leave the first and last conv dense")
-    min_rank: int = Field(1, ge=1, description="never factorize a mode below this rank")
     n_iter_max: int = Field(100, ge=1, description="HOOI iterations of partial_tucker")
-
-    @model_validator(mode="after")
-    def _one_rank_rule(self):
-        given = [k for k in ("rank_ratio", "energy", "param_ratio") if getattr(self, k) is not None]
-        if len(given) > 1:
-            raise ValueError(f"give one of rank_ratio, energy, param_ratio (got {', '.join(given)})")
-        return self
 
 
 def tucker_params(shape: tuple[int, ...], r_out: int, r_in: int, bias: bool) -> int:
