@@ -38,7 +38,7 @@ _EXPORTS = {
     "WeightSharing": ".quantization.codebook", "PowerOfTwo": ".quantization.codebook",
     "CodebookLinear": ".quantization.codebook", "CodebookConv2d": ".quantization.codebook",
     "QuantLinear": ".quantization.modules", "QuantConv2d": ".quantization.modules",
-    "KD": ".distillation.kd", "distill_from": ".distillation.kd",
+    "KD": ".distillation.kd", "MutualLearning": ".distillation.mutual", "distill_from": ".distillation.kd",
     "bert_student": ".distillation.students", "keep_layers": ".distillation.students",
     "SVD": ".lowrank.svd", "Tucker": ".lowrank.tucker", "CP": ".lowrank.cp",
     "analyze": ".analysis.analyze", "load_model": ".core.loading", "load_artifact": ".core.loading",
