@@ -51,7 +51,7 @@ warnings.filterwarnings("ignore", category=DeprecationWarning)
 from modelpress import quantize  # noqa: E402
 from modelpress.analysis.latency import compare_latency  # noqa: E402
 from modelpress.export.checkpoint import save_artifact  # noqa: E402
-from modelpress.export.onnx import export_onnx, ort_feeds  # noqa: E402
+from modelpress.export.onnx import export_onnx, ort_feeds, ort_session  # noqa: E402
 from modelpress.quantization.dynamic import DynamicInt8  # noqa: E402
 from modelpress.quantization.primitives import sqnr  # noqa: E402
 
@@ -62,23 +62,14 @@ class OrtEncoder(nn.Module):
     """An ONNX file behind the SentenceEncoder call signature, so ``embedding_quality`` can score it
     and ``compare_latency`` can time it against eager PyTorch.
 
-    Same session settings as ``ort_session`` (ORT_ENABLE_ALL, sequential, ``threads`` intra-op) but
-    with spinning off: idle ORT threads otherwise spin after each call and take the cores from the
-    PyTorch call that ``compare_latency`` runs next (on 2 cores that doubled both timings).
+    The session is ``ort_session(spinning=False)``: idle ORT threads otherwise spin after each call
+    and take the cores from the PyTorch call that ``compare_latency`` runs next (on 2 cores that
+    doubled both timings).
     """
 
     def __init__(self, path, tokenizer, threads: int | None = None):
         super().__init__()
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        if threads is not None:
-            opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+        self.session = ort_session(path, threads=threads, spinning=False)
         self.tokenizer = tokenizer
 
     def forward(self, **inputs):

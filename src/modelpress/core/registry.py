@@ -44,6 +44,17 @@ class MethodContext:
     trained: bool = False
     info: dict = field(default_factory=dict)  # what the method reports (per-layer ratios, skipped layers)
 
+    def finetune(self, model: nn.Module, description: str = "fine-tune") -> None:
+        """Fine-tune ``model`` in place when the caller gave both ``train`` and data (sets ``trained``)."""
+        if self.train is None or self.data is None:
+            return
+        from .data import as_data
+        from .training import fit
+
+        data = as_data(self.data, batch_size=self.train.batch_size, shuffle=True)
+        fit(model, data, self.train, loss_fn=self.loss_fn, description=description)
+        self.trained = True
+
 
 @dataclass(frozen=True)
 class MethodInfo:

@@ -213,10 +213,12 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
 
 
 # -- ONNX Runtime --------------------------------------------------------------------------
-def ort_session(path: str | os.PathLike, *, threads: int | None = 1):
+def ort_session(path: str | os.PathLike, *, threads: int | None = 1, spinning: bool = True):
     """An ``onnxruntime.InferenceSession`` on CPU with all graph optimisations.
 
     ``threads`` sets the intra-op pool (None: ORT's default); inter-op is 1 (sequential graph).
+    ``spinning=False`` stops idle ORT threads from busy-waiting after a call (they would take the
+    cores from a PyTorch call timed right after, as in alternating latency comparisons).
     """
     import onnxruntime as ort
 
@@ -226,6 +228,8 @@ def ort_session(path: str | os.PathLike, *, threads: int | None = 1):
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as exc:

@@ -43,7 +43,7 @@ from ..core.config import MethodConfig
 from ..core.registry import MethodContext, register_method
 from ..core.scope import Scope, first_and_last
 from ..quantization.modules import set_module
-from .layers import FactorizedLayer, check_conv, conv_weight, finetune, n_params, relative_error
+from .layers import FactorizedLayer, check_conv, conv_weight, n_params, relative_error
 
 DEFAULT_PARAM_RATIO = 0.5
 LAYER_TYPES = ("Conv2d",)
@@ -159,5 +159,5 @@ def cp(model: nn.Module, cfg: CP, ctx: MethodContext) -> nn.Module:
     if skipped:
         ctx.log(f"lowrank.cp: left dense: {', '.join(f'{n} ({r})' for n, r in skipped.items())}")
     if report:
-        finetune(model, ctx, "cp fine-tune")
+        ctx.finetune(model, "cp fine-tune")
     return model

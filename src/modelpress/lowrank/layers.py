@@ -1,4 +1,4 @@
-"""What the low-rank methods share: the factorized module, rank helpers and the fine-tune step.
+"""What the low-rank methods share: the factorized module, rank helpers and the shared config fields.
 
 Every factorization replaces one layer by a short chain of ordinary layers (two Linears, or
 1x1 / kxk / depthwise Conv2ds). The chain is a :class:`FactorizedLayer`, an ``nn.Sequential``
@@ -21,11 +21,8 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from ..core.config import MethodConfig
-from ..core.data import as_data
 from ..core.errors import ConfigError
-from ..core.registry import MethodContext
 from ..core.scope import Scope
-from ..core.training import fit
 from ..export.modules import buildable
 
 METHODS = ("svd", "tucker", "cp")
@@ -119,12 +116,3 @@ def conv_weight(layer: nn.Conv2d, shape: tuple[int, ...], weight: torch.Tensor, 
         elif bias:
             conv.bias.zero_()
     return conv.to(device=layer.weight.device, dtype=layer.weight.dtype)
-
-
-def finetune(model: nn.Module, ctx: MethodContext, description: str) -> None:
-    """Fine-tune with ``fit`` when the caller gave both ``train`` and data (sets ``ctx.trained``)."""
-    if ctx.train is None or ctx.data is None:
-        return
-    data = as_data(ctx.data, batch_size=ctx.train.batch_size, shuffle=True)
-    fit(model, data, ctx.train, loss_fn=ctx.loss_fn, description=description)
-    ctx.trained = True

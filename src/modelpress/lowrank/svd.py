@@ -36,7 +36,7 @@ from torch import nn
 from ..core.registry import MethodContext, register_method
 from ..core.scope import first_and_last
 from ..quantization.modules import set_module
-from .layers import FactorizedLayer, RankChoice, check_conv, conv_weight, energy_rank, finetune, n_params, ratio_rank
+from .layers import FactorizedLayer, RankChoice, check_conv, conv_weight, energy_rank, n_params, ratio_rank
 
 DEFAULT_ENERGY = 0.95
 
@@ -124,5 +124,5 @@ def svd(model: nn.Module, cfg: SVD, ctx: MethodContext) -> nn.Module:
     if skipped:
         ctx.log(f"lowrank.svd: left dense: {', '.join(f'{n} ({r})' for n, r in skipped.items())}")
     if report:
-        finetune(model, ctx, "svd fine-tune")
+        ctx.finetune(model, "svd fine-tune")
     return model

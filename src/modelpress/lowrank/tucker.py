@@ -43,7 +43,7 @@ from torch import nn
 from ..core.registry import MethodContext, register_method
 from ..core.scope import first_and_last
 from ..quantization.modules import set_module
-from .layers import (FactorizedLayer, RankChoice, check_conv, conv_weight, energy_rank, finetune, n_params, ratio_rank,
+from .layers import (FactorizedLayer, RankChoice, check_conv, conv_weight, energy_rank, n_params, ratio_rank,
                      relative_error)
 
 DEFAULT_ENERGY = 0.95
@@ -139,5 +139,5 @@ def tucker(model: nn.Module, cfg: Tucker, ctx: MethodContext) -> nn.Module:
     if skipped:
         ctx.log(f"lowrank.tucker: left dense: {', '.join(f'{n} ({r})' for n, r in skipped.items())}")
     if report:
-        finetune(model, ctx, "tucker fine-tune")
+        ctx.finetune(model, "tucker fine-tune")
     return model

@@ -56,11 +56,9 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from ..core.config import MethodConfig
-from ..core.data import as_data
 from ..core.errors import ConfigError, ScopeError
 from ..core.registry import MethodContext, register_method
 from ..core.scope import Scope, _normalise, first_and_last
-from ..core.training import fit
 from ..export import huffman  # noqa: F401  (registers the "huffman" / "codes" encodings)
 from ..export.modules import buildable
 from .primitives import sqnr
@@ -433,19 +431,11 @@ def _finalize(model: nn.Module, dtype: str) -> nn.Module:
     return model
 
 
-def _fine_tune(model: nn.Module, ctx: MethodContext, description: str) -> None:
-    if ctx.train is None or ctx.data is None:
-        return
-    data = as_data(ctx.data, batch_size=ctx.train.batch_size, shuffle=True)
-    fit(model, data, ctx.train, loss_fn=ctx.loss_fn, description=description)
-    ctx.trained = True
-
-
 @register_method("quant.kmeans", WeightSharing, layer_types=LAYER_TYPES)
 def weight_sharing(model: nn.Module, cfg: WeightSharing, ctx: MethodContext) -> nn.Module:
     """k-means weight sharing (Deep Compression), with centroid fine-tuning when given training."""
     _replace(model, cfg, ctx, lambda w, bits: kmeans_codebook(w, bits, cfg.init, cfg.keep_zeros, cfg.iters, cfg.seed))
-    _fine_tune(model, ctx, "centroid fine-tune")
+    ctx.finetune(model, "centroid fine-tune")
     return _finalize(model, cfg.storage_dtype)
 
 
@@ -455,5 +445,5 @@ def power_of_two(model: nn.Module, cfg: PowerOfTwo, ctx: MethodContext) -> nn.Mo
     _replace(model, cfg, ctx, lambda w, bits: log2_codebook(w, bits))
     for _, q in codebook_layers(model):
         q.codebook.requires_grad_(False)  # the levels are powers of two by definition
-    _fine_tune(model, ctx, "fine-tune (fixed power-of-two levels)")
+    ctx.finetune(model, "fine-tune (fixed power-of-two levels)")
     return _finalize(model, cfg.storage_dtype)
