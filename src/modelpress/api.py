@@ -35,11 +35,13 @@ def _check_family(config: MethodConfig, verb: str, families: tuple[str, ...]) ->
 
 def apply(model: nn.Module, config: MethodConfig, data: Any = None, *, train: TrainConfig | None = None,
           inplace: bool = False, task: str = "classification", loss_fn=None,
-          context: MethodContext | None = None) -> nn.Module:
+          context: MethodContext | None = None, evaluation=None) -> nn.Module:
     """Apply any registered method; returns the compressed model (a copy unless ``inplace``).
 
     ``train`` asks for training inside the method when it supports it (e.g. a pruning
-    schedule during fine-tuning); ``context`` (optional) receives what the method reports.
+    schedule during fine-tuning); ``context`` (optional) receives what the method reports;
+    ``evaluation`` (a :class:`~modelpress.core.training.Evaluation`) makes that training
+    evaluate on held-out data after every epoch and keep the best weights.
     """
     from .core.errors import DataError
 
@@ -50,6 +52,8 @@ def apply(model: nn.Module, config: MethodConfig, data: Any = None, *, train: Tr
                         hint="pass data=DataLoader/list of batches")
     ctx = context or MethodContext()
     ctx.data, ctx.train, ctx.task, ctx.loss_fn = data, train, task, loss_fn
+    if evaluation is not None:
+        ctx.evaluation = evaluation
     target = model if inplace else copy.deepcopy(model)
     return info.fn(target, config, ctx)
 

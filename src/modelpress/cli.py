@@ -311,8 +311,12 @@ def factorize(method: str = typer.Argument(..., help="low-rank method: svd, tuck
 
 
 @app.command()
-def distill(model: str = typer.Option(..., "--model", "-m", help="the student: " + MODEL_HELP),
-            teacher: str = typer.Option(..., "--teacher", "-t", help="teacher artifact or zoo name (trained!)"),
+def distill(method: str = typer.Argument("kd", help="kd (from a teacher), self (deeper layers teach exit heads), "
+                                                    "mutual (two students), qat (float model teaches its QAT copy)"),
+            model: str = typer.Option(..., "--model", "-m", help="the student: " + MODEL_HELP),
+            teacher: Optional[str] = typer.Option(None, "--teacher", "-t",
+                                                  help="teacher artifact or zoo name (trained!); needed by kd, "
+                                                       "optional for qat (default: the float model)"),
             data: str = typer.Option("mnist5k", "--data", "-d", help=DATA_HELP),
             run_dir: Path = typer.Option(..., "--out", "-o", help="run folder: artifact + report"),
             sets: List[str] = typer.Option([], "--set", help="config field, e.g. T=4 or alpha=0.9"),
@@ -320,12 +324,20 @@ def distill(model: str = typer.Option(..., "--model", "-m", help="the student: "
             lr: float = typer.Option(1e-3, help="learning rate"),
             latency: bool = typer.Option(True, help="measure latency (eager and ONNX Runtime)"),
             trust_remote_code: bool = typer.Option(False, "--trust-remote-code")):
-    """Train a student from a frozen teacher's soft targets (+ hard labels), report before/after.
+    """Train a student by distillation (offline KD, self, mutual or quantization-aware), report before/after.
 
-    [bold]Examples[/bold]: modelpress distill -m small.py:build -t runs/base/model.safetensors --set T=4 -o runs/kd
+    [bold]Examples[/bold]: modelpress distill -m small.py:build -t runs/base/model.safetensors --set T=4 -o runs/kd ·
+    modelpress distill self -m resnet_small --epochs 5 -o runs/self ·
+    modelpress distill qat -m runs/base/model.safetensors --set quant.weight_bits=4 -o runs/qad
     """
-    _method_command("distill", "kd", model, data, run_dir, [f"teacher={teacher}", *sets], epochs, lr, latency,
-                    trust_remote_code)
+    name = method.split(".")[-1]
+    if name == "kd" and not teacher:
+        raise ModelpressError("modelpress distill kd needs a teacher", hint="pass --teacher path/to/teacher.safetensors")
+    if teacher and name not in ("kd", "qat"):
+        raise ModelpressError(f"modelpress distill {name} takes no --teacher",
+                              hint="kd and qat take a teacher; self and mutual train without one")
+    extra = [] if not teacher else [f"teacher={teacher}" if name == "kd" else f"kd.teacher={teacher}"]
+    _method_command("distill", method, model, data, run_dir, [*extra, *sets], epochs, lr, latency, trust_remote_code)
 
 
 @app.command("export")

@@ -187,3 +187,22 @@ def test_quantize_factorize_and_export_commands(tmp_path):
     assert "int8 QDQ" in res.stdout and (tmp_path / "s8.onnx").stat().st_size < base.stat().st_size
     res = run("export", "-m", str(base), "-d", "digits", "-o", str(tmp_path / "x.bin"), "--format", "tflite", check=False)
     assert res.returncode == 2 and "--format" in res.stderr and not (tmp_path / "x.bin").exists()
+
+
+def test_distill_command_runs_kd_self_and_quantization_aware_distillation(tmp_path):
+    base = tmp_path / "base.safetensors"
+    run("train", "lenet5", "--data", "digits", "--epochs", "2", "--out", str(base))
+    run("distill", "-m", "lenet300", "-t", str(base), "-d", "digits", "-o", str(tmp_path / "kd"),
+        "--set", "T=3", "--epochs", "1", "--no-latency")
+    rows = json.loads((tmp_path / "kd" / "report.json").read_text())["rows"]
+    assert rows[1]["accuracy"] > 0.5
+    run("distill", "self", "-m", str(base), "-d", "digits", "-o", str(tmp_path / "self"), "--epochs", "0.5",
+        "--no-latency")
+    rows = json.loads((tmp_path / "self" / "report.json").read_text())["rows"]
+    assert rows[1]["params"] == rows[0]["params"]  # the exit heads are gone
+    run("distill", "qat", "-m", str(base), "-d", "digits", "-o", str(tmp_path / "qad"), "--epochs", "0.5",
+        "--set", "quant.weight_bits=4", "--set", "quant.observer_steps=5", "--no-latency")
+    rows = json.loads((tmp_path / "qad" / "report.json").read_text())["rows"]
+    assert rows[1]["artifact_bytes"] < rows[0]["artifact_bytes"] / 3
+    res = run("distill", "kd", "-m", "lenet300", "-d", "digits", "-o", str(tmp_path / "x"), check=False)
+    assert res.returncode == 2 and "--teacher" in res.stderr

@@ -1,6 +1,5 @@
 import pytest
 import torch
-from torch import nn
 
 from modelpress import MagnitudePruning, Polynomial, Scope, TrainConfig, prune
 from modelpress.core.errors import ScopeError

@@ -17,9 +17,10 @@ def progress_enabled() -> bool:
 
 
 @contextmanager
-def progress_bar(description: str, total: int | None):
-    """A rich progress bar; yields ``advance(n=1, **fields)``. Silent when disabled."""
-    if not progress_enabled():
+def progress_bar(description: str, total: int | None, enabled: bool = True):
+    """A rich progress bar; yields ``advance(n=1, **fields)``. Silent when disabled
+    (``MODELPRESS_PROGRESS=0``, or ``enabled=False``, e.g. on every rank but 0 of a torchrun job)."""
+    if not (enabled and progress_enabled()):
         yield lambda n=1, **kw: None
         return
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),

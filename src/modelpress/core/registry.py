@@ -34,6 +34,8 @@ class MethodContext:
       afterwards).
     * ``task``: ``"classification"`` or ``"embedding"``; ``loss_fn`` overrides the default loss.
     * ``log``: a callable taking a string, for progress notes.
+    * ``evaluation``: a :class:`~modelpress.core.training.Evaluation` that training inside the
+      method uses (evaluate each epoch, keep the best weights), or None.
     """
 
     data: Any = None
@@ -42,6 +44,7 @@ class MethodContext:
     loss_fn: Callable | None = None
     log: Callable[[str], None] = lambda msg: None
     trained: bool = False
+    evaluation: Any = None
     info: dict = field(default_factory=dict)  # what the method reports (per-layer ratios, skipped layers)
 
     def finetune(self, model: nn.Module, description: str = "fine-tune") -> None:
@@ -52,7 +55,7 @@ class MethodContext:
         from .training import fit
 
         data = as_data(self.data, batch_size=self.train.batch_size, shuffle=True)
-        fit(model, data, self.train, loss_fn=self.loss_fn, description=description)
+        fit(model, data, self.train, loss_fn=self.loss_fn, description=description, evaluation=self.evaluation)
         self.trained = True
 
 

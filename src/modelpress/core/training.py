@@ -1,7 +1,17 @@
 """Training, fine-tuning and evaluation loops shared by every method.
 
 ``fit`` is deliberately small: the methods that need more (pruning schedules, QAT,
-distillation) hook into it through callbacks instead of writing their own loops.
+distillation) hook into it through callbacks instead of writing their own loops. It also
+
+* evaluates after every epoch when given an :class:`Evaluation` (held-out data and a metric,
+  accuracy by default) and keeps the best epoch's weights (restored at the end);
+* trains data-parallel when launched with ``torchrun`` (or inside an initialised
+  ``torch.distributed`` process group): each process takes every ``world_size``-th batch,
+  gradients are averaged with one all-reduce per step, replicas start from rank 0's weights
+  and end with rank 0's buffers, so every rank returns the same model. (The gradients are
+  reduced explicitly rather than by wrapping the model in ``DistributedDataParallel``:
+  distillation losses call into sub-modules of what is trained (the student inside its
+  adapters, a pair of peers), which DDP's forward wrapper would bypass.)
 
     >>> import torch
     >>> from torch import nn
@@ -16,7 +26,10 @@ distillation) hook into it through callbacks instead of writing their own loops.
 """
 from __future__ import annotations
 
+import copy
 import math
+import os
+from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Protocol
 
 import torch
@@ -28,7 +41,7 @@ from .config import StrictModel
 from .data import Data, as_data, call_model, check_finite, split_batch
 from .errors import DataError
 from .masks import apply_masks
-from .progress import progress_bar
+from .progress import log, progress_bar
 
 
 class TrainConfig(StrictModel):
@@ -42,6 +55,36 @@ class TrainConfig(StrictModel):
     lr_schedule: Literal["constant", "cosine"] = "cosine"
     batch_size: int = Field(64, ge=1)
     max_steps: int | None = Field(None, ge=1)
+    distributed: Literal["auto", "off"] = Field(
+        "auto", description="auto: data-parallel when launched by torchrun (WORLD_SIZE > 1) or inside an "
+                            "initialised torch.distributed group; off: always train alone")
+
+
+@dataclass
+class Evaluation:
+    """Evaluate during :func:`fit` after every epoch (and at the end) on held-out ``data``.
+
+    ``metric(model, data) -> float`` defaults to top-1 accuracy; ``higher_is_better`` says which
+    way is best. With ``keep_best`` the weights of the best evaluation are restored when
+    training ends. ``history`` collects one ``{"epoch", "step", "loss", "metric"}`` per evaluation.
+    """
+
+    data: Any
+    metric: Callable[[nn.Module, Any], float] | None = None
+    keep_best: bool = True
+    higher_is_better: bool = True
+    history: list[dict] = field(default_factory=list)
+    best: float | None = None
+    best_epoch: float | None = None
+
+    def __post_init__(self):
+        if self.data is None:
+            raise DataError("Evaluation needs held-out data", hint="pass Evaluation(data=test_batches)")
+
+    def better(self, value: float) -> bool:
+        if self.best is None:
+            return True
+        return value > self.best if self.higher_is_better else value < self.best
 
 
 class Callback(Protocol):  # pragma: no cover - structural type only
@@ -69,38 +112,104 @@ def classification_loss(model: nn.Module, inputs: Any, target: torch.Tensor | No
 LossFn = Callable[[nn.Module, Any, Any], torch.Tensor]
 
 
-def total_steps(data: Data, cfg: TrainConfig) -> int:
+def steps_per_epoch(data: Data, world_size: int = 1) -> int | None:
+    """Optimizer steps in one pass (each of ``world_size`` processes takes every n-th batch,
+    the incomplete last round is dropped); None when the data has no length."""
     try:
-        per_epoch = len(data)
+        n = len(data)
     except TypeError:
-        per_epoch = cfg.max_steps or 1
+        return None
+    if n < world_size:
+        raise DataError(f"{n} batches cannot be shared by {world_size} processes",
+                        hint="use more data, a smaller batch_size or fewer processes")
+    return n // world_size
+
+
+def total_steps(data: Data, cfg: TrainConfig, world_size: int = 1) -> int:
+    per_epoch = steps_per_epoch(data, world_size) or cfg.max_steps or 1
     steps = max(1, math.ceil(per_epoch * cfg.epochs))
     return min(steps, cfg.max_steps) if cfg.max_steps else steps
 
 
+# -- data parallel ----------------------------------------------------------------------
+def distributed_world(cfg: TrainConfig) -> tuple[int, int]:
+    """``(rank, world_size)`` of this process; ``(0, 1)`` when training alone.
+
+    With ``cfg.distributed == "auto"`` a process started by ``torchrun`` (``WORLD_SIZE`` > 1)
+    joins the default process group (gloo on CPU, nccl when CUDA is available) if nobody has yet.
+    """
+    import torch.distributed as dist
+
+    if cfg.distributed == "off" or not dist.is_available():
+        return 0, 1
+    if not dist.is_initialized():
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return 0, 1
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _broadcast_state(model: nn.Module, params: bool = True) -> None:
+    import torch.distributed as dist
+
+    tensors = ([p.data for p in model.parameters()] if params else []) + \
+        [b for b in model.buffers() if b.is_floating_point() or b.dtype in (torch.int64, torch.int32)]
+    for t in tensors:
+        dist.broadcast(t, src=0)
+
+
+def _average_gradients(model: nn.Module, loss: torch.Tensor, world_size: int) -> torch.Tensor:
+    """All-reduce the mean gradient of every trainable parameter and the mean loss (one call)."""
+    import torch.distributed as dist
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads] + [loss.detach().reshape(1).to(grads[0].dtype)])
+    dist.all_reduce(flat)
+    flat /= world_size
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset:offset + n].view_as(g).clone()
+        offset += n
+    return flat[-1]
+
+
 def fit(model: nn.Module, data: Any, cfg: TrainConfig | None = None, *, loss_fn: LossFn | None = None,
-        callbacks: list | tuple = (), description: str = "fine-tune") -> nn.Module:
+        callbacks: list | tuple = (), description: str = "fine-tune",
+        evaluation: Evaluation | None = None) -> nn.Module:
     """Train ``model`` in place on ``data`` and return it.
 
     ``loss_fn(model, inputs, target) -> loss`` defaults to cross-entropy. Pruning masks
     (see :mod:`modelpress.core.masks`) are re-applied after every optimizer step.
     Callbacks may define ``on_step_begin(step, model)`` and ``on_step_end(step, model)``.
+    ``evaluation`` (optional) evaluates after every epoch and keeps the best weights.
+    Under ``torchrun`` the processes train one model data-parallel (see the module docstring).
     """
     cfg = cfg or TrainConfig()
     data = as_data(data, batch_size=cfg.batch_size, shuffle=True)
     loss_fn = loss_fn or classification_loss
-    steps = total_steps(data, cfg)
-    if steps == 0 or cfg.epochs == 0:
+    if cfg.epochs == 0:
         return model
+    rank, world = distributed_world(cfg)
+    per_epoch = steps_per_epoch(data, world)
+    steps = total_steps(data, cfg, world)
     opt = make_optimizer(model, cfg)
     sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
              if cfg.lr_schedule == "cosine" else None)
+    if world > 1:
+        _broadcast_state(model)  # every replica starts from rank 0's weights
+    best_state = None
+    if evaluation is not None:
+        evaluation.best = evaluation.best_epoch = None  # the best of this run (history accumulates)
     was_training = model.training
     model.train()
-    step = 0
-    with progress_bar(description, total=steps) as advance:
+    step, loss_value = 0, float("nan")
+    with progress_bar(description, total=steps, enabled=rank == 0) as advance:
         while step < steps:
-            for batch in data:
+            for i, batch in enumerate(data):
+                if world > 1 and (i % world != rank or (per_epoch is not None and i >= per_epoch * world)):
+                    continue
                 inputs, target = split_batch(batch)
                 if step == 0:
                     check_finite(inputs, "training data")
@@ -109,10 +218,12 @@ def fit(model: nn.Module, data: Any, cfg: TrainConfig | None = None, *, loss_fn:
                         cb.on_step_begin(step, model)
                 opt.zero_grad(set_to_none=True)
                 loss = loss_fn(model, inputs, target)
+                loss.backward()
+                if world > 1:
+                    loss = _average_gradients(model, loss, world)
                 if not torch.isfinite(loss):
                     raise DataError(f"training loss became {loss.item()} at step {step}",
                                     hint="lower the learning rate (TrainConfig.lr)")
-                loss.backward()
                 opt.step()
                 if sched:
                     sched.step()
@@ -121,11 +232,37 @@ def fit(model: nn.Module, data: Any, cfg: TrainConfig | None = None, *, loss_fn:
                     if hasattr(cb, "on_step_end"):
                         cb.on_step_end(step, model)
                 step += 1
-                advance(note=f"loss {loss.item():.3f}")
+                loss_value = loss.item()
+                advance(note=f"loss {loss_value:.3f}")
+                epoch_end = per_epoch is not None and step % per_epoch == 0
+                if evaluation is not None and (epoch_end or step >= steps):
+                    state = _evaluate(model, evaluation, step, per_epoch, loss_value, description if rank == 0 else None)
+                    best_state = state if state is not None else best_state
                 if step >= steps:
                     break
+    if world > 1:
+        _broadcast_state(model, params=False)  # BatchNorm statistics: rank 0's
+    if evaluation is not None and evaluation.keep_best and best_state is not None:
+        model.load_state_dict(best_state)
     model.train(was_training)
     return model
+
+
+def _evaluate(model: nn.Module, evaluation: Evaluation, step: int, per_epoch: int | None, loss: float,
+              description: str | None) -> dict | None:
+    """One evaluation; returns a copy of the weights when they are the best so far (and kept)."""
+    value = float((evaluation.metric or evaluate_accuracy)(model, evaluation.data))
+    model.train()
+    epoch = round(step / per_epoch, 3) if per_epoch else None
+    evaluation.history.append({"epoch": epoch, "step": step, "loss": loss, "metric": value})
+    improved = evaluation.better(value)
+    if description is not None:
+        log(f"{description}: epoch {epoch if epoch is not None else '?'} loss {loss:.4f} "
+            f"metric {value:.4f}{' (best)' if improved else ''}")
+    if not improved:
+        return None
+    evaluation.best, evaluation.best_epoch = value, epoch
+    return copy.deepcopy(model.state_dict()) if evaluation.keep_best else None
 
 
 @torch.no_grad()

@@ -7,6 +7,10 @@ The student trains with :func:`~modelpress.core.training.fit` on a loss that mix
   ``weights``-weighted average of their softened probabilities;
 * or, for sentence encoders, ``loss="embedding_cosine"`` / ``"embedding_mse"`` against the
   teacher's embeddings (several teachers: weighted average of the per-teacher losses);
+* plus, optionally, relational KD (Park et al. 2019): ``relational_weight * (RKD-distance +
+  2 * RKD-angle)`` between the structure of the batch's student outputs and the teachers'
+  (weighted-average) outputs, useful when a student should keep how samples relate rather
+  than the raw values;
 * plus optional feature hints: ``hints=[("student_layer", "teacher_layer"), ...]``, taken with
   forward hooks on the first teacher; ``hint_loss="fitnet"`` (MSE through a learned
   :class:`~modelpress.distillation.losses.HintAdapter`, trained with the student and dropped
@@ -47,7 +51,7 @@ from ..core.errors import ConfigError, DataError
 from ..core.registry import MethodContext, register_method
 from ..core.training import TrainConfig, fit
 from .losses import (HintAdapter, attention_transfer_loss, embedding_cosine_loss, embedding_mse_loss,
-                     ensemble_probs, hint_loss, soft_hard_loss)
+                     ensemble_probs, hint_loss, rkd_angle_loss, rkd_distance_loss, soft_hard_loss)
 
 
 class KD(MethodConfig):
@@ -64,6 +68,8 @@ class KD(MethodConfig):
                                          description="(student_layer, teacher_layer) feature pairs")
     hint_loss: Literal["fitnet", "attention"] = "fitnet"
     hint_weight: float = Field(1.0, ge=0, description="weight of the summed hint losses")
+    relational_weight: float = Field(0.0, ge=0, description="weight of relational KD (RKD distance + 2 x angle) "
+                                                            "between the batch's student and teacher outputs")
 
     @field_validator("weights")
     @classmethod
@@ -178,20 +184,31 @@ def _output(out: Any) -> torch.Tensor:
 
 
 # -- the method -------------------------------------------------------------------------
+def _response_loss(cfg: KD, weights: list[float], s_out: torch.Tensor, t_outs: list[torch.Tensor],
+                   target: torch.Tensor | None) -> torch.Tensor:
+    """Soft targets (+ labels) or embedding loss of the student's output against the teachers'."""
+    if cfg.loss == "kd":
+        probs = ensemble_probs(t_outs, weights, cfg.T)
+        loss = soft_hard_loss(s_out, probs, target, cfg.T, cfg.alpha, teacher_is_probs=True)
+    else:
+        emb_loss = embedding_cosine_loss if cfg.loss == "embedding_cosine" else embedding_mse_loss
+        total_w = float(sum(weights))
+        loss = sum((w / total_w) * emb_loss(s_out, t) for w, t in zip(weights, t_outs))
+    if cfg.relational_weight > 0:
+        t_rel = sum(w * t for w, t in zip(weights, t_outs)) / float(sum(weights))
+        s_flat, t_flat = s_out.reshape(s_out.shape[0], -1), t_rel.reshape(t_rel.shape[0], -1)
+        loss = loss + cfg.relational_weight * (rkd_distance_loss(s_flat, t_flat) + 2.0 * rkd_angle_loss(s_flat, t_flat))
+    return loss
+
+
 def _make_loss(cfg: KD, teachers: list[nn.Module], s_taps: _FeatureTaps | None, t_taps: _FeatureTaps | None):
     weights = cfg.weights or [1.0] * len(teachers)
-    total_w = float(sum(weights))
 
     def loss_fn(model: _StudentWithAdapters, inputs: Any, target: torch.Tensor | None) -> torch.Tensor:
         with torch.no_grad():
             t_outs = [_output(call_model(t, inputs)) for t in teachers]
         s_out = _output(call_model(model.student, inputs))
-        if cfg.loss == "kd":
-            probs = ensemble_probs(t_outs, weights, cfg.T)
-            loss = soft_hard_loss(s_out, probs, target, cfg.T, cfg.alpha, teacher_is_probs=True)
-        else:
-            emb_loss = embedding_cosine_loss if cfg.loss == "embedding_cosine" else embedding_mse_loss
-            loss = sum((w / total_w) * emb_loss(s_out, t) for w, t in zip(weights, t_outs))
+        loss = _response_loss(cfg, weights, s_out, t_outs, target)
         if cfg.hints and cfg.hint_weight > 0:
             parts = []
             for (s_name, t_name), adapter in zip(cfg.hints, model.adapters):
@@ -247,7 +264,8 @@ def knowledge_distillation(student: nn.Module, cfg: KD, ctx: MethodContext) -> n
                 t_taps = _FeatureTaps(teachers[0], [t for _, t in cfg.hints], "teacher")
                 adapters = _build_adapters(cfg, student, teachers[0], data, s_taps, t_taps)
             wrapped = _StudentWithAdapters(student, adapters)
-            fit(wrapped, data, train, loss_fn=_make_loss(cfg, teachers, s_taps, t_taps), description="distill")
+            fit(wrapped, data, train, loss_fn=_make_loss(cfg, teachers, s_taps, t_taps), description="distill",
+                evaluation=ctx.evaluation)
         finally:
             for taps in (s_taps, t_taps):
                 if taps is not None:
@@ -257,13 +275,57 @@ def knowledge_distillation(student: nn.Module, cfg: KD, ctx: MethodContext) -> n
     return student
 
 
+def distillation_loss(teachers: nn.Module | Sequence[nn.Module], cfg: KD | None = None):
+    """A ``loss_fn(model, inputs, target)`` that distills ``teachers`` into whatever model is
+    trained: pass it as ``loss_fn=`` to any method that trains (pruning with fine-tune, QAT,
+    low-rank fine-tune, recipes) to recover accuracy from the uncompressed model's outputs.
+
+    Teachers run in eval mode under ``no_grad`` (they get no gradients). Response terms only
+    (soft targets / embeddings / relational); feature hints need :func:`distill_from`.
+
+        >>> import torch
+        >>> from modelpress import prune, MagnitudePruning, TrainConfig
+        >>> net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16),
+        ...                           torch.nn.ReLU(), torch.nn.Linear(16, 3))
+        >>> x = torch.randn(64, 8); y = x[:, :3].argmax(1)
+        >>> small = prune(net, MagnitudePruning(sparsity=0.5), [(x, y)], train=TrainConfig(epochs=2),
+        ...               loss_fn=distillation_loss(net, KD(T=2.0)))
+    """
+    cfg = cfg or KD()
+    if cfg.hints:
+        raise ConfigError("distillation_loss() takes response distillation only; KD.hints needs distill_from()",
+                          hint="drop hints, or distill with distill_from(student, teacher, data, cfg)")
+    teachers = [teachers] if isinstance(teachers, nn.Module) else list(teachers)
+    if not teachers:
+        raise ConfigError("distillation_loss() needs at least one teacher")
+    weights = cfg.weights or [1.0] * len(teachers)
+    if len(weights) != len(teachers):
+        raise ConfigError(f"KD.weights: {len(weights)} weights for {len(teachers)} teachers")
+
+    def loss_fn(model: nn.Module, inputs: Any, target: torch.Tensor | None) -> torch.Tensor:
+        if any(t is model for t in teachers):
+            raise ConfigError("the teacher is the model being trained", hint="distill from a frozen copy")
+        with torch.no_grad():
+            t_outs = []
+            for t in teachers:
+                if t.training:
+                    t.eval()
+                t_outs.append(_output(call_model(t, inputs)))
+        return _response_loss(cfg, weights, _output(call_model(model, inputs)), t_outs, target)
+
+    return loss_fn
+
+
 def distill_from(student: nn.Module, teachers: nn.Module | Sequence[nn.Module], data: Any,
                  cfg: KD | None = None, train: TrainConfig | None = None, *, inplace: bool = False,
-                 task: str = "classification") -> nn.Module:
+                 task: str = "classification", evaluation=None) -> nn.Module:
     """Distill ``teachers`` (one module or a list) into ``student``; returns the trained student
-    (a copy unless ``inplace``). ``cfg.teacher`` is ignored: the modules given here are used."""
+    (a copy unless ``inplace``). ``cfg.teacher`` is ignored: the modules given here are used.
+    ``evaluation`` (an :class:`~modelpress.core.training.Evaluation`) evaluates the student after
+    every epoch and keeps its best weights."""
     from ..api import apply
 
     ctx = MethodContext()
     ctx.teachers = [teachers] if isinstance(teachers, nn.Module) else list(teachers)
-    return apply(student, cfg or KD(), data, train=train or TrainConfig(), inplace=inplace, task=task, context=ctx)
+    return apply(student, cfg or KD(), data, train=train or TrainConfig(), inplace=inplace, task=task, context=ctx,
+                 evaluation=evaluation)

@@ -51,6 +51,9 @@ class _Pair(nn.Module):
         super().__init__()
         self.a, self.b = a, b
 
+    def forward(self, *args, **kwargs):  # what evaluation sees: the student's predictions
+        return self.a(*args, **kwargs)
+
 
 def fresh_copy(model: nn.Module, seed: int) -> nn.Module:
     """Same architecture, weights re-initialised by each layer's own ``reset_parameters``.
@@ -84,12 +87,12 @@ def mutual_loss(pair: _Pair, inputs: Any, target: torch.Tensor | None, T: float,
 
 
 def mutual_learning(student: nn.Module, peer: nn.Module | None, data: Any, cfg: MutualLearning,
-                    train: TrainConfig) -> tuple[nn.Module, nn.Module]:
+                    train: TrainConfig, evaluation=None) -> tuple[nn.Module, nn.Module]:
     """Train ``student`` and ``peer`` (fresh copy if None) together, in place; returns both."""
     peer = peer if peer is not None else fresh_copy(student, cfg.seed)
     pair = _Pair(student, peer)
     fit(pair, as_data(data), train, loss_fn=lambda m, x, y: mutual_loss(m, x, y, cfg.T, cfg.weight),
-        description="mutual learning")
+        description="mutual learning", evaluation=evaluation)
     return student.eval(), peer.eval()
 
 
@@ -101,7 +104,8 @@ def deep_mutual_learning(student: nn.Module, cfg: MutualLearning, ctx: MethodCon
         from ..core.loading import load_model
 
         peer = load_model(cfg.peer)
-    student, peer = mutual_learning(student, peer, ctx.data, cfg, ctx.train or TrainConfig())
+    student, peer = mutual_learning(student, peer, ctx.data, cfg, ctx.train or TrainConfig(),
+                                    ctx.evaluation)
     ctx.trained = True
     ctx.info["peer"] = peer
     return student

@@ -166,7 +166,8 @@ def run_unstructured(model: nn.Module, cfg: UnstructuredPruning, ctx: MethodCont
     data = as_data(ctx.data, batch_size=ctx.train.batch_size, shuffle=True)
     schedule = cfg.schedule.resolve(total_steps(data, ctx.train))
     cb = _ScheduleCallback(layers, cfg, schedule, scorer)
-    fit(model, data, ctx.train, loss_fn=ctx.loss_fn, callbacks=[cb], description="prune + fine-tune")
+    fit(model, data, ctx.train, loss_fn=ctx.loss_fn, callbacks=[cb], description="prune + fine-tune",
+        evaluation=ctx.evaluation)
     # The schedule may end after the training does (e.g. a short run): make the target exact.
     ctx.info["layer_sparsity"] = prune_to(layers, cfg, cfg.sparsity, scorer(layers))
     ctx.info["schedule"] = cb.history

@@ -113,7 +113,8 @@ def soft_filter_prune(model: nn.Module, cfg: SoftFilterPruning, ctx: MethodConte
     if ctx.train is not None and ctx.data is not None:
         data = as_data(ctx.data, batch_size=ctx.train.batch_size, shuffle=True)
         cb = SoftFilterCallback(layers, cfg.ratio, cfg.frequency or max(1, len(data)))
-        fit(model, data, ctx.train, loss_fn=ctx.loss_fn, callbacks=[cb], description="soft filter pruning")
+        fit(model, data, ctx.train, loss_fn=ctx.loss_fn, callbacks=[cb], description="soft filter pruning",
+            evaluation=ctx.evaluation)
         history = cb.history
         ctx.trained = True
     else:

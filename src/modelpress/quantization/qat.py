@@ -240,7 +240,8 @@ def qat(model: nn.Module, cfg: QAT, ctx: MethodContext) -> nn.Module:
     calibrate(model, data, cfg.calibration_batches)
     cb = QATCallback(cfg)
     if ctx.train is not None:
-        fit(model, data, ctx.train, loss_fn=ctx.loss_fn, callbacks=[cb], description="quantization-aware training")
+        fit(model, data, ctx.train, loss_fn=ctx.loss_fn, callbacks=[cb],
+            description="quantization-aware training", evaluation=ctx.evaluation)
         ctx.trained = True
     else:
         ctx.log("quant.qat: no TrainConfig given, so the ranges are calibrated and the weights are not trained")

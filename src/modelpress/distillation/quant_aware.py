@@ -1,0 +1,67 @@
+"""Quantization-aware distillation (``distill.qat``): quantization-aware training whose loss is
+distillation from the float model.
+
+The float teacher is, by default, a frozen copy of the model *before* fake-quantizers are
+inserted (or ``kd.teacher``: any model reference); the student is the same model trained with
+:mod:`~modelpress.quantization.qat` (fake-quant weights and activations, LSQ scales, observer and
+BatchNorm freezing, conversion to packed integer layers), with the loss of ``kd``: soft targets
+at temperature ``T`` mixed with the labels (``alpha``), or an embedding loss for encoders. On
+unlabelled batches the loss is the teacher's soft targets / embeddings alone.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from modelpress import distill, TrainConfig, QAT
+    >>> net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    >>> x = torch.randn(64, 8)
+    >>> q = distill(net, QuantAwareDistillation(quant=QAT(weight_bits=4, observer_steps=2)), [x],
+    ...             train=TrainConfig(epochs=3, lr=1e-2))
+    >>> type(q[0]).__name__, q[0].qspec.bits, q[0].act_bits
+    ('QuantLinear', 4, 8)
+
+Returns a new model (the verbs copy; see :mod:`modelpress.api`).
+"""
+from __future__ import annotations
+
+import copy
+
+from pydantic import Field
+from torch import nn
+
+from ..core.config import MethodConfig
+from ..core.errors import DataError
+from ..core.registry import MethodContext, get_method, register_method
+from ..core.training import TrainConfig
+from ..quantization.qat import QAT
+from .kd import KD, _resolve_teachers, distillation_loss, frozen
+
+
+class QuantAwareDistillation(MethodConfig):
+    """QAT (fake-quant student) trained on distillation from the float model (the teacher)."""
+
+    quant: QAT = Field(default_factory=QAT, description="the quantization-aware training of the student")
+    kd: KD = Field(default_factory=KD, description="the distillation loss; kd.teacher None = the float "
+                                                   "model itself, frozen before quantization")
+
+
+@register_method("distill.qat", QuantAwareDistillation, needs_data=True, needs_training=True)
+def quant_aware_distillation(model: nn.Module, cfg: QuantAwareDistillation, ctx: MethodContext) -> nn.Module:
+    """Quantization-aware distillation: the float model teaches its own fake-quantized copy."""
+    if ctx.data is None:
+        raise DataError("distill.qat needs training data (labelled or not)", hint="pass data=...")
+    if cfg.kd.hints:
+        from ..core.errors import ConfigError
+
+        raise ConfigError("distill.qat: kd.hints are not supported (response distillation only)",
+                          hint="drop kd.hints")
+    if cfg.kd.teacher is None and getattr(ctx, "teachers", None) is None and getattr(ctx, "teacher", None) is None:
+        teachers = [copy.deepcopy(model)]
+    else:
+        teachers = _resolve_teachers(cfg.kd, ctx)
+    qat_ctx = MethodContext(data=ctx.data, train=ctx.train or TrainConfig(), task=ctx.task,
+                            loss_fn=distillation_loss(teachers, cfg.kd), log=ctx.log, evaluation=ctx.evaluation)
+    with frozen(teachers):
+        out = get_method(cfg.quant).fn(model, cfg.quant, qat_ctx)
+    ctx.trained = True
+    ctx.info.update(qat_ctx.info, teacher="float model" if cfg.kd.teacher is None else cfg.kd.teacher,
+                    T=cfg.kd.T, alpha=cfg.kd.alpha)
+    return out
