@@ -91,3 +91,30 @@ def test_embedding_task_fine_tunes_against_the_original(tmp_path):
     assert base["fidelity"] == pytest.approx(1.0, abs=1e-5)
     assert 0.5 < final["fidelity"] < 1.0
     assert -1 <= final["spearman"] <= 1
+
+
+def test_a_stage_can_recover_by_distilling_from_the_baseline(trained):
+    """`distill:` on a stage: its training learns from the uncompressed baseline's outputs."""
+    from modelpress.core.training import fit as real_fit
+    import modelpress.recipes.pipeline as pipeline
+
+    seen = []
+
+    def spy(model, data, cfg=None, *, loss_fn=None, **kw):
+        seen.append(loss_fn)
+        return real_fit(model, data, cfg, loss_fn=loss_fn, **kw)
+
+    recipe = Recipe.from_dict({"version": 1, "name": "kd", "eval": NO_LATENCY, "stages": [
+        {"name": "p70", "method": "prune.magnitude", "config": {"sparsity": 0.7, "keep_first_last": False},
+         "finetune": {"epochs": 2, "lr": 0.01}, "distill": {"T": 2.0, "alpha": 0.7}}]})
+    assert recipe.stages[0].distill.T == 2.0 and recipe.stages[0].distill.teacher is None
+    import modelpress.pruning.magnitude as magnitude
+    pipeline.fit, magnitude_fit, magnitude.fit = spy, magnitude.fit, spy
+    try:
+        res = compress(trained, recipe, toy_bundle())
+    finally:
+        pipeline.fit, magnitude.fit = real_fit, magnitude_fit
+    assert seen and all(fn is not None and fn.__qualname__.startswith("distillation_loss") for fn in seen)
+    assert res.final["accuracy"] > 0.7
+    with pytest.raises(Exception, match="distill"):
+        Recipe.from_dict({"version": 1, "stages": [{"method": "prune.magnitude", "distill": {"T": -1}}]})

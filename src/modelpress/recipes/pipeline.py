@@ -66,6 +66,22 @@ def embedding_distill_loss(teacher: nn.Module):
     return loss_fn
 
 
+def _stage_loss(stage, baseline: nn.Module, reference: nn.Module | None):
+    """The training loss of a stage: distillation when it asks for it (teacher: the baseline unless
+    named), the embedding loss to the reference for sentence encoders, else the default (labels)."""
+    if stage.distill is not None:
+        from ..distillation.kd import distillation_loss
+
+        teacher = baseline
+        if stage.distill.teacher:
+            from ..core.loading import load_model
+
+            refs = [stage.distill.teacher] if isinstance(stage.distill.teacher, str) else stage.distill.teacher
+            teacher = [load_model(r) for r in refs]
+        return distillation_loss(teacher, stage.distill)
+    return embedding_distill_loss(reference) if reference is not None else None
+
+
 def example_inputs(bundle: Any, n: int = 1) -> Any:
     """The first ``n`` test inputs of a dataset bundle, in the batch convention."""
     from ..core.data import Data
@@ -169,8 +185,7 @@ def run_recipe(recipe: Recipe, model: nn.Module, data: Any, out: str | Path | No
         log(f"[bold]stage {i + 1}/{len(recipe.stages)}[/bold] {stage.name} ({stage.method})")
         torch.manual_seed(recipe.seed * 1000 + i + 1)
         ctx = MethodContext(data=data.train, train=stage.finetune, task=data.task,
-                            loss_fn=embedding_distill_loss(reference) if reference is not None else None,
-                            log=log)
+                            loss_fn=_stage_loss(stage, baseline, reference), log=log)
         model = info.fn(model, cfg, ctx)
         if stage.finetune is not None and not ctx.trained:
             fit(model, data.train, stage.finetune, loss_fn=ctx.loss_fn, description=f"{stage.name}: fine-tune")

@@ -33,18 +33,27 @@ from ..core.config import MethodConfig, StrictModel
 from ..core.errors import ConfigError
 from ..core.registry import build_config
 from ..core.training import TrainConfig
+from ..distillation.kd import KD
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
-STAGE_KEYS = ("name", "method", "config", "finetune")
+STAGE_KEYS = ("name", "method", "config", "finetune", "distill")
 
 
 class Stage(StrictModel):
-    """One step of a recipe: a registered method, its config, and an optional fine-tune."""
+    """One step of a recipe: a registered method, its config, and an optional fine-tune.
+
+    ``distill`` (a :class:`~modelpress.distillation.kd.KD` config) makes the stage's training
+    (the method's own, e.g. QAT or a pruning schedule, or the fine-tune after it) learn from a
+    frozen teacher's outputs instead of the labels alone: ``teacher`` unset means the recipe's
+    uncompressed baseline, which is how distillation recovers accuracy after pruning or
+    quantization. Example: ``distill: {T: 4, alpha: 0.7}``.
+    """
 
     name: str = ""
     method: str
     config: dict[str, Any] = Field(default_factory=dict)
     finetune: TrainConfig | None = None
+    distill: KD | None = None
 
     @field_validator("name")
     @classmethod
