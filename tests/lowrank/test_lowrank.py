@@ -14,7 +14,7 @@ from modelpress.core.registry import MethodContext
 from modelpress.core.training import TrainConfig
 from modelpress.export.checkpoint import save_artifact
 from modelpress.lowrank.cp import CP, cp_conv
-from modelpress.lowrank.layers import FactorizedLayer, energy_rank
+from modelpress.lowrank.layers import FactorizedLayer, energy_rank, evbmf, vbmf_rank
 from modelpress.lowrank.svd import SVD, factorize_matrix_layer
 from modelpress.lowrank.tucker import Tucker, tucker_conv
 
@@ -74,6 +74,31 @@ def test_svd_error_is_the_tail_of_the_spectrum():
 def test_energy_rank_counts_squared_singular_values():
     s = torch.tensor([3.0, 2.0, 1.0, 1.0])  # squares 9, 4, 1, 1 of 15
     assert [energy_rank(s, e) for e in (0.5, 0.65, 9 / 15, 13 / 15, 0.9, 1.0)] == [1, 2, 1, 2, 3, 4]
+
+
+def low_rank_plus_noise(shape, rank, noise, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    signal = torch.randn(shape[0], rank, generator=g) @ torch.randn(rank, shape[1], generator=g) if rank else 0
+    return signal + noise * torch.randn(*shape, generator=g)
+
+
+@pytest.mark.parametrize("shape", [(40, 60), (64, 576), (128, 64), (30, 30)],
+                         ids=["wide", "unfolding", "tall", "square"])
+def test_vbmf_recovers_the_rank_and_the_noise_level(shape):
+    # rank-5 signal (singular values ~ sqrt(L * M)) plus noise of std 0.1: a clear spectral gap
+    v = low_rank_plus_noise(shape, 5, 0.1)
+    assert vbmf_rank(v) == 5
+    rank, sigma2 = evbmf(v)
+    assert rank == 5 and sigma2 ** 0.5 == pytest.approx(0.1, rel=0.1)
+    assert vbmf_rank(v.t()) == 5  # the orientation does not matter
+
+
+def test_vbmf_on_pure_noise_keeps_almost_nothing():
+    for shape, seed in (((64, 576), 0), ((50, 50), 1), ((32, 16), 2)):
+        v = low_rank_plus_noise(shape, 0, 1.0, seed)
+        assert 1 <= vbmf_rank(v) <= 2
+        assert evbmf(v)[1] ** 0.5 == pytest.approx(1.0, rel=0.15)
+    assert vbmf_rank(torch.zeros(8, 12)) == 1
 
 
 @pytest.mark.parametrize("geometry", [dict(stride=1, padding=1), dict(stride=2, padding=2, dilation=2),
@@ -152,6 +177,31 @@ def test_tucker_and_cp_report_exact_params_and_macs():
     assert count_macs(f, x).total == cp_macs < count_macs(m, x).total
 
 
+def test_tucker_vbmf_finds_the_channel_ranks_of_each_kernel():
+    g = torch.Generator().manual_seed(0)
+    # kernels of multilinear rank (4, 3) on the channel modes plus a little noise
+    core = torch.randn(4, 3, 3, 3, generator=g)
+    kernel = torch.einsum("abhw,oa,ib->oihw", core, torch.randn(24, 4, generator=g), torch.randn(16, 3, generator=g))
+    m = nn.Sequential(nn.Conv2d(16, 24, 3, padding=1), nn.ReLU(), nn.Conv2d(24, 32, 3, stride=2, padding=1))
+    with torch.no_grad():
+        m[0].weight.copy_(kernel + 0.01 * torch.randn(kernel.shape, generator=g))
+    ctx = MethodContext()
+    f = factorize(m, Tucker(vbmf=True), context=ctx)
+    assert ctx.info["layers"]["0"]["rank"] == [4, 3]
+    w = m[2].weight.detach()  # a default-initialised (noise-like) kernel: whatever VBMF finds on each unfolding
+    assert ctx.info["layers"]["2"]["rank"] == [vbmf_rank(w.reshape(32, -1)),
+                                               vbmf_rank(w.transpose(0, 1).reshape(24, -1))]
+    assert [tuple(c.weight.shape) for c in f[0]] == [(3, 16, 1, 1), (4, 3, 3, 3), (24, 4, 1, 1)]
+    x = torch.randn(2, 16, 8, 8)
+    with torch.no_grad():
+        assert f(x).shape == m(x).shape == (2, 32, 4, 4)
+        assert torch.allclose(f[0](x), m[0](x), atol=0.05 * m[0](x).abs().max().item())
+    assert count_macs(f, x[:1]).total < count_macs(m, x[:1]).total
+    ctx = MethodContext()
+    factorize(m, Tucker(vbmf=True, min_rank=5), context=ctx)  # min_rank still bounds the ranks from below
+    assert ctx.info["layers"]["0"]["rank"] == [5, 5]
+
+
 def test_layers_that_cannot_be_factorized_are_skipped_and_reported():
     model = ConvNet()
     for cfg in (Tucker(rank_ratio=0.5), CP(rank=4)):
@@ -213,6 +263,7 @@ def test_train_fine_tunes_the_factorized_model(toy_data):
     (lambda: Tucker(energy=-0.1), "energy"), (lambda: Tucker(rank_ratio=2), "rank_ratio"),
     (lambda: CP(rank=0), "rank"), (lambda: CP(rank=4, param_ratio=0.5), "rank, param_ratio"),
     (lambda: CP(max_error=0), "max_error"),
+    (lambda: Tucker(vbmf=True, energy=0.9), "energy, vbmf"), (lambda: Tucker(vbmf=True, param_ratio=0.5), "vbmf"),
 ])
 def test_bad_configs_name_the_field(build, field):
     with pytest.raises(ConfigError, match=field):
@@ -227,5 +278,6 @@ def test_scope_matching_nothing_is_an_error():
 
 
 def test_configs_round_trip():
-    for cfg in (SVD(param_ratio=0.4, scope={"exclude": ["fc"]}), Tucker(energy=0.9), CP(rank=8, max_error=0.4)):
+    for cfg in (SVD(param_ratio=0.4, scope={"exclude": ["fc"]}), Tucker(energy=0.9), Tucker(vbmf=True),
+                CP(rank=8, max_error=0.4)):
         assert type(cfg).from_dict(cfg.to_dict()) == cfg

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from pydantic import Field, model_validator
 from torch import nn
@@ -87,6 +88,92 @@ def energy_rank(singular_values: torch.Tensor, energy: float) -> int:
         return 1
     kept = torch.cumsum(sq, 0) / total
     return int(torch.searchsorted(kept, torch.tensor(energy - 1e-12, dtype=kept.dtype)).item()) + 1
+
+
+def _evb_tau(x: np.ndarray, alpha: float) -> np.ndarray:
+    """``tau(x)``: the root ``>= sqrt(alpha)`` of ``tau**2 - (x - 1 - alpha) * tau + alpha = 0``
+    (the inverse of ``x = (1 + tau) * (1 + alpha / tau)``), for ``x >= (1 + sqrt(alpha))**2``."""
+    b = x - 1.0 - alpha
+    return 0.5 * (b + np.sqrt(np.maximum(b * b - 4.0 * alpha, 0.0)))
+
+
+def _evb_gain(tau: np.ndarray, alpha: float) -> np.ndarray:
+    """Change of ``2 F / M`` (F: the EVB free energy) when one component with ``tau`` is kept
+    rather than pruned; negative when keeping it pays off."""
+    return np.log1p(tau) + alpha * np.log1p(tau / alpha) - tau
+
+
+def vbmf_rank(matrix: torch.Tensor) -> int:
+    """Rank of ``matrix`` chosen by empirical variational Bayesian matrix factorization (EVBMF).
+
+    Nakajima, Sugiyama, Babacan and Tomioka (JMLR 2013), "Global analytic solution of
+    fully-observed variational Bayesian matrix factorization": for ``V`` (L x M, transposed so
+    that ``L <= M``) observed with isotropic Gaussian noise of unknown variance ``sigma2``, with
+    Gaussian priors on both factors whose variances are themselves estimated (empirical Bayes),
+    the VB solution is a shrunk SVD that keeps exactly the singular values ``gamma_h`` above
+
+        gamma_evb = sqrt(M * sigma2 * (1 + t) * (1 + alpha / t)),   alpha = L / M,
+
+    where ``t`` (about ``2.5129 * sqrt(alpha)``) is the positive root of
+    ``log(1 + t) + alpha * log(1 + t / alpha) - t = 0``. With ``x_h = gamma_h**2 / (M * sigma2)``
+    and ``tau(x)`` the inverse of ``x = (1 + tau) * (1 + alpha / tau)``, the free energy as a
+    function of the noise variance is, up to constants and a factor ``2 / M``,
+
+        L * log(sigma2) + ||V||_F**2 / (M * sigma2)
+            + sum over x_h > x_evb of [log(1 + tau_h) + alpha * log(1 + tau_h / alpha) - tau_h],
+
+    with ``x_evb = (1 + t) * (1 + alpha / t)`` (each kept component lowers it). ``sigma2``
+    minimises it (``scipy.optimize.minimize_scalar``, bounded, over ``log(sigma2)`` around the
+    best point of a 65-point grid since the objective need not be unimodal) within the paper's bounds
+    ``max(gamma_{H+1}**2 / (M * x_evb), sum_{h > H} gamma_h**2 / (M * (L - H))) <= sigma2 <=
+    ||V||_F**2 / (L * M)``, with ``H = ceil(L / (1 + alpha)) - 1`` the largest rank EVB can
+    return. The rank is the number of singular values above ``gamma_evb`` for that ``sigma2``,
+    at least 1 (an all-noise or all-zero matrix gives 1).
+
+        >>> g = torch.Generator().manual_seed(0)
+        >>> signal = torch.randn(40, 3, generator=g) @ torch.randn(3, 60, generator=g)
+        >>> vbmf_rank(signal + 0.05 * torch.randn(40, 60, generator=g))
+        3
+    """
+    return evbmf(matrix)[0]
+
+
+def evbmf(matrix: torch.Tensor) -> tuple[int, float]:
+    """``(rank, noise variance)`` estimated by EVBMF (see :func:`vbmf_rank`)."""
+    from scipy.optimize import brentq, minimize_scalar
+
+    v = matrix.detach().double().cpu().reshape(matrix.shape[0], -1)
+    if v.shape[0] > v.shape[1]:
+        v = v.t()
+    n_rows, n_cols = v.shape
+    s = torch.linalg.svdvals(v).numpy()
+    total = float((s ** 2).sum())
+    if n_rows < 2 or total <= 0 or not np.isfinite(total):
+        return 1, 0.0
+    alpha = n_rows / n_cols
+    t = brentq(lambda u: float(_evb_gain(np.array(u), alpha)), 1e-8 * math.sqrt(alpha), 1e3)
+    x_thr = (1.0 + t) * (1.0 + alpha / t)
+    h_max = min(math.ceil(n_rows / (1.0 + alpha)) - 1, n_rows - 1)
+    upper = total / (n_rows * n_cols)
+    lower = max(s[h_max] ** 2 / (n_cols * x_thr), float((s[h_max:] ** 2).sum()) / (n_cols * (n_rows - h_max)))
+    s2 = s ** 2 / n_cols
+
+    def objective(log_sigma2: float) -> float:
+        sigma2 = math.exp(log_sigma2)
+        x = s2 / sigma2
+        kept = x[x > x_thr]
+        return n_rows * log_sigma2 + total / (n_cols * sigma2) + float(_evb_gain(_evb_tau(kept, alpha), alpha).sum())
+
+    if not lower < upper:
+        sigma2 = upper
+    else:
+        lo, hi = math.log(lower), math.log(upper)
+        grid = np.linspace(lo, hi, 65)
+        i = int(np.argmin([objective(g) for g in grid]))
+        a, b = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
+        res = minimize_scalar(objective, bounds=(a, b), method="bounded", options={"xatol": 1e-10})
+        sigma2 = math.exp(res.x if res.fun <= objective(grid[i]) else grid[i])
+    return max(1, int((s2 > sigma2 * x_thr).sum())), sigma2
 
 
 def ratio_rank(full: int, ratio: float, min_rank: int = 1) -> int:

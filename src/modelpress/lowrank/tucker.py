@@ -15,8 +15,13 @@ Ranks come from exactly one of
   this fraction of the sum of squares;
 * ``param_ratio``: the largest equal fraction of both channel counts keeping at most this
   fraction of the layer's parameters;
+* ``vbmf=True``: per mode, the rank empirical VBMF (Nakajima et al. 2013) finds in the mode
+  unfolding -- ``out x (in*kh*kw)`` for ``r_out``, ``in x (out*kh*kw)`` for ``r_in`` -- as in
+  Kim et al. 2016: the noise variance is estimated from the spectrum and only the singular
+  values above the analytic EVB threshold are kept (see :func:`~.layers.vbmf_rank`); no
+  parameter to tune, but no control over the compression either;
 
-and ``energy=0.95`` when none is given. (VBMF rank selection is not implemented.)
+and ``energy=0.95`` when none is given. ``min_rank`` bounds every rule from below.
 Grouped/depthwise convs and layers that would not shrink are left dense and listed in
 ``ctx.info["skipped"]``; ``ctx.info["layers"]`` gives ranks, params before/after and the
 relative reconstruction error of each factorized kernel.
@@ -37,14 +42,14 @@ from __future__ import annotations
 import warnings
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from ..core.registry import MethodContext, register_method
 from ..core.scope import first_and_last
 from ..quantization.modules import set_module
 from .layers import (FactorizedLayer, RankChoice, check_conv, conv_weight, energy_rank, n_params, ratio_rank,
-                     relative_error)
+                     relative_error, vbmf_rank)
 
 DEFAULT_ENERGY = 0.95
 LAYER_TYPES = ("Conv2d",)
@@ -52,9 +57,19 @@ LAYER_TYPES = ("Conv2d",)
 
 class Tucker(RankChoice):
     """Tucker-2 over the output/input channels of Conv2d kernels: 1x1 -> kxk core -> 1x1
-    (rank_ratio and energy apply to each channel mode)."""
+    (rank_ratio, energy and vbmf apply to each channel mode)."""
 
+    vbmf: bool = Field(False, description="choose each mode's rank by empirical VBMF of its unfolding "
+                                          "(instead of rank_ratio / energy / param_ratio)")
     n_iter_max: int = Field(100, ge=1, description="HOOI iterations of partial_tucker")
+
+    @model_validator(mode="after")
+    def _vbmf_alone(self):
+        given = [k for k in ("rank_ratio", "energy", "param_ratio") if getattr(self, k) is not None]
+        if self.vbmf and given:
+            raise ValueError(f"vbmf=True chooses the ranks itself: give one of rank_ratio, energy, param_ratio, "
+                             f"vbmf (got {', '.join(given)}, vbmf)")
+        return self
 
 
 def tucker_params(shape: tuple[int, ...], r_out: int, r_in: int, bias: bool) -> int:
@@ -78,8 +93,11 @@ def tucker_ranks(w: torch.Tensor, cfg: Tucker, bias: bool) -> tuple[int, int]:
                 break
             best = ranks
         return best
-    energy = cfg.energy if cfg.energy is not None else DEFAULT_ENERGY
     wd = w.detach().double().cpu()
+    if cfg.vbmf:  # mode-0 and mode-1 unfoldings, as in Kim et al. 2016
+        return (max(lo(out_ch), vbmf_rank(wd.reshape(out_ch, -1))),
+                max(lo(in_ch), vbmf_rank(wd.transpose(0, 1).reshape(in_ch, -1))))
+    energy = cfg.energy if cfg.energy is not None else DEFAULT_ENERGY
     s_out = torch.linalg.svdvals(wd.reshape(out_ch, -1))
     s_in = torch.linalg.svdvals(wd.transpose(0, 1).reshape(in_ch, -1))
     return (max(lo(out_ch), energy_rank(s_out, energy)), max(lo(in_ch), energy_rank(s_in, energy)))
