@@ -376,7 +376,7 @@ def export_cmd(model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
 @app.command()
 def sensitivity(model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
                 data: str = typer.Option("mnist5k", "--data", "-d", help=DATA_HELP),
-                out_dir: Path = typer.Option(Path("sensitivity"), "--out", "-o", help="folder for the JSON, table and PNG"),
+                out_dir: Path = typer.Option(Path("sensitivity"), "--out", "-o", help="folder for the JSON, PNG and report.html"),
                 sparsities: str = typer.Option("0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9", help="comma-separated"),
                 metric: str = typer.Option("accuracy", help="accuracy or loss"),
                 target: Optional[float] = typer.Option(None, help="also allocate per-layer sparsity for this global target"),
@@ -387,6 +387,7 @@ def sensitivity(model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP)
     with the least loss (paste them into a recipe's layer_sparsity).
     [bold]Examples[/bold]: modelpress sensitivity -m lenet5 -o sens · modelpress sensitivity -m runs/a/model.safetensors --target 0.9
     """
+    from .analysis.report_html import write_html_report
     from .core.io import write_json
     from .pruning.sensitivity import SensitivityConfig, sensitivity_scan
 
@@ -407,7 +408,8 @@ def sensitivity(model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP)
         out.print(table)
     write_json(out_dir / "sensitivity.json", doc)
     png = result.plot(out_dir / "sensitivity.png")
-    out.print(f"wrote {out_dir / 'sensitivity.json'} and {png}")
+    html = write_html_report(out_dir, f"sensitivity of {model} on {data}", [], [], sensitivity=doc)
+    out.print(f"wrote {out_dir / 'sensitivity.json'}, {png} and {html}")
 
 
 @app.command()

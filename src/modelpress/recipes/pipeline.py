@@ -126,6 +126,12 @@ def _markdown(recipe: Recipe, rows: list[dict]) -> str:
 def _write_reports(out: Path, recipe: Recipe, rows: list[dict], infos: list[dict]) -> None:
     write_json(out / "report.json", {"recipe": recipe.name, "rows": rows, "stages": infos})
     write_text(out / "report.md", _markdown(recipe, rows))
+    from ..analysis.report_html import write_html_report
+
+    try:
+        write_html_report(out, recipe.name, rows, infos, description=recipe.description)
+    except Exception as exc:  # noqa: BLE001 - a plotting failure must not cost the finished stage
+        log(f"[yellow]warning:[/yellow] report.html was not written: {type(exc).__name__}: {exc}")
 
 
 def _check_resume(out: Path, recipe: Recipe, resume: bool) -> None:
