@@ -1,0 +1,166 @@
+"""What a compression search may choose, under which budget, and how one choice becomes a recipe.
+
+A trial picks, from a :class:`SearchSpace`:
+
+* ``channels``: a structured MAC-reduction target for ``prune.channels`` (0 = skip the stage);
+* ``rank``: a parameter ratio for low-rank factorization of Linear layers (``lowrank.svd``; 1 = skip);
+* ``sparsity``: an unstructured sparsity *per layer* for ``prune.magnitude`` (AGP schedule);
+* ``bits``: k-means weight-sharing bits *per layer* (``quant.kmeans``, stored with Huffman coding);
+
+in this order, each stage fine-tuned (optionally distilling from the uncompressed baseline).
+The choices become a plain :class:`~modelpress.recipes.schema.Recipe`, so the best trial is a
+recipe file that ``modelpress compress`` reruns to the same result.
+
+Sensitivity (per-layer accuracy when only that layer is pruned, see
+:func:`~modelpress.pruning.sensitivity.sensitivity_scan`) shrinks the space: a layer never
+gets a sparsity at which pruning it *alone* already costs more than ``sensitivity_drop`` points.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from ..core.config import StrictModel
+from ..core.training import TrainConfig
+
+COST_KEYS = {"bytes": "artifact_bytes", "macs": "macs"}
+
+
+class Budget(StrictModel):
+    """The constraint a search must meet: one cost at most ``limit``, quality drop at most ``max_drop``.
+
+    ``metric``: ``bytes`` (the artifact on disk), ``macs`` (per sample) or ``latency`` (median ms
+    at ``batch_size`` on ``runtime``: eager PyTorch or ONNX Runtime, ``threads`` threads).
+    ``max_drop`` is in points of the quality metric (accuracy in %, Spearman x 100).
+    """
+
+    metric: Literal["bytes", "macs", "latency"] = "bytes"
+    limit: float = Field(..., gt=0, description="the most bytes / MACs / milliseconds allowed")
+    max_drop: float = Field(1.0, ge=0, description="largest quality drop allowed, in points")
+    runtime: Literal["eager", "onnxruntime"] = "eager"
+    batch_size: int = Field(1, ge=1)
+    threads: int = Field(1, ge=1)
+
+    @property
+    def cost_key(self) -> str:
+        if self.metric == "latency":
+            return f"{'eager' if self.runtime == 'eager' else 'ort'}_b{self.batch_size}_ms"
+        return COST_KEYS[self.metric]
+
+    @classmethod
+    def parse(cls, text: str, max_drop: float = 1.0, **kw) -> "Budget":
+        """``"bytes=5000"``, ``"macs=2e6"`` or ``"latency=3.5"`` (ms)."""
+        from ..core.errors import ConfigError
+
+        metric, sep, value = text.partition("=")
+        try:
+            return cls(metric=metric.strip(), limit=float(value), max_drop=max_drop, **kw)
+        except Exception:
+            raise ConfigError(f"budget {text!r} is not METRIC=VALUE with METRIC bytes, macs or latency",
+                              hint="e.g. --budget bytes=5000, --budget macs=2e6, --budget latency=3.5") from None
+
+
+class SearchSpace(StrictModel):
+    """The choices a trial may make. ``None`` (or a single value) disables a knob."""
+
+    channels: list[float] | None = Field(None, description="prune.channels target_macs_reduction choices "
+                                                           "(0 = no structured stage)")
+    rank: list[float] | None = Field(None, description="lowrank.svd param_ratio choices for Linear layers "
+                                                       "(1 = no factorization)")
+    sparsity: list[float] | None = Field(default_factory=lambda: [0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98],
+                                         description="per-layer unstructured sparsity choices")
+    bits: list[int] | None = Field(default_factory=lambda: [8, 6, 5, 4, 3],
+                                   description="per-layer k-means weight-sharing bits")
+    finetune: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=2, lr=1e-3),
+                                  description="fine-tune of every stage")
+    distill: bool = Field(True, description="stages fine-tune by distilling from the uncompressed baseline")
+    sensitivity_drop: float | None = Field(5.0, ge=0, description="cap a layer's sparsity where pruning it alone "
+                                                                  "costs more points than this (None: no scan)")
+
+    @field_validator("sparsity")
+    @classmethod
+    def _sparsity(cls, v):
+        if v is not None and any(not 0 <= s < 1 for s in v):
+            raise ValueError(f"sparsity choices must be in [0, 1), got {v}")
+        return v
+
+    @field_validator("bits")
+    @classmethod
+    def _bits(cls, v):
+        if v is not None and any(not 2 <= b <= 8 for b in v):
+            raise ValueError(f"bits choices must be in 2..8, got {v}")
+        return v
+
+    @field_validator("channels")
+    @classmethod
+    def _channels(cls, v):
+        if v is not None and any(not 0 <= c < 1 for c in v):
+            raise ValueError(f"channels choices (MAC reductions) must be in [0, 1), got {v}")
+        return v
+
+    @field_validator("rank")
+    @classmethod
+    def _rank(cls, v):
+        if v is not None and any(not 0 < r <= 1 for r in v):
+            raise ValueError(f"rank choices (parameter ratios) must be in (0, 1], got {v}")
+        return v
+
+
+def allowed_sparsities(space: SearchSpace, curves: dict[str, list[float]] | None, sparsities: list[float],
+                       baseline: float, layers: list[str]) -> dict[str, list[float]]:
+    """Per layer, the sparsity choices whose single-layer drop (from ``curves``, measured at
+    ``sparsities``) stays within ``space.sensitivity_drop`` points; always at least the smallest."""
+    choices = sorted(space.sparsity or [0.0])
+    out = {}
+    for name in layers:
+        allowed = choices
+        if curves and name in curves and space.sensitivity_drop is not None:
+            worst_ok = 0.0
+            for s, q in zip(sparsities, curves[name]):
+                if (baseline - q) * 100 <= space.sensitivity_drop:
+                    worst_ok = max(worst_ok, s)
+                else:
+                    break
+            allowed = [s for s in choices if s <= worst_ok] or choices[:1]
+        out[name] = allowed
+    return out
+
+
+def build_recipe(params: dict[str, Any], space: SearchSpace, *, name: str, model: str | None, data: str | None,
+                 eval_spec: dict, seed: int = 0) -> dict:
+    """The recipe (as a dict) of one trial's choices; ``params`` as suggested by the trial:
+    ``channels``, ``rank``, ``sparsity:<layer>``, ``bits:<layer>``."""
+    ft = space.finetune.model_dump(exclude_defaults=True)
+    distill = {"distill": {"T": 2.0, "alpha": 0.5}} if space.distill else {}
+    stages: list[dict] = []
+    if params.get("channels", 0) > 0:
+        stages.append({"name": "channels", "method": "prune.channels",
+                       "config": {"target_macs_reduction": params["channels"], "importance": "taylor",
+                                  "round_to": 8}, "finetune": ft, **distill})
+    if params.get("rank", 1.0) < 1.0:
+        stages.append({"name": "svd", "method": "lowrank.svd",
+                       "config": {"param_ratio": params["rank"], "keep_first_last": True}, "finetune": ft, **distill})
+    layer_sparsity = {k.split(":", 1)[1]: v for k, v in params.items() if k.startswith("sparsity:") and v > 0}
+    if layer_sparsity:
+        stages.append({"name": "prune", "method": "prune.magnitude",
+                       "config": {"ranking": "layer", "keep_first_last": False, "sparsity": 0.0,
+                                  "layer_sparsity": layer_sparsity,
+                                  "scope": {"include": sorted(layer_sparsity)},
+                                  "schedule": {"kind": "polynomial", "end_fraction": 0.6, "frequency": 25}},
+                       "finetune": ft, **distill})
+    layer_bits = {k.split(":", 1)[1]: v for k, v in params.items() if k.startswith("bits:")}
+    if layer_bits:
+        stages.append({"name": "share", "method": "quant.kmeans",
+                       "config": {"layer_bits": layer_bits, "bits": max(layer_bits.values())},
+                       "finetune": ft, **distill})
+    if not stages:  # nothing chosen: an identity stage keeps the recipe valid and measured
+        stages.append({"name": "none", "method": "prune.magnitude",
+                       "config": {"sparsity": 0.0, "keep_first_last": False}})
+    recipe = {"version": 1, "name": name, "description": "found by modelpress search", "seed": seed,
+              "eval": eval_spec, "stages": stages}
+    if model:
+        recipe["model"] = model
+    if data:
+        recipe["data"] = data
+    return recipe

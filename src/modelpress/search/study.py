@@ -1,0 +1,269 @@
+"""Budgeted compression search on Optuna (``modelpress search``).
+
+Each trial turns its choices into a recipe (:func:`~.space.build_recipe`), runs it with the
+recipe pipeline in its own run folder (``trials/NNNN/``) and records quality and cost. The
+study is two-objective (quality up, cost down) with the budget as a constraint, so the sampler
+(Optuna's TPE with constraints) learns where the feasible region is. Results, in ``out``:
+
+* ``best-recipe.yaml``: the best feasible trial (highest quality within the budget and the
+  allowed drop; ties: lower cost). ``modelpress compress -r best-recipe.yaml`` reruns it to the
+  same result (same seed, same stages, each starting from the saved artifact of the last);
+* ``trials.json``: every trial (choices, quality, cost, state) and the Pareto front of quality
+  vs cost; ``report.html`` plots them (when the report module is installed).
+
+The study lives in ``storage``: by default a SQLite file in ``out`` (``study.db``), so a killed
+search resumes where it stopped when run again; a database URL (e.g. PostgreSQL) lets several
+processes or machines add trials to one study. A trial that fails (a method error, NaN
+training) is recorded as failed and the study goes on; a trial left running by a killed process
+is failed on resume (heartbeats) and retried.
+
+When no trial meets the budget the search says so, and ``best-recipe.yaml`` holds the feasible-
+drop trial with the lowest cost (``result.met_budget`` is False).
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core.errors import ConfigError, ModelpressError
+from ..core.io import write_json, write_text
+from ..core.progress import log
+from .space import Budget, SearchSpace, allowed_sparsities, build_recipe
+
+
+@dataclass
+class SearchResult:
+    """What a search found: the best trial (recipe + metrics), whether it meets the budget, all trials."""
+
+    best: dict | None
+    met_budget: bool
+    trials: list[dict] = field(default_factory=list)
+    pareto: list[dict] = field(default_factory=list)
+    baseline: dict = field(default_factory=dict)
+    out: Path | None = None
+
+
+def quality_of(row: dict) -> float:
+    """The row's quality in points: accuracy x 100, or Spearman x 100 for sentence encoders."""
+    for key in ("accuracy", "spearman"):
+        if row.get(key) is not None:
+            return float(row[key]) * 100
+    raise ConfigError("the report row has no accuracy or spearman to search on")
+
+
+def pareto_front(points: list[dict], quality: str = "quality", cost: str = "cost") -> list[dict]:
+    """Points not dominated by another (another is at least as good on both and better on one),
+    sorted by cost.
+
+        >>> pts = [{"quality": 97, "cost": 10}, {"quality": 96, "cost": 5}, {"quality": 95, "cost": 8}]
+        >>> [p["cost"] for p in pareto_front(pts)]
+        [5, 10]
+    """
+    front = []
+    for p in points:
+        dominated = any(q[quality] >= p[quality] and q[cost] <= p[cost] and (q[quality] > p[quality] or q[cost] < p[cost])
+                        for q in points)
+        if not dominated:
+            front.append(p)
+    return sorted(front, key=lambda p: (p[cost], -p[quality]))
+
+
+def pick_best(trials: list[dict], budget: Budget) -> tuple[dict | None, bool]:
+    """Highest quality among trials within the budget and the drop (ties: lower cost); if none,
+    the lowest-cost trial within the drop, else the lowest-cost trial; and whether it met the budget."""
+    done = [t for t in trials if t.get("state") == "COMPLETE"]
+    feasible = [t for t in done if t["cost"] <= budget.limit and t["drop"] <= budget.max_drop]
+    if feasible:
+        return max(feasible, key=lambda t: (t["quality"], -t["cost"])), True
+    within_drop = [t for t in done if t["drop"] <= budget.max_drop]
+    pool = within_drop or done
+    return (min(pool, key=lambda t: (t["cost"], -t["quality"])) if pool else None), False
+
+
+def _storage(storage: str | None, out: Path):
+    """Optuna RDB storage (default: SQLite in ``out``) with heartbeats, so trials of a killed
+    process are failed and retried once. Workers starting together may race to create the
+    schema; a few retries settle it."""
+    import time
+    import warnings
+
+    import optuna
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    url = storage or f"sqlite:///{(out / 'study.db').resolve()}"
+    for attempt in range(5):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    url, heartbeat_interval=30, grace_period=120,
+                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
+        except (IntegrityError, OperationalError):
+            if attempt == 4:
+                raise
+            time.sleep(0.5 + attempt)
+
+
+def _layers(model: nn.Module) -> list[str]:
+    from ..pruning.magnitude import PRUNABLE
+    from ..core.scope import type_matches
+
+    return [n for n, m in model.named_modules() if n and type_matches(m, PRUNABLE)]
+
+
+def run_search(model: nn.Module, bundle: Any, budget: Budget, space: SearchSpace | None = None, *,
+               out: str | Path, trials: int = 20, storage: str | None = None, study_name: str | None = None,
+               model_ref: str | None = None, data_ref: str | None = None, seed: int = 0,
+               keep_trial_artifacts: bool = False) -> SearchResult:
+    """Search ``space`` for the best compression of ``model`` on ``bundle`` under ``budget``.
+
+    ``trials`` is the total the study should reach (a resumed or shared study counts the
+    trials already finished). ``model_ref``/``data_ref`` are written into the recipes so the CLI
+    can rerun them (the Python caller passes the same model and data to ``compress``).
+    """
+    import optuna
+
+    from ..recipes.pipeline import run_recipe
+    from ..recipes.schema import Recipe
+
+    space = space or SearchSpace()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    eval_spec = {"latency": budget.metric == "latency", "onnx": budget.metric == "latency" and
+                 budget.runtime == "onnxruntime", "batch_sizes": [budget.batch_size], "threads": budget.threads}
+
+    baseline_file = out / "baseline.json"
+    if baseline_file.exists():
+        base = json.loads(baseline_file.read_text())
+    else:
+        base = _baseline(model, bundle, space, eval_spec, seed)
+        write_json(baseline_file, base)
+    base_quality = base["quality"]
+    allowed = allowed_sparsities(space, base.get("curves"), base.get("sparsities", []), base_quality / 100,
+                                 base["layers"])
+
+    def objective(trial: optuna.Trial) -> tuple[float, float]:
+        params: dict[str, Any] = {}
+        if space.channels and len(space.channels) > 1:
+            params["channels"] = trial.suggest_categorical("channels", space.channels)
+        elif space.channels:
+            params["channels"] = space.channels[0]
+        if space.rank and len(space.rank) > 1:
+            params["rank"] = trial.suggest_categorical("rank", space.rank)
+        elif space.rank:
+            params["rank"] = space.rank[0]
+        for layer, choices in allowed.items():
+            if space.sparsity:
+                params[f"sparsity:{layer}"] = (trial.suggest_categorical(f"sparsity:{layer}", choices)
+                                               if len(choices) > 1 else choices[0])
+            if space.bits:
+                params[f"bits:{layer}"] = (trial.suggest_categorical(f"bits:{layer}", space.bits)
+                                           if len(space.bits) > 1 else space.bits[0])
+        raw = build_recipe(params, space, name=f"search-trial-{trial.number}", model=model_ref, data=data_ref,
+                           eval_spec=eval_spec, seed=seed)
+        trial.set_user_attr("recipe", raw)
+        trial_dir = out / "trials" / f"{trial.number:04d}"
+        if trial_dir.exists():  # a retried trial starts clean
+            shutil.rmtree(trial_dir)
+        res = run_recipe(Recipe.from_dict(raw, where=f"trial {trial.number}"), model=_copy(model), data=bundle,
+                         out=trial_dir, resume=False)
+        row = res.final
+        if budget.cost_key not in row:
+            raise ConfigError(f"the trial's report has no {budget.cost_key!r} to compare with the budget")
+        quality, cost = quality_of(row), float(row[budget.cost_key])
+        drop = base_quality - quality
+        trial.set_user_attr("row", {k: v for k, v in row.items() if isinstance(v, (int, float, str))})
+        trial.set_user_attr("drop", drop)
+        trial.set_constraint("budget", cost - budget.limit)  # <= 0: feasible
+        trial.set_constraint("drop", drop - budget.max_drop)
+        if not keep_trial_artifacts:
+            for f in trial_dir.rglob("*.safetensors"):
+                if f.parent.name != trial_dir.name or f.name != "model.safetensors":
+                    f.unlink()
+        return quality, cost
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=8, multivariate=True, group=True)
+    study = optuna.create_study(storage=_storage(storage, out), study_name=study_name or f"modelpress-{out.name}",
+                                directions=["maximize", "minimize"], sampler=sampler, load_if_exists=True)
+    finished = len([t for t in study.trials if t.state.is_finished()])
+    if finished < trials:
+        log(f"search: {trials - finished} trial(s) to run ({finished} already in the study), budget "
+            f"{budget.metric} <= {budget.limit:g}, drop <= {budget.max_drop:g} pt")
+        study.optimize(objective, callbacks=[optuna.study.MaxTrialsCallback(
+            trials, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL))],
+            catch=(ModelpressError, RuntimeError, ValueError), n_trials=trials - finished,
+            show_progress_bar=False)
+    return _summarise(study, budget, base, out)
+
+
+def _copy(model: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(model)
+
+
+def _baseline(model: nn.Module, bundle: Any, space: SearchSpace, eval_spec: dict, seed: int) -> dict:
+    """Quality and cost of the uncompressed model, its prunable layers and (optionally) their sensitivity."""
+    from ..analysis.analyze import analyze
+    from ..analysis.quality import evaluate_quality
+    from ..export.checkpoint import artifact_size_of
+    from ..pruning.sensitivity import SensitivityConfig, sensitivity_scan
+    from ..recipes.pipeline import example_inputs
+
+    model.eval()
+    row = evaluate_quality(model, bundle)
+    inputs = example_inputs(bundle, 1)
+    rep = analyze(model, inputs, batch_sizes=tuple(eval_spec["batch_sizes"]), threads=eval_spec["threads"],
+                  latency=eval_spec["latency"], onnx=eval_spec["onnx"], artifact_bytes=artifact_size_of(model))
+    row.update(rep.summary())
+    base = {"row": {k: v for k, v in row.items() if isinstance(v, (int, float, str))}, "quality": quality_of(row),
+            "layers": _layers(model)}
+    if space.sparsity and space.sensitivity_drop is not None and bundle.task == "classification":
+        sens_cfg = SensitivityConfig(sparsities=sorted({s for s in space.sparsity if s > 0}), keep_first_last=False,
+                                     max_batches=8)
+        torch.manual_seed(seed)
+        result = sensitivity_scan(model, bundle.test, sens_cfg)
+        base.update(curves=result.curves, sparsities=list(result.sparsities))
+    return base
+
+
+def _summarise(study, budget: Budget, base: dict, out: Path) -> SearchResult:
+    import optuna
+    import yaml
+
+    trials = []
+    for t in study.trials:
+        entry = {"number": t.number, "state": t.state.name, "params": t.params}
+        if t.state == optuna.trial.TrialState.COMPLETE:
+            quality, cost = t.values
+            entry.update(quality=quality, cost=cost, drop=t.user_attrs.get("drop"), row=t.user_attrs.get("row"),
+                         recipe=t.user_attrs.get("recipe"),
+                         feasible=cost <= budget.limit and t.user_attrs.get("drop", math.inf) <= budget.max_drop)
+        trials.append(entry)
+    done = [t for t in trials if t["state"] == "COMPLETE"]
+    front = pareto_front(done)
+    best, met = pick_best(trials, budget)
+    doc = {"budget": budget.model_dump(), "baseline": base["row"], "baseline_quality": base["quality"],
+           "best": None if best is None else {k: best[k] for k in ("number", "quality", "cost", "drop", "params")},
+           "met_budget": met, "pareto": [t["number"] for t in front], "trials": trials}
+    write_json(out / "trials.json", doc)
+    if best is not None:
+        write_text(out / "best-recipe.yaml", yaml.safe_dump(best["recipe"], sort_keys=False))
+        verdict = "meets" if met else "does NOT meet"
+        log(f"search: best trial {best['number']}: quality {best['quality']:.2f} (drop {best['drop']:.2f} pt), "
+            f"{budget.metric} {best['cost']:,.0f} — {verdict} the budget ({budget.limit:,g}); "
+            f"recipe: {out / 'best-recipe.yaml'}")
+    else:
+        log("search: no trial completed")
+    return SearchResult(best=best, met_budget=met, trials=trials, pareto=front, baseline=base, out=out)

@@ -1,0 +1,134 @@
+"""Budgeted search: recipes from choices, Pareto front, best pick, reproducible best recipe, shared studies."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch.utils.data import TensorDataset
+
+from modelpress import compress
+from modelpress.core.errors import ConfigError
+from modelpress.recipes.schema import Recipe
+from modelpress.search.space import Budget, SearchSpace, allowed_sparsities, build_recipe
+from modelpress.search.study import pareto_front, pick_best, run_search
+from modelpress.zoo.datasets import DatasetBundle
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def toy_bundle():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(600, 16, generator=g)
+    y = (x @ torch.randn(16, 4, generator=g)).argmax(1)
+    return DatasetBundle(name="toy", train=TensorDataset(x[:500], y[:500]), test=TensorDataset(x[500:], y[500:]),
+                         task="classification", num_classes=4, input_shape=(16,), meta={})
+
+
+def trained_mlp():
+    from modelpress.core.training import TrainConfig, fit
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
+    return fit(m, toy_bundle().train, TrainConfig(epochs=8, lr=0.01)).eval()
+
+
+SMALL = SearchSpace(sparsity=[0.0, 0.5, 0.8], bits=[8, 4], finetune={"epochs": 0.5, "lr": 0.005},
+                    sensitivity_drop=None)
+
+
+def test_budget_parsing_and_cost_keys():
+    assert Budget.parse("bytes=5000", max_drop=0.5).cost_key == "artifact_bytes"
+    assert Budget.parse("latency=2.5", batch_size=32, runtime="onnxruntime").cost_key == "ort_b32_ms"
+    with pytest.raises(ConfigError, match="METRIC=VALUE"):
+        Budget.parse("size<5000")
+
+
+def test_space_rejects_out_of_range_choices():
+    with pytest.raises(Exception, match="sparsity"):
+        SearchSpace(sparsity=[0.5, 1.2])
+    with pytest.raises(Exception, match="bits"):
+        SearchSpace(bits=[0])
+
+
+def test_build_recipe_is_a_valid_recipe_with_one_stage_per_knob():
+    params = {"channels": 0.5, "rank": 0.5, "sparsity:0": 0.9, "sparsity:2": 0.0, "bits:0": 4, "bits:2": 8}
+    raw = build_recipe(params, SearchSpace(), name="t", model="lenet5", data="mnist5k", eval_spec={"latency": False})
+    recipe = Recipe.from_dict(raw)
+    assert [s.method for s in recipe.stages] == ["prune.channels", "lowrank.svd", "prune.magnitude", "quant.kmeans"]
+    assert recipe.stages[2].config["layer_sparsity"] == {"0": 0.9}  # 0.0 means: leave the layer alone
+    assert recipe.stages[3].config["layer_bits"] == {"0": 4, "2": 8}
+    assert recipe.stages[0].distill is not None and recipe.model == "lenet5"
+
+
+def test_sensitivity_caps_each_layers_choices():
+    space = SearchSpace(sparsity=[0.0, 0.5, 0.9], sensitivity_drop=2.0)
+    curves = {"a": [0.97, 0.96], "b": [0.97, 0.80]}  # accuracy at 50%, 90% (baseline 0.97)
+    allowed = allowed_sparsities(space, curves, [0.5, 0.9], 0.97, ["a", "b"])
+    assert allowed == {"a": [0.0, 0.5, 0.9], "b": [0.0, 0.5]}
+
+
+def test_pareto_front_and_best_pick():
+    trials = [{"number": i, "state": "COMPLETE", "quality": q, "cost": c, "drop": 97 - q}
+              for i, (q, c) in enumerate([(97, 100), (96.8, 40), (96.0, 20), (95.0, 30), (96.9, 60)])]
+    assert [t["number"] for t in pareto_front(trials)] == [2, 1, 4, 0]
+    best, met = pick_best(trials, Budget(metric="bytes", limit=50, max_drop=0.5))
+    assert met and best["number"] == 1
+    best, met = pick_best(trials, Budget(metric="bytes", limit=10, max_drop=0.5))
+    assert not met and best["number"] == 1  # nothing fits: the cheapest within the drop, said so
+
+
+def test_search_finds_a_feasible_model_and_its_recipe_reproduces_it(tmp_path):
+    model, bundle = trained_mlp(), toy_bundle()
+    dense = run_search(model, bundle, Budget(metric="bytes", limit=1e9, max_drop=100), SMALL,
+                       out=tmp_path / "probe", trials=1)
+    budget = Budget(metric="bytes", limit=0.6 * dense.baseline["row"]["artifact_bytes"], max_drop=5.0)
+    res = run_search(model, bundle, budget, SMALL, out=tmp_path / "s", trials=5, seed=0)
+    assert len([t for t in res.trials if t["state"] == "COMPLETE"]) == 5
+    assert res.met_budget and res.best["cost"] <= budget.limit and res.best["drop"] <= 5.0
+    doc = json.loads((tmp_path / "s" / "trials.json").read_text())
+    assert doc["best"]["number"] == res.best["number"] and doc["pareto"]
+    # the best recipe, rerun by compress, gives exactly the trial's numbers
+    recipe = Recipe.from_dict(yaml.safe_load((tmp_path / "s" / "best-recipe.yaml").read_text()))
+    again = compress(model, recipe, bundle, out=tmp_path / "again")
+    assert again.final["artifact_bytes"] == res.best["row"]["artifact_bytes"]
+    assert again.final["accuracy"] == pytest.approx(res.best["row"]["accuracy"], abs=0)
+    # a second call resumes the study: no new trial is needed for the same total
+    res2 = run_search(model, bundle, budget, SMALL, out=tmp_path / "s", trials=5)
+    assert len(res2.trials) == 5 and res2.best["number"] == res.best["number"]
+
+
+WORKER = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {tests!r})
+    from search.test_search import SMALL, toy_bundle, trained_mlp
+    from modelpress.search.space import Budget
+    from modelpress.search.study import run_search
+    run_search(trained_mlp(), toy_bundle(), Budget(metric="bytes", limit=1e9, max_drop=100), SMALL,
+               out=sys.argv[1], trials=int(sys.argv[2]), storage=sys.argv[3], study_name="shared")
+""")
+
+
+def test_two_workers_share_one_sqlite_study(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER.format(tests=str(REPO / "tests")))
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MODELPRESS_PROGRESS": "0", "MODELPRESS_QUIET": "1"}
+    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path / "out"), "4", url], env=env,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
+    import optuna
+
+    study = optuna.load_study(study_name="shared", storage=url)
+    numbers = [t.number for t in study.trials]
+    assert len(numbers) >= 4 and len(set(numbers)) == len(numbers)
+    assert all(t.state.name == "COMPLETE" for t in study.trials)
+    assert len({tuple(sorted(t.params.items())) for t in study.trials}) >= 2  # they did not all repeat one trial
