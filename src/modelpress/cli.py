@@ -210,7 +210,7 @@ def _run_compress(recipe_ref: str, model: Optional[str], data: Optional[str], ru
                        trust_remote_code=trust_remote_code)
     result = run_recipe(recipe, m, bundle, out=run_dir, resume=resume)
     out.print(rows_table(result.rows, title=f"{recipe.name}: {model_ref} on {bundle.name}"))
-    out.print(f"run folder: {run_dir}  (report.md, report.json, model.safetensors)")
+    out.print(f"run folder: {run_dir}  (report.html, report.md, report.json, model.safetensors)")
     return result
 
 

@@ -7,6 +7,7 @@ Run folder layout (``out``)::
     stages/01-prune/model.safetensors, metrics.json   one folder per finished stage
     model.safetensors              the final artifact
     report.json, report.md         baseline vs every finished stage (rewritten after each)
+    report.html                    the same with plots (self-contained, opens offline)
 
 A stage counts as finished when its ``metrics.json`` exists (written last, atomically).
 A rerun with the same recipe resumes after the last finished stage; each stage is seeded
