@@ -206,3 +206,11 @@ def test_distill_command_runs_kd_self_and_quantization_aware_distillation(tmp_pa
     assert rows[1]["artifact_bytes"] < rows[0]["artifact_bytes"] / 3
     res = run("distill", "kd", "-m", "lenet300", "-d", "digits", "-o", str(tmp_path / "x"), check=False)
     assert res.returncode == 2 and "--teacher" in res.stderr
+
+
+def test_search_command_rejects_a_bad_budget_and_space_before_any_work(tmp_path):
+    res = run("search", "-m", "lenet300", "-d", "digits", "--budget", "size<5", "-o", str(tmp_path / "s"), check=False)
+    assert res.returncode == 2 and "METRIC=VALUE" in res.stderr
+    res = run("search", "-m", "lenet300", "-d", "digits", "--budget", "bytes=5000", "--set", "bits=[0]",
+              "-o", str(tmp_path / "s"), check=False)
+    assert res.returncode == 2 and "bits" in res.stderr

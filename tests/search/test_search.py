@@ -132,3 +132,18 @@ def test_two_workers_share_one_sqlite_study(tmp_path):
     assert len(numbers) >= 4 and len(set(numbers)) == len(numbers)
     assert all(t.state.name == "COMPLETE" for t in study.trials)
     assert len({tuple(sorted(t.params.items())) for t in study.trials}) >= 2  # they did not all repeat one trial
+
+
+def test_search_report_page_is_self_contained(tmp_path):
+    from modelpress.analysis.report_html import render_search_html
+
+    doc = {"budget": {"metric": "bytes", "limit": 50, "max_drop": 0.5}, "baseline": {"artifact_bytes": 100},
+           "baseline_quality": 97.0, "met_budget": True, "best": {"number": 1}, "pareto": [2, 1],
+           "trials": [{"number": i, "state": "COMPLETE", "quality": q, "cost": c, "drop": 97 - q,
+                       "feasible": c <= 50 and 97 - q <= 0.5, "params": {"sparsity:fc": 0.9}}
+                      for i, (q, c) in enumerate([(95.0, 30), (96.8, 40), (96.0, 20)])]
+           + [{"number": 3, "state": "FAIL", "params": {}}]}
+    page = render_search_html(doc)
+    assert "https://" not in page and "http://" not in page and "data:image/png;base64," in page
+    assert "trial 1, which meets the budget" in page and "3 completed trial(s) of 4" in page
+    assert page.count("<tr>") == 3  # header + the two front trials

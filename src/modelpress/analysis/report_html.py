@@ -389,6 +389,52 @@ def write_html_report(out_dir: str | Path, recipe_name: str, rows: Sequence[Mapp
     return write_text(Path(out_dir) / "report.html", render_html(recipe_name, rows, infos, sensitivity, description))
 
 
+def render_search_html(doc: Mapping[str, Any]) -> str:
+    """A search's page: quality vs cost of every trial (baseline star, best trial labelled,
+    Pareto front dashed) and the front as a table; ``doc`` is what ``trials.json`` holds."""
+    budget, base = doc["budget"], doc.get("baseline", {})
+    metric = budget["metric"]
+    field = "latency" if metric == "latency" else "size"
+    best_no = (doc.get("best") or {}).get("number")
+    points = [TradeoffPoint("baseline", doc.get("baseline_quality"), kind="baseline",
+                            **{field: _baseline_cost(base, budget)})]
+    done = [t for t in doc["trials"] if t.get("state") == "COMPLETE"]
+    for t in done:
+        points.append(TradeoffPoint(f"best (trial {t['number']})" if t["number"] == best_no else str(t["number"]),
+                                    t["quality"], kind="stage" if t["number"] == best_no else "trial",
+                                    **{field: t["cost"]}))
+    title = "modelpress search"
+    verdict = ("meets the budget" if doc.get("met_budget") else "does NOT meet the budget (closest shown)")
+    body = [f"<h1>{html.escape(title)}</h1>",
+            f"<p>Budget: {html.escape(metric)} &le; {budget['limit']:,g}, quality drop &le; {budget['max_drop']:g} "
+            f"points. {len(done)} completed trial(s) of {len(doc['trials'])}. Best: "
+            f"{'none' if best_no is None else f'trial {best_no}, which {verdict}'}.</p>"]
+    if done:
+        label = {"bytes": "artifact bytes", "macs": "MACs per sample", "latency": "latency (ms)"}[metric]
+        body.append(_img(tradeoff_figure(points, cost=field, quality_label="quality (points)", cost_label=label),
+                         f"quality vs {metric} of every trial"))
+        front = set(doc.get("pareto", []))
+        head = "<tr><th>trial</th><th>quality</th><th>drop (pt)</th><th>" + html.escape(label) + \
+               "</th><th>within budget</th><th>choices</th></tr>"
+        rows = "".join(
+            f"<tr><td>{t['number']}{' (best)' if t['number'] == best_no else ''}</td><td>{t['quality']:.2f}</td>"
+            f"<td>{t['drop']:+.2f}</td><td>{t['cost']:,.4g}</td><td>{'yes' if t.get('feasible') else 'no'}</td>"
+            f"<td>{html.escape(', '.join(f'{k}={v}' for k, v in sorted(t['params'].items())))}</td></tr>"
+            for t in sorted(done, key=lambda t: t["cost"]) if t["number"] in front)
+        body += ["<h2>Pareto front</h2>", f"<table>{head}{rows}</table>"]
+    return ('<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+            f"<title>{html.escape(title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n"
+            + "\n".join(body) + "\n</body>\n</html>\n")
+
+
+def _baseline_cost(base: Mapping[str, Any], budget: Mapping[str, Any]) -> float | None:
+    if budget["metric"] == "latency":
+        key = f"{'eager' if budget.get('runtime', 'eager') == 'eager' else 'ort'}_b{budget.get('batch_size', 1)}_ms"
+    else:
+        key = {"bytes": "artifact_bytes", "macs": "macs"}[budget["metric"]]
+    return base.get(key)
+
+
 __all__ = ["TradeoffPoint", "figure_png", "layer_bars_figure", "pareto_front", "per_layer_series", "points_from_rows",
-           "quality_key", "render_html", "rows_table_html", "sensitivity_figure", "tradeoff_figure",
+           "quality_key", "render_html", "render_search_html", "rows_table_html", "sensitivity_figure", "tradeoff_figure",
            "write_html_report"]

@@ -60,20 +60,17 @@ def quality_of(row: dict) -> float:
 
 
 def pareto_front(points: list[dict], quality: str = "quality", cost: str = "cost") -> list[dict]:
-    """Points not dominated by another (another is at least as good on both and better on one),
-    sorted by cost.
+    """The trials (dicts) not dominated on (``quality`` up, ``cost`` down), cheapest first;
+    the same rule as the report's plots (:func:`modelpress.analysis.report_html.pareto_front`).
 
         >>> pts = [{"quality": 97, "cost": 10}, {"quality": 96, "cost": 5}, {"quality": 95, "cost": 8}]
         >>> [p["cost"] for p in pareto_front(pts)]
         [5, 10]
     """
-    front = []
-    for p in points:
-        dominated = any(q[quality] >= p[quality] and q[cost] <= p[cost] and (q[quality] > p[quality] or q[cost] < p[cost])
-                        for q in points)
-        if not dominated:
-            front.append(p)
-    return sorted(front, key=lambda p: (p[cost], -p[quality]))
+    from ..analysis.report_html import TradeoffPoint, pareto_front as front_of
+
+    tagged = [TradeoffPoint(str(i), p[quality], size=p[cost]) for i, p in enumerate(points)]
+    return [points[int(t.label)] for t in front_of(tagged, cost="size")]
 
 
 def pick_best(trials: list[dict], budget: Budget) -> tuple[dict | None, bool]:
@@ -258,11 +255,17 @@ def _summarise(study, budget: Budget, base: dict, out: Path) -> SearchResult:
            "best": None if best is None else {k: best[k] for k in ("number", "quality", "cost", "drop", "params")},
            "met_budget": met, "pareto": [t["number"] for t in front], "trials": trials}
     write_json(out / "trials.json", doc)
+    try:
+        from ..analysis.report_html import render_search_html
+
+        write_text(out / "report.html", render_search_html(doc))
+    except Exception as exc:  # a plotting problem must not lose the search's results
+        log(f"[yellow]search: report.html not written ({exc})[/yellow]")
     if best is not None:
         write_text(out / "best-recipe.yaml", yaml.safe_dump(best["recipe"], sort_keys=False))
         verdict = "meets" if met else "does NOT meet"
         log(f"search: best trial {best['number']}: quality {best['quality']:.2f} (drop {best['drop']:.2f} pt), "
-            f"{budget.metric} {best['cost']:,.0f} — {verdict} the budget ({budget.limit:,g}); "
+            f"{budget.metric} {best['cost']:,.4g} — {verdict} the budget ({budget.limit:,g}); "
             f"recipe: {out / 'best-recipe.yaml'}")
     else:
         log("search: no trial completed")
