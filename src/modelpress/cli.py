@@ -205,6 +205,11 @@ def _run_compress(recipe_ref: str, model: Optional[str], data: Optional[str], ru
     if not model_ref or not data_ref:
         raise ModelpressError("the recipe names no model/data and none was given",
                               hint="pass --model and --data")
+    from .analysis.speed_check import check_recipe
+    from .core.progress import log
+
+    runtime = "onnxruntime" if recipe.eval.onnx else "eager"
+    log(f"[dim]{check_recipe(recipe, runtime).summary()}[/dim]")
     bundle = _load_bundle(data_ref, recipe.seed)
     m = _resolve_model(model_ref, bundle, seed=recipe.seed, train=recipe.baseline.train,
                        trust_remote_code=trust_remote_code)
@@ -229,6 +234,23 @@ def compress(recipe: str = typer.Option(..., "--recipe", "-r", help="recipe YAML
     modelpress compress -r my.yaml -m my.py:build -d imagefolder:photos -o runs/b --set stage.1.sparsity=0.8
     """
     _run_compress(recipe, model, data, run_dir, overrides, resume, trust_remote_code)
+
+
+@app.command()
+def speedcheck(recipe: str = typer.Option(..., "--recipe", "-r", help="recipe YAML file or built-in name"),
+               runtime: str = typer.Option("eager", help="eager (PyTorch) or onnxruntime"),
+               overrides: List[str] = typer.Option([], "--set", help="override, e.g. stage.1.sparsity=0.8")):
+    """Will it be faster? Predict, before compressing, whether a recipe's result runs faster on a runtime.
+
+    Zeroed or low-bit weights make a model smaller, not faster, on dense CPU kernels; removed
+    channels/heads and int8 kernels (where the CPU has them) remove work.
+    [bold]Examples[/bold]: modelpress speedcheck -r lenet5-prune · modelpress speedcheck -r my.yaml --runtime onnxruntime
+    """
+    from .analysis.speed_check import check_recipe
+    from .recipes.schema import Recipe
+
+    result = check_recipe(Recipe.load(recipe, overrides), runtime)
+    typer.echo(result.summary())
 
 
 def _method_command(family: str, method: str, model: str, data: str, run_dir: Path, sets: List[str],
