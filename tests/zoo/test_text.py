@@ -184,3 +184,36 @@ def test_sentences_bundle():
     assert len(bundle.train) + len(bundle.test) == n and abs(len(bundle.test) - n / 10) <= 1
     assert bundle.input_shape == (16,)  # the longest sentences are truncated to max_length
     assert set(bundle.train[0]) == {"input_ids", "attention_mask", "token_type_ids"}
+
+
+# -- generated training sentences (no transformers needed) ----------------------------------
+def test_generate_sentences_is_deterministic_and_distinct():
+    a = text.generate_sentences(500, seed=3)
+    assert len(a) == len(set(a)) == 500
+    assert a == text.generate_sentences(500, seed=3)
+    assert text.generate_sentences(100, seed=3) == a[:100]  # a smaller n is a prefix
+    assert text.generate_sentences(500, seed=4) != a
+    assert text.generate_sentences(0) == []
+    assert all(s[0].isupper() and s[-1] in ".?" and "  " not in s for s in a)
+    with pytest.raises(DataError):
+        text.generate_sentences(-1)
+
+
+def test_generate_sentences_never_copies_the_evaluation_sentences():
+    held_out = text.pair_sentences(text.load_sts_pairs())
+    generated = text.generate_sentences(5000)
+    assert not set(generated) & set(held_out)
+    near_copy = text.NearCopyFilter(held_out)
+    assert not any(near_copy(s) for s in generated)
+    assert len({w for s in generated for w in s.lower().split()}) > 1000  # a broad vocabulary
+    # a custom exclusion list is honoured
+    first = text.generate_sentences(1)[0]
+    assert first not in text.generate_sentences(50, exclude=[first])
+
+
+def test_near_copy_filter():
+    f = text.NearCopyFilter(["A man is playing a guitar.", "How old are you?"])
+    assert f("A man is playing a guitar.") and f("a man is  playing a guitar")
+    assert f("The men were playing the guitar.")  # same content words, other inflections
+    assert f("how old are you")
+    assert not f("A woman is cooking dinner.") and not f("Two girls are swimming in the lake.")
