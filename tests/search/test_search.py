@@ -67,6 +67,46 @@ def test_build_recipe_is_a_valid_recipe_with_one_stage_per_knob():
     assert recipe.stages[0].distill is not None and recipe.model == "lenet5"
 
 
+def test_global_sparsity_and_bits_per_type_become_deep_compression_stages():
+    params = {"sparsity": 0.95, "bits:type:Conv2d": 4, "bits:type:Linear": 2}
+    raw = build_recipe(params, SearchSpace(ranking="global", bits_per="type"), name="t", model="lenet5",
+                       data="mnist5k", eval_spec={"latency": False})
+    prune_stage, share = Recipe.from_dict(raw).stages
+    assert prune_stage.method == "prune.magnitude" and prune_stage.config["ranking"] == "global"
+    assert prune_stage.config["sparsity"] == 0.95 and "layer_sparsity" not in prune_stage.config
+    assert share.method == "quant.kmeans"
+    assert share.config["layer_bits"] == {"type:Conv2d": 4, "type:Linear": 2}
+    with pytest.raises(Exception, match="ranking"):
+        SearchSpace(ranking="per-channel")
+    with pytest.raises(Exception, match="bits_per"):
+        SearchSpace(bits_per="model")
+
+
+def test_search_with_global_sparsity_and_bits_per_type_suggests_one_choice_each(tmp_path):
+    space = SearchSpace(sparsity=[0.5, 0.8], ranking="global", bits=[4, 3], bits_per="type",
+                        finetune={"epochs": 0.5, "lr": 0.005})  # sensitivity_drop is ignored: no scan
+    res = run_search(trained_mlp(), toy_bundle(), Budget(metric="bytes", limit=1e9, max_drop=100), space,
+                     out=tmp_path / "g", trials=2)
+    assert "curves" not in res.baseline
+    for t in res.trials:
+        assert t["state"] == "COMPLETE" and set(t["params"]) == {"sparsity", "bits:type:Linear"}
+        prune_stage, share = t["recipe"]["stages"]
+        assert prune_stage["config"]["ranking"] == "global"
+        assert prune_stage["config"]["sparsity"] == t["params"]["sparsity"]
+        assert share["config"]["layer_bits"] == {"type:Linear": t["params"]["bits:type:Linear"]}
+
+
+def test_a_repeated_choice_reuses_the_result_instead_of_rerunning(tmp_path):
+    space = SearchSpace(sparsity=[0.5], bits=[4], finetune={"epochs": 0.5, "lr": 0.005}, sensitivity_drop=None)
+    res = run_search(trained_mlp(), toy_bundle(), Budget(metric="bytes", limit=1e9, max_drop=100), space,
+                     out=tmp_path / "r", trials=3)  # one possible recipe: trials 1 and 2 repeat trial 0
+    first, *repeats = res.trials
+    assert "same_as" not in first and [t["same_as"] for t in repeats] == [0, 0]
+    assert all((t["quality"], t["cost"]) == (first["quality"], first["cost"]) for t in repeats)
+    assert sorted(p.name for p in (tmp_path / "r" / "trials").iterdir()) == ["0000"]  # run once
+    assert res.best["number"] == 0
+
+
 def test_sensitivity_caps_each_layers_choices():
     space = SearchSpace(sparsity=[0.0, 0.5, 0.9], sensitivity_drop=2.0)
     curves = {"a": [0.97, 0.96], "b": [0.97, 0.80]}  # accuracy at 50%, 90% (baseline 0.97)

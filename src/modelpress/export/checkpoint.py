@@ -1,16 +1,24 @@
 """The modelpress artifact: one safetensors file holding a compressed model.
 
-Layout of ``model.mpz.safetensors`` (any name works):
+Layout of ``model.safetensors`` (format 2, :data:`FORMAT`; any file name works):
 
 * tensors, each stored raw or through an *encoding* that makes it smaller on disk
   (``sparse``: a packed bitmask + the non-zero values; ``relidx``: relative indices + values,
   see :mod:`.sparse_encodings`; both exact, the smaller wins; quantization adds its own);
-* metadata key ``modelpress``: JSON with the format version, the model *source* (zoo name,
-  Hugging Face directory or factory), the structure records (see :mod:`.modules`) and the
-  encodings, plus free-form ``meta`` (task, input shape, metrics).
+* pieces (raw tensors and encoded parts) under :data:`PACK_BELOW` bytes are concatenated into
+  one ``uint8`` tensor named :data:`PACKED`, indexed by the header (name, dtype, shape, in
+  order): safetensors spends ~60 header bytes on each tensor it stores, as much as a small
+  layer's codebook. Larger pieces stay ordinary safetensors tensors (``name`` or ``name::part``);
+* metadata key ``modelpress``: ``"2:"`` + base85 of the deflated JSON header (the model
+  *source* (zoo name, Hugging Face directory or factory), the structure records (see
+  :mod:`.modules`), the encodings, the packed index, free-form ``meta`` (task, input shape,
+  metrics)). Deflate starts from a preset dictionary of the strings headers repeat, so a
+  small model's header costs a few hundred bytes, not a few thousand.
 
-Saving is atomic; loading uses safetensors only (never pickle), validates the header and
-reports corrupt, truncated or mismatched files as :class:`ModelLoadError`::
+Format 1 (:data:`FORMAT_V1`: one safetensors tensor per piece, the JSON header as plain text)
+still loads. Saving is atomic; loading uses safetensors, zlib and json only (never pickle),
+validates the header and reports corrupt, truncated or mismatched files as
+:class:`ModelLoadError`::
 
     >>> import torch, tempfile, os
     >>> from torch import nn
@@ -19,13 +27,16 @@ reports corrupt, truncated or mismatched files as :class:`ModelLoadError`::
     >>> p = os.path.join(tempfile.mkdtemp(), "m.safetensors")
     >>> _ = save_artifact(m, p)
     >>> state, header = load_state(p)
-    >>> torch.equal(state["weight"], m.weight.data)
-    True
+    >>> torch.equal(state["weight"], m.weight.data), header["format"]
+    (True, 'modelpress.artifact/2')
 """
 from __future__ import annotations
 
+import base64
 import json
+import math
 import os
+import zlib
 from pathlib import Path
 from typing import Any, Callable
 
@@ -37,8 +48,60 @@ from ..core.errors import ModelLoadError
 from ..core.io import atomic_path
 from . import modules as structure
 
-FORMAT = "modelpress.artifact/1"
+FORMAT = "modelpress.artifact/2"
+FORMAT_V1 = "modelpress.artifact/1"  # one safetensors tensor per piece, plain JSON header; still loads
 SEP = "::"  # separates a tensor's name from its encoded parts
+PACKED = SEP + "packed"  # the blob of small pieces (no state_dict key starts with the separator)
+PACK_BELOW = 4096  # pieces smaller than this (bytes) go into the blob
+_V2_TAG = "2:"  # the metadata value of a format-2 file starts with this, then base85
+_MAX_HEADER = 64 << 20  # inflated header bytes a loader accepts (a corrupt stream cannot exhaust memory)
+
+_DTYPE_CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+                torch.bool: "BOOL"}  # safetensors' names; other dtypes are stored unpacked
+_CODE_DTYPES = {code: dtype for dtype, code in _DTYPE_CODES.items()}
+
+# Preset dictionary of the header's deflate stream: what headers repeat (keys, module records,
+# encodings, the zoo models' own layer records), the most common last (closest to the data).
+# Part of format 2: changing one byte makes every format-2 file unreadable (a new dictionary
+# needs a new format tag).
+_HEADER_DICT = "".join((
+    '"replay":[{"method":"quant.static_int8","config":{"before":{',
+    '"ties":{"source":{"hf_dir":"factory":',
+    '"BertSelfAttention","attrs":{"num_attention_heads":12,"attention_head_size":32,"all_head_size":384}},',
+    '"LayerNorm","args":{"normalized_shape":[384],"eps":1e-12,"elementwise_affine":true,"bias":true}},',
+    '"Embedding","args":{"num_embeddings":"embedding_dim":"padding_idx":null}},',
+    '"QuantLinear","args":{"QuantConv2d","args":{"FactorizedLayer","args":{"method":"svd"}},',
+    '"source":{"zoo":"resnet_small","kwargs":{}},"structure":{"layer1":{"class":"Sequential","args":{}},',
+    '"features.0.0":"BatchNorm2d","args":{"num_features":16,"eps":1e-05,"momentum":0.1,"affine":true,'
+    '"track_running_stats":true}},',
+    '"Conv2d","args":{"in_channels":16,"out_channels":16,"kernel_size":[3,3],"stride":[1,1],"padding":[1,1],'
+    '"dilation":[1,1],"groups":1,"bias":false,"padding_mode":"zeros"}},',
+    '"encodings":{"kind":"sparse","shape":[',
+    '"kind":"relidx","shape":[,"bits":8,"count":',
+    '"meta":{"stage":"baseline"},"masked":["conv1.weight","conv2.weight","fc1.weight","fc2.weight","fc3.weight"]},',
+    '"source":{"zoo":"lenet300","kwargs":{}},"structure":{"fc1":{"class":"Linear","args":{"in_features":784,'
+    '"out_features":300,"bias":true}},',
+    '"meta":{"stage":"prune","method":"prune.magnitude"},',
+    '"packed":[["conv1.weight::bitmask","U8",[","conv1.weight::values","F32",[","fc1.weight::gaps","U8",[",'
+    '"conv1.weight","F32",[6,1,5,5]],["conv1.bias","F32",[6]],',
+    '"source":{"zoo":"lenet5","kwargs":{"num_classes":10,"in_channels":1,"image_size":28}},"structure":{'
+    '"conv1":{"class":"Conv2d","args":{"in_channels":1,"out_channels":6,"kernel_size":[5,5],"stride":[1,1],'
+    '"padding":[2,2],"dilation":[1,1],"groups":1,"bias":true,"padding_mode":"zeros"}},'
+    '"conv2":{"class":"Conv2d","args":{"in_channels":6,"out_channels":16,"kernel_size":[5,5],',
+    '"fc2":{"class":"Linear","args":{"in_features":120,"out_features":84,"bias":true}},',
+    '"source":{"zoo":"lenet5","kwargs":{"num_classes":10,"in_channels":1,"image_size":28}},"structure":{'
+    '"conv1":{"class":"CodebookConv2d","args":{"in_channels":1,"out_channels":6,"kernel_size":[5,5],'
+    '"padding":[2,2]}},"conv2":{"class":"CodebookConv2d","args":{"in_channels":6,"out_channels":16,'
+    '"kernel_size":[5,5]}},',
+    '"fc1":{"class":"CodebookLinear","args":{"in_features":400,"out_features":120}},'
+    '"fc2":{"class":"CodebookLinear","args":{"in_features":120,"out_features":84}},'
+    '"fc3":{"class":"CodebookLinear","args":{"in_features":84,"out_features":10}}},',
+    '"encodings":{"conv1.indices":{"kind":"huffman","shape":[6,1,5,5]},"conv2.indices":{"kind":"huffman",'
+    '"shape":[16,6,5,5]},"fc1.indices":{"kind":"huffman","shape":[120,400]},',
+    '"meta":{"stage":"share","method":"quant.kmeans"},"packed":[["conv1.table","F16",[",'
+    '"conv1.indices::data","U8",[","conv2.table","F16",[","conv2.indices::data","U8",[',
+)).encode()
 
 # kind -> (encode(tensor) -> (parts dict, info dict) | None, decode(parts, info) -> tensor)
 Encoder = Callable[[torch.Tensor], tuple[dict[str, torch.Tensor], dict] | None]
@@ -70,7 +133,7 @@ def _encode_sparse(t: torch.Tensor):
     if encoded >= t.numel() * t.element_size():
         return None
     bits = torch.from_numpy(np.packbits(nz.numpy().astype(np.uint8)))
-    return {"bitmask": bits, "values": flat[nz].clone()}, {"shape": list(t.shape), "dtype": str(t.dtype)}
+    return {"bitmask": bits, "values": flat[nz].clone()}, {"shape": list(t.shape)}  # dtype: the values' own
 
 
 def _decode_sparse(parts, info):
@@ -148,17 +211,85 @@ def save_artifact(model: nn.Module, path: str | os.PathLike, *, source: dict | N
     masked = [f"{mname}.{pname}" if mname else pname for mname, _, pname, _ in masked_params(model)]
     if masked:
         meta["masked"] = masked  # restored as masks on load, so later fine-tuning keeps them zero
-    header = {"format": FORMAT, "source": source, "structure": structure.describe(model),
-              "encodings": encodings, "ties": ties, "meta": meta}
+    header = {"source": source, "structure": structure.describe(model), "encodings": encodings, "ties": ties,
+              "meta": meta}
     if replayed:  # loading replays these rewrites, then applies "structure" (see modules.replay)
         header["replay"] = replayed["steps"]
+    tensors, header["packed"] = _pack(tensors)
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"modelpress": json.dumps(header)})
+        save_file(tensors, str(tmp), metadata={"modelpress": _V2_TAG + _compress_header(header)})
     return Path(path)
 
 
+def _pack(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[list]]:
+    """Move the pieces under :data:`PACK_BELOW` bytes into one uint8 blob: ``(tensors, index)``,
+    the index listing ``[name, dtype code, shape]`` in blob order."""
+    out, index, chunks = {}, [], []
+    for key, t in tensors.items():
+        if t.dtype not in _DTYPE_CODES or t.numel() * t.element_size() >= PACK_BELOW:
+            out[key] = t
+            continue
+        index.append([key, _DTYPE_CODES[t.dtype], list(t.shape)])
+        chunks.append(t.contiguous().reshape(-1).view(torch.uint8))
+    if chunks:
+        out[PACKED] = torch.cat(chunks)
+    return out, index
+
+
+def _unpack(blob: torch.Tensor | None, index: Any, where: str) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`_pack` (bit-exact): the packed pieces by name."""
+    corrupt = ModelLoadError(f"checkpoint {where} has a corrupt packed-tensor index",
+                             hint="the file may be truncated or corrupt; re-create it")
+    if not index:
+        if blob is not None:
+            raise corrupt
+        return {}
+    if blob is None or blob.dtype != torch.uint8 or blob.dim() != 1 or not isinstance(index, list):
+        raise corrupt
+    out, at = {}, 0
+    try:
+        for key, code, shape in index:
+            dtype, shape = _CODE_DTYPES[code], [int(n) for n in shape]
+            nbytes = math.prod(shape) * dtype.itemsize
+            if not isinstance(key, str) or min(shape, default=0) < 0 or at + nbytes > blob.numel():
+                raise corrupt
+            out[key] = blob[at:at + nbytes].clone().view(dtype).reshape(shape)
+            at += nbytes
+    except (KeyError, TypeError, ValueError):
+        raise corrupt from None
+    if at != blob.numel():
+        raise corrupt
+    return out
+
+
+def _compress_header(header: dict) -> str:
+    """The header as base85 of raw deflate (preset dictionary :data:`_HEADER_DICT`); empty fields
+    are left out (loading restores them)."""
+    body = {k: v for k, v in header.items() if v}
+    text = json.dumps(body, separators=(",", ":")).encode()
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -15, 9, zlib.Z_DEFAULT_STRATEGY, zdict=_HEADER_DICT)
+    return base64.b85encode(deflate.compress(text) + deflate.flush()).decode("ascii")
+
+
+def _expand_header(raw: str, where: str) -> dict:
+    """Inverse of :func:`_compress_header`, with the left-out fields restored."""
+    try:
+        inflate = zlib.decompressobj(-15, zdict=_HEADER_DICT)
+        text = inflate.decompress(base64.b85decode(raw), _MAX_HEADER)
+        if not inflate.eof or inflate.unconsumed_tail:
+            raise ValueError("incomplete or oversized header")
+        body = json.loads(text)
+    except (ValueError, zlib.error):
+        body = None
+    if not isinstance(body, dict):
+        raise ModelLoadError(f"checkpoint {where} has a corrupt modelpress header",
+                             hint="the file may be truncated or corrupt; re-create it")
+    return {"format": FORMAT, "source": None, "structure": {}, "encodings": {}, "ties": {}, "meta": {}, **body}
+
+
 def read_header(path: str | os.PathLike) -> dict:
-    """The artifact's JSON header, validated."""
+    """The artifact's header (format 2 or 1), validated: ``format``, ``source``, ``structure``,
+    ``encodings``, ``ties``, ``meta`` and, when present, ``replay`` and ``packed``."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -175,12 +306,18 @@ def read_header(path: str | os.PathLike) -> dict:
     if raw is None:
         raise ModelLoadError(f"{str(path)!r} is a safetensors file without modelpress metadata",
                              hint="load plain weights with torch/safetensors, or save with modelpress")
+    if raw.startswith(_V2_TAG):
+        return _expand_header(raw[len(_V2_TAG):], repr(str(path)))
+    if not raw.startswith("{"):
+        raise ModelLoadError(f"checkpoint {str(path)!r} has a modelpress header this version cannot read "
+                             f"(it starts {raw[:8]!r})", hint="it was written by a newer modelpress version")
     try:
         header = json.loads(raw)
     except json.JSONDecodeError:
         raise ModelLoadError(f"checkpoint {str(path)!r} has a corrupt modelpress header") from None
-    if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise ModelLoadError(f"checkpoint {str(path)!r} has format {header.get('format')!r}, expected {FORMAT!r}",
+    if not isinstance(header, dict) or header.get("format") != FORMAT_V1:
+        found = header.get("format") if isinstance(header, dict) else None
+        raise ModelLoadError(f"checkpoint {str(path)!r} has format {found!r}, expected {FORMAT!r} or {FORMAT_V1!r}",
                              hint="it was written by another modelpress version")
     return header
 
@@ -195,6 +332,9 @@ def load_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     except Exception as exc:
         raise ModelLoadError(f"checkpoint {str(path)!r} could not be read ({exc})",
                              hint="the file may be truncated or corrupt; re-create it") from None
+    if header["format"] == FORMAT:
+        blob = raw.pop(PACKED, None)
+        raw.update(_unpack(blob, header.get("packed"), repr(str(path))))
     state: dict[str, torch.Tensor] = {k: v for k, v in raw.items() if SEP not in k}
     for name, info in header.get("encodings", {}).items():
         kind = info.get("kind")
@@ -226,6 +366,12 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], header: dict, wh
     if steps and not (current and current["steps"] == steps):  # else: the model already has this form
         model = structure.replay(model, steps)
     structure.rebuild(model, header.get("structure", {}))
+    # Tensors a method chose a non-automatic encoding for (e.g. Huffman-coded codebook indices)
+    # keep it when the loaded model is saved again.
+    chosen = {name: info["kind"] for name, info in header.get("encodings", {}).items()
+              if isinstance(info, dict) and info.get("kind") in _ENCODINGS and info["kind"] not in _AUTO}
+    if chosen:
+        model.modelpress_encodings = {**getattr(model, "modelpress_encodings", {}), **chosen}
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:

@@ -90,7 +90,7 @@ def encode_relidx(t: torch.Tensor, bits: int | None = None):
     values = torch.zeros(len(gaps), dtype=flat.dtype)
     values[torch.from_numpy(real)] = flat[torch.from_numpy(positions)]
     parts = {"gaps": torch.from_numpy(_pack(gaps, b)), "values": values}
-    return parts, {"shape": list(t.shape), "dtype": str(t.dtype), "bits": b, "count": len(gaps)}
+    return parts, {"shape": list(t.shape), "bits": b, "count": len(gaps)}  # dtype: the values' own
 
 
 def decode_relidx(parts: dict[str, torch.Tensor], info: dict) -> torch.Tensor:

@@ -4,8 +4,12 @@ A trial picks, from a :class:`SearchSpace`:
 
 * ``channels``: a structured MAC-reduction target for ``prune.channels`` (0 = skip the stage);
 * ``rank``: a parameter ratio for low-rank factorization of Linear layers (``lowrank.svd``; 1 = skip);
-* ``sparsity``: an unstructured sparsity *per layer* for ``prune.magnitude`` (AGP schedule);
-* ``bits``: k-means weight-sharing bits *per layer* (``quant.kmeans``, stored with Huffman coding);
+* ``sparsity``: an unstructured sparsity *per layer* for ``prune.magnitude`` (AGP schedule), or
+  with ``ranking: global`` one sparsity for the whole model, the smallest weights of all layers
+  going first (Deep Compression's setting: one knob instead of one per layer);
+* ``bits``: k-means weight-sharing bits *per layer* (``quant.kmeans``, stored with Huffman coding),
+  or with ``bits_per: type`` per layer type (one choice for the Conv2d layers, one for the Linear
+  ones, as Deep Compression's 8/5 bits);
 
 in this order, each stage fine-tuned (optionally distilling from the uncompressed baseline).
 The choices become a plain :class:`~modelpress.recipes.schema.Recipe`, so the best trial is a
@@ -13,7 +17,16 @@ recipe file that ``modelpress compress`` reruns to the same result.
 
 Sensitivity (per-layer accuracy when only that layer is pruned, see
 :func:`~modelpress.pruning.sensitivity.sensitivity_scan`) shrinks the space: a layer never
-gets a sparsity at which pruning it *alone* already costs more than ``sensitivity_drop`` points.
+gets a sparsity at which pruning it *alone* already costs more than ``sensitivity_drop`` points
+(per-layer ranking only).
+
+The global / per-type space is small enough for a short study. LeNet-5 on mnist5k, 50x smaller
+than fp32 within 0.5 points (20 trials, 7m44s on 1 thread; best: 97.40%, 4,701 B, 52.6x, the
+built-in recipe ``lenet5-deep-compression``)::
+
+    modelpress search -m lenet5 --budget bytes=4945 --max-drop 0.5 -n 20 -o runs/s --set ranking=global
+        --set 'sparsity=[0.93,0.94,0.95,0.96]' --set bits_per=type --set 'bits=[2,3,4]'
+        --set finetune.epochs=6 --set finetune.lr=0.002    # (one command line)
 """
 from __future__ import annotations
 
@@ -69,9 +82,14 @@ class SearchSpace(StrictModel):
     rank: list[float] | None = Field(None, description="lowrank.svd param_ratio choices for Linear layers "
                                                        "(1 = no factorization)")
     sparsity: list[float] | None = Field(default_factory=lambda: [0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98],
-                                         description="per-layer unstructured sparsity choices")
+                                         description="unstructured sparsity choices (per layer, or of the "
+                                                     "whole model with ranking=global)")
+    ranking: Literal["layer", "global"] = Field("layer", description="layer: a sparsity per layer; global: one "
+                                                                     "sparsity, smallest weights of all layers first")
     bits: list[int] | None = Field(default_factory=lambda: [8, 6, 5, 4, 3],
-                                   description="per-layer k-means weight-sharing bits")
+                                   description="k-means weight-sharing bits choices")
+    bits_per: Literal["layer", "type"] = Field("layer", description="layer: bits chosen per layer; type: per layer "
+                                                                    "type (Conv2d, Linear)")
     finetune: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=2, lr=1e-3),
                                   description="fine-tune of every stage")
     distill: bool = Field(True, description="stages fine-tune by distilling from the uncompressed baseline")
@@ -130,7 +148,8 @@ def allowed_sparsities(space: SearchSpace, curves: dict[str, list[float]] | None
 def build_recipe(params: dict[str, Any], space: SearchSpace, *, name: str, model: str | None, data: str | None,
                  eval_spec: dict, seed: int = 0) -> dict:
     """The recipe (as a dict) of one trial's choices; ``params`` as suggested by the trial:
-    ``channels``, ``rank``, ``sparsity:<layer>``, ``bits:<layer>``."""
+    ``channels``, ``rank``, ``sparsity`` (global ranking) or ``sparsity:<layer>``, and
+    ``bits:<layer>`` or ``bits:type:<Type>`` (any key ``quant.kmeans`` takes in ``layer_bits``)."""
     ft = space.finetune.model_dump(exclude_defaults=True)
     distill = {"distill": {"T": 2.0, "alpha": 0.5}} if space.distill else {}
     stages: list[dict] = []
@@ -142,7 +161,12 @@ def build_recipe(params: dict[str, Any], space: SearchSpace, *, name: str, model
         stages.append({"name": "svd", "method": "lowrank.svd",
                        "config": {"param_ratio": params["rank"], "keep_first_last": True}, "finetune": ft, **distill})
     layer_sparsity = {k.split(":", 1)[1]: v for k, v in params.items() if k.startswith("sparsity:") and v > 0}
-    if layer_sparsity:
+    if params.get("sparsity", 0) > 0:
+        stages.append({"name": "prune", "method": "prune.magnitude",
+                       "config": {"ranking": "global", "keep_first_last": False, "sparsity": params["sparsity"],
+                                  "schedule": {"kind": "polynomial", "end_fraction": 0.6, "frequency": 25}},
+                       "finetune": ft, **distill})
+    elif layer_sparsity:
         stages.append({"name": "prune", "method": "prune.magnitude",
                        "config": {"ranking": "layer", "keep_first_last": False, "sparsity": 0.0,
                                   "layer_sparsity": layer_sparsity,

@@ -15,7 +15,9 @@ The study lives in ``storage``: by default a SQLite file in ``out`` (``study.db`
 search resumes where it stopped when run again; a database URL (e.g. PostgreSQL) lets several
 processes or machines add trials to one study. A trial that fails (a method error, NaN
 training) is recorded as failed and the study goes on; a trial left running by a killed process
-is failed on resume (heartbeats) and retried.
+is failed on resume (heartbeats) and retried. A trial whose recipe repeats a completed one's
+(a small categorical space makes the sampler propose some choices twice) reuses its result
+instead of running it again (``same_as`` in ``trials.json``): recipes are deterministic.
 
 When no trial meets the budget the search says so, and ``best-recipe.yaml`` holds the feasible-
 drop trial with the lowest cost (``result.met_budget`` is False).
@@ -147,33 +149,34 @@ def run_search(model: nn.Module, bundle: Any, budget: Budget, space: SearchSpace
     base_quality = base["quality"]
     allowed = allowed_sparsities(space, base.get("curves"), base.get("sparsities", []), base_quality / 100,
                                  base["layers"])
+    modules = dict(model.named_modules())
+    layer_types = sorted({type(modules[n]).__name__ for n in base["layers"] if n in modules})
 
     def objective(trial: optuna.Trial) -> tuple[float, float]:
         params: dict[str, Any] = {}
-        if space.channels and len(space.channels) > 1:
-            params["channels"] = trial.suggest_categorical("channels", space.channels)
-        elif space.channels:
-            params["channels"] = space.channels[0]
-        if space.rank and len(space.rank) > 1:
-            params["rank"] = trial.suggest_categorical("rank", space.rank)
-        elif space.rank:
-            params["rank"] = space.rank[0]
+        if space.channels:
+            params["channels"] = _choose(trial, "channels", space.channels)
+        if space.rank:
+            params["rank"] = _choose(trial, "rank", space.rank)
+        if space.sparsity and space.ranking == "global":
+            params["sparsity"] = _choose(trial, "sparsity", space.sparsity)
         for layer, choices in allowed.items():
-            if space.sparsity:
-                params[f"sparsity:{layer}"] = (trial.suggest_categorical(f"sparsity:{layer}", choices)
-                                               if len(choices) > 1 else choices[0])
-            if space.bits:
-                params[f"bits:{layer}"] = (trial.suggest_categorical(f"bits:{layer}", space.bits)
-                                           if len(space.bits) > 1 else space.bits[0])
+            if space.sparsity and space.ranking == "layer":
+                params[f"sparsity:{layer}"] = _choose(trial, f"sparsity:{layer}", choices)
+            if space.bits and space.bits_per == "layer":
+                params[f"bits:{layer}"] = _choose(trial, f"bits:{layer}", space.bits)
+        for layer_type in layer_types if space.bits and space.bits_per == "type" else []:
+            params[f"bits:type:{layer_type}"] = _choose(trial, f"bits:type:{layer_type}", space.bits)
         raw = build_recipe(params, space, name=f"search-trial-{trial.number}", model=model_ref, data=data_ref,
                            eval_spec=eval_spec, seed=seed)
         trial.set_user_attr("recipe", raw)
-        trial_dir = out / "trials" / f"{trial.number:04d}"
-        if trial_dir.exists():  # a retried trial starts clean
-            shutil.rmtree(trial_dir)
-        res = run_recipe(Recipe.from_dict(raw, where=f"trial {trial.number}"), model=_copy(model), data=bundle,
-                         out=trial_dir, resume=False)
-        row = res.final
+        twin = _same_recipe(trial.study, raw)
+        if twin is not None:  # recipes are deterministic: the same stages give the same numbers
+            log(f"search: trial {trial.number} repeats trial {twin.number}'s choices; its result is reused")
+            trial.set_user_attr("same_as", twin.number)
+            row = twin.user_attrs["row"]
+        else:
+            row = _run_trial(trial.number, raw)
         if budget.cost_key not in row:
             raise ConfigError(f"the trial's report has no {budget.cost_key!r} to compare with the budget")
         quality, cost = quality_of(row), float(row[budget.cost_key])
@@ -182,11 +185,19 @@ def run_search(model: nn.Module, bundle: Any, budget: Budget, space: SearchSpace
         trial.set_user_attr("drop", drop)
         trial.set_constraint("budget", cost - budget.limit)  # <= 0: feasible
         trial.set_constraint("drop", drop - budget.max_drop)
+        return quality, cost
+
+    def _run_trial(number: int, raw: dict) -> dict:
+        trial_dir = out / "trials" / f"{number:04d}"
+        if trial_dir.exists():  # a retried trial starts clean
+            shutil.rmtree(trial_dir)
+        res = run_recipe(Recipe.from_dict(raw, where=f"trial {number}"), model=_copy(model), data=bundle,
+                         out=trial_dir, resume=False)
         if not keep_trial_artifacts:
             for f in trial_dir.rglob("*.safetensors"):
                 if f.parent.name != trial_dir.name or f.name != "model.safetensors":
                     f.unlink()
-        return quality, cost
+        return res.final
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -202,6 +213,24 @@ def run_search(model: nn.Module, bundle: Any, budget: Budget, space: SearchSpace
             catch=(ModelpressError, RuntimeError, ValueError), n_trials=trials - finished,
             show_progress_bar=False)
     return _summarise(study, budget, base, out)
+
+
+def _same_recipe(study, raw: dict):
+    """A completed trial of ``study`` whose recipe equals ``raw`` but for its name, or None."""
+    import optuna
+
+    def key(recipe: dict) -> dict:
+        return {k: v for k, v in recipe.items() if k != "name"}
+
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        if "row" in t.user_attrs and key(t.user_attrs.get("recipe") or {}) == key(raw):
+            return t
+    return None
+
+
+def _choose(trial, name: str, choices: list):
+    """The trial's pick among ``choices`` (a single choice is fixed, not a search dimension)."""
+    return trial.suggest_categorical(name, choices) if len(choices) > 1 else choices[0]
 
 
 def _copy(model: nn.Module) -> nn.Module:
@@ -226,7 +255,8 @@ def _baseline(model: nn.Module, bundle: Any, space: SearchSpace, eval_spec: dict
     row.update(rep.summary())
     base = {"row": {k: v for k, v in row.items() if isinstance(v, (int, float, str))}, "quality": quality_of(row),
             "layers": _layers(model)}
-    if space.sparsity and space.sensitivity_drop is not None and bundle.task == "classification":
+    if (space.sparsity and space.ranking == "layer" and space.sensitivity_drop is not None
+            and bundle.task == "classification"):
         sens_cfg = SensitivityConfig(sparsities=sorted({s for s in space.sparsity if s > 0}), keep_first_last=False,
                                      max_batches=8)
         torch.manual_seed(seed)
@@ -247,6 +277,8 @@ def _summarise(study, budget: Budget, base: dict, out: Path) -> SearchResult:
             entry.update(quality=quality, cost=cost, drop=t.user_attrs.get("drop"), row=t.user_attrs.get("row"),
                          recipe=t.user_attrs.get("recipe"),
                          feasible=cost <= budget.limit and t.user_attrs.get("drop", math.inf) <= budget.max_drop)
+            if "same_as" in t.user_attrs:
+                entry["same_as"] = t.user_attrs["same_as"]
         trials.append(entry)
     done = [t for t in trials if t["state"] == "COMPLETE"]
     front = pareto_front(done)
