@@ -50,6 +50,12 @@ def apply(model: nn.Module, config: MethodConfig, data: Any = None, *, train: Tr
     if info.needs_data and data is None:
         raise DataError(f"method {info.name} needs data (calibration or training batches)",
                         hint="pass data=DataLoader/list of batches")
+    from .core.data import check_finite_params, check_model_accepts, first_inputs_if_reusable
+
+    check_finite_params(model, info.name)  # NaN weights would compress to garbage silently
+    sample = first_inputs_if_reusable(data)
+    if sample is not None:  # a wrong input shape fails here in one line, not deep in the method
+        check_model_accepts(model, sample, f"{info.name} data")
     ctx = context or MethodContext()
     ctx.data, ctx.train, ctx.task, ctx.loss_fn = data, train, task, loss_fn
     if evaluation is not None:

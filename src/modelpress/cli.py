@@ -368,8 +368,12 @@ def export_cmd(model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
                data: str = typer.Option("mnist5k", "--data", "-d", help="dataset giving the example input"),
                fmt: str = typer.Option("auto", "--format", help="auto (from the suffix), onnx or artifact"),
                check: bool = typer.Option(True, help="run the exported ONNX model in ONNX Runtime and compare"),
+               embedding_bits: int = typer.Option(8, "--embedding-bits",
+                                                  help="dynamic int8 models: embedding tables as 8 or 4 bits "
+                                                       "(0 keeps them float)"),
                trust_remote_code: bool = typer.Option(False, "--trust-remote-code")):
-    """Export a model for deployment: ONNX (int8 QDQ for statically quantized models) or a modelpress artifact.
+    """Export a model for deployment: ONNX (int8 QDQ for statically quantized models, ONNX Runtime
+    dynamic int8 for dynamically quantized ones) or a modelpress artifact.
 
     The artifact is safetensors + metadata (packed low-bit weights, codebooks, sparse tensors)
     and reloads in modelpress to the same outputs. ONNX files run in ONNX Runtime.
@@ -391,7 +395,8 @@ def export_cmd(model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
         return
     from .export.deploy import export_deployable
 
-    path, note = export_deployable(m, example_inputs(bundle, 1), dest, check=check)
+    path, note = export_deployable(m, example_inputs(bundle, 1), dest, check=check,
+                                   embedding_bits=embedding_bits or None)
     out.print(f"wrote {path} ({path.stat().st_size:,} bytes){'; ' + note if note else ''}")
 
 
@@ -509,17 +514,37 @@ def demo(run_dir: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="ru
     _run_compress(recipe, None, None, run_dir, [], True, False)
 
 
+INTERRUPTED = "interrupted (Ctrl-C); finished stages are saved, rerun the same command to resume"
+
+
+def _print_error(err: ModelpressError) -> None:
+    # Text, not markup: messages quote user input that may contain [brackets]
+    _err.print(Text.assemble(("error:", "bold red"), " ", str(err)))
+    if err.hint:
+        _err.print(Text.assemble(("hint:", "bold"), " ", err.hint))
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, MemoryError) or (
+        isinstance(exc, RuntimeError) and any(s in str(exc) for s in ("can't allocate memory", "not enough memory")))
+
+
 def main() -> None:
+    """Entry point. Exit status: 0 ok, 2 a ModelpressError (one ``error:`` line + ``hint:``),
+    3 a search that met no budget, 130 Ctrl-C, 1 an unexpected crash (with its traceback)."""
     try:
-        app(standalone_mode=False)
+        # Without standalone mode typer *returns* the status of typer.Exit, and of Ctrl-C (130),
+        # instead of exiting: pass it on, or `search` over budget and Ctrl-C would exit 0.
+        code = app(standalone_mode=False)
+        if isinstance(code, int) and not isinstance(code, bool) and code:
+            if code == 130:
+                _err.print(INTERRUPTED)
+            sys.exit(code)
     except ModelpressError as err:
-        # Text, not markup: messages quote user input that may contain [brackets]
-        _err.print(Text.assemble(("error:", "bold red"), " ", str(err)))
-        if err.hint:
-            _err.print(Text.assemble(("hint:", "bold"), " ", err.hint))
+        _print_error(err)
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
-        _err.print("interrupted; finished stages are saved, rerun the same command to resume")
+        _err.print(INTERRUPTED)
         sys.exit(130)
     except Exception as exc:  # click usage errors are handled here too
         import click
@@ -527,8 +552,18 @@ def main() -> None:
         if isinstance(exc, click.exceptions.ClickException):
             exc.show()
             sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
+        if isinstance(exc, click.exceptions.Abort):  # click turns Ctrl-C into Abort
+            if isinstance(exc.__cause__ or exc.__context__, KeyboardInterrupt):
+                _err.print(INTERRUPTED)
             sys.exit(130)
+        if _out_of_memory(exc):
+            from .core.errors import ResourceError
+
+            err = ResourceError(f"out of memory ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})",
+                                hint="use smaller batch sizes (eval.batch_sizes, --batch-sizes) or a machine "
+                                     "with more memory")
+            _print_error(err)
+            sys.exit(err.exit_code)
         raise
 
 

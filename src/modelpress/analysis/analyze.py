@@ -29,7 +29,7 @@ from torch import nn
 
 from ..core.data import batch_size_of, call_model
 from ..core.errors import DataError
-from .latency import compare_latency, measure_latency
+from .latency import check_memory, compare_latency, measure_latency
 from .macs import count_macs
 from .memory import peak_memory
 from .params import count_params, dense_bytes
@@ -181,6 +181,7 @@ def analyze(model: nn.Module, example_inputs: Any, *, batch_sizes: tuple[int, ..
 
     memory_bs = max(batch_sizes) if batch_sizes else batch_size_of(example_inputs)
     try:
+        check_memory([model], resize_batch(example_inputs, memory_bs), what="the peak-memory measurement")
         report.memory = peak_memory(model, resize_batch(example_inputs, memory_bs))
         report.memory_batch_size = memory_bs
     except Exception as exc:  # noqa: BLE001
@@ -198,6 +199,7 @@ def _export(model, example_inputs, path: Path, report: AnalysisReport) -> Path |
     from ..export.onnx import check_onnx, export_onnx
 
     try:
+        check_memory([model], resize_batch(example_inputs, 1), onnx=True, what="the ONNX export")
         export_onnx(model, example_inputs, path)
         report.onnx_bytes = path.stat().st_size
     except Exception as exc:  # noqa: BLE001

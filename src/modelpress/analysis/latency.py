@@ -8,6 +8,12 @@ Conventions: eager runs are in ``torch.inference_mode()`` with the model in eval
 restored); ``threads`` sets ``torch.set_num_threads`` for the measurement only; statistics are
 over individual calls timed with ``time.perf_counter``; warm-up calls are not timed.
 
+Before timing, :func:`check_memory` compares a lower bound of the memory the benchmark will
+allocate (the largest layer output at the benchmark's batch size, plus ONNX Runtime's copy of the
+weights) with the memory still available (``MemAvailable``, the cgroup limit, or
+``$MODELPRESS_MEMORY_LIMIT``, e.g. ``4G``); a model too large for it is a one-line
+:class:`~modelpress.core.errors.ResourceError` instead of a process killed by the OOM killer.
+
 Example::
 
     >>> import torch
@@ -28,8 +34,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..core.data import batch_size_of, call_model
-from ..core.errors import ConfigError
+from ..core.data import batch_size_of, call_model, slice_inputs
+from ..core.errors import ConfigError, ResourceError
 
 MAX_RUNS = 100_000  # cap for min_time_s on very fast calls
 
@@ -86,6 +92,130 @@ class LatencyComparison:
     def to_dict(self) -> dict[str, Any]:
         return {"a": self.a.to_dict(), "b": self.b.to_dict(), "ratio": self.ratio,
                 "ratio_p10": self.ratio_p10, "ratio_p90": self.ratio_p90}
+
+
+MEMORY_LIMIT_ENV = "MODELPRESS_MEMORY_LIMIT"
+
+
+def _parse_bytes(text: str) -> int:
+    text = text.strip().upper().removesuffix("B")
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(text[-1:], 1)
+    try:
+        return int(float(text[:-1] if scale > 1 else text) * scale)
+    except ValueError:
+        raise ConfigError(f"${MEMORY_LIMIT_ENV}={text!r} is not a size",
+                          hint="use bytes or a size such as 512M or 4G") from None
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path, encoding="ascii") as fh:
+            text = fh.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def available_memory_bytes() -> int | None:
+    """Bytes this process can still allocate: the smallest of ``$MODELPRESS_MEMORY_LIMIT``, the
+    cgroup's limit minus its usage (containers) and the kernel's ``MemAvailable``; None if unknown."""
+    known = []
+    if os.environ.get(MEMORY_LIMIT_ENV):
+        known.append(_parse_bytes(os.environ[MEMORY_LIMIT_ENV]))
+    for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                         ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                          "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        lim, used = _read_int(limit), _read_int(usage)
+        if lim is not None and used is not None and lim < 1 << 60:  # v1 says "no limit" with a huge number
+            known.append(max(0, lim - used))
+            break
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    known.append(int(line.split()[1]) * 1024)
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    return min(known) if known else None
+
+
+def _tensor_bytes(obj: Any) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0  # (Hugging Face outputs are dicts)
+
+
+def largest_activation_bytes(model: nn.Module, inputs: Any) -> int:
+    """Bytes of the largest output of one layer of ``model`` on ``inputs`` (at their batch size),
+    measured on one sample and scaled: any forward on ``inputs`` allocates at least this much."""
+    try:
+        batch = batch_size_of(inputs)
+    except (AttributeError, IndexError, StopIteration, TypeError):
+        return 0
+    sizes = [0]
+    hooks = [m.register_forward_hook(lambda _m, _i, out: sizes.append(_tensor_bytes(out)))
+             for m in model.modules()]
+    try:
+        with torch.inference_mode(), _eval(model):
+            call_model(model, slice_inputs(inputs, 1))
+    finally:
+        for h in hooks:
+            h.remove()
+    return max(sizes) * batch
+
+
+def memory_needed(targets: list[Any], inputs: Any, *, onnx: bool = False,
+                  inputs_each: list[Any] | None = None) -> dict[str, int]:
+    """A lower bound of the memory a latency benchmark of ``targets`` on ``inputs`` allocates on
+    top of what already exists: ``activations`` (the largest layer output at this batch size; the
+    targets run one at a time) and ``onnx_weights`` (ONNX Runtime's own copy of the weights: the
+    size of each ``.onnx`` target, plus each module's weights when ``onnx=True`` will export it).
+    ``inputs_each`` gives each target its own inputs (default: ``inputs`` for all)."""
+    from .params import dense_bytes
+
+    activations, weights = 0, 0
+    for t, x in zip(targets, inputs_each or [inputs] * len(targets)):
+        if _is_onnx(t):
+            weights += os.path.getsize(t) if os.path.exists(t) else 0
+        elif isinstance(t, nn.Module):
+            activations = max(activations, largest_activation_bytes(t, x))
+            if onnx:
+                weights += dense_bytes(t)
+    return {"activations": activations, "onnx_weights": weights, "total": activations + weights}
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:,.1f} MB" if n < 2**30 else f"{n / 2**30:,.2f} GB"
+
+
+def check_memory(targets: list[Any], inputs: Any, *, onnx: bool = False, inputs_each: list[Any] | None = None,
+                 what: str = "the latency benchmark") -> dict[str, int]:
+    """Raise :class:`ResourceError` when :func:`memory_needed` exceeds
+    :func:`available_memory_bytes`; returns the estimate (a lower bound, so no false alarms).
+
+    >>> import torch
+    >>> from torch import nn
+    >>> check_memory([nn.Linear(1000, 1000)], torch.randn(64, 1000))["activations"]
+    256000
+    """
+    need = memory_needed(targets, inputs, onnx=onnx, inputs_each=inputs_each)
+    free = available_memory_bytes()
+    if free is not None and need["total"] > free:
+        name = next((type(t).__name__ for t in targets if isinstance(t, nn.Module)), "the model")
+        bs = _batch_size(inputs)
+        parts = f"activations {_mb(need['activations'])}" + (
+            f", ONNX Runtime's copy of the weights {_mb(need['onnx_weights'])}" if need["onnx_weights"] else "")
+        raise ResourceError(
+            f"{what} of {name} at batch size {bs} needs at least {_mb(need['total'])} ({parts}) "
+            f"but only {_mb(free)} is available",
+            hint="measure smaller batch sizes (eval.batch_sizes / --batch-sizes), skip ONNX "
+                 "(eval.onnx=false / --no-onnx) or latency (eval.latency=false), or use a machine with more memory")
+    return need
 
 
 @contextlib.contextmanager
@@ -195,6 +325,7 @@ def measure_latency(fn_or_model: Any, inputs: Any, *, warmup: int = 5, repeats: 
         return measure_onnxruntime(fn_or_model, inputs, threads=threads, warmup=warmup,
                                    repeats=repeats, min_time_s=min_time_s, max_time_s=max_time_s)
     _check_counts(warmup, repeats)
+    check_memory([fn_or_model], inputs)
     with torch_threads(threads), _eval(fn_or_model), torch.inference_mode():
         call = _as_call(fn_or_model, inputs, threads)
         (times,) = _time_calls([call], warmup, repeats, min_time_s, max_time_s)
@@ -211,6 +342,8 @@ def measure_onnxruntime(onnx_path: Any, inputs: Any, *, threads: int | None = 1,
     intra-op thread count (None: ORT's default, all cores).
     """
     _check_counts(warmup, repeats)
+    if _is_onnx(onnx_path):
+        check_memory([onnx_path], inputs)
     call = _ort_call(onnx_path, inputs, threads)
     (times,) = _time_calls([call], warmup, repeats, min_time_s, max_time_s)
     return LatencyStats.from_times(times, threads, _batch_size(inputs))
@@ -232,6 +365,7 @@ def compare_latency(a: Any, b: Any, inputs: Any, *, inputs_b: Any = None, warmup
     """
     _check_counts(warmup, repeats)
     inputs_b = inputs if inputs_b is None else inputs_b
+    check_memory([a, b], inputs, inputs_each=[inputs, inputs_b])  # both are alive together
     with torch_threads(threads), _eval(a), _eval(b), torch.inference_mode():
         calls = [_as_call(a, inputs, threads), _as_call(b, inputs_b, threads)]
         times_a, times_b = _time_calls(calls, warmup, repeats, min_time_s, max_time_s)

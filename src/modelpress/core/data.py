@@ -102,6 +102,83 @@ def check_finite(inputs: Any, where: str) -> None:
                             hint="clean or normalise the data before compressing")
 
 
+def check_finite_data(data: Any, where: str) -> None:
+    """One pass over ``data`` raising a DataError at the first batch holding NaN or Inf (in any
+    floating-point tensor of it: inputs or targets), naming the batch. Used before a run: a NaN in the
+    training data would otherwise turn every weight into NaN without a word."""
+    for i, batch in enumerate(as_data(data, batch_size=256)):
+        check_finite(list(_tensors(batch)), f"{where}, batch {i}")  # any batch structure (pairs, dicts ...)
+
+
+def _tensors(obj: Any) -> Iterator[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
+
+
+def check_finite_params(model: nn.Module, where: str) -> None:
+    """Raise a DataError naming the first parameter or buffer holding NaN or Inf.
+
+    Compressing such a model silently produces garbage (NaN compares False with every
+    threshold), so every entry point checks first.
+    """
+    for kind, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, t in items:
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                bad = int((~torch.isfinite(t)).sum())
+                raise DataError(f"{where}: {kind} {name!r} holds {bad} NaN/Inf value(s) of {t.numel()}",
+                                hint="the model is broken (diverged training?); load a healthy checkpoint")
+
+
+def _shape_of(inputs: Any) -> str:
+    if isinstance(inputs, torch.Tensor):
+        return str(tuple(inputs.shape))
+    if isinstance(inputs, dict):
+        return "{" + ", ".join(f"{k}: {_shape_of(v)}" for k, v in inputs.items()) + "}"
+    if isinstance(inputs, (list, tuple)):
+        return "(" + ", ".join(_shape_of(v) for v in inputs) + ")"
+    return type(inputs).__name__
+
+
+def check_model_accepts(model: nn.Module, inputs: Any, where: str) -> None:
+    """Run ``model`` once on (a slice of) ``inputs``; a failure becomes one DataError line
+    naming the input shape, instead of a traceback from deep inside a method or training loop.
+    The model's training flag is restored and no gradient is recorded."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            call_model(model, inputs)
+    except (RuntimeError, ValueError, TypeError, IndexError, KeyError, AttributeError) as exc:
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise DataError(f"{where}: {type(model).__name__} cannot run on inputs of shape {_shape_of(inputs)} "
+                        f"({type(exc).__name__}: {first})",
+                        hint="the data does not fit the model's input: check the dataset, its transform, "
+                             "or the model's first layer") from exc
+    finally:
+        model.train(was_training)
+
+
+def first_inputs_if_reusable(data: Any) -> Any | None:
+    """One sample of the first batch of ``data`` when reading it does not consume it (a list,
+    tensor, Dataset or DataLoader, not a one-shot iterator); else None."""
+    if data is None:
+        return None
+    adapter = data if isinstance(data, Data) else Data(data)
+    src = adapter.source
+    if isinstance(src, Iterator):  # generators and other one-shot iterators
+        return None
+    try:
+        return slice_inputs(adapter.first_inputs(), 1)
+    except (StopIteration, DataError):
+        return None
+
+
 @dataclass
 class Data:
     """Adapter over any iterable of batches. See the module docstring for accepted sources.

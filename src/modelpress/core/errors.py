@@ -41,6 +41,10 @@ class UnsupportedError(ModelpressError):
     """A layer type or model structure the method cannot handle."""
 
 
+class ResourceError(ModelpressError):
+    """A measurement or run needs more memory (or another resource) than the machine has."""
+
+
 class MissingDependencyError(ModelpressError):
     """An optional dependency is not installed (names the extra to install)."""
 

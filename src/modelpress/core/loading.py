@@ -94,6 +94,7 @@ def load_artifact(path: str | Path, *, base_model: nn.Module | None = None,
         model = copy.deepcopy(base_model)
     else:
         model = build_source(header.get("source"), trust_remote_code=trust_remote_code)
+    check_architecture(model, header, where=str(path))
     model = load_into(model, state, header, where=str(path))
     if header.get("source"):
         model.zoo_spec = header["source"]
@@ -103,6 +104,29 @@ def load_artifact(path: str | Path, *, base_model: nn.Module | None = None,
         module = model.get_submodule(module_name)
         set_mask(module, pname, (getattr(module, pname) != 0).float())
     return model.eval(), header
+
+
+def check_architecture(model: nn.Module, header: dict, where: str = "") -> None:
+    """Refuse a checkpoint written from another architecture than ``model``.
+
+    Loading rebuilds the modules compression changed (shrunk, factorized, quantized), so
+    layer *sizes* may differ; but a recorded layer may only be new when its parent is rebuilt
+    too (a factorized layer's two factors). A layer the model does not have at all means the
+    checkpoint belongs to another model, and rebuilding it would silently graft it on.
+    """
+    records = header.get("structure")
+    if not isinstance(records, dict) or header.get("replay"):  # replayed rewrites rename modules
+        return
+    existing = {name for name, _ in model.named_modules()}
+    for name in sorted(records):
+        parent = name.rpartition(".")[0]
+        if name in existing or (parent and parent in records):
+            continue
+        rec = records[name] if isinstance(records[name], dict) else {}
+        raise ModelLoadError(f"checkpoint {where} does not fit the model ({type(model).__name__}): it has a "
+                             f"{rec.get('class', 'layer')} at {name!r}, which the model lacks",
+                             hint="it was saved from a different architecture; pass the model it was "
+                                  "compressed from (base_model=...) or load it without one")
 
 
 def load_model(ref: str | Path, *, trust_remote_code: bool = False) -> nn.Module:
@@ -138,7 +162,9 @@ def _from_torch_file(path: Path, trust_remote_code: bool) -> nn.Module:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=not trust_remote_code)
     except pickle.UnpicklingError as exc:
-        if "Unsupported global" not in str(exc):  # garbage fails weights_only loading too
+        # "Unsupported global" / "unsupported GLOBAL posix.system ... is blocked": the file names
+        # code to run; anything else is garbage, which fails weights_only loading too
+        if "unsupported global" not in str(exc).lower():
             raise ModelLoadError(f"{path} could not be read as a PyTorch file (corrupt or not a checkpoint)",
                                  hint="re-create the file") from None
         raise ModelLoadError(f"{path} is a pickled object that needs arbitrary code to load; refused",

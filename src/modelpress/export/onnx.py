@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Iterator, Literal
@@ -38,6 +37,7 @@ from torch import nn
 
 from ..core.data import call_model
 from ..core.errors import ModelpressError, UnsupportedError
+from ..core.io import atomic_path
 
 Exporter = Literal["auto", "torchscript", "dynamo"]
 
@@ -195,18 +195,13 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
                  "dynamo": ("dynamo",)}[exporter]
         errors = []
         for name in order:
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            os.close(fd)
             try:
                 fn = _export_torchscript if name == "torchscript" else _export_dynamo
-                fn(model, example_inputs, named, out_names, dynamic_axes, opset, tmp)
-                os.replace(tmp, path)
+                with atomic_path(path) as tmp:  # a failed exporter leaves nothing behind
+                    fn(model, example_inputs, named, out_names, dynamic_axes, opset, str(tmp))
                 return path
             except Exception as exc:  # noqa: BLE001 - each exporter fails in its own ways
                 errors.append(f"{name}: {type(exc).__name__}: {_first_line(exc)[:300]}")
-            finally:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
     raise OnnxExportError(
         f"export_onnx: could not export {type(model).__name__} to {path} ({'; '.join(errors)})",
         hint="replace unsupported ops, or try exporter='dynamo' / a newer opset")

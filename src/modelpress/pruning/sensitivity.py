@@ -123,8 +123,10 @@ class SensitivityResult:
         ax.legend(fontsize="small", loc="best")
         fig.tight_layout()
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, format="png")
+        from ..core.io import atomic_path
+
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
         return path
 
     def ratios_for_target(self, target: float) -> dict[str, float]:

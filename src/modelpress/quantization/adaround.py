@@ -48,7 +48,7 @@ from pydantic import Field
 from torch import nn
 
 from ..core.config import MethodConfig, StrictModel
-from ..core.data import as_data, call_model
+from ..core.data import as_data, call_model, check_finite
 from ..core.errors import DataError
 from ..core.registry import MethodContext, register_method
 from ..core.scope import Scope
@@ -215,6 +215,8 @@ def calibration_inputs(data, batches: int, where: str) -> list:
     out = list(itertools.islice(as_data(data).inputs(), batches))
     if not out:
         raise DataError(f"{where}: the calibration data is empty", hint="pass at least one batch of inputs")
+    for i, inputs in enumerate(out):
+        check_finite(inputs, f"{where} calibration batch {i}")
     return out
 
 

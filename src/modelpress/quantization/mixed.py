@@ -54,7 +54,7 @@ from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from ..core.config import MethodConfig
-from ..core.data import as_data, call_model, split_batch
+from ..core.data import as_data, call_model, check_finite, split_batch
 from ..core.errors import ConfigError, DataError
 from ..core.registry import MethodContext, register_method
 from ..core.scope import Scope, type_matches
@@ -219,6 +219,8 @@ def mixed_precision(model: nn.Module, cfg: MixedPrecision, ctx: MethodContext) -
     if ctx.data is None:
         raise DataError("quant.mixed_precision needs calibration data", hint="pass data=[batch, ...]")
     batches = list(itertools.islice(iter(as_data(ctx.data)), cfg.calibration_batches))
+    for i, batch in enumerate(batches):
+        check_finite(split_batch(batch)[0], f"quant.mixed_precision calibration batch {i}")
     model.eval()
     layers = select_layers(model, cfg.scope, cfg.keep_first_last)
     total_fp32 = fp32_weight_bytes(model)

@@ -46,7 +46,7 @@ from pydantic import Field
 from torch import fx, nn
 
 from ..core.config import MethodConfig
-from ..core.data import as_data, call_model, check_finite
+from ..core.data import as_data, check_finite, check_model_accepts
 from ..core.errors import DataError, UnsupportedError
 from ..core.registry import MethodContext, register_method
 from ..core.scope import Scope
@@ -361,7 +361,7 @@ def calibrate(gm: nn.Module, data, batches: int) -> int:
             raise DataError("quant.static_int8: the calibration data is empty (no batch)",
                             hint="pass calibration batches, e.g. a few hundred training images") from exc
         check_finite(inputs, "quant.static_int8 calibration")
-        call_model(gm, inputs)
+        check_model_accepts(gm, inputs, "quant.static_int8 calibration")  # runs it: a bad shape is one line
         n += 1
     return n
 

@@ -13,6 +13,14 @@ A stage counts as finished when its ``metrics.json`` exists (written last, atomi
 A rerun with the same recipe resumes after the last finished stage; each stage is seeded
 from the recipe seed and its index, and every stage starts from the previous stage's
 *saved* artifact, so a resumed run computes exactly what an uninterrupted run computes.
+A run killed at any moment (even SIGKILL) leaves only whole files (see :mod:`modelpress.core.io`);
+Ctrl-C stops it at once, and the stage in progress is recomputed by the rerun.
+
+Before the first stage the model and data are checked, so that bad input fails in seconds
+with one line, not hours later with a traceback: NaN/Inf weights or data, inputs that do not
+fit the model, a stage-1 scope entry naming no layer, a latency benchmark too large for the
+memory. Layers holding weights of a type a stage's method does not handle are left as they
+are and listed in the stage's info (``unsupported_layers``) and on the log.
 """
 from __future__ import annotations
 
@@ -26,12 +34,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.data import call_model, slice_inputs
-from ..core.errors import ConfigError
-from ..core.io import write_json, write_text
+from ..core.data import call_model, check_finite_data, check_finite_params, check_model_accepts, slice_inputs
+from ..core.errors import ConfigError, DataError, ScopeError
+from ..core.io import kill_point, remove_stale_temps, write_json, write_text
 from ..core.loading import load_artifact
 from ..core.progress import log
 from ..core.registry import MethodContext, get_method
+from ..core.scope import Scope, type_matches
 from ..core.training import fit
 from ..export.checkpoint import save_artifact
 from .schema import Recipe
@@ -135,6 +144,36 @@ def _write_reports(out: Path, recipe: Recipe, rows: list[dict], infos: list[dict
         log(f"[yellow]warning:[/yellow] report.html was not written: {type(exc).__name__}: {exc}")
 
 
+def unsupported_layers(model: nn.Module, layer_types: tuple[str, ...]) -> dict[str, str]:
+    """``{name: type}`` of the layers holding weights (a parameter of 2+ dims of their own,
+    e.g. Embedding, LSTM, MultiheadAttention) of a type not in ``layer_types`` and not inside
+    a layer of those types: a method for ``layer_types`` leaves them as they are."""
+    supported = [n for n, m in model.named_modules() if n and type_matches(m, layer_types)]
+    out = {}
+    for name, m in model.named_modules():
+        if not name or type_matches(m, layer_types) or any(name.startswith(f"{s}.") for s in supported):
+            continue
+        if any(p.dim() >= 2 for p in m.parameters(recurse=False)):
+            out[name] = type(m).__name__
+    return out
+
+
+def _check_first_scope(recipe: Recipe, configs: list, model: nn.Module) -> None:
+    """A scope entry of stage 1 that names no layer fails before the baseline is measured, not
+    after. (Later stages see the model their predecessors made; they check when they start.)"""
+    scope = getattr(configs[0], "scope", None) if configs else None
+    if isinstance(scope, Scope):
+        try:
+            scope.resolve(model, ("Module",))  # every layer type: only the names are checked here
+        except ScopeError as err:
+            raise ScopeError(f"stage 1 ({recipe.stages[0].name}): {err}", hint=err.hint) from None
+
+
+def _deterministic(row: dict) -> dict:
+    """The row without timings, for the artifact header: equal runs give byte-equal artifacts."""
+    return {k: v for k, v in row.items() if not k.endswith(("_ms", "_speedup"))}
+
+
 def _check_resume(out: Path, recipe: Recipe, resume: bool) -> None:
     resolved = recipe.to_yaml()
     path = out / "recipe.yaml"
@@ -154,9 +193,34 @@ def run_recipe(recipe: Recipe, model: nn.Module, data: Any, out: str | Path | No
     """Run every stage of ``recipe`` on ``model`` (modified; pass a copy) with ``data`` (a DatasetBundle)."""
     configs = recipe.method_configs()
     out = Path(out) if out else None
+    check_finite_params(model, "the model to compress")
+    name = getattr(data, "name", None)
+    check_model_accepts(model, example_inputs(data, 1), f"dataset {name!r}" if name else "the data")
+    for split in ("train", "test"):
+        check_finite_data(getattr(data, split), f"dataset {name!r} {split} split" if name else f"the {split} data")
+    _check_first_scope(recipe, configs, model)
+    if recipe.eval.latency and recipe.eval.batch_sizes:  # fail now, not after the first stage
+        from ..analysis.analyze import resize_batch
+        from ..analysis.latency import check_memory
+
+        check_memory([model], resize_batch(example_inputs(data, 1), max(recipe.eval.batch_sizes)),
+                     onnx=recipe.eval.onnx, what="the latency benchmark (eval.batch_sizes)")
     if out:
         out.mkdir(parents=True, exist_ok=True)
         _check_resume(out, recipe, resume)
+        for p in remove_stale_temps(out):  # left by a run killed while writing
+            log(f"[dim]removed {p.relative_to(out)} (a partial file of an interrupted run)[/dim]")
+        kill_point("recipe-written")
+    try:
+        return _run_stages(recipe, configs, model, data, out)
+    except KeyboardInterrupt:
+        if out:
+            log(f"[yellow]interrupted[/yellow]: finished stages are saved in {out}; "
+                "the same command resumes after the last one")
+        raise
+
+
+def _run_stages(recipe: Recipe, configs: list, model: nn.Module, data: Any, out: Path | None) -> RunResult:
     reference = model if data.task == "embedding" else None
     rows: list[dict] = []
     infos: list[dict] = []
@@ -170,10 +234,12 @@ def run_recipe(recipe: Recipe, model: nn.Module, data: Any, out: str | Path | No
     else:
         if out:
             save_artifact(model, base_path, meta={"stage": "baseline"})
+            kill_point("baseline-saved")
         log("measuring the baseline ...")
         rows.append(measure(model, "baseline", data, base_path, recipe, reference=reference))
         if out:
             write_json(base_metrics, rows[0])
+            kill_point("baseline-done")
     if reference is not None:
         reference = load_artifact(base_path, base_model=reference)[0] if out else reference
     baseline = reference if reference is not None else (
@@ -190,6 +256,10 @@ def run_recipe(recipe: Recipe, model: nn.Module, data: Any, out: str | Path | No
             log(f"[dim]stage {i + 1}/{len(recipe.stages)} {stage.name}: already done, loaded[/dim]")
             continue
         log(f"[bold]stage {i + 1}/{len(recipe.stages)}[/bold] {stage.name} ({stage.method})")
+        skipped = unsupported_layers(model, info.layer_types) if info.family != "distill" else {}
+        if skipped:
+            log(f"  {stage.name}: {stage.method} handles {', '.join(info.layer_types)}; left as they are: "
+                + ", ".join(f"{n} ({t})" for n, t in skipped.items()))
         torch.manual_seed(recipe.seed * 1000 + i + 1)
         ctx = MethodContext(data=data.train, train=stage.finetune, task=data.task,
                             loss_fn=_stage_loss(stage, baseline, reference), log=log)
@@ -197,10 +267,18 @@ def run_recipe(recipe: Recipe, model: nn.Module, data: Any, out: str | Path | No
         if stage.finetune is not None and not ctx.trained:
             fit(model, data.train, stage.finetune, loss_fn=ctx.loss_fn, description=f"{stage.name}: fine-tune")
         model.eval()
+        try:
+            check_finite_params(model, f"stage {i + 1} ({stage.name})")
+        except DataError as err:  # say what to do about a stage that diverged
+            raise DataError(f"{err} after compression/fine-tuning",
+                            hint="lower the fine-tune learning rate, or check the data") from None
         stage_info = {"stage": stage.name, "method": stage.method, **_jsonable(ctx.info)}
+        if skipped:
+            stage_info["unsupported_layers"] = skipped
         if stage_dir:
             path = save_artifact(model, stage_dir / "model.safetensors",
                                  meta={"stage": stage.name, "method": stage.method})
+            kill_point(f"stage-{i + 1}-saved")
             # Continue from what was saved, exactly as a resumed run would.
             model, _ = load_artifact(path, base_model=model)
         else:
@@ -210,11 +288,14 @@ def run_recipe(recipe: Recipe, model: nn.Module, data: Any, out: str | Path | No
         infos.append(stage_info)
         if stage_dir:
             write_json(stage_dir / "metrics.json", {"row": row, "info": stage_info})
+            kill_point(f"stage-{i + 1}-done")
             _write_reports(out, recipe, rows, infos)
         log(f"  {stage.name}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in row.items()
                                               if k in ("accuracy", "spearman", "fidelity", "artifact_bytes")))
     if out:
-        save_artifact(model, out / "model.safetensors", meta={"recipe": recipe.name, "final": rows[-1]})
+        save_artifact(model, out / "model.safetensors",
+                      meta={"recipe": recipe.name, "final": _deterministic(rows[-1])})
+        kill_point("final-saved")
         _write_reports(out, recipe, rows, infos)
     return RunResult(model=model, rows=rows, out=out, infos=infos)
 

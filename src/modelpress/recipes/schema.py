@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import Field, field_validator, model_validator
@@ -74,7 +74,7 @@ class EvalSpec(StrictModel):
 
     latency: bool = True
     onnx: bool = True
-    batch_sizes: list[int] = Field(default_factory=lambda: [1, 64])
+    batch_sizes: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 64])
     threads: int = Field(1, ge=1)
     repeats: int = Field(20, ge=1)
 
@@ -87,7 +87,7 @@ class Recipe(StrictModel):
     description: str = ""
     model: str | None = None
     data: str | None = None
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**53)  # stage i is seeded with seed * 1000 + i: keep it in range
     baseline: BaselineSpec = Field(default_factory=BaselineSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
     stages: list[Stage] = Field(min_length=1)
@@ -130,9 +130,15 @@ class Recipe(StrictModel):
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             at = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise ConfigError(f"{path}:{at} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+            raise ConfigError(f"{path}:{at} is not valid YAML ({getattr(exc, 'problem', exc)})",
+                              hint="check the indentation, brackets and quotes around that line") from None
         except (UnicodeDecodeError, OSError) as exc:
             raise ConfigError(f"cannot read recipe {path}: {exc}") from None
+        except (ValueError, TypeError, OverflowError, RecursionError) as exc:
+            # PyYAML's constructors raise plain errors for values such as the date 2001-02-30
+            # or nesting deeper than Python's recursion limit
+            raise ConfigError(f"{path}: a value in the YAML cannot be read ({type(exc).__name__}: {exc})",
+                              hint="quote the value to keep it as a string") from None
         raw = apply_overrides(raw, overrides)
         return cls.from_dict(raw, where=path.name)
 
