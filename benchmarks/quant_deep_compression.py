@@ -18,8 +18,8 @@ the final artifact (Huffman); the final artifact reloaded from disk by ``load_ar
 (accuracy must be identical); and power-of-two levels (``quant.log2``) on the same pruned
 model, fine-tuned like the k-means row (levels fixed, so only biases move), for comparison.
 
-"bytes" is the artifact file (safetensors + its JSON header, which is a third of the final
-file here); "x smaller" divides the fp32 state_dict's tensor bytes (61,706 parameters x 4 =
+"bytes" is the artifact file (safetensors + its compressed JSON header; the final row gives the
+header's share); "x smaller" divides the fp32 state_dict's tensor bytes (61,706 parameters x 4 =
 246,824 B) by it. Targets (issue 4): >= 39x smaller, drop <= 0.5 points, reload identical.
 "seconds" is cumulative wall time of the pipeline up to that row (the reload row: the load alone)
 and moves with machine load.
@@ -44,7 +44,7 @@ from modelpress import MagnitudePruning, Polynomial, TrainConfig, prune, quantiz
 from modelpress.core.loading import load_artifact  # noqa: E402
 from modelpress.core.masks import strip_masks  # noqa: E402
 from modelpress.core.training import evaluate_accuracy, fit  # noqa: E402
-from modelpress.export.checkpoint import read_header, save_artifact  # noqa: E402
+from modelpress.export.checkpoint import read_header, read_stored, save_artifact  # noqa: E402
 from modelpress.export.huffman import describe  # noqa: E402
 from modelpress.quantization.codebook import PowerOfTwo, WeightSharing, codebook_layers  # noqa: E402
 from modelpress.zoo.baselines import get_baseline  # noqa: E402
@@ -125,10 +125,8 @@ def rows(quick: bool = False) -> list[dict]:
     final_path = save(shared, d, "final")
     t_save = time.perf_counter() - t0
     header = read_header(final_path)
-    from safetensors import safe_open
-    with safe_open(str(final_path), framework="pt") as fh:
-        layouts = [describe(fh.get_tensor(f"{n}.indices::data"))
-                   for n in LAYERS if f"{n}.indices" in header["encodings"]]
+    stored, _ = read_stored(final_path)
+    layouts = [describe(stored[f"{n}.indices::data"]) for n in LAYERS if f"{n}.indices" in header["encodings"]]
     huff = sum(s.startswith("huffman") for lay in layouts for s in lay["streams"])
     final_acc = evaluate_accuracy(shared, bundle.test)
     add("pruned + k-means + Huffman (final)", shared, final_path, t_prune + t_share + t_save,

@@ -43,3 +43,20 @@ def test_empty_and_non_finite_data_are_errors():
         check_finite(torch.tensor([1.0, float("nan")]), "calibration data")
     with pytest.raises(DataError):
         Data(None)
+
+
+def test_preflight_checks_leave_the_global_rng_alone():
+    """Reading a shuffling DataLoader draws from torch's global RNG; the checks a run makes
+    before it starts must not change what the run then computes."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from modelpress.core.data import check_finite_data, check_model_accepts, first_inputs_if_reusable
+
+    loader = DataLoader(TensorDataset(torch.randn(64, 4), torch.zeros(64)), batch_size=8, shuffle=True)
+    model = torch.nn.Linear(4, 2)
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    check_finite_data(loader, "data")
+    check_model_accepts(model, first_inputs_if_reusable(loader), "data")
+    assert torch.equal(torch.rand(3), expected)

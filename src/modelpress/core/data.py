@@ -102,6 +102,19 @@ def check_finite(inputs: Any, where: str) -> None:
                             hint="clean or normalise the data before compressing")
 
 
+def _rng_neutral(fn):
+    """Run a pre-flight check without moving torch's global random state: reading a shuffling
+    DataLoader draws its seed from it, and a check must not change what the run then computes."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.random.fork_rng(devices=[]):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+@_rng_neutral
 def check_finite_data(data: Any, where: str) -> None:
     """One pass over ``data`` raising a DataError at the first batch holding NaN or Inf (in any
     floating-point tensor of it: inputs or targets), naming the batch. Used before a run: a NaN in the
@@ -145,6 +158,7 @@ def _shape_of(inputs: Any) -> str:
     return type(inputs).__name__
 
 
+@_rng_neutral
 def check_model_accepts(model: nn.Module, inputs: Any, where: str) -> None:
     """Run ``model`` once on (a slice of) ``inputs``; a failure becomes one DataError line
     naming the input shape, instead of a traceback from deep inside a method or training loop.
@@ -164,6 +178,7 @@ def check_model_accepts(model: nn.Module, inputs: Any, where: str) -> None:
         model.train(was_training)
 
 
+@_rng_neutral
 def first_inputs_if_reusable(data: Any) -> Any | None:
     """One sample of the first batch of ``data`` when reading it does not consume it (a list,
     tensor, Dataset or DataLoader, not a one-shot iterator); else None."""

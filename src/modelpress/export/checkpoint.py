@@ -322,8 +322,10 @@ def read_header(path: str | os.PathLike) -> dict:
     return header
 
 
-def load_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
-    """Decode all tensors of an artifact: ``(state_dict, header)``."""
+def read_stored(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """The stored pieces of an artifact, still encoded (``"fc1.weight::bitmask"``, ...), with the
+    packed blob split back into its pieces: ``(pieces, header)``. For inspecting what is stored;
+    :func:`load_state` decodes them."""
     from safetensors.torch import load_file
 
     header = read_header(path)
@@ -335,6 +337,12 @@ def load_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     if header["format"] == FORMAT:
         blob = raw.pop(PACKED, None)
         raw.update(_unpack(blob, header.get("packed"), repr(str(path))))
+    return raw, header
+
+
+def load_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """Decode all tensors of an artifact: ``(state_dict, header)``."""
+    raw, header = read_stored(path)
     state: dict[str, torch.Tensor] = {k: v for k, v in raw.items() if SEP not in k}
     for name, info in header.get("encodings", {}).items():
         kind = info.get("kind")
