@@ -37,9 +37,7 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch.nn.utils import prune as torch_prune
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 
 os.environ.setdefault("MODELPRESS_PROGRESS", "0")
 
@@ -81,29 +79,11 @@ def sparsity_of(model) -> float:
 
 
 def torch_global_unstructured(base, train_set, cfg: TrainConfig, seed: int):
-    """PyTorch's own global L1 pruning + a plain fine-tune loop matching modelpress's fit."""
-    model = copy.deepcopy(base)
-    params = [(getattr(model, n), "weight") for n in LAYERS]
-    torch_prune.global_unstructured(params, pruning_method=torch_prune.L1Unstructured, amount=SPARSITY)
-    torch.manual_seed(seed)
-    loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True,
-                        generator=torch.Generator().manual_seed(0))
-    steps = int(round(len(loader) * cfg.epochs))
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
-    model.train()
-    step = 0
-    while step < steps:
-        for x, y in loader:
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-            sched.step()
-            step += 1
-            if step >= steps:
-                break
-    for module, name in params:
-        torch_prune.remove(module, name)
+    """PyTorch's own global L1 pruning + a plain fine-tune loop matching modelpress's fit
+    (the same helper peers.py uses); returns the model and its torch.save bytes."""
+    from peers import torch_prune_global_l1
+
+    model = torch_prune_global_l1(base, LAYERS, SPARSITY, train_set, cfg, cfg.epochs, seed)
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
     return model.eval(), buf.tell()
