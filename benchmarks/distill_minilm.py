@@ -29,6 +29,7 @@ import argparse
 import hashlib
 import json
 import os
+import random
 import time
 
 import torch
@@ -47,13 +48,39 @@ from modelpress.zoo.text import (embedding_quality, generate_sentences, load_sen
 
 KEEP = [0, 4, 5]
 N_GENERATED = 20000
+EPOCHS, LR, SUBSTITUTE = 1.0, 2e-4, 0.0
 
 
-def training_sentences(quick: bool) -> list[str]:
-    """Bundled + generated sentences, none of them (or a near-copy of them) in the graded pairs."""
+def substitute_words(sentences: list[str], vocabulary: list[str], p: float, seed: int = 0) -> list[str]:
+    """With probability ``p`` per sentence, replace 1-3 of its words by random whole words of the
+    tokenizer's vocabulary. No labels are needed, so odd sentences are fine: they show the student
+    tokens the grammar never uses, which it must still read the way the teacher does."""
+    rng = random.Random(seed)
+    out = []
+    for s in sentences:
+        words = s.split()
+        if rng.random() < p:
+            for _ in range(rng.randint(1, 3)):
+                i = rng.randrange(len(words))
+                if words[i].isalpha() and words[i].lower() not in _KEEP_WORDS:
+                    words[i] = rng.choice(vocabulary)
+        out.append(" ".join(words))
+    return out
+
+
+_KEEP_WORDS = frozenset("the a an is are was were".split())
+
+
+def training_sentences(quick: bool, tokenizer=None, substitute: float = 0.0) -> list[str]:
+    """Bundled + generated sentences, none of them (or a near-copy of them) in the graded pairs;
+    with ``substitute`` > 0 that share of them gets random vocabulary words (see substitute_words)."""
     held_out = pair_sentences(load_sts_pairs())
     bundled = [s for s in load_sentences() if s not in set(held_out)]
-    return bundled[:256] if quick else bundled + generate_sentences(N_GENERATED, exclude=held_out)
+    sentences = bundled[:256] if quick else bundled + generate_sentences(N_GENERATED, exclude=held_out)
+    if substitute and tokenizer is not None:
+        vocabulary = sorted(w for w in tokenizer.vocab if w.isalpha() and w.islower() and len(w) > 2)
+        sentences = substitute_words(sentences, vocabulary, substitute)
+    return sentences
 
 
 def batches(tokenizer, sentences: list[str], batch_size: int, seed: int) -> list[dict[str, torch.Tensor]]:
@@ -63,16 +90,16 @@ def batches(tokenizer, sentences: list[str], batch_size: int, seed: int) -> list
             for i in range(0, len(order), batch_size)]
 
 
-def distilled_student(teacher, quick: bool = False, epochs: float = 1, lr: float = 2e-4,
-                      retrain: bool = False) -> tuple[torch.nn.Module, dict]:
+def distilled_student(teacher, quick: bool = False, epochs: float = EPOCHS, lr: float = LR,
+                      retrain: bool = False, substitute: float = SUBSTITUTE) -> tuple[torch.nn.Module, dict]:
     """The 3-layer student distilled from ``teacher`` (cached unless quick); returns ``(student, info)``."""
     from safetensors.torch import load_file, save_file
 
     cfg = TrainConfig(epochs=1 if quick else epochs, lr=lr, optimizer="adamw", batch_size=32,
                       max_steps=10 if quick else None)
-    sentences = training_sentences(quick)
+    sentences = training_sentences(quick, teacher.tokenizer, substitute)
     key = hashlib.sha256(json.dumps({"keep": KEEP, "n": len(sentences), "gen": N_GENERATED, "train": cfg.to_dict(),
-                                     "v": 1}, sort_keys=True).encode()).hexdigest()[:10]
+                                     "substitute": substitute, "v": 1}, sort_keys=True).encode()).hexdigest()[:10]
     path = cache_dir() / "students" / f"minilm-L{len(KEEP)}-{key}.safetensors"
     student = bert_student(teacher, keep=KEEP)
     info = {"sentences": len(sentences), "epochs": cfg.epochs, "seconds": 0.0, "cached": False}
@@ -95,7 +122,8 @@ def distilled_student(teacher, quick: bool = False, epochs: float = 1, lr: float
     return student.eval(), info
 
 
-def rows(quick: bool, epochs: float = 1, lr: float = 2e-4, retrain: bool = False) -> list[dict]:
+def rows(quick: bool, epochs: float = EPOCHS, lr: float = LR, retrain: bool = False,
+         substitute: float = SUBSTITUTE) -> list[dict]:
     torch.manual_seed(0)
     teacher = build_model("minilm").eval()
     pairs = load_sts_pairs()
@@ -110,7 +138,7 @@ def rows(quick: bool, epochs: float = 1, lr: float = 2e-4, retrain: bool = False
         out.append({"row": f"student: layers {','.join(map(str, keep))} of the teacher, no training",
                     "spearman": q["spearman"], "fidelity": q["fidelity"], "params": n_params(init),
                     "bytes": artifact_size_of(init), "lat": None, "seconds": 0.0})
-    student, info = distilled_student(teacher, quick, epochs, lr, retrain)
+    student, info = distilled_student(teacher, quick, epochs, lr, retrain, substitute)
     q = embedding_quality(student, pairs, reference=teacher)
     lat = {}
     for threads in (1, 2):
@@ -119,7 +147,8 @@ def rows(quick: bool, epochs: float = 1, lr: float = 2e-4, retrain: bool = False
         lat[threads] = (c.a.median_ms, c.b.median_ms, c.ratio)
     cached = " (cached)" if info["cached"] else ""
     out.append({"row": f"student distilled: distill.kd embedding_cosine, {info['epochs']:g} epoch(s), "
-                       f"{info['sentences']:,} unlabeled sentences{cached}",
+                       f"lr {lr:g}, {info['sentences']:,} unlabeled sentences"
+                       f"{f' ({substitute:.0%} with random vocabulary words)' if substitute else ''}{cached}",
                 "spearman": q["spearman"], "fidelity": q["fidelity"], "params": n_params(student),
                 "bytes": artifact_size_of(student), "lat": lat, "seconds": info["seconds"],
                 "target": lat[1][2] >= 1.8 and q["fidelity"] >= 0.95})
@@ -129,12 +158,14 @@ def rows(quick: bool, epochs: float = 1, lr: float = 2e-4, retrain: bool = False
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: 256 sentences, 10 steps")
-    parser.add_argument("--epochs", type=float, default=1)
-    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--epochs", type=float, default=EPOCHS)
+    parser.add_argument("--lr", type=float, default=LR)
+    parser.add_argument("--substitute", type=float, default=SUBSTITUTE,
+                        help="share of training sentences given random vocabulary words")
     parser.add_argument("--retrain", action="store_true", help="ignore the cached distilled student")
     args = parser.parse_args()
     t0 = time.perf_counter()
-    table = rows(args.quick, args.epochs, args.lr, args.retrain)
+    table = rows(args.quick, args.epochs, args.lr, args.retrain, args.substitute)
     print("| model | spearman | fidelity | params | size (bytes) | batch 32, 1 thread (teacher -> student) | "
           "2 threads | train s | target met |")
     print("|---|---|---|---|---|---|---|---|---|")

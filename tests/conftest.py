@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from torch import nn
+from tinymodels import TinyMLP
 
 os.environ.setdefault("MODELPRESS_PROGRESS", "0")
 # Tiny models train faster on one thread, and a shared CI machine does not oversubscribe;
@@ -19,17 +19,6 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     # Baselines trained by tests go to a per-session cache, never to the user's.
     monkeypatch.setenv("MODELPRESS_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
     torch.manual_seed(0)
-
-
-class TinyMLP(nn.Module):
-    def __init__(self, d_in=16, hidden=32, classes=4):
-        super().__init__()
-        self.fc1 = nn.Linear(d_in, hidden)
-        self.fc2 = nn.Linear(hidden, hidden)
-        self.fc3 = nn.Linear(hidden, classes)
-
-    def forward(self, x):
-        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x.flatten(1))))))
 
 
 @pytest.fixture

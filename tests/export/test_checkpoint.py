@@ -16,7 +16,7 @@ def dense_bytes(model):
 
 
 def test_sparse_model_is_smaller_on_disk_and_reloads_bit_exact(tmp_path):
-    from conftest import TinyMLP
+    from tinymodels import TinyMLP
     big = TinyMLP(d_in=256, hidden=256, classes=256)
     p = prune(big, MagnitudePruning(sparsity=0.9, keep_first_last=False))
     path = save_artifact(p, tmp_path / "m.safetensors")
@@ -33,7 +33,7 @@ def test_structure_changes_are_rebuilt(tmp_path, tiny_mlp):
     tiny_mlp.fc2 = nn.Sequential(nn.Linear(32, 5, bias=False), nn.Linear(5, 32))  # e.g. low-rank
     tiny_mlp.fc3 = nn.Linear(32, 4)
     path = save_artifact(tiny_mlp, tmp_path / "m.safetensors")
-    from conftest import TinyMLP
+    from tinymodels import TinyMLP
     again, _ = load_artifact(path, base_model=TinyMLP())
     x = torch.randn(3, 16)
     assert torch.equal(again(x), tiny_mlp.eval()(x))

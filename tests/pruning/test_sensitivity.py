@@ -4,7 +4,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from conftest import TinyMLP
+from tinymodels import TinyMLP
 from modelpress import MagnitudePruning, Scope, TrainConfig, prune
 from modelpress.core.errors import ConfigError
 from modelpress.core.training import evaluate_accuracy, fit

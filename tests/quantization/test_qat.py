@@ -130,7 +130,7 @@ def test_converted_model_computes_what_the_qat_model_computes():
 @pytest.fixture
 def trained_task():
     """A 4-class linear-boundary task with 1,024 test points and an MLP trained on it."""
-    from conftest import TinyMLP
+    from tinymodels import TinyMLP
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3072, 16, generator=g)
