@@ -158,8 +158,15 @@ def test_a_valid_recipe_with_fuzzed_fields_parses_or_fails_with_our_error(edits)
     for where, key, value in edits:
         target = raw
         for part in filter(None, where.split(".")):
-            target = target[int(part)] if isinstance(target, list) else target.setdefault(part, {})
-        target[key] = value
+            if isinstance(target, list) and int(part) < len(target):
+                target = target[int(part)]
+            elif isinstance(target, dict):
+                target = target.setdefault(part, {})
+            else:  # an earlier edit replaced this path by a scalar or a short list: nothing to edit
+                target = None
+                break
+        if isinstance(target, dict):
+            target[key] = value
     _only_our_errors(lambda: Recipe.from_dict(raw))
 
 
