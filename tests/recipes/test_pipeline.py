@@ -5,22 +5,13 @@ import json
 
 import pytest
 import torch
-from torch.utils.data import TensorDataset
 
 from modelpress import compress
 from modelpress.core.loading import load_artifact
 from modelpress.recipes.schema import Recipe
-from modelpress.zoo.datasets import DatasetBundle
+from tinymodels import toy_bundle
 
 NO_LATENCY = {"latency": False, "onnx": False}
-
-
-def toy_bundle():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(600, 16, generator=g)
-    y = (x @ torch.randn(16, 4, generator=g)).argmax(1)
-    return DatasetBundle(name="toy", train=TensorDataset(x[:500], y[:500]), test=TensorDataset(x[500:], y[500:]),
-                         task="classification", num_classes=4, input_shape=(16,), meta={})
 
 
 def two_stage_recipe():

@@ -11,24 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from torch.utils.data import TensorDataset
 
 from modelpress import compress
 from modelpress.core.errors import ConfigError
 from modelpress.recipes.schema import Recipe
 from modelpress.search.space import Budget, SearchSpace, allowed_sparsities, build_recipe
 from modelpress.search.study import pareto_front, pick_best, run_search
-from modelpress.zoo.datasets import DatasetBundle
+from tinymodels import toy_bundle
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def toy_bundle():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(600, 16, generator=g)
-    y = (x @ torch.randn(16, 4, generator=g)).argmax(1)
-    return DatasetBundle(name="toy", train=TensorDataset(x[:500], y[:500]), test=TensorDataset(x[500:], y[500:]),
-                         task="classification", num_classes=4, input_shape=(16,), meta={})
 
 
 def trained_mlp():

@@ -74,6 +74,15 @@ class Budget(StrictModel):
                               hint="e.g. --budget bytes=5000, --budget macs=2e6, --budget latency=3.5") from None
 
 
+# field -> (valid choice?, what the error says)
+_CHOICE_RANGES = {
+    "sparsity": (lambda s: 0 <= s < 1, "sparsity choices must be in [0, 1)"),
+    "bits": (lambda b: 2 <= b <= 8, "bits choices must be in 2..8"),
+    "channels": (lambda c: 0 <= c < 1, "channels choices (MAC reductions) must be in [0, 1)"),
+    "rank": (lambda r: 0 < r <= 1, "rank choices (parameter ratios) must be in (0, 1]"),
+}
+
+
 class SearchSpace(StrictModel):
     """The choices a trial may make. ``None`` (or a single value) disables a knob."""
 
@@ -96,32 +105,12 @@ class SearchSpace(StrictModel):
     sensitivity_drop: float | None = Field(5.0, ge=0, description="cap a layer's sparsity where pruning it alone "
                                                                   "costs more points than this (None: no scan)")
 
-    @field_validator("sparsity")
+    @field_validator("sparsity", "bits", "channels", "rank")
     @classmethod
-    def _sparsity(cls, v):
-        if v is not None and any(not 0 <= s < 1 for s in v):
-            raise ValueError(f"sparsity choices must be in [0, 1), got {v}")
-        return v
-
-    @field_validator("bits")
-    @classmethod
-    def _bits(cls, v):
-        if v is not None and any(not 2 <= b <= 8 for b in v):
-            raise ValueError(f"bits choices must be in 2..8, got {v}")
-        return v
-
-    @field_validator("channels")
-    @classmethod
-    def _channels(cls, v):
-        if v is not None and any(not 0 <= c < 1 for c in v):
-            raise ValueError(f"channels choices (MAC reductions) must be in [0, 1), got {v}")
-        return v
-
-    @field_validator("rank")
-    @classmethod
-    def _rank(cls, v):
-        if v is not None and any(not 0 < r <= 1 for r in v):
-            raise ValueError(f"rank choices (parameter ratios) must be in (0, 1], got {v}")
+    def _choices_in_range(cls, v, info):
+        ok, message = _CHOICE_RANGES[info.field_name]
+        if v is not None and not all(ok(c) for c in v):
+            raise ValueError(f"{message}, got {v}")
         return v
 
 
