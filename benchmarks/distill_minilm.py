@@ -48,7 +48,7 @@ from modelpress.zoo.text import (embedding_quality, generate_sentences, load_sen
 
 KEEP = [0, 4, 5]
 N_GENERATED = 20000
-EPOCHS, LR, SUBSTITUTE = 1.0, 2e-4, 0.0
+EPOCHS, LR, SUBSTITUTE, BUNDLED_REPEAT = 1.0, 2e-4, 0.0, 1
 
 
 def substitute_words(sentences: list[str], vocabulary: list[str], p: float, seed: int = 0) -> list[str]:
@@ -71,12 +71,13 @@ def substitute_words(sentences: list[str], vocabulary: list[str], p: float, seed
 _KEEP_WORDS = frozenset("the a an is are was were".split())
 
 
-def training_sentences(quick: bool, tokenizer=None, substitute: float = 0.0) -> list[str]:
+def training_sentences(quick: bool, tokenizer=None, substitute: float = 0.0, bundled_repeat: int = 1) -> list[str]:
     """Bundled + generated sentences, none of them (or a near-copy of them) in the graded pairs;
-    with ``substitute`` > 0 that share of them gets random vocabulary words (see substitute_words)."""
+    the bundled (hand-written, natural) ones ``bundled_repeat`` times; with ``substitute`` > 0 that
+    share of them gets random vocabulary words (see substitute_words)."""
     held_out = pair_sentences(load_sts_pairs())
     bundled = [s for s in load_sentences() if s not in set(held_out)]
-    sentences = bundled[:256] if quick else bundled + generate_sentences(N_GENERATED, exclude=held_out)
+    sentences = bundled[:256] if quick else bundled * bundled_repeat + generate_sentences(N_GENERATED, exclude=held_out)
     if substitute and tokenizer is not None:
         vocabulary = sorted(w for w in tokenizer.vocab if w.isalpha() and w.islower() and len(w) > 2)
         sentences = substitute_words(sentences, vocabulary, substitute)
@@ -91,15 +92,19 @@ def batches(tokenizer, sentences: list[str], batch_size: int, seed: int) -> list
 
 
 def distilled_student(teacher, quick: bool = False, epochs: float = EPOCHS, lr: float = LR,
-                      retrain: bool = False, substitute: float = SUBSTITUTE) -> tuple[torch.nn.Module, dict]:
+                      retrain: bool = False, substitute: float = SUBSTITUTE,
+                      bundled_repeat: int = BUNDLED_REPEAT) -> tuple[torch.nn.Module, dict]:
     """The 3-layer student distilled from ``teacher`` (cached unless quick); returns ``(student, info)``."""
     from safetensors.torch import load_file, save_file
 
     cfg = TrainConfig(epochs=1 if quick else epochs, lr=lr, optimizer="adamw", batch_size=32,
                       max_steps=10 if quick else None)
-    sentences = training_sentences(quick, teacher.tokenizer, substitute)
-    key = hashlib.sha256(json.dumps({"keep": KEEP, "n": len(sentences), "gen": N_GENERATED, "train": cfg.to_dict(),
-                                     "substitute": substitute, "v": 1}, sort_keys=True).encode()).hexdigest()[:10]
+    sentences = training_sentences(quick, teacher.tokenizer, substitute, bundled_repeat)
+    settings = {"keep": KEEP, "n": len(sentences), "gen": N_GENERATED, "train": cfg.to_dict(),
+                "substitute": substitute, "v": 1}
+    if bundled_repeat != 1:
+        settings["bundled_repeat"] = bundled_repeat
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     path = cache_dir() / "students" / f"minilm-L{len(KEEP)}-{key}.safetensors"
     student = bert_student(teacher, keep=KEEP)
     info = {"sentences": len(sentences), "epochs": cfg.epochs, "seconds": 0.0, "cached": False}
@@ -123,7 +128,7 @@ def distilled_student(teacher, quick: bool = False, epochs: float = EPOCHS, lr: 
 
 
 def rows(quick: bool, epochs: float = EPOCHS, lr: float = LR, retrain: bool = False,
-         substitute: float = SUBSTITUTE) -> list[dict]:
+         substitute: float = SUBSTITUTE, bundled_repeat: int = BUNDLED_REPEAT) -> list[dict]:
     torch.manual_seed(0)
     teacher = build_model("minilm").eval()
     pairs = load_sts_pairs()
@@ -138,7 +143,7 @@ def rows(quick: bool, epochs: float = EPOCHS, lr: float = LR, retrain: bool = Fa
         out.append({"row": f"student: layers {','.join(map(str, keep))} of the teacher, no training",
                     "spearman": q["spearman"], "fidelity": q["fidelity"], "params": n_params(init),
                     "bytes": artifact_size_of(init), "lat": None, "seconds": 0.0})
-    student, info = distilled_student(teacher, quick, epochs, lr, retrain, substitute)
+    student, info = distilled_student(teacher, quick, epochs, lr, retrain, substitute, bundled_repeat)
     q = embedding_quality(student, pairs, reference=teacher)
     lat = {}
     for threads in (1, 2):
@@ -148,7 +153,8 @@ def rows(quick: bool, epochs: float = EPOCHS, lr: float = LR, retrain: bool = Fa
     cached = " (cached)" if info["cached"] else ""
     out.append({"row": f"student distilled: distill.kd embedding_cosine, {info['epochs']:g} epoch(s), "
                        f"lr {lr:g}, {info['sentences']:,} unlabeled sentences"
-                       f"{f' ({substitute:.0%} with random vocabulary words)' if substitute else ''}{cached}",
+                       f"{f' ({substitute:.0%} with random vocabulary words)' if substitute else ''}"
+                       f"{f' (bundled ones x{bundled_repeat})' if bundled_repeat != 1 else ''}{cached}",
                 "spearman": q["spearman"], "fidelity": q["fidelity"], "params": n_params(student),
                 "bytes": artifact_size_of(student), "lat": lat, "seconds": info["seconds"],
                 "target": lat[1][2] >= 1.8 and q["fidelity"] >= 0.95})
@@ -162,10 +168,12 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=LR)
     parser.add_argument("--substitute", type=float, default=SUBSTITUTE,
                         help="share of training sentences given random vocabulary words")
+    parser.add_argument("--bundled-repeat", type=int, default=BUNDLED_REPEAT,
+                        help="how many times the bundled (natural) sentences enter the training set")
     parser.add_argument("--retrain", action="store_true", help="ignore the cached distilled student")
     args = parser.parse_args()
     t0 = time.perf_counter()
-    table = rows(args.quick, args.epochs, args.lr, args.retrain, args.substitute)
+    table = rows(args.quick, args.epochs, args.lr, args.retrain, args.substitute, args.bundled_repeat)
     print("| model | spearman | fidelity | params | size (bytes) | batch 32, 1 thread (teacher -> student) | "
           "2 threads | train s | target met |")
     print("|---|---|---|---|---|---|---|---|---|")
