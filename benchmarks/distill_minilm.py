@@ -43,12 +43,12 @@ from modelpress.distillation.students import bert_student  # noqa: E402
 from modelpress.export.checkpoint import artifact_size_of  # noqa: E402
 from modelpress.zoo.baselines import cache_dir  # noqa: E402
 from modelpress.zoo.models import build_model  # noqa: E402
-from modelpress.zoo.text import (embedding_quality, generate_sentences, load_sentences, load_sts_pairs,  # noqa: E402
-                                 pair_sentences, tokenize)
+from modelpress.zoo.text import (NearCopyFilter, embed_sentences, embedding_quality,  # noqa: E402
+                                 generate_sentences, load_sentences, load_sts_pairs, pair_sentences, tokenize)
 
 KEEP = [0, 4, 5]
 N_GENERATED = 20000
-EPOCHS, LR, SUBSTITUTE, BUNDLED_REPEAT = 1.0, 2e-4, 0.0, 1
+EPOCHS, LR, SUBSTITUTE, BUNDLED_REPEAT, EVERYDAY_REPEAT = 1.0, 2e-4, 0.0, 1, 0
 
 
 def substitute_words(sentences: list[str], vocabulary: list[str], p: float, seed: int = 0) -> list[str]:
@@ -71,13 +71,19 @@ def substitute_words(sentences: list[str], vocabulary: list[str], p: float, seed
 _KEEP_WORDS = frozenset("the a an is are was were".split())
 
 
-def training_sentences(quick: bool, tokenizer=None, substitute: float = 0.0, bundled_repeat: int = 1) -> list[str]:
-    """Bundled + generated sentences, none of them (or a near-copy of them) in the graded pairs;
-    the bundled (hand-written, natural) ones ``bundled_repeat`` times; with ``substitute`` > 0 that
-    share of them gets random vocabulary words (see substitute_words)."""
+def training_sentences(quick: bool, tokenizer=None, substitute: float = 0.0, bundled_repeat: int = 1,
+                       everyday_repeat: int = 0) -> list[str]:
+    """Bundled + generated sentences, none of them in the graded pairs: the bundled corpus
+    (topic templates) ``bundled_repeat`` times, the hand-written ``"everyday"`` corpus
+    ``everyday_repeat`` times minus its near-copies of the pair sentences (``NearCopyFilter``),
+    and ``generate_sentences(N_GENERATED)`` (which skips near-copies itself); with
+    ``substitute`` > 0 that share of them gets random vocabulary words (see substitute_words)."""
     held_out = pair_sentences(load_sts_pairs())
     bundled = [s for s in load_sentences() if s not in set(held_out)]
-    sentences = bundled[:256] if quick else bundled * bundled_repeat + generate_sentences(N_GENERATED, exclude=held_out)
+    near_copy = NearCopyFilter(held_out)
+    everyday = [s for s in load_sentences(corpus="everyday") if not near_copy(s)] if everyday_repeat else []
+    sentences = bundled[:256] if quick else (bundled * bundled_repeat + everyday * everyday_repeat
+                                             + generate_sentences(N_GENERATED, exclude=held_out))
     if substitute and tokenizer is not None:
         vocabulary = sorted(w for w in tokenizer.vocab if w.isalpha() and w.islower() and len(w) > 2)
         sentences = substitute_words(sentences, vocabulary, substitute)
@@ -93,17 +99,20 @@ def batches(tokenizer, sentences: list[str], batch_size: int, seed: int) -> list
 
 def distilled_student(teacher, quick: bool = False, epochs: float = EPOCHS, lr: float = LR,
                       retrain: bool = False, substitute: float = SUBSTITUTE,
-                      bundled_repeat: int = BUNDLED_REPEAT) -> tuple[torch.nn.Module, dict]:
+                      bundled_repeat: int = BUNDLED_REPEAT,
+                      everyday_repeat: int = EVERYDAY_REPEAT) -> tuple[torch.nn.Module, dict]:
     """The 3-layer student distilled from ``teacher`` (cached unless quick); returns ``(student, info)``."""
     from safetensors.torch import load_file, save_file
 
     cfg = TrainConfig(epochs=1 if quick else epochs, lr=lr, optimizer="adamw", batch_size=32,
                       max_steps=10 if quick else None)
-    sentences = training_sentences(quick, teacher.tokenizer, substitute, bundled_repeat)
+    sentences = training_sentences(quick, teacher.tokenizer, substitute, bundled_repeat, everyday_repeat)
     settings = {"keep": KEEP, "n": len(sentences), "gen": N_GENERATED, "train": cfg.to_dict(),
                 "substitute": substitute, "v": 1}
     if bundled_repeat != 1:
         settings["bundled_repeat"] = bundled_repeat
+    if everyday_repeat:
+        settings["everyday_repeat"] = everyday_repeat
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     path = cache_dir() / "students" / f"minilm-L{len(KEEP)}-{key}.safetensors"
     student = bert_student(teacher, keep=KEEP)
@@ -127,8 +136,27 @@ def distilled_student(teacher, quick: bool = False, epochs: float = EPOCHS, lr: 
     return student.eval(), info
 
 
+def worst_sentences(student, teacher, n: int) -> list[tuple[float, str]]:
+    """The ``n`` graded-pair sentences whose student embedding is furthest from the teacher's,
+    as ``(cosine, sentence)``; plus the means over sentences the student trained on and fresh
+    generated ones, to tell a data gap from a capacity gap."""
+    def cos(sentences):
+        a = embed_sentences(student, teacher.tokenizer, sentences)
+        b = embed_sentences(teacher, teacher.tokenizer, sentences)
+        return torch.nn.functional.cosine_similarity(a, b)
+    held_out = pair_sentences(load_sts_pairs())
+    c = cos(held_out)
+    out = [(float(c[i]), held_out[i]) for i in c.argsort()[:n].tolist()]
+    seen = [s for s in load_sentences() if s not in set(held_out)][:300]
+    fresh = generate_sentences(300, seed=12345, exclude=held_out)
+    out += [(float(cos(seen).mean()), "(mean over 300 bundled sentences it trained on)"),
+            (float(cos(fresh).mean()), "(mean over 300 freshly generated sentences)")]
+    return out
+
+
 def rows(quick: bool, epochs: float = EPOCHS, lr: float = LR, retrain: bool = False,
-         substitute: float = SUBSTITUTE, bundled_repeat: int = BUNDLED_REPEAT) -> list[dict]:
+         substitute: float = SUBSTITUTE, bundled_repeat: int = BUNDLED_REPEAT, worst: int = 0,
+         everyday_repeat: int = EVERYDAY_REPEAT) -> list[dict]:
     torch.manual_seed(0)
     teacher = build_model("minilm").eval()
     pairs = load_sts_pairs()
@@ -143,7 +171,8 @@ def rows(quick: bool, epochs: float = EPOCHS, lr: float = LR, retrain: bool = Fa
         out.append({"row": f"student: layers {','.join(map(str, keep))} of the teacher, no training",
                     "spearman": q["spearman"], "fidelity": q["fidelity"], "params": n_params(init),
                     "bytes": artifact_size_of(init), "lat": None, "seconds": 0.0})
-    student, info = distilled_student(teacher, quick, epochs, lr, retrain, substitute, bundled_repeat)
+    student, info = distilled_student(teacher, quick, epochs, lr, retrain, substitute, bundled_repeat,
+                                      everyday_repeat)
     q = embedding_quality(student, pairs, reference=teacher)
     lat = {}
     for threads in (1, 2):
@@ -154,10 +183,12 @@ def rows(quick: bool, epochs: float = EPOCHS, lr: float = LR, retrain: bool = Fa
     out.append({"row": f"student distilled: distill.kd embedding_cosine, {info['epochs']:g} epoch(s), "
                        f"lr {lr:g}, {info['sentences']:,} unlabeled sentences"
                        f"{f' ({substitute:.0%} with random vocabulary words)' if substitute else ''}"
-                       f"{f' (bundled ones x{bundled_repeat})' if bundled_repeat != 1 else ''}{cached}",
+                       f"{f' (bundled ones x{bundled_repeat})' if bundled_repeat != 1 else ''}"
+                       f"{f' (hand-written everyday ones x{everyday_repeat})' if everyday_repeat else ''}{cached}",
                 "spearman": q["spearman"], "fidelity": q["fidelity"], "params": n_params(student),
                 "bytes": artifact_size_of(student), "lat": lat, "seconds": info["seconds"],
-                "target": lat[1][2] >= 1.8 and q["fidelity"] >= 0.95})
+                "target": lat[1][2] >= 1.8 and q["fidelity"] >= 0.95,
+                "worst": worst_sentences(student, teacher, worst) if worst else []})
     return out
 
 
@@ -170,10 +201,15 @@ def main() -> None:
                         help="share of training sentences given random vocabulary words")
     parser.add_argument("--bundled-repeat", type=int, default=BUNDLED_REPEAT,
                         help="how many times the bundled (natural) sentences enter the training set")
+    parser.add_argument("--everyday", type=int, default=EVERYDAY_REPEAT,
+                        help="how many times the hand-written everyday corpus enters the training set (0: not used)")
+    parser.add_argument("--worst", type=int, default=0,
+                        help="also print the N pair sentences the student embeds least like the teacher")
     parser.add_argument("--retrain", action="store_true", help="ignore the cached distilled student")
     args = parser.parse_args()
     t0 = time.perf_counter()
-    table = rows(args.quick, args.epochs, args.lr, args.retrain, args.substitute, args.bundled_repeat)
+    table = rows(args.quick, args.epochs, args.lr, args.retrain, args.substitute, args.bundled_repeat, args.worst,
+                 args.everyday)
     print("| model | spearman | fidelity | params | size (bytes) | batch 32, 1 thread (teacher -> student) | "
           "2 threads | train s | target met |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -183,6 +219,8 @@ def main() -> None:
         target = "" if "target" not in r else ("yes" if r["target"] else "no")
         print(f"| {r['row']} | {r['spearman']:.4f} | {r['fidelity']:.4f} | {r['params']:,} | {r['bytes']:,} | "
               f"{fmt(1)} | {fmt(2)} | {r['seconds']:.0f} | {target} |")
+    for c, sentence in table[-1].get("worst", []):
+        print(f"    cosine to the teacher {c:.3f}: {sentence}")
     print(f"\n{'quick' if args.quick else 'full'} run, {time.perf_counter() - t0:.0f} s, torch {torch.__version__}, "
           f"{os.cpu_count()} CPU cores; target: >= 1.8x faster at batch 32 (1 thread), fidelity >= 0.95")
 

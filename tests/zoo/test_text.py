@@ -46,6 +46,17 @@ def test_sentences_file():
         text.load_sentences(len(sentences) + 1)
 
 
+def test_everyday_corpus():
+    everyday = text.load_sentences(corpus="everyday")
+    assert len(everyday) >= 3000 and len(set(everyday)) == len(everyday)
+    assert not set(everyday) & set(text.load_sentences())
+    assert sum(s.endswith("?") for s in everyday) >= 300  # questions, which the templates rarely make
+    near_copy = text.NearCopyFilter(text.pair_sentences(text.load_sts_pairs()))
+    assert sum(map(near_copy, everyday)) < 0.02 * len(everyday)  # written without the graded pairs
+    with pytest.raises(DataError, match="unknown sentence corpus"):
+        text.load_sentences(corpus="wikipedia")
+
+
 def test_sentences_file_is_reproducible():
     script = Path(__file__).resolve().parents[2] / "benchmarks" / "make_sentences.py"
     spec = importlib.util.spec_from_file_location("make_sentences", script)

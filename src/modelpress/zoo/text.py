@@ -173,9 +173,21 @@ def load_sts_pairs() -> list[tuple[str, str, float]]:
     return pairs
 
 
-def load_sentences(n: int | None = None) -> list[str]:
-    """The first ``n`` (default: all) sentences of ``data/sentences.txt``."""
-    sentences = [s.strip() for s in _data_text("sentences.txt").splitlines() if s.strip()]
+_CORPORA = {"bundled": "sentences.txt", "everyday": "sentences_everyday.txt"}
+
+
+def load_sentences(n: int | None = None, corpus: str = "bundled") -> list[str]:
+    """The first ``n`` (default: all) sentences of a bundled unlabeled corpus.
+
+    ``"bundled"``: ``data/sentences.txt`` (topic templates, made by ``benchmarks/make_sentences.py``,
+    plus the graded-pair sentences; the ``sts`` dataset's training split). ``"everyday"``:
+    ``data/sentences_everyday.txt``, about 3,200 free-form sentences written by hand without looking
+    at the graded pairs (questions, short replies, requests, many topics), for distilling sentence
+    encoders on text less regular than templates.
+    """
+    if corpus not in _CORPORA:
+        raise DataError(f"unknown sentence corpus {corpus!r}", hint=f"use one of {sorted(_CORPORA)}")
+    sentences = [s.strip() for s in _data_text(_CORPORA[corpus]).splitlines() if s.strip()]
     if n is not None and not 0 < n <= len(sentences):
         raise DataError(f"asked for {n} sentences, the corpus has {len(sentences)}",
                         hint=f"use 1 <= n <= {len(sentences)}")
