@@ -16,7 +16,8 @@ Each source script's docstring says exactly how its rows are produced; run one a
 own table. Latency ratios are "reference median / row median", measured alternating in one
 process (``compare_latency``), so machine load moves both sides alike.
 
-    python benchmarks/distill_lowrank.py            # full run (~15-20 minutes on 2 idle cores)
+    python benchmarks/distill_lowrank.py            # full run (~15 minutes on 2 cores once the MiniLM
+                                                    # student is cached; training it takes ~40 minutes)
     python benchmarks/distill_lowrank.py --quick    # smoke run
 """
 from __future__ import annotations
