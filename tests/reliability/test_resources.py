@@ -129,20 +129,3 @@ def test_ctrl_c_stops_cleanly_and_the_rerun_resumes(tmp_path, cli, net_py):
 
 def _exit_with(res):
     raise SystemExit(res.code)
-
-
-def test_a_swallowed_ctrl_c_still_stops_at_the_next_check():
-    """A KeyboardInterrupt eaten by a library (bare except, finalizer) is raised again by the
-    pipeline's next check_ctrl_c; outside the block Python's own handler is back."""
-    from modelpress.core.interrupt import check_ctrl_c, remember_ctrl_c
-
-    with pytest.raises(KeyboardInterrupt):
-        with remember_ctrl_c():
-            try:
-                os.kill(os.getpid(), signal.SIGINT)
-                time.sleep(1)  # the handler runs here
-            except KeyboardInterrupt:
-                pass  # what a careless library does
-            check_ctrl_c()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    check_ctrl_c()  # nothing pending any more

@@ -36,7 +36,6 @@ from torch import nn
 
 from ..core.data import call_model, check_finite_data, check_finite_params, check_model_accepts, slice_inputs
 from ..core.errors import ConfigError, DataError, ScopeError
-from ..core.interrupt import check_ctrl_c, remember_ctrl_c
 from ..core.io import kill_point, remove_stale_temps, write_json, write_text
 from ..core.loading import load_artifact
 from ..core.progress import log
@@ -208,8 +207,7 @@ def run_recipe(recipe: Recipe, model: nn.Module, data: Any, out: str | Path | No
             log(f"[dim]removed {p.relative_to(out)} (a partial file of an interrupted run)[/dim]")
         kill_point("recipe-written")
     try:
-        with remember_ctrl_c():
-            return _run_stages(recipe, configs, model, data, out)
+        return _run_stages(recipe, configs, model, data, out)
     except KeyboardInterrupt:
         if out:
             log(f"[yellow]interrupted[/yellow]: finished stages are saved in {out}; "
@@ -243,7 +241,6 @@ def _run_stages(recipe: Recipe, configs: list, model: nn.Module, data: Any, out:
         load_artifact(base_path, base_model=model)[0] if out else copy.deepcopy(model))
 
     for i, (stage, cfg) in enumerate(zip(recipe.stages, configs)):
-        check_ctrl_c()  # a Ctrl-C that some library swallowed still stops the run here
         info = get_method(stage.method)
         stage_dir = out / "stages" / f"{i + 1:02d}-{stage.name}" if out else None
         if stage_dir and (stage_dir / "metrics.json").exists():
@@ -290,7 +287,6 @@ def _run_stages(recipe: Recipe, configs: list, model: nn.Module, data: Any, out:
             _write_reports(out, recipe, rows, infos)
         log(f"  {stage.name}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in row.items()
                                               if k in ("accuracy", "spearman", "fidelity", "artifact_bytes")))
-    check_ctrl_c()
     if out:
         # the metrics live in report.json: in the header they would cost ~170 B, 4% of a 4.7 KB model
         save_artifact(model, out / "model.safetensors", meta={"recipe": recipe.name})
