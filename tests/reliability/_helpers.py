@@ -95,14 +95,18 @@ def assert_one_line_error(res: CliResult, *fragments: str) -> None:
     assert any(ln.startswith("hint:") for ln in res.err.splitlines()), res.err
 
 
-def start_forked(fn, *, env: dict[str, str] | None = None, output: Path | None = None) -> int:
+def start_forked(fn, *, env: dict[str, str] | None = None, output: Path | None = None,
+                 sigint: bool = False) -> int:
     """Start ``fn()`` in a forked child; returns its pid. Its stdout and stderr go to ``output``
     (default: nowhere). The child exits 0 when ``fn`` returns, 1 when it raises, or with the
-    status of a SystemExit."""
+    status of a SystemExit. ``sigint=True`` gives the child Python's Ctrl-C handler, as in a
+    terminal: a test suite started in the background (``pytest &``) inherits SIGINT ignored."""
     pid = os.fork()
     if pid == 0:  # child
         code = 1
         try:
+            if sigint:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
             sink = os.open(output or os.devnull, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             os.dup2(sink, 1)
             os.dup2(sink, 2)

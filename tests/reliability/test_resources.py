@@ -104,7 +104,7 @@ def test_ctrl_c_stops_cleanly_and_the_rerun_resumes(tmp_path, cli, net_py):
                       "     finetune: {epochs: 1, lr: 0.001}}\n")
     run, log = tmp_path / "run", tmp_path / "log.txt"
     args = ["compress", "-r", recipe, "-m", f"{net_py}:build", "-d", "digits", "-o", run]
-    pid = start_forked(lambda: _exit_with(cli(*args)), output=log)
+    pid = start_forked(lambda: _exit_with(cli(*args)), output=log, sigint=True)
     marker = run / "stages" / "01-p50" / "metrics.json"
     deadline = time.time() + 60
     while not marker.exists() and time.time() < deadline and not os.waitpid(pid, os.WNOHANG)[0]:
