@@ -77,6 +77,12 @@ def substitute_words(sentences: list[str], vocabulary: list[str], p: float, seed
 _KEEP_WORDS = frozenset("the a an is are was were".split())
 
 
+def _bundled_unseen(held_out: list[str]) -> list[str]:
+    """The bundled corpus without the graded-pair sentences it also holds."""
+    held = set(held_out)
+    return [s for s in load_sentences() if s not in held]
+
+
 def training_sentences(quick: bool, tokenizer=None, substitute: float = 0.0, bundled_repeat: int = 1,
                        everyday_repeat: int = 0) -> list[str]:
     """Bundled + generated sentences, none of them in the graded pairs: the bundled corpus
@@ -85,9 +91,11 @@ def training_sentences(quick: bool, tokenizer=None, substitute: float = 0.0, bun
     and ``generate_sentences(N_GENERATED)`` (which skips near-copies itself); with
     ``substitute`` > 0 that share of them gets random vocabulary words (see substitute_words)."""
     held_out = pair_sentences(load_sts_pairs())
-    bundled = [s for s in load_sentences() if s not in set(held_out)]
-    near_copy = NearCopyFilter(held_out)
-    everyday = [s for s in load_sentences(corpus="everyday") if not near_copy(s)] if everyday_repeat else []
+    bundled = _bundled_unseen(held_out)
+    everyday = []
+    if everyday_repeat:
+        near_copy = NearCopyFilter(held_out)
+        everyday = [s for s in load_sentences(corpus="everyday") if not near_copy(s)]
     sentences = bundled[:256] if quick else (bundled * bundled_repeat + everyday * everyday_repeat
                                              + generate_sentences(N_GENERATED, exclude=held_out))
     if substitute and tokenizer is not None:
@@ -153,7 +161,7 @@ def worst_sentences(student, teacher, n: int) -> list[tuple[float, str]]:
     held_out = pair_sentences(load_sts_pairs())
     c = cos(held_out)
     out = [(float(c[i]), held_out[i]) for i in c.argsort()[:n].tolist()]
-    seen = [s for s in load_sentences() if s not in set(held_out)][:300]
+    seen = _bundled_unseen(held_out)[:300]
     fresh = generate_sentences(300, seed=12345, exclude=held_out)
     out += [(float(cos(seen).mean()), "(mean over 300 bundled sentences it trained on)"),
             (float(cos(fresh).mean()), "(mean over 300 freshly generated sentences)")]
