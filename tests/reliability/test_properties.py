@@ -134,7 +134,9 @@ def _valid_raw():
         {"method": "prune.magnitude", "config": {"sparsity": 0.5}, "finetune": {"epochs": 1}}]}
 
 
-def _only_our_errors(fn):
+def assert_only_our_errors(fn):
+    """Assert that ``fn()`` either returns a recipe that serialises, or raises a ModelpressError
+    with a one-line message; any other exception fails the calling test."""
     try:
         recipe = fn()
     except ModelpressError as err:
@@ -147,7 +149,7 @@ def _only_our_errors(fn):
 @FAST
 @given(structures)
 def test_any_structure_parses_or_fails_with_our_error(raw):
-    _only_our_errors(lambda: Recipe.from_dict(raw))
+    assert_only_our_errors(lambda: Recipe.from_dict(raw))
 
 
 @FAST
@@ -167,7 +169,7 @@ def test_a_valid_recipe_with_fuzzed_fields_parses_or_fails_with_our_error(edits)
                 break
         if isinstance(target, dict):
             target[key] = value
-    _only_our_errors(lambda: Recipe.from_dict(raw))
+    assert_only_our_errors(lambda: Recipe.from_dict(raw))
 
 
 @FAST
@@ -175,7 +177,7 @@ def test_a_valid_recipe_with_fuzzed_fields_parses_or_fails_with_our_error(edits)
 def test_any_text_file_loads_or_fails_with_our_error(tmp_path_factory, text):
     path = tmp_path_factory.mktemp("fuzz") / "r.yaml"
     path.write_text(text, encoding="utf-8")
-    _only_our_errors(lambda: Recipe.load(path))
+    assert_only_our_errors(lambda: Recipe.load(path))
 
 
 @FAST
@@ -186,13 +188,13 @@ def test_any_yaml_document_loads_or_fails_with_our_error(tmp_path_factory, raw):
         path.write_text(yaml.safe_dump(raw), encoding="utf-8")
     except (yaml.YAMLError, ValueError, RecursionError):
         assume(False)
-    _only_our_errors(lambda: Recipe.load(path))
+    assert_only_our_errors(lambda: Recipe.load(path))
 
 
 @FAST
 @given(st.lists(st.text(max_size=30), max_size=4))
 def test_any_override_applies_or_fails_with_our_error(overrides):
-    _only_our_errors(lambda: Recipe.from_dict(apply_overrides(_valid_raw(), overrides)))
+    assert_only_our_errors(lambda: Recipe.from_dict(apply_overrides(_valid_raw(), overrides)))
 
 
 @pytest.mark.parametrize("text", ["version: 1\nstages: [{method: prune.magnitude}]\nseed: 2001-02-30",
