@@ -18,10 +18,11 @@ class TinyMLP(nn.Module):
 
 def toy_bundle():
     """600 random 16-d points labelled by a random linear map into 4 classes (500 train, 100 test)."""
+    from modelpress.tasks import Classification
     from modelpress.zoo.datasets import DatasetBundle
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(600, 16, generator=g)
     y = (x @ torch.randn(16, 4, generator=g)).argmax(1)
     return DatasetBundle(name="toy", train=TensorDataset(x[:500], y[:500]), test=TensorDataset(x[500:], y[500:]),
-                         task="classification", num_classes=4, input_shape=(16,), meta={})
+                         task=Classification(), num_classes=4, input_shape=(16,), meta={})

@@ -11,7 +11,8 @@ each take a model, one config object and optional data, and return a new model::
 Names are imported lazily, so ``modelpress --help`` does not pay for importing torch.
 """
 from importlib import import_module
-from importlib.metadata import PackageNotFoundError, version as _version
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
 
 try:
     __version__ = _version("modelpress")
@@ -22,8 +23,11 @@ _EXPORTS = {
     "apply": ".api", "compress": ".api", "distill": ".api", "factorize": ".api",
     "prune": ".api", "quantize": ".api",
     "MethodConfig": ".core.config", "Data": ".core.data", "ModelpressError": ".core.errors",
-    "get_method": ".core.registry", "list_methods": ".core.registry", "Scope": ".core.scope",
-    "TrainConfig": ".core.training", "Evaluation": ".core.training",
+    "Scope": ".core.scope", "TrainConfig": ".core.training", "Evaluation": ".core.training",
+    "get_method": ".engine", "list_methods": ".engine", "run_method": ".engine", "MethodInputs": ".engine",
+    "MethodReport": ".engine",
+    "Task": ".tasks", "Classification": ".tasks", "SentenceEmbedding": ".tasks", "DatasetBundle": ".tasks",
+    "load_dataset": ".tasks",
     "MagnitudePruning": ".pruning.magnitude", "RandomPruning": ".pruning.criteria",
     "TaylorPruning": ".pruning.criteria", "SNIPPruning": ".pruning.criteria", "NMSparsity": ".pruning.nm",
     "SoftFilterPruning": ".pruning.soft_filter", "IterativePruning": ".pruning.iterative",
@@ -43,8 +47,8 @@ _EXPORTS = {
     "QuantAwareDistillation": ".distillation.quant_aware",
     "bert_student": ".distillation.students", "keep_layers": ".distillation.students",
     "SVD": ".lowrank.svd", "Tucker": ".lowrank.tucker", "CP": ".lowrank.cp",
-    "analyze": ".analysis.analyze", "load_model": ".core.loading", "load_artifact": ".core.loading",
-    "save_artifact": ".export.checkpoint",
+    "analyze": ".analysis.analyze", "load_model": ".artifact.loading", "load_artifact": ".artifact.loading",
+    "save_artifact": ".artifact.checkpoint", "export_deployable": ".export.deploy",
 }
 __all__ = sorted(_EXPORTS)
 

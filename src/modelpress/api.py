@@ -3,7 +3,12 @@
 **Every verb returns a new model and leaves the input untouched**, unless ``inplace=True``
 is passed, in which case the input model itself is modified and returned. Methods that
 replace modules (structured pruning, low-rank, quantization) may return a different
-object even in place; always use the return value.
+object even in place; always use the return value. The model comes back in eval mode.
+
+Every verb runs through :func:`~modelpress.engine.run_method`, exactly as a recipe stage
+does: ``train=TrainConfig(...)`` trains inside the method when it has a schedule, or
+fine-tunes after it otherwise, batching the data with ``train.batch_size`` and shuffling it;
+``seed=s`` gives the same weights as a one-stage recipe with ``seed: s``.
 
     >>> import torch
     >>> from modelpress import prune, MagnitudePruning
@@ -14,16 +19,22 @@ object even in place; always use the return value.
 """
 from __future__ import annotations
 
-import copy
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from .artifact.loading import load_model
 from .core.config import MethodConfig
-from .core.data import as_data
 from .core.errors import ConfigError
-from .core.registry import MethodContext, get_method
-from .core.training import TrainConfig
+from .core.progress import log
+from .core.training import Evaluation, LossFn, TrainConfig
+from .engine import MethodInputs, get_method, run_method
+from .recipes.pipeline import RunResult, run_recipe
+from .recipes.resolve import resolve_run
+from .recipes.schema import Recipe
+from .tasks.base import Task
+from .tasks.classification import Classification
 
 
 def _check_family(config: MethodConfig, verb: str, families: tuple[str, ...]) -> None:
@@ -34,34 +45,22 @@ def _check_family(config: MethodConfig, verb: str, families: tuple[str, ...]) ->
 
 
 def apply(model: nn.Module, config: MethodConfig, data: Any = None, *, train: TrainConfig | None = None,
-          inplace: bool = False, task: str = "classification", loss_fn=None,
-          context: MethodContext | None = None, evaluation=None) -> nn.Module:
+          inplace: bool = False, task: Task | None = None, loss_fn: LossFn | None = None,
+          teachers: nn.Module | tuple[nn.Module, ...] = (), evaluation: Evaluation | None = None,
+          seed: int | None = None) -> nn.Module:
     """Apply any registered method; returns the compressed model (a copy unless ``inplace``).
 
-    ``train`` asks for training inside the method when it supports it (e.g. a pruning
-    schedule during fine-tuning); ``context`` (optional) receives what the method reports;
-    ``evaluation`` (a :class:`~modelpress.core.training.Evaluation`) makes that training
-    evaluate on held-out data after every epoch and keep the best weights.
+    ``train`` asks for training inside the method (e.g. a pruning schedule) or a fine-tune
+    after it; ``task`` (default :class:`~modelpress.tasks.Classification`) gives the training
+    loss and metric, ``loss_fn`` overrides the loss; ``teachers`` are modules distillation
+    methods learn from (model references in a config are loaded); ``evaluation`` (an
+    :class:`~modelpress.core.training.Evaluation`) evaluates on held-out data after every
+    epoch and keeps the best weights. For the method's report use
+    :func:`~modelpress.engine.run_method`.
     """
-    from .core.errors import DataError
-
-    info = get_method(config)
-    data = as_data(data)
-    if info.needs_data and data is None:
-        raise DataError(f"method {info.name} needs data (calibration or training batches)",
-                        hint="pass data=DataLoader/list of batches")
-    from .core.data import check_finite_params, check_model_accepts, first_inputs_if_reusable
-
-    check_finite_params(model, info.name)  # NaN weights would compress to garbage silently
-    sample = first_inputs_if_reusable(data)
-    if sample is not None:  # a wrong input shape fails here in one line, not deep in the method
-        check_model_accepts(model, sample, f"{info.name} data")
-    ctx = context or MethodContext()
-    ctx.data, ctx.train, ctx.task, ctx.loss_fn = data, train, task, loss_fn
-    if evaluation is not None:
-        ctx.evaluation = evaluation
-    target = model if inplace else copy.deepcopy(model)
-    return info.fn(target, config, ctx)
+    inputs = MethodInputs(data=data, train=train, task=task or Classification(), loss_fn=loss_fn,
+                          teachers=teachers, evaluation=evaluation, log=log, load_model=load_model)
+    return run_method(model, config, inputs, seed=seed, inplace=inplace)[0]
 
 
 def prune(model: nn.Module, config: MethodConfig, data: Any = None, **kwargs) -> nn.Module:
@@ -78,7 +77,8 @@ def quantize(model: nn.Module, config: MethodConfig, data: Any = None, **kwargs)
 
 
 def distill(student: nn.Module, config: MethodConfig, data: Any = None, **kwargs) -> nn.Module:
-    """Distill into ``student`` (the teacher is named in the config). Returns a new model unless ``inplace=True``."""
+    """Distill into ``student`` (the teacher is named in the config or passed as ``teachers=``).
+    Returns a new model unless ``inplace=True``."""
     _check_family(config, "distill", ("distill",))
     return apply(student, config, data, **kwargs)
 
@@ -89,16 +89,29 @@ def factorize(model: nn.Module, config: MethodConfig, data: Any = None, **kwargs
     return apply(model, config, data, **kwargs)
 
 
-def compress(model: nn.Module, recipe, data=None, *, out: str | None = None, **kwargs):
-    """Run a recipe (a :class:`~modelpress.recipes.schema.Recipe` or a YAML path) on ``model``.
+def compress(model: nn.Module | str | None, recipe: Recipe | str | Path, data: Any = None, *,
+             out: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), resume: bool = True,
+             trust_remote_code: bool = False) -> RunResult:
+    """Run a recipe exactly as ``modelpress compress`` does; returns a
+    :class:`~modelpress.recipes.pipeline.RunResult` (``.model``, ``.rows``, ``.out``).
 
-    Returns a :class:`~modelpress.recipes.pipeline.RunResult` whose ``model`` is the
-    compressed model; the input model is not modified. With ``out``, stage checkpoints,
-    the final artifact and reports are written there and a rerun resumes.
+    ``recipe``: a :class:`~modelpress.recipes.schema.Recipe`, a YAML path or a built-in name;
+    ``model``: a module (not modified), a model reference (zoo name, file.py:fn, HF folder,
+    artifact) or None for the recipe's own ``model:``; ``data``: a
+    :class:`~modelpress.tasks.DatasetBundle`, a dataset spec (``"mnist5k"``,
+    ``"imagefolder:photos"``) or None for the recipe's ``data:``. A zoo model on labelled data
+    starts from its trained baseline (the recipe's ``baseline:`` training, cached). With
+    ``out``, stage checkpoints, the final artifact and reports are written there and a rerun
+    resumes.
+
+        >>> from modelpress import compress
+        >>> result = compress(None, "lenet5-prune", out=None, overrides=["eval.latency=false",
+        ...                   "stage.1.finetune.epochs=0.1", "baseline.train.epochs=0.2"])  # doctest: +SKIP
     """
-    from .recipes.pipeline import run_recipe
-    from .recipes.schema import Recipe
-
     if not isinstance(recipe, Recipe):
-        recipe = Recipe.load(recipe)
-    return run_recipe(recipe, model=copy.deepcopy(model), data=data, out=out, **kwargs)
+        recipe = Recipe.load(recipe, overrides)
+    elif overrides:
+        raise ConfigError("compress(): overrides apply to a recipe file or name, not to a Recipe object",
+                          hint="edit the Recipe, or pass its path")
+    run = resolve_run(recipe, model, data, trust_remote_code=trust_remote_code)
+    return run_recipe(recipe, run.model, run.data, out=out, resume=resume)

@@ -11,10 +11,17 @@ from torch import nn
 
 from modelpress.analysis.analyze import AnalysisReport, analyze, resize_batch
 from modelpress.analysis.memory import peak_memory
-from modelpress.analysis.tables import (compare_rows, format_bytes, format_count, format_ms,
-                                        macs_by_layer_markdown, to_json, to_markdown, to_rich_table)
+from modelpress.analysis.tables import (
+    compare_rows,
+    format_bytes,
+    format_count,
+    format_ms,
+    macs_by_layer_markdown,
+    to_json,
+    to_markdown,
+    to_rich_table,
+)
 from modelpress.core.errors import DataError
-
 
 
 class LeNet5(nn.Module):

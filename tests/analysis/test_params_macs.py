@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import prune
 
-from modelpress.analysis.macs import ROOT, count_macs
 from modelpress.analysis.params import count_params, dense_bytes, sparsity
+from modelpress.nn.macs import ROOT, count_macs
 
 
 class LeNet5(nn.Module):

@@ -18,10 +18,17 @@ from PIL import Image
 from torch.utils.data import TensorDataset
 
 from modelpress import compress
-from modelpress.analysis.report_html import (TradeoffPoint, pareto_front, per_layer_series, points_from_rows,
-                                             quality_key, write_html_report)
+from modelpress.analysis.report_html import (
+    TradeoffPoint,
+    pareto_front,
+    per_layer_series,
+    points_from_rows,
+    quality_key,
+    write_html_report,
+)
 from modelpress.pruning.sensitivity import SensitivityResult
 from modelpress.recipes.schema import Recipe
+from modelpress.tasks import Classification
 from modelpress.zoo.datasets import DatasetBundle
 
 ROWS = [
@@ -129,7 +136,7 @@ def test_pipeline_run_folder_gets_report_html(tmp_path, tiny_mlp):
     x = torch.randn(300, 16, generator=g)
     y = (x @ torch.randn(16, 4, generator=g)).argmax(1)
     bundle = DatasetBundle(name="toy", train=TensorDataset(x[:200], y[:200]), test=TensorDataset(x[200:], y[200:]),
-                           task="classification", num_classes=4, input_shape=(16,), meta={})
+                           task=Classification(), num_classes=4, input_shape=(16,), meta={})
     recipe = Recipe.from_dict({"version": 1, "name": "two", "eval": {"latency": False, "onnx": False}, "stages": [
         {"name": "p50", "method": "prune.magnitude", "config": {"sparsity": 0.5, "keep_first_last": False}},
         {"name": "p80", "method": "prune.magnitude", "config": {"sparsity": 0.8, "keep_first_last": False}}]})

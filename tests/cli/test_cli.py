@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from modelpress.export.checkpoint import load_state
+from modelpress.artifact.checkpoint import load_state
 
 EXE = str(Path(sys.executable).parent / "modelpress")
 FAST = ["--set", "baseline.train.epochs=1", "--set", "stage.1.finetune.epochs=0.5",
@@ -185,7 +185,8 @@ def test_quantize_factorize_and_export_commands(tmp_path):
     res = run("export", "-m", str(tmp_path / "s8" / "model.safetensors"), "-d", "digits", "-o",
               str(tmp_path / "s8.onnx"))
     assert "int8 QDQ" in res.stdout and (tmp_path / "s8.onnx").stat().st_size < base.stat().st_size
-    res = run("export", "-m", str(base), "-d", "digits", "-o", str(tmp_path / "x.bin"), "--format", "tflite", check=False)
+    res = run("export", "-m", str(base), "-d", "digits", "-o", str(tmp_path / "x.bin"), "--format", "tflite",
+              check=False)
     assert res.returncode == 2 and "--format" in res.stderr and not (tmp_path / "x.bin").exists()
 
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch import nn
 
+from modelpress.artifact.checkpoint import save_artifact
+from modelpress.artifact.loading import load_artifact, load_model
 from modelpress.core.errors import ModelLoadError
-from modelpress.core.loading import load_artifact, load_model
-from modelpress.export.checkpoint import save_artifact
 
 
 def test_zoo_name_and_artifact_round_trip(tmp_path):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from modelpress import Evaluation, KD, TrainConfig, distill_from
+from modelpress import KD, Evaluation, TrainConfig, distill_from
 from modelpress.core.errors import DataError
 from modelpress.core.training import fit
 

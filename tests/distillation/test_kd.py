@@ -12,6 +12,7 @@ from modelpress import distill, get_method
 from modelpress.core.errors import ConfigError, DataError
 from modelpress.core.training import TrainConfig, evaluate_accuracy, fit
 from modelpress.distillation.kd import KD, distill_from
+from modelpress.tasks import SentenceEmbedding
 from modelpress.zoo.models import build_model
 
 QUICK = TrainConfig(epochs=1, lr=1e-3, batch_size=8)
@@ -51,8 +52,8 @@ def test_teacher_frozen_no_grads_and_restored(images, monkeypatch):
             seen.append((teacher.training, any(p.requires_grad for p in teacher.parameters()),
                          all(p.grad is None for p in teacher.parameters())))
 
-    from modelpress.distillation import kd as kd_module
-    monkeypatch.setattr(kd_module, "fit", lambda *a, **k: fit(*a, **{**k, "callbacks": [Spy()]}))
+    from modelpress.engine import inputs as inputs_module  # distillation trains through MethodInputs.fit
+    monkeypatch.setattr(inputs_module, "fit", lambda *a, **k: fit(*a, **{**k, "callbacks": [Spy()]}))
     out = distill_from(student, teacher, images, KD(hints=[("fc2", "fc2")]), train=QUICK)
     assert seen and all(s == (False, False, True) for s in seen)
     assert all(p.grad is None for p in teacher.parameters())
@@ -62,7 +63,7 @@ def test_teacher_frozen_no_grads_and_restored(images, monkeypatch):
 
 
 def test_teacher_from_config_reference(images, tmp_path):
-    from modelpress.export.checkpoint import save_artifact
+    from modelpress.artifact.checkpoint import save_artifact
 
     teacher = build_model("lenet5")
     path = tmp_path / "teacher.safetensors"
@@ -119,7 +120,7 @@ def test_embedding_loss_pulls_student_to_teacher():
     with torch.no_grad():
         start = cos(student)
     out = distill_from(student, teacher, data, KD(loss="embedding_cosine"), TrainConfig(epochs=30, lr=1e-2),
-                       task="embedding")
+                       task=SentenceEmbedding())
     with torch.no_grad():
         assert cos(out) > max(0.9, start + 0.3)
 

@@ -8,9 +8,19 @@ import torch
 import torch.nn.functional as F
 
 from modelpress.core.errors import DataError
-from modelpress.distillation.losses import (HintAdapter, attention_map, attention_transfer_loss,
-                                            embedding_cosine_loss, embedding_mse_loss, ensemble_probs, hint_loss,
-                                            kd_loss, rkd_angle_loss, rkd_distance_loss, soft_hard_loss)
+from modelpress.distillation.losses import (
+    HintAdapter,
+    attention_map,
+    attention_transfer_loss,
+    embedding_cosine_loss,
+    embedding_mse_loss,
+    ensemble_probs,
+    hint_loss,
+    kd_loss,
+    rkd_angle_loss,
+    rkd_distance_loss,
+    soft_hard_loss,
+)
 
 
 def manual_kl(p, q):

@@ -6,11 +6,10 @@ import torch
 from sklearn.datasets import load_digits
 from torch import nn
 
-from modelpress import distill
 from modelpress.core.errors import DataError
-from modelpress.core.registry import MethodContext
 from modelpress.core.training import TrainConfig, evaluate_accuracy
 from modelpress.distillation.mutual import MutualLearning, _Pair, fresh_copy, mutual_learning, mutual_loss
+from modelpress.engine import MethodInputs, run_method
 
 
 def mlp():
@@ -40,12 +39,12 @@ def test_both_students_learn_digits_and_the_verb_returns_a_copy():
     train, test = digits()
     student = mlp()
     before = student[0].weight.clone()
-    ctx = MethodContext()
-    out = distill(student, MutualLearning(T=2.0), train, train=TrainConfig(epochs=15, lr=5e-3), context=ctx)
+    out, report = run_method(student, MutualLearning(T=2.0),
+                             MethodInputs(data=train, train=TrainConfig(epochs=15, lr=5e-3)))
     assert torch.equal(student[0].weight, before)  # the input model is untouched
-    acc, peer_acc = evaluate_accuracy(out, test), evaluate_accuracy(ctx.info["peer"], test)
+    acc, peer_acc = evaluate_accuracy(out, test), evaluate_accuracy(report.info["peer"], test)
     assert acc > 0.87 and peer_acc > 0.87, (acc, peer_acc)
-    assert not torch.equal(out[0].weight, ctx.info["peer"][0].weight)
+    assert not torch.equal(out[0].weight, report.info["peer"][0].weight)
 
 
 def test_gradients_reach_both_students_and_labels_are_required():

@@ -10,9 +10,9 @@ from torch import nn
 
 from modelpress import KD, QAT, QuantAwareDistillation, SelfDistillation, TrainConfig, distill
 from modelpress.core.errors import ConfigError, DataError
-from modelpress.core.registry import MethodContext
 from modelpress.core.training import evaluate_accuracy, fit
 from modelpress.distillation.self_distill import ExitHead, auto_exits
+from modelpress.engine import MethodInputs, run_method
 
 
 def digits(images: bool = False):
@@ -56,10 +56,9 @@ def test_self_distillation_trains_the_network_and_drops_the_heads():
     train, test = digits(images=True)
     model = SmallCNN()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    ctx = MethodContext()
-    out = distill(model, SelfDistillation(T=3.0, alpha=0.5), train, train=TrainConfig(epochs=6, lr=1e-2),
-                  context=ctx)
-    assert ctx.info["exits"] == ["block1", "block2"] and ctx.info["head_params"] > 0
+    out, report = run_method(model, SelfDistillation(T=3.0, alpha=0.5),
+                             MethodInputs(data=train, train=TrainConfig(epochs=6, lr=1e-2)))
+    assert report.info["exits"] == ["block1", "block2"] and report.info["head_params"] > 0
     assert set(out.state_dict()) == set(before)  # same architecture, no head left behind
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())  # the input is untouched
     assert evaluate_accuracy(out, test) >= 0.90
@@ -85,11 +84,10 @@ def test_quant_aware_distillation_keeps_the_float_teacher_and_matches_qat():
     float_acc = evaluate_accuracy(net, test)
     snapshot = copy.deepcopy(net.state_dict())
     qcfg = QAT(weight_bits=3, act_bits=8, observer_steps=5)
-    ctx = MethodContext()
-    qad = distill(net, QuantAwareDistillation(quant=qcfg, kd=KD(T=2.0, alpha=0.7)), train,
-                  train=TrainConfig(epochs=3, lr=1e-3), context=ctx)
+    qad, report = run_method(net, QuantAwareDistillation(quant=qcfg, kd=KD(T=2.0, alpha=0.7)),
+                             MethodInputs(data=train, train=TrainConfig(epochs=3, lr=1e-3)))
     assert type(qad[0]).__name__ == "QuantLinear" and qad[0].qspec.bits == 3
-    assert ctx.info["teacher"] == "float model" and "layers" in ctx.info
+    assert report.info["teacher"] == "float model" and "layers" in report.info
     assert all(torch.equal(net.state_dict()[k], v) for k, v in snapshot.items())
     qad_acc = evaluate_accuracy(qad, test)
     assert qad_acc >= float_acc - 0.03

@@ -69,7 +69,8 @@ def test_narrower_starts_from_the_teacher_and_halves_channels():
 
 @pytest.mark.nlp
 def test_bert_student_from_minilm_keeps_three_layers_and_reloads(tmp_path):
-    from modelpress.zoo.text import load_sts_pairs, pair_sentences, tokenize
+    from modelpress.tasks.embedding import pair_sentences, tokenize
+    from modelpress.zoo.corpora import load_sts_pairs
 
     teacher = build_model("minilm").eval()
     student = bert_student(teacher, every=2).eval()

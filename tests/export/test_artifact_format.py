@@ -13,11 +13,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from modelpress import MagnitudePruning, Scope, prune, quantize
+from modelpress.artifact import checkpoint
+from modelpress.artifact.checkpoint import FORMAT, FORMAT_V1, PACK_BELOW, PACKED, load_state, read_header, save_artifact
+from modelpress.artifact.loading import load_artifact
 from modelpress.core.errors import ModelLoadError
-from modelpress.core.loading import load_artifact
 from modelpress.core.masks import get_mask
-from modelpress.export import checkpoint
-from modelpress.export.checkpoint import FORMAT, FORMAT_V1, PACK_BELOW, PACKED, load_state, read_header, save_artifact
 from modelpress.quantization.codebook import CodebookLinear, WeightSharing
 from modelpress.zoo.models import build_model
 
@@ -59,8 +59,9 @@ def mixed_model() -> Mixed:
     torch.manual_seed(0)
     m = Mixed()
     with torch.no_grad():
-        m.a.weight.mul_((torch.rand_like(m.a.weight) > 0.95).float()).add_(0.0)  # very sparse: relidx; +0.0: no -0.0
-        m.big.weight.mul_((torch.rand_like(m.big.weight) > 0.5).float()).add_(0.0)  # half: bitmask (zeros lose their sign)
+        # very sparse: relidx; half: bitmask (+0.0: zeros lose their sign, no -0.0)
+        m.a.weight.mul_((torch.rand_like(m.a.weight) > 0.95).float()).add_(0.0)
+        m.big.weight.mul_((torch.rand_like(m.big.weight) > 0.5).float()).add_(0.0)
     return m
 
 

@@ -5,10 +5,10 @@ import torch
 from torch import nn
 
 from modelpress import MagnitudePruning, prune
+from modelpress.artifact.checkpoint import load_state, save_artifact
+from modelpress.artifact.loading import load_artifact
 from modelpress.core.errors import ModelLoadError
-from modelpress.core.loading import load_artifact
 from modelpress.core.masks import get_mask
-from modelpress.export.checkpoint import load_state, save_artifact
 
 
 def dense_bytes(model):

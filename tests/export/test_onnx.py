@@ -7,8 +7,15 @@ import torch
 from torch import nn
 
 from modelpress.core.errors import ModelpressError
-from modelpress.export.onnx import (OnnxExportError, OnnxMismatchError, check_onnx, export_onnx,
-                                    onnx_inputs, ort_feeds, ort_session)
+from modelpress.export.onnx import (
+    OnnxExportError,
+    OnnxMismatchError,
+    check_onnx,
+    export_onnx,
+    onnx_inputs,
+    ort_feeds,
+    ort_session,
+)
 
 
 def tiny_cnn():

@@ -7,7 +7,7 @@ from torch import nn
 from modelpress import quantize
 from modelpress.core.errors import ConfigError
 from modelpress.export.deploy import export_deployable, float_copy
-from modelpress.export.onnx import export_onnx, ort_session
+from modelpress.export.onnx import ort_session
 from modelpress.export.onnx_dynamic import quantize_onnx_dynamic
 from modelpress.quantization.dynamic import DynamicInt8
 

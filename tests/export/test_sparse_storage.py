@@ -3,12 +3,12 @@ import torch
 from torch import nn
 
 from modelpress import MagnitudePruning, prune
+from modelpress.artifact import checkpoint
+from modelpress.artifact.checkpoint import load_state, save_artifact
+from modelpress.artifact.loading import load_artifact
+from modelpress.artifact.relidx import decode_relidx, encode_relidx, relative_gaps
 from modelpress.core.errors import ModelLoadError
-from modelpress.core.loading import load_artifact
 from modelpress.core.masks import get_mask
-from modelpress.export import checkpoint
-from modelpress.export.checkpoint import load_state, save_artifact
-from modelpress.export.sparse_encodings import decode_relidx, encode_relidx, relative_gaps
 from modelpress.zoo.models import build_model
 
 INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
@@ -84,12 +84,9 @@ def test_save_keeps_the_smallest_encoding_per_tensor(tmp_path):
     for k, v in model.state_dict().items():
         assert_bit_exact(state[k], v)
     for only in (["sparse"], ["relidx"]):  # either encoding alone gives a bigger file
-        saved = list(checkpoint._AUTO)
-        checkpoint._AUTO[:] = only
-        try:
+        with pytest.MonkeyPatch.context() as mp:  # the automatic encodings save_artifact tries
+            mp.setattr(checkpoint, "auto_encodings", lambda only=only: list(only))
             single = save_artifact(model, tmp_path / f"{only[0]}.safetensors")
-        finally:
-            checkpoint._AUTO[:] = saved
         assert path.stat().st_size < single.stat().st_size
 
 

@@ -7,16 +7,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from modelpress import factorize
-from modelpress.analysis.macs import count_macs
+from modelpress.artifact.checkpoint import save_artifact
+from modelpress.artifact.loading import load_artifact
 from modelpress.core.errors import ConfigError, ScopeError
-from modelpress.core.loading import load_artifact
-from modelpress.core.registry import MethodContext
 from modelpress.core.training import TrainConfig
-from modelpress.export.checkpoint import save_artifact
+from modelpress.engine import MethodInputs, run_method
 from modelpress.lowrank.cp import CP, cp_conv
 from modelpress.lowrank.layers import FactorizedLayer, energy_rank, evbmf, vbmf_rank
 from modelpress.lowrank.svd import SVD, factorize_matrix_layer
 from modelpress.lowrank.tucker import Tucker, tucker_conv
+from modelpress.nn.macs import count_macs
 
 
 class ConvNet(nn.Module):
@@ -141,18 +141,18 @@ def test_cp_error_falls_with_rank_and_layer_computes_its_kernel(geometry):
 # -- method level: reports, parameter and MAC counts ----------------------------------------------
 def test_svd_param_ratio_reports_ranks_params_and_macs():
     m = mlp()
-    ctx = MethodContext()
-    f = factorize(m, SVD(param_ratio=0.5), context=ctx)
+    f, report = run_method(m, SVD(param_ratio=0.5), MethodInputs())
     # floor((0.5 * (in * out + out) - out) / (in + out)): 64->48: 13; 48->48: 11; 48->10: 4
-    assert {n: r["rank"] for n, r in ctx.info["layers"].items()} == {"0": 13, "2": 11, "4": 4}
-    assert not ctx.info["skipped"]
+    assert {n: r["rank"] for n, r in report.info["layers"].items()} == {"0": 13, "2": 11, "4": 4}
+    assert not report.info["skipped"]
     for name, rank, (d_in, d_out) in (("0", 13, (64, 48)), ("2", 11, (48, 48)), ("4", 4, (48, 10))):
-        rep = ctx.info["layers"][name]
+        rep = report.info["layers"][name]
         assert rep["params_before"] == d_in * d_out + d_out
         assert rep["params_after"] == rank * (d_in + d_out) + d_out <= 0.5 * rep["params_before"]
         assert isinstance(f.get_submodule(name), FactorizedLayer)
         assert 0 < rep["rel_error"] < 1
-    assert n_params(f) == n_params(m) - sum(r["params_before"] - r["params_after"] for r in ctx.info["layers"].values())
+    layers = report.info["layers"]
+    assert n_params(f) == n_params(m) - sum(r["params_before"] - r["params_after"] for r in layers.values())
     x = torch.randn(1, 64)
     assert count_macs(f, x).total == 13 * (64 + 48) + 11 * (48 + 48) + 4 * (48 + 10) < count_macs(m, x).total
 
@@ -161,18 +161,16 @@ def test_tucker_and_cp_report_exact_params_and_macs():
     torch.manual_seed(0)
     m = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, stride=2, padding=1))
     x = torch.randn(1, 16, 8, 8)
-    ctx = MethodContext()
-    f = factorize(m, Tucker(rank_ratio=0.5), context=ctx)
-    assert {n: r["rank"] for n, r in ctx.info["layers"].items()} == {"0": [16, 8], "2": [16, 16]}
-    assert ctx.info["layers"]["0"]["params_after"] == 16 * 8 + 8 * 16 * 9 + 16 * 32 + 32
+    f, report = run_method(m, Tucker(rank_ratio=0.5), MethodInputs())
+    assert {n: r["rank"] for n, r in report.info["layers"].items()} == {"0": [16, 8], "2": [16, 16]}
+    assert report.info["layers"]["0"]["params_after"] == 16 * 8 + 8 * 16 * 9 + 16 * 32 + 32
     tucker_macs = (64 * (16 * 8 + 8 * 16 * 9 + 16 * 32)          # conv 0 at 8x8
                    + 64 * 32 * 16 + 16 * (16 * 16 * 9 + 16 * 32))  # conv 2: 1x1 at 8x8, then 4x4
     assert count_macs(f, x).total == tucker_macs < count_macs(m, x).total
-    assert n_params(f) == sum(r["params_after"] for r in ctx.info["layers"].values())
+    assert n_params(f) == sum(r["params_after"] for r in report.info["layers"].values())
 
-    ctx = MethodContext()
-    f = factorize(m, CP(rank=12), context=ctx)
-    assert ctx.info["layers"]["2"]["params_after"] == 12 * (32 + 3 + 3 + 32) + 32
+    f, report = run_method(m, CP(rank=12), MethodInputs())
+    assert report.info["layers"]["2"]["params_after"] == 12 * (32 + 3 + 3 + 32) + 32
     cp_macs = 64 * 12 * (16 + 3 + 3 + 32) + 64 * 12 * 32 + 4 * 8 * 12 * 3 + 16 * 12 * (3 + 32)
     assert count_macs(f, x).total == cp_macs < count_macs(m, x).total
 
@@ -185,11 +183,10 @@ def test_tucker_vbmf_finds_the_channel_ranks_of_each_kernel():
     m = nn.Sequential(nn.Conv2d(16, 24, 3, padding=1), nn.ReLU(), nn.Conv2d(24, 32, 3, stride=2, padding=1))
     with torch.no_grad():
         m[0].weight.copy_(kernel + 0.01 * torch.randn(kernel.shape, generator=g))
-    ctx = MethodContext()
-    f = factorize(m, Tucker(vbmf=True), context=ctx)
-    assert ctx.info["layers"]["0"]["rank"] == [4, 3]
+    f, report = run_method(m, Tucker(vbmf=True), MethodInputs())
+    assert report.info["layers"]["0"]["rank"] == [4, 3]
     w = m[2].weight.detach()  # a default-initialised (noise-like) kernel: whatever VBMF finds on each unfolding
-    assert ctx.info["layers"]["2"]["rank"] == [vbmf_rank(w.reshape(32, -1)),
+    assert report.info["layers"]["2"]["rank"] == [vbmf_rank(w.reshape(32, -1)),
                                                vbmf_rank(w.transpose(0, 1).reshape(24, -1))]
     assert [tuple(c.weight.shape) for c in f[0]] == [(3, 16, 1, 1), (4, 3, 3, 3), (24, 4, 1, 1)]
     x = torch.randn(2, 16, 8, 8)
@@ -197,34 +194,30 @@ def test_tucker_vbmf_finds_the_channel_ranks_of_each_kernel():
         assert f(x).shape == m(x).shape == (2, 32, 4, 4)
         assert torch.allclose(f[0](x), m[0](x), atol=0.05 * m[0](x).abs().max().item())
     assert count_macs(f, x[:1]).total < count_macs(m, x[:1]).total
-    ctx = MethodContext()
-    factorize(m, Tucker(vbmf=True, min_rank=5), context=ctx)  # min_rank still bounds the ranks from below
-    assert ctx.info["layers"]["0"]["rank"] == [5, 5]
+    # min_rank still bounds the ranks from below
+    _, report = run_method(m, Tucker(vbmf=True, min_rank=5), MethodInputs())
+    assert report.info["layers"]["0"]["rank"] == [5, 5]
 
 
 def test_layers_that_cannot_be_factorized_are_skipped_and_reported():
     model = ConvNet()
     for cfg in (Tucker(rank_ratio=0.5), CP(rank=4)):
-        ctx = MethodContext()
-        f = factorize(model, cfg, context=ctx)
-        assert "grouped conv" in ctx.info["skipped"]["dw"]
-        assert type(f.dw) is nn.Conv2d and "dw" not in ctx.info["layers"]
-    ctx = MethodContext()
-    f = factorize(model, SVD(rank_ratio=0.25), context=ctx)
-    assert "3x3 conv" in ctx.info["skipped"]["conv1"] and "pw" in ctx.info["layers"] and "fc" in ctx.info["layers"]
+        f, report = run_method(model, cfg, MethodInputs())
+        assert "grouped conv" in report.info["skipped"]["dw"]
+        assert type(f.dw) is nn.Conv2d and "dw" not in report.info["layers"]
+    f, report = run_method(model, SVD(rank_ratio=0.25), MethodInputs())
+    info = report.info
+    assert "3x3 conv" in info["skipped"]["conv1"] and "pw" in info["layers"] and "fc" in info["layers"]
     assert f(torch.randn(2, 3, 8, 8)).shape == (2, 10)
-    ctx = MethodContext()
-    factorize(mlp(), SVD(energy=1.0), context=ctx)  # full rank never shrinks a layer
-    assert not ctx.info["layers"] and set(ctx.info["skipped"]) == {"0", "2", "4"}
+    _, report = run_method(mlp(), SVD(energy=1.0), MethodInputs())  # full rank never shrinks a layer
+    assert not report.info["layers"] and set(report.info["skipped"]) == {"0", "2", "4"}
 
 
 def test_keep_first_last_and_scope():
-    ctx = MethodContext()
-    factorize(mlp(), SVD(rank_ratio=0.2, keep_first_last=True), context=ctx)
-    assert list(ctx.info["layers"]) == ["2"]
-    ctx = MethodContext()
-    factorize(mlp(), SVD(rank_ratio=0.2, scope={"include": ["0"]}), context=ctx)
-    assert list(ctx.info["layers"]) == ["0"]
+    _, report = run_method(mlp(), SVD(rank_ratio=0.2, keep_first_last=True), MethodInputs())
+    assert list(report.info["layers"]) == ["2"]
+    _, report = run_method(mlp(), SVD(rank_ratio=0.2, scope={"include": ["0"]}), MethodInputs())
+    assert list(report.info["layers"]) == ["0"]
 
 
 # -- artifacts ------------------------------------------------------------------------------------
@@ -245,14 +238,13 @@ def test_artifact_roundtrip_reproduces_outputs(cfg, tmp_path):
 def test_train_fine_tunes_the_factorized_model(toy_data):
     train, test = toy_data
     m = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
-    ctx = MethodContext()
-    f = factorize(m, SVD(rank_ratio=0.25, scope={"include": ["2"]}), train, train=TrainConfig(epochs=1), context=ctx)
-    assert ctx.trained
+    f, report = run_method(m, SVD(rank_ratio=0.25, scope={"include": ["2"]}),
+                           MethodInputs(data=train, train=TrainConfig(epochs=1)))
+    assert report.fine_tuned  # the engine fine-tunes after the one-shot factorization
     plain = factorize(m, SVD(rank_ratio=0.25, scope={"include": ["2"]}))
     assert not torch.equal(f[2][0].weight, plain[2][0].weight)  # the factors themselves were trained
-    ctx = MethodContext()
-    factorize(m, SVD(rank_ratio=0.25), context=ctx)  # no data: no training
-    assert not ctx.trained
+    _, report = run_method(m, SVD(rank_ratio=0.25), MethodInputs())  # no data: no training
+    assert not report.trained and not report.fine_tuned
 
 
 # -- errors ---------------------------------------------------------------------------------------

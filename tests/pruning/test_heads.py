@@ -5,12 +5,12 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from modelpress import Scope, prune  # noqa: E402
+from modelpress.artifact.checkpoint import save_artifact  # noqa: E402
+from modelpress.artifact.hf import SentenceEncoder  # noqa: E402
+from modelpress.artifact.loading import load_artifact  # noqa: E402
 from modelpress.core.errors import DataError, ScopeError, UnsupportedError  # noqa: E402
-from modelpress.core.loading import load_artifact  # noqa: E402
-from modelpress.core.registry import MethodContext  # noqa: E402
-from modelpress.export.checkpoint import save_artifact  # noqa: E402
+from modelpress.engine import MethodInputs, run_method  # noqa: E402
 from modelpress.pruning.heads import HeadPruning, find_encoder_layers  # noqa: E402
-from modelpress.zoo.text import SentenceEncoder  # noqa: E402
 
 pytestmark = pytest.mark.nlp
 
@@ -31,9 +31,9 @@ def batch():
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def run(model, cfg, data=None, **kw):
-    ctx = MethodContext()
-    return prune(model, cfg, data, context=ctx, **kw).eval(), ctx.info
+def run(model, cfg, data=None, inplace=False, **kw):
+    pruned, report = run_method(model, cfg, MethodInputs(data=data, **kw), inplace=inplace)
+    return pruned.eval(), report.info
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])

@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from modelpress import TrainConfig, prune
+from modelpress import TrainConfig
 from modelpress.core.errors import ConfigError
-from modelpress.core.registry import MethodContext
 from modelpress.core.training import evaluate_accuracy, fit
+from modelpress.engine import MethodInputs, run_method
 from modelpress.pruning.iterative import IterativePruning, iterative_prune
 
 
@@ -30,26 +30,25 @@ def test_each_step_reaches_its_sparsity_and_earlier_zeros_stay(tiny_mlp, toy_dat
         assert r["sparsity"] == round(r["target"] * total) / total
         assert 0 <= r["metric"] <= 1
     for earlier, later in zip(snapshots, snapshots[1:]):
-        for e, l in zip(earlier, later):
-            assert l[e].all()  # pruned at one step -> still zero after the next fine-tune
+        for e, zero_later in zip(earlier, later):
+            assert zero_later[e].all()  # pruned at one step -> still zero after the next fine-tune
 
 
 @pytest.mark.parametrize("criterion", ["l2", "random", "taylor", "snip"])
 def test_registered_method_with_any_criterion(tiny_mlp, toy_data, criterion):
     train, _ = toy_data
-    ctx = MethodContext()
-    p = prune(tiny_mlp, IterativePruning(steps=[0.4, 0.7], criterion=criterion, ranking="layer", batches=2),
-              train, train=TrainConfig(epochs=0.5, lr=0.005), context=ctx)
-    assert ctx.trained and len(ctx.info["steps"]) == 2
+    p, report = run_method(tiny_mlp, IterativePruning(steps=[0.4, 0.7], criterion=criterion, ranking="layer",
+                                                      batches=2),
+                           MethodInputs(data=train, train=TrainConfig(epochs=0.5, lr=0.005)))
+    assert report.trained and len(report.info["steps"]) == 2
     assert int((p.fc2.weight == 0).sum()) == round(0.7 * 1024)
     assert int((p.fc1.weight == 0).sum()) == 0  # first and last layer left out by default
-    assert ctx.info["layer_sparsity"] == {"fc2": round(0.7 * 1024) / 1024}
+    assert report.info["layer_sparsity"] == {"fc2": round(0.7 * 1024) / 1024}
 
 
 def test_without_training_steps_run_back_to_back(tiny_mlp):
-    ctx = MethodContext()
-    p = prune(tiny_mlp, IterativePruning(steps=[0.5, 0.9]), context=ctx)
-    assert not ctx.trained and [s["sparsity"] for s in ctx.info["steps"]] == [0.5, round(0.9 * 1024) / 1024]
+    p, report = run_method(tiny_mlp, IterativePruning(steps=[0.5, 0.9]), MethodInputs())
+    assert not report.trained and [s["sparsity"] for s in report.info["steps"]] == [0.5, round(0.9 * 1024) / 1024]
     assert torch.count_nonzero(p.fc2.weight) == 1024 - round(0.9 * 1024)
 
 

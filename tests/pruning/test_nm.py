@@ -76,12 +76,10 @@ def test_masks_keep_the_pattern_through_momentum_training(tiny_mlp, toy_data):
 
 
 def test_indivisible_input_dimension_is_skipped_an_error_or_padded():
-    from modelpress.core.registry import MethodContext
-    from modelpress import apply
+    from modelpress.engine import MethodInputs, run_method
     model = nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 8), nn.Linear(8, 4), nn.Linear(4, 2))
-    ctx = MethodContext()
-    p = apply(model, NMSparsity(n=2, m=4), context=ctx)  # default: incompatible layers stay dense
-    assert ctx.info["skipped"] == {"1": "input dimension 6 is not divisible by m=4"}
+    p, report = run_method(model, NMSparsity(n=2, m=4), MethodInputs())  # default: incompatible layers stay dense
+    assert report.info["skipped"] == {"1": "input dimension 6 is not divisible by m=4"}
     assert get_mask(p[1]) is None and verify_nm(p[2].weight, 2, 4)
     with pytest.raises(UnsupportedError, match="layer '1'.*6.*not divisible by m=4"):
         prune(model, NMSparsity(n=2, m=4, incompatible="error"))

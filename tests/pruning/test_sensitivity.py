@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 from rich.console import Console
-
 from tinymodels import TinyMLP
+
 from modelpress import MagnitudePruning, Scope, TrainConfig, prune
 from modelpress.core.errors import ConfigError
 from modelpress.core.training import evaluate_accuracy, fit
@@ -43,10 +43,10 @@ def test_scan_gives_monotone_ish_curves_and_restores_the_model(trained, scans):
     assert acc.baseline == pytest.approx(evaluate_accuracy(model, test)) and acc.baseline > 0.9
     assert set(acc.curves) == {"fc1", "fc2", "fc3"} and acc.sizes == {"fc1": 512, "fc2": 1024, "fc3": 128}
     for layer in acc.curves:
-        a, l = acc.curves[layer], loss.curves[layer]
+        a, lo = acc.curves[layer], loss.curves[layer]
         assert all(b <= prev + 0.01 for prev, b in zip(a, a[1:])), (layer, a)   # accuracy falls
-        assert all(b >= prev - 0.01 for prev, b in zip(l, l[1:])), (layer, l)   # loss rises
-        assert a[-1] < acc.baseline - 0.02 and l[-1] > loss.baseline + 0.02     # 95% hurts every layer
+        assert all(b >= prev - 0.01 for prev, b in zip(lo, lo[1:])), (layer, lo)   # loss rises
+        assert a[-1] < acc.baseline - 0.02 and lo[-1] > loss.baseline + 0.02     # 95% hurts every layer
     assert all(int((m.weight == 0).sum()) == 0 for m in (model.fc1, model.fc2, model.fc3))
 
 

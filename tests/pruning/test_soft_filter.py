@@ -2,12 +2,11 @@ import pytest
 import torch
 from torch import nn
 
-from modelpress import Scope, TrainConfig, prune
+from modelpress import Scope, TrainConfig
 from modelpress.core.masks import get_mask
-from modelpress.core.registry import MethodContext
 from modelpress.core.training import fit
-from modelpress.pruning.soft_filter import (SoftFilterCallback, SoftFilterPruning, filter_norms,
-                                            select_convs)
+from modelpress.engine import MethodInputs, run_method
+from modelpress.pruning.soft_filter import SoftFilterCallback, SoftFilterPruning, filter_norms, select_convs
 
 
 def conv_net():
@@ -46,28 +45,26 @@ def test_soft_zeroed_filters_keep_training_and_come_back(images):
 
 def test_final_cut_is_exact_masked_and_survives_more_training(images):
     model = conv_net()
-    ctx = MethodContext()
-    p = prune(model, SoftFilterPruning(ratio=0.25, frequency=2), images,
-              train=TrainConfig(epochs=2, lr=0.05, optimizer="sgd"), context=ctx)
-    assert ctx.trained and ctx.info["soft_rounds"] == 6
+    p, report = run_method(model, SoftFilterPruning(ratio=0.25, frequency=2),
+                           MethodInputs(data=images, train=TrainConfig(epochs=2, lr=0.05, optimizer="sgd")))
+    assert report.trained and report.info["soft_rounds"] == 6
     for name in ("2", "4"):
         w = p[int(name)].weight
-        cut = ctx.info["filters_cut"][name]
+        cut = report.info["filters_cut"][name]
         assert len(cut) == 2 and torch.all(w[cut] == 0)
         assert int((filter_norms(w) == 0).sum()) == 2
         assert torch.equal(get_mask(p[int(name)])[cut], torch.zeros_like(w[cut]))
     fit(p, images, TrainConfig(epochs=1, lr=0.05, optimizer="sgd", momentum=0.9))
     for name in ("2", "4"):
-        assert torch.all(p[int(name)].weight[ctx.info["filters_cut"][name]] == 0)
+        assert torch.all(p[int(name)].weight[report.info["filters_cut"][name]] == 0)
     assert filter_norms(model[2].weight).min() > 0  # input model untouched
 
 
 def test_without_training_only_the_hard_cut_happens():
     model = conv_net()
-    ctx = MethodContext()
-    p = prune(model, SoftFilterPruning(ratio=0.5, scope=Scope(include=["0", "2"])), context=ctx)
-    assert not ctx.trained and ctx.info["soft_rounds"] == 0
+    p, report = run_method(model, SoftFilterPruning(ratio=0.5, scope=Scope(include=["0", "2"])), MethodInputs())
+    assert not report.trained and report.info["soft_rounds"] == 0
     assert int((filter_norms(p[0].weight) == 0).sum()) == 2 and int((filter_norms(p[2].weight) == 0).sum()) == 4
     weakest = filter_norms(model[2].weight).argsort()[:4].sort().values.tolist()
-    assert ctx.info["filters_cut"]["2"] == weakest
+    assert report.info["filters_cut"]["2"] == weakest
     assert filter_norms(p[4].weight).min() > 0

@@ -4,10 +4,10 @@ import torch
 from torch import nn
 
 from modelpress import Scope, get_method, prune
+from modelpress.artifact.checkpoint import save_artifact
+from modelpress.artifact.loading import load_artifact
 from modelpress.core.errors import ConfigError, DataError, ScopeError
-from modelpress.core.loading import load_artifact
-from modelpress.core.registry import MethodContext
-from modelpress.export.checkpoint import save_artifact
+from modelpress.engine import MethodInputs, run_method
 from modelpress.graph import build_channel_graph
 from modelpress.pruning.structured import ChannelPruning, count_macs, iter_groups
 from modelpress.zoo.models import build_model
@@ -21,8 +21,8 @@ def n_params(model):
 
 
 def run(model, cfg, data=None):
-    ctx = MethodContext()
-    return prune(model, cfg, data, context=ctx).eval(), ctx.info
+    pruned, report = run_method(model, cfg, MethodInputs(data=data))
+    return pruned.eval(), report.info
 
 
 def test_registered_as_structural():
@@ -82,8 +82,8 @@ def test_zeroed_channels_are_pruned_first(importance):
     model = build_model("resnet_small").eval()
     killed = _kill_channels(model, build_channel_graph(model, X), lambda n: list(range(1, n, 4)))
     data = [(X, torch.tensor([0, 1, 2, 3]))]
-    ctx = MethodContext(data=data)
-    groups = list(iter_groups(model, X, ChannelPruning(ratio=0.25, importance=importance), ctx=ctx))
+    groups = list(iter_groups(model, X, ChannelPruning(ratio=0.25, importance=importance),
+                              inputs=MethodInputs(data=data)))
     assert {tuple(g.producers): sorted(g.selected) for g in groups} == killed
 
 

@@ -7,10 +7,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from modelpress import quantize
+from modelpress.artifact.checkpoint import save_artifact
+from modelpress.artifact.loading import load_artifact
 from modelpress.core.errors import ConfigError, DataError
-from modelpress.core.loading import load_artifact
-from modelpress.core.registry import MethodContext
-from modelpress.export.checkpoint import save_artifact
+from modelpress.engine import MethodInputs, run_method
 from modelpress.quantization.adaround import AdaRound, adaround_weight, output_mse, rectified_sigmoid
 from modelpress.quantization.modules import QuantConv2d, QuantLinear, weight_spec
 from modelpress.quantization.primitives import qparams
@@ -73,10 +73,10 @@ def test_adaround_beats_round_to_nearest_on_layer_output(layer):
 def test_method_reports_lower_output_mse_per_layer_and_packs():
     torch.manual_seed(0)
     model = SmallCNN().eval()
-    ctx = MethodContext()
-    q = quantize(model, AdaRound(bits=4, iterations=200, bias_correction=False), calib(), context=ctx)
+    q, report = run_method(model, AdaRound(bits=4, iterations=200, bias_correction=False),
+                           MethodInputs(data=calib()))
     assert isinstance(q.conv1, QuantConv2d) and isinstance(q.fc, QuantLinear) and q.conv2.bias is None
-    layers = ctx.info["layers"]
+    layers = report.info["layers"]
     for name, rep in layers.items():
         assert rep["mse_adaround"] <= rep["mse_rtn"] * 1.001, name
     assert sum(r["mse_adaround"] for r in layers.values()) < 0.8 * sum(r["mse_rtn"] for r in layers.values())
@@ -97,15 +97,15 @@ def test_bias_correction_removes_the_mean_output_shift():
     data = calib()
     x = torch.cat(calib(4, seed=5))  # held out
     plain = quantize(model, AdaRound(bits=3, iterations=0, bias_correction=False), data)
-    ctx = MethodContext()
-    corrected = quantize(model, AdaRound(bits=3, iterations=0, bias_correction=True), data, context=ctx)
+    corrected, report = run_method(model, AdaRound(bits=3, iterations=0, bias_correction=True),
+                                   MethodInputs(data=data))
     assert corrected.conv2.bias is not None  # added to a bias-free conv
     with torch.no_grad():
         ref = model(x)
         shift_plain = (plain(x) - ref).mean(0).abs().mean()
         shift_corr = (corrected(x) - ref).mean(0).abs().mean()
     assert shift_corr < 0.5 * shift_plain, (shift_plain, shift_corr)
-    for rep in ctx.info["layers"].values():
+    for rep in report.info["layers"].values():
         assert rep["mse_corrected"] <= rep["mse_rtn"] + 1e-9
 
 

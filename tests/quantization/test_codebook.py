@@ -11,15 +11,27 @@ from hypothesis import strategies as st
 from torch import nn
 
 from modelpress import MagnitudePruning, TrainConfig, prune, quantize
+from modelpress.artifact.checkpoint import read_header, save_artifact
+from modelpress.artifact.huffman import (
+    decode_indices,
+    describe,
+    encode_indices,
+    huffman_decode,
+    huffman_encode,
+    pack_fixed,
+)
+from modelpress.artifact.loading import load_artifact
 from modelpress.core.errors import ConfigError, ModelLoadError, ScopeError
-from modelpress.core.loading import load_artifact
 from modelpress.core.masks import strip_masks
-from modelpress.core.registry import MethodContext
-from modelpress.export.checkpoint import read_header, save_artifact
-from modelpress.export.huffman import (decode_indices, describe, encode_indices, huffman_decode, huffman_encode,
-                                       pack_fixed)
-from modelpress.quantization.codebook import (CodebookConv2d, CodebookLinear, PowerOfTwo, WeightSharing,
-                                              codebook_layer, kmeans_codebook)
+from modelpress.engine import MethodInputs, run_method
+from modelpress.quantization.codebook import (
+    CodebookConv2d,
+    CodebookLinear,
+    PowerOfTwo,
+    WeightSharing,
+    codebook_layer,
+    kmeans_codebook,
+)
 from modelpress.quantization.primitives import QuantSpec, quantize_tensor, sqnr
 from modelpress.zoo.models import build_model
 
@@ -66,10 +78,9 @@ def test_pruned_zeros_stay_zero_after_clustering_and_fine_tune(toy_data):
         assert torch.equal(q[i].weight == 0, z)  # exactly the pruned positions, nothing else
         assert q[i].zero_code and q[i].levels <= (2 if i == 4 else 8)
     before = [q[i].codebook.detach().clone() for i in (0, 2, 4)]
-    ctx = MethodContext()
-    tuned = quantize(m, WeightSharing(bits=3, layer_bits={"4": 2}), train, train=TrainConfig(epochs=3, lr=1e-2),
-                     context=ctx)
-    assert ctx.trained
+    tuned, report = run_method(m, WeightSharing(bits=3, layer_bits={"4": 2}),
+                               MethodInputs(data=train, train=TrainConfig(epochs=3, lr=1e-2)))
+    assert report.trained
     for i, z in zeros.items():
         assert torch.equal(tuned[i].weight == 0, z)
         assert tuned[i].weight.unique().numel() <= tuned[i].levels + 1
@@ -146,15 +157,14 @@ def test_corrupt_payload_is_a_load_error():
 # -- power-of-two levels ----------------------------------------------------------------
 def test_log2_levels_are_powers_of_two():
     m = pruned_mlp()
-    ctx = MethodContext()
-    q = quantize(m, PowerOfTwo(bits=4, keep_first_last=False), context=ctx)
+    q, report = run_method(m, PowerOfTwo(bits=4, keep_first_last=False), MethodInputs())
     for i in (0, 2, 4):
         levels = q[i].weight.detach().unique()
         nonzero = levels[levels != 0].abs().double()
         assert torch.equal(torch.log2(nonzero), torch.log2(nonzero).round())
         assert torch.log2(nonzero).unique().numel() <= 2 ** 3 - 1  # 7 exponents per sign
         assert (q[i].weight[m[i].weight == 0] == 0).all()  # pruned zeros stay zero
-        assert ctx.info["layers"][str(i)]["sqnr_db"] > 10
+        assert report.info["layers"][str(i)]["sqnr_db"] > 10
 
 
 def test_log2_keeps_first_and_last_layer_float_by_default():

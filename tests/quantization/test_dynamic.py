@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from modelpress import Scope, list_methods, quantize
+from modelpress.artifact.checkpoint import save_artifact
+from modelpress.artifact.loading import load_artifact
 from modelpress.core.errors import ConfigError, ScopeError
-from modelpress.core.loading import load_artifact
-from modelpress.core.registry import MethodContext
-from modelpress.export.checkpoint import save_artifact
+from modelpress.engine import MethodInputs, run_method
 from modelpress.quantization.dynamic import DynamicInt8, DynamicInt8Linear
 from modelpress.quantization.primitives import sqnr
 
@@ -39,9 +39,9 @@ def tokens(batch=8, length=12, d=64, seed=0):
     return x
 
 
-def run(model, cfg, **kw):
-    ctx = MethodContext()
-    return quantize(model, cfg, context=ctx, **kw).eval(), ctx.info
+def run(model, cfg, inplace=False, **kw):
+    q, report = run_method(model, cfg, MethodInputs(**kw), inplace=inplace)
+    return q.eval(), report.info
 
 
 def safetensors_header(path) -> dict:
@@ -189,8 +189,9 @@ def test_minilm_meets_the_quality_target():
     pytest.importorskip("transformers")
     from scipy.stats import spearmanr
 
+    from modelpress.tasks.embedding import embed_sentences, embedding_quality, pair_sentences
+    from modelpress.zoo.corpora import load_sts_pairs
     from modelpress.zoo.models import build_model
-    from modelpress.zoo.text import embed_sentences, embedding_quality, load_sts_pairs, pair_sentences
 
     dense = build_model("minilm").eval()
     pairs = load_sts_pairs()

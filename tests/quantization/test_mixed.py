@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 from modelpress import TrainConfig, quantize
-from modelpress.core.training import fit
 from modelpress.core.errors import ConfigError, DataError
-from modelpress.core.registry import MethodContext
+from modelpress.core.training import fit
+from modelpress.engine import MethodInputs, run_method
 from modelpress.quantization.mixed import MixedPrecision, allocate, fp32_weight_bytes
 from modelpress.quantization.modules import QuantLinear, packed_weight_bytes, quantized_weight_bytes, weight_spec
 
@@ -53,9 +53,9 @@ def test_more_sensitive_layer_gets_more_bits(sensitivity):
     model = trained(TwoBranches(), 32)
     # room for one branch at 8 bits and the other at 2, the head at 8 (or both branches at 4)
     budget = cost((32, 32), 8) + cost((32, 32), 2) + cost((4, 32), 8)
-    ctx = MethodContext()
-    q = quantize(model, MixedPrecision(budget_bytes=budget, sensitivity=sensitivity), batches(), context=ctx)
-    rows = {r["layer"]: r for r in ctx.info["layers"]}
+    q, report = run_method(model, MixedPrecision(budget_bytes=budget, sensitivity=sensitivity),
+                           MethodInputs(data=batches()))
+    rows = {r["layer"]: r for r in report.info["layers"]}
     assert rows["loud"]["bits"] >= rows["quiet"]["bits"]
     assert rows["loud"]["bits"] == 8 and rows["quiet"]["bits"] == 2
     for b in (2, 4, 8):
@@ -66,26 +66,24 @@ def test_more_sensitive_layer_gets_more_bits(sensitivity):
 
 @pytest.mark.parametrize("ratio", [0.11, 1 / 6, 0.25])
 def test_ratio_budget_is_met(ratio, tiny_mlp):
-    ctx = MethodContext()
-    q = quantize(tiny_mlp, MixedPrecision(budget_ratio=ratio), batches(d=16), context=ctx)
+    q, report = run_method(tiny_mlp, MixedPrecision(budget_ratio=ratio), MethodInputs(data=batches(d=16)))
     budget = int(ratio * fp32_weight_bytes(tiny_mlp))
-    assert ctx.info["budget_bytes"] == budget
-    assert packed_weight_bytes(q) == ctx.info["weight_bytes"] <= budget
+    assert report.info["budget_bytes"] == budget
+    assert packed_weight_bytes(q) == report.info["weight_bytes"] <= budget
     # the allocation uses the budget: one more step up for any layer would not fit
-    rows = ctx.info["layers"]
+    rows = report.info["layers"]
     for r in rows:
         higher = [b for b in (2, 4, 8) if b > r["bits"]]
         if higher:
             shape = tuple(dict(tiny_mlp.named_modules())[r["layer"]].weight.shape)
-            assert ctx.info["weight_bytes"] - r["bytes"] + cost(shape, higher[0]) > budget or \
+            assert report.info["weight_bytes"] - r["bytes"] + cost(shape, higher[0]) > budget or \
                 r["sensitivity"][higher[0]] >= r["sensitivity"][r["bits"]]
 
 
 def test_exact_byte_budget_with_layers_outside_the_scope(tiny_mlp):
     budget = 4 * 16 * 32 + 1500  # fc1 stays fp32 (excluded), the rest must fit in 1,500 bytes
-    ctx = MethodContext()
-    q = quantize(tiny_mlp, MixedPrecision(budget_bytes=budget, scope={"exclude": ["fc1"]}),
-                 batches(d=16), context=ctx)
+    q, report = run_method(tiny_mlp, MixedPrecision(budget_bytes=budget, scope={"exclude": ["fc1"]}),
+                           MethodInputs(data=batches(d=16)))
     assert type(q.fc1) is nn.Linear
     assert 4 * q.fc1.weight.numel() + packed_weight_bytes(q) <= budget
 
@@ -99,9 +97,8 @@ def test_impossible_budget_says_the_smallest_reachable_size(tiny_mlp):
 
 
 def test_unlabelled_calibration_data_uses_output_error(tiny_mlp):
-    ctx = MethodContext()
-    quantize(tiny_mlp, MixedPrecision(budget_ratio=0.15), batches(d=16, labels=False), context=ctx)
-    assert all(r["sensitivity"][2] > 0 for r in ctx.info["layers"])
+    _, report = run_method(tiny_mlp, MixedPrecision(budget_ratio=0.15), MethodInputs(data=batches(d=16, labels=False)))
+    assert all(r["sensitivity"][2] > 0 for r in report.info["layers"])
 
 
 def test_allocate_is_optimal_on_a_small_case():
@@ -130,8 +127,8 @@ def test_needs_data(tiny_mlp):
 
 
 def test_loss_against_labels(tiny_mlp):
-    ctx = MethodContext()
-    quantize(tiny_mlp, MixedPrecision(budget_ratio=0.2, loss_against="labels"), batches(d=16), context=ctx)
-    assert ctx.info["weight_bytes"] <= ctx.info["budget_bytes"] and len(ctx.info["layers"]) == 3
+    _, report = run_method(tiny_mlp, MixedPrecision(budget_ratio=0.2, loss_against="labels"),
+                           MethodInputs(data=batches(d=16)))
+    assert report.info["weight_bytes"] <= report.info["budget_bytes"] and len(report.info["layers"]) == 3
     with pytest.raises(DataError, match="labelled"):
         quantize(tiny_mlp, MixedPrecision(loss_against="labels"), batches(d=16, labels=False))

@@ -5,9 +5,20 @@ import pytest
 import torch
 
 from modelpress.core.errors import ConfigError, DataError
-from modelpress.quantization.primitives import (QuantSpec, broadcast_params, fake_quantize, fake_quantize_tensor,
-                                                lsq_fake_quantize, minmax, pack_bits, packed_nbytes, qparams,
-                                                quantize_tensor, sqnr, unpack_bits)
+from modelpress.quantization.primitives import (
+    QuantSpec,
+    broadcast_params,
+    fake_quantize,
+    fake_quantize_tensor,
+    lsq_fake_quantize,
+    minmax,
+    pack_bits,
+    packed_nbytes,
+    qparams,
+    quantize_tensor,
+    sqnr,
+    unpack_bits,
+)
 
 W = torch.randn(64, 128, generator=torch.Generator().manual_seed(0))
 
@@ -52,7 +63,8 @@ def test_zero_is_exact_and_quantizing_twice_changes_nothing():
 
 
 def test_ranges_are_widened_to_include_zero():
-    scale, zero = qparams(torch.tensor([[1.0]]), torch.tensor([[3.0]]), QuantSpec(bits=8, symmetric=False, signed=False))
+    spec = QuantSpec(bits=8, symmetric=False, signed=False)
+    scale, zero = qparams(torch.tensor([[1.0]]), torch.tensor([[3.0]]), spec)
     assert zero.item() == 0 and scale.item() == pytest.approx(3 / 255)
 
 

@@ -10,8 +10,8 @@ from torch import nn
 
 from modelpress import TrainConfig, quantize
 from modelpress.core.errors import ConfigError, DataError
-from modelpress.core.registry import MethodContext
 from modelpress.core.training import evaluate_accuracy, fit
+from modelpress.engine import MethodInputs, run_method
 from modelpress.quantization.modules import QuantConv2d, QuantLinear
 from modelpress.quantization.qat import QAT, QATCallback, calibrate, convert_qat, prepare_qat
 from modelpress.quantization.weight_only import WeightOnly
@@ -146,12 +146,11 @@ def test_qat_beats_int2_ptq_on_a_tiny_task(trained_task):
     model, train, test = trained_task
     fp32 = evaluate_accuracy(model, test)
     ptq = evaluate_accuracy(quantize(model, WeightOnly(bits=2)), test)
-    ctx = MethodContext()
     torch.manual_seed(0)
-    q = quantize(model, QAT(weight_bits=2, act_bits=None, observer_steps=4), train,
-                 train=TrainConfig(epochs=8, lr=3e-3), context=ctx)
+    q, report = run_method(model, QAT(weight_bits=2, act_bits=None, observer_steps=4),
+                           MethodInputs(data=train, train=TrainConfig(epochs=8, lr=3e-3)))
     acc = evaluate_accuracy(q, test)
-    assert ctx.trained and isinstance(q.fc1, QuantLinear) and q.fc1.act_bits is None
+    assert report.trained and isinstance(q.fc1, QuantLinear) and q.fc1.act_bits is None
     assert fp32 > 0.94
     assert acc > ptq + 0.04, (fp32, ptq, acc)  # measured: 0.950 vs 0.867 (fp32 0.954)
     assert acc > fp32 - 0.02
@@ -171,12 +170,11 @@ def test_w4a8_qat_matches_fp32_and_int4_ptq(trained_task):
 
 def test_without_training_it_calibrates_and_converts(tiny_mlp, toy_data):
     train, _ = toy_data
-    ctx = MethodContext()
     ref = copy.deepcopy(tiny_mlp).eval()
-    q = quantize(tiny_mlp, QAT(weight_bits=8, act_bits=8), train, context=ctx).eval()
-    assert not ctx.trained
+    q, report = run_method(tiny_mlp, QAT(weight_bits=8, act_bits=8), MethodInputs(data=train))
+    assert not report.trained
     x = train[0][0]
-    lo, hi = ctx.info["layers"]["fc1"]["act_range"]
+    lo, hi = report.info["layers"]["fc1"]["act_range"]
     assert lo < -2 and hi > 2  # a moving average of the batch min / max of Gaussian inputs
     with torch.no_grad():
         err = (q(x) - ref(x)).pow(2).mean() / ref(x).pow(2).mean()

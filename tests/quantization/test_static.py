@@ -10,8 +10,8 @@ from torch import nn
 
 from modelpress import Data, Scope, quantize
 from modelpress.core.errors import ConfigError, DataError, UnsupportedError
-from modelpress.core.registry import MethodContext
 from modelpress.core.training import TrainConfig, fit
+from modelpress.engine import MethodInputs, run_method
 from modelpress.export.onnx import ort_session
 from modelpress.export.onnx_quant import export_int8_onnx
 from modelpress.quantization.fold import fold_batchnorm
@@ -90,13 +90,12 @@ def test_fold_leaves_bn_and_reports_when_fx_cannot_trace():
 @pytest.mark.parametrize("observer", OBSERVERS)
 def test_fake_quant_sqnr_floor_per_observer(observer):
     net = tiny_net()
-    ctx = MethodContext()
-    q = quantize(net, StaticInt8(observer=observer), CALIB, context=ctx)
+    q, report = run_method(net, StaticInt8(observer=observer), MethodInputs(data=CALIB))
     x = images(64, 99)
     with torch.no_grad():
         assert sqnr(net(x), q(x)) > 25
-    assert ctx.info["quantized_layers"] == ["stem.0", "conv1", "conv2", "fc"]
-    assert len(ctx.info["folded_bn"]) == 3 and ctx.info["calibration_batches"] == 4
+    assert report.info["quantized_layers"] == ["stem.0", "conv1", "conv2", "fc"]
+    assert len(report.info["folded_bn"]) == 3 and report.info["calibration_batches"] == 4
 
 
 def test_placement_relu_folds_into_output_range_and_shape_ops_share_scales():

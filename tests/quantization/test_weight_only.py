@@ -6,12 +6,18 @@ import torch
 from torch import nn
 
 from modelpress import quantize
+from modelpress.artifact.checkpoint import save_artifact
+from modelpress.artifact.loading import load_artifact
 from modelpress.core.errors import ConfigError
-from modelpress.core.loading import load_artifact
-from modelpress.core.registry import MethodContext
-from modelpress.export.checkpoint import save_artifact
-from modelpress.quantization.modules import (QuantConv2d, QuantLinear, packed_weight_bytes, quantize_layer,
-                                             quantized_weight_bytes, weight_spec)
+from modelpress.engine import MethodInputs, run_method
+from modelpress.quantization.modules import (
+    QuantConv2d,
+    QuantLinear,
+    packed_weight_bytes,
+    quantize_layer,
+    quantized_weight_bytes,
+    weight_spec,
+)
 from modelpress.quantization.primitives import QuantSpec, quantize_tensor, sqnr
 from modelpress.quantization.weight_only import WeightOnly, quantize_weight
 from modelpress.zoo.models import build_model
@@ -66,11 +72,10 @@ def test_dequantized_weight_is_cached_and_refreshed_on_load():
 def test_weight_only_sqnr_floor_and_info(bits):
     torch.manual_seed(0)
     model = ConvNet().eval()
-    ctx = MethodContext()
-    q = quantize(model, WeightOnly(bits=bits), context=ctx)
+    q, report = run_method(model, WeightOnly(bits=bits), MethodInputs())
     assert isinstance(q.conv1, QuantConv2d) and isinstance(q.dw, QuantConv2d) and isinstance(q.fc, QuantLinear)
     assert isinstance(model.conv1, nn.Conv2d)  # the input model is untouched
-    layers = ctx.info["layers"]
+    layers = report.info["layers"]
     assert set(layers) == {"conv1", "conv2", "dw", "fc"}
     for name, rep in layers.items():
         assert rep["bits"] == bits
@@ -90,10 +95,9 @@ def test_mse_range_search_beats_minmax_at_low_bits():
 
 
 def test_group_granularity_falls_back_per_layer():
-    ctx = MethodContext()
-    q = quantize(ConvNet(), WeightOnly(bits=4, granularity="group", group_size=64), context=ctx)
+    q, report = run_method(ConvNet(), WeightOnly(bits=4, granularity="group", group_size=64), MethodInputs())
     # inputs per output channel: conv1 27, conv2 144, dw 9 (not multiples of 64: per channel), fc 512
-    assert ctx.info["fallback"] == ["conv1", "conv2", "dw"]
+    assert report.info["fallback"] == ["conv1", "conv2", "dw"]
     assert q.fc.qspec.granularity == "group" and q.fc.scale.shape == (10 * 512 // 64, 1)
     assert q.conv1.qspec.granularity == "channel"
 

@@ -5,11 +5,11 @@ import json
 
 import pytest
 import torch
+from tinymodels import toy_bundle
 
 from modelpress import compress
-from modelpress.core.loading import load_artifact
+from modelpress.artifact.loading import load_artifact
 from modelpress.recipes.schema import Recipe
-from tinymodels import toy_bundle
 
 NO_LATENCY = {"latency": False, "onnx": False}
 
@@ -65,8 +65,9 @@ def test_resume_after_a_lost_stage_gives_identical_weights(tmp_path, trained):
 
 def test_embedding_task_fine_tunes_against_the_original(tmp_path):
     transformers = pytest.importorskip("transformers")
+    from modelpress.artifact.hf import SentenceEncoder
+    from modelpress.zoo.corpora import minilm_path
     from modelpress.zoo.datasets import load_dataset
-    from modelpress.zoo.text import SentenceEncoder, minilm_path
 
     tok = transformers.AutoTokenizer.from_pretrained(str(minilm_path()), local_files_only=True)
     torch.manual_seed(0)
@@ -84,10 +85,10 @@ def test_embedding_task_fine_tunes_against_the_original(tmp_path):
     assert -1 <= final["spearman"] <= 1
 
 
-def test_a_stage_can_recover_by_distilling_from_the_baseline(trained):
+def test_a_stage_can_recover_by_distilling_from_the_baseline(trained, monkeypatch):
     """`distill:` on a stage: its training learns from the uncompressed baseline's outputs."""
+    import modelpress.engine.inputs as engine_inputs  # every stage trains through MethodInputs.fit
     from modelpress.core.training import fit as real_fit
-    import modelpress.recipes.pipeline as pipeline
 
     seen = []
 
@@ -99,12 +100,9 @@ def test_a_stage_can_recover_by_distilling_from_the_baseline(trained):
         {"name": "p70", "method": "prune.magnitude", "config": {"sparsity": 0.7, "keep_first_last": False},
          "finetune": {"epochs": 2, "lr": 0.01}, "distill": {"T": 2.0, "alpha": 0.7}}]})
     assert recipe.stages[0].distill.T == 2.0 and recipe.stages[0].distill.teacher is None
-    import modelpress.pruning.magnitude as magnitude
-    pipeline.fit, magnitude_fit, magnitude.fit = spy, magnitude.fit, spy
-    try:
-        res = compress(trained, recipe, toy_bundle())
-    finally:
-        pipeline.fit, magnitude.fit = real_fit, magnitude_fit
+    monkeypatch.setattr(engine_inputs, "fit", spy)
+    res = compress(trained, recipe, toy_bundle())
+    monkeypatch.undo()
     assert seen and all(fn is not None and fn.__qualname__.startswith("distillation_loss") for fn in seen)
     assert res.final["accuracy"] > 0.7
     with pytest.raises(Exception, match="distill"):

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import TensorDataset
 
+from modelpress.tasks import Classification
 from modelpress.zoo.datasets import DatasetBundle
 
 NO_LATENCY = {"latency": False, "onnx": False}
@@ -31,7 +32,7 @@ def toy_bundle(nan: bool = False) -> DatasetBundle:
         x[3, 5] = float("nan")
         x[503, 2] = float("inf")
     return DatasetBundle(name="toy", train=TensorDataset(x[:500], y[:500]), test=TensorDataset(x[500:], y[500:]),
-                         task="classification", num_classes=4, input_shape=(16,), meta={})
+                         task=Classification(), num_classes=4, input_shape=(16,), meta={})
 
 
 def tiny_mlp(d_in: int = 16, classes: int = 4) -> torch.nn.Module:

@@ -5,7 +5,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from _helpers import NET_PY, CliResult
 
 

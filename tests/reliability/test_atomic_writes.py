@@ -7,14 +7,13 @@ import stat
 
 import pytest
 import torch
+from _helpers import NO_LATENCY, forked, killed_by, tiny_mlp, toy_bundle
 
 from modelpress import MagnitudePruning, compress, prune
+from modelpress.artifact.checkpoint import save_artifact
+from modelpress.artifact.loading import load_artifact
 from modelpress.core import io
-from modelpress.core.loading import load_artifact
-from modelpress.export.checkpoint import save_artifact
 from modelpress.recipes.schema import Recipe
-
-from _helpers import NO_LATENCY, forked, killed_by, tiny_mlp, toy_bundle
 
 
 def _mode(path) -> int:

@@ -7,13 +7,12 @@ import sys
 
 import pytest
 import torch
+from _helpers import NO_LATENCY, assert_one_line_error, tiny_mlp, toy_bundle
 
 from modelpress import MagnitudePruning, compress, quantize
 from modelpress.core.errors import ConfigError, DataError, MissingDependencyError, ScopeError
-from modelpress.core.registry import get_method
+from modelpress.engine.registry import get_method
 from modelpress.recipes.schema import Recipe
-
-from _helpers import NO_LATENCY, assert_one_line_error, tiny_mlp, toy_bundle
 
 RECIPE = """version: 1
 name: bad
@@ -35,7 +34,8 @@ CLI_CASES = {
     "sparsity 1.2": (None, ["--set", "stage.1.sparsity=1.2"], "build",
                      ["stages.0.config.sparsity", "less than 1", "1.2"]),
     "sparsity NaN": (None, ["--set", "stage.1.sparsity=.nan"], "build", ["stages.0.config.sparsity", "finite"]),
-    "bits 0": (("method: prune.magnitude\n    config: {sparsity: 0.5}", "method: quant.weight_only\n    config: {bits: 0}"),
+    "bits 0": (("method: prune.magnitude\n    config: {sparsity: 0.5}",
+                "method: quant.weight_only\n    config: {bits: 0}"),
                [], "build", ["stages.0.config.bits", "greater than or equal to 2"]),
     "negative T": (("config: {sparsity: 0.5}", "config: {sparsity: 0.5}\n    distill: {T: -1}"), [], "build",
                    ["stages.0.distill.T", "greater than 0"]),
@@ -142,10 +142,11 @@ def _recipe():
 def _bundle_with_features(n):
     from torch.utils.data import TensorDataset
 
+    from modelpress.tasks import Classification
     from modelpress.zoo.datasets import DatasetBundle
 
     x, y = torch.randn(64, n), torch.randint(0, 4, (64,))
-    return DatasetBundle(name="wide", train=TensorDataset(x, y), test=TensorDataset(x, y), task="classification",
+    return DatasetBundle(name="wide", train=TensorDataset(x, y), test=TensorDataset(x, y), task=Classification(),
                          num_classes=4, input_shape=(n,), meta={})
 
 
@@ -163,8 +164,9 @@ def test_unsupported_layers_are_reported_as_left_alone(tmp_path, cli, net_py):
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["stages"][0]["unsupported_layers"] == {"3.bil": "Bilinear"}
     # the supported layers were pruned, the Bilinear was not touched
-    from modelpress.core.loading import load_artifact
     from _helpers import NET_PY
+
+    from modelpress.artifact.loading import load_artifact
 
     namespace = {}
     exec(compile(NET_PY, "net.py", "exec"), namespace)  # the same architecture, for loading
@@ -175,7 +177,7 @@ def test_unsupported_layers_are_reported_as_left_alone(tmp_path, cli, net_py):
 
 def test_missing_optional_dependency_names_the_extra(monkeypatch, cli):
     monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` now fails
-    from modelpress.core.loading import load_model
+    from modelpress.artifact.loading import load_model
 
     with pytest.raises(MissingDependencyError, match="'transformers' is not installed") as e:
         load_model("minilm")

@@ -5,11 +5,10 @@ import json
 
 import pytest
 import torch
+from _helpers import tiny_mlp, toy_bundle
 
 from modelpress import compress
 from modelpress.recipes.schema import Recipe
-
-from _helpers import tiny_mlp, toy_bundle
 
 
 def _recipe(seed=0, latency=False, epochs=1.0):

@@ -6,15 +6,14 @@ import os
 
 import pytest
 import torch
+from _helpers import assert_one_line_error
 from safetensors.torch import save_file
 from torch import nn
 
+from modelpress.artifact import checkpoint
+from modelpress.artifact.checkpoint import load_state, save_artifact
+from modelpress.artifact.loading import load_artifact, load_model
 from modelpress.core.errors import ModelLoadError
-from modelpress.core.loading import load_artifact, load_model
-from modelpress.export import checkpoint
-from modelpress.export.checkpoint import load_state, save_artifact
-
-from _helpers import assert_one_line_error
 
 
 class _Exploit:

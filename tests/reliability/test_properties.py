@@ -10,10 +10,17 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from modelpress.artifact.checkpoint import load_state, save_artifact
 from modelpress.core.errors import ModelpressError
-from modelpress.export.checkpoint import load_state, save_artifact
-from modelpress.quantization.primitives import (QuantSpec, broadcast_params, dequantize, pack_bits, quantize,
-                                                quantize_tensor, unpack_bits)
+from modelpress.quantization.primitives import (
+    QuantSpec,
+    broadcast_params,
+    dequantize,
+    pack_bits,
+    quantize,
+    quantize_tensor,
+    unpack_bits,
+)
 from modelpress.recipes.schema import Recipe, apply_overrides
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

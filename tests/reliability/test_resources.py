@@ -10,14 +10,18 @@ import time
 
 import pytest
 import torch
+from _helpers import assert_one_line_error, start_forked, tiny_mlp, toy_bundle, wait_status
 from torch import nn
 
 from modelpress.analysis.analyze import analyze
-from modelpress.analysis.latency import (MEMORY_LIMIT_ENV, available_memory_bytes, check_memory,
-                                         compare_latency, measure_latency)
+from modelpress.analysis.latency import (
+    MEMORY_LIMIT_ENV,
+    available_memory_bytes,
+    check_memory,
+    compare_latency,
+    measure_latency,
+)
 from modelpress.core.errors import ConfigError, ResourceError
-
-from _helpers import assert_one_line_error, start_forked, tiny_mlp, toy_bundle, wait_status
 
 
 def test_the_estimate_is_a_lower_bound_of_the_activations():

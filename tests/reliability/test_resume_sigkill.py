@@ -11,14 +11,13 @@ from __future__ import annotations
 import json
 
 import pytest
+from _helpers import NO_LATENCY, forked, killed_by, tiny_mlp, toy_bundle
 
 import modelpress.analysis.report_html as report_html
 from modelpress import compress
+from modelpress.artifact.checkpoint import load_state
 from modelpress.core.io import KILL_ENV, TEMP_SUFFIX, write_text
-from modelpress.export.checkpoint import load_state
 from modelpress.recipes.schema import Recipe
-
-from _helpers import NO_LATENCY, forked, killed_by, tiny_mlp, toy_bundle
 
 POINTS = [
     "recipe-written",
@@ -108,4 +107,5 @@ def test_cli_run_killed_mid_stage_resumes_to_the_same_artifact(tmp_path, cli, ne
     assert killed_by(status, 9)
     res = cli(*args, "-o", tmp_path / "run")
     assert res.code == 0 and "resuming" in res.err
-    assert (tmp_path / "run" / "model.safetensors").read_bytes() == (tmp_path / "ref" / "model.safetensors").read_bytes()
+    final = "model.safetensors"
+    assert (tmp_path / "run" / final).read_bytes() == (tmp_path / "ref" / final).read_bytes()

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from tinymodels import toy_bundle
 
 from modelpress import compress
 from modelpress.core.errors import ConfigError
 from modelpress.recipes.schema import Recipe
 from modelpress.search.space import Budget, SearchSpace, allowed_sparsities, build_recipe
 from modelpress.search.study import pareto_front, pick_best, run_search
-from tinymodels import toy_bundle
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -5,6 +5,7 @@ import torch
 
 from modelpress.core.data import Data
 from modelpress.core.errors import DataError
+from modelpress.tasks import Classification
 from modelpress.zoo.datasets import DatasetBundle, list_datasets, load_dataset
 from modelpress.zoo.loaders import stratified_split
 
@@ -21,7 +22,8 @@ def test_mnist5k_shapes_and_types(mnist5k):
     assert x.shape == (4000, 1, 28, 28) and x.dtype == torch.float32
     assert y.dtype == torch.int64
     assert mnist5k.test.tensors[0].shape == (1000, 1, 28, 28)
-    assert mnist5k.task == "classification" and mnist5k.num_classes == 10
+    assert isinstance(mnist5k.task, Classification) and mnist5k.task.name == "classification"
+    assert mnist5k.task.labelled and mnist5k.num_classes == 10
     assert mnist5k.input_shape == (1, 28, 28)
 
 
@@ -93,7 +95,7 @@ def test_unknown_dataset():
 
 
 def test_dataset_needing_a_directory():
-    with pytest.raises(DataError, match="needs a directory"):
+    with pytest.raises(DataError, match="needs a path"):  # csv: takes a file, so "path"
         load_dataset("mnist-idx")
     with pytest.raises(DataError, match="does not exist"):
         load_dataset("cifar10:/nonexistent/cifar")

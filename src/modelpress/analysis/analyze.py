@@ -29,8 +29,9 @@ from torch import nn
 
 from ..core.data import batch_size_of, call_model
 from ..core.errors import DataError
+from ..export.onnx import check_onnx, export_onnx
+from ..nn.macs import count_macs
 from .latency import check_memory, compare_latency, measure_latency
-from .macs import count_macs
 from .memory import peak_memory
 from .params import count_params, dense_bytes
 
@@ -196,7 +197,6 @@ def analyze(model: nn.Module, example_inputs: Any, *, batch_sizes: tuple[int, ..
 
 
 def _export(model, example_inputs, path: Path, report: AnalysisReport) -> Path | None:
-    from ..export.onnx import check_onnx, export_onnx
 
     try:
         check_memory([model], resize_batch(example_inputs, 1), onnx=True, what="the ONNX export")
@@ -247,7 +247,6 @@ def compare_models(baseline: nn.Module, model: nn.Module, example_inputs: Any, *
     ``eager_b{N}_speedup`` / ``ort_b{N}_speedup``. Two separately timed runs would let load
     changes on the machine pass for speed-ups; interleaving cancels them.
     """
-    from ..export.onnx import export_onnx
 
     base_inputs = example_inputs if example_inputs_baseline is None else example_inputs_baseline
     out: dict[str, float] = {}

@@ -36,6 +36,8 @@ from torch import nn
 
 from ..core.data import batch_size_of, call_model, slice_inputs
 from ..core.errors import ConfigError, ResourceError
+from ..export.onnx import ort_feeds, ort_session
+from .params import dense_bytes
 
 MAX_RUNS = 100_000  # cap for min_time_s on very fast calls
 
@@ -176,7 +178,6 @@ def memory_needed(targets: list[Any], inputs: Any, *, onnx: bool = False,
     targets run one at a time) and ``onnx_weights`` (ONNX Runtime's own copy of the weights: the
     size of each ``.onnx`` target, plus each module's weights when ``onnx=True`` will export it).
     ``inputs_each`` gives each target its own inputs (default: ``inputs`` for all)."""
-    from .params import dense_bytes
 
     activations, weights = 0, 0
     for t, x in zip(targets, inputs_each or [inputs] * len(targets)):
@@ -251,7 +252,6 @@ def _is_onnx(target: Any) -> bool:
 
 
 def _ort_call(path_or_session: Any, inputs: Any, threads: int | None) -> Callable[[], Any]:
-    from ..export.onnx import ort_feeds, ort_session
 
     session = path_or_session if hasattr(path_or_session, "run") else \
         ort_session(path_or_session, threads=threads)

@@ -436,5 +436,6 @@ def _baseline_cost(base: Mapping[str, Any], budget: Mapping[str, Any]) -> float 
 
 
 __all__ = ["TradeoffPoint", "figure_png", "layer_bars_figure", "pareto_front", "per_layer_series", "points_from_rows",
-           "quality_key", "render_html", "render_search_html", "rows_table_html", "sensitivity_figure", "tradeoff_figure",
+           "quality_key", "render_html", "render_search_html", "rows_table_html", "sensitivity_figure",
+           "tradeoff_figure",
            "write_html_report"]

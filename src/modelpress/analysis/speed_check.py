@@ -17,11 +17,14 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+from ..core.errors import ConfigError
+
 RUNTIMES = ("eager", "onnxruntime")
 
 UNSTRUCTURED = {"prune.magnitude", "prune.taylor", "prune.snip", "prune.random", "prune.nm", "prune.iterative",
                 "prune.soft_filter"}
-STORAGE_ONLY = {"quant.weight_only", "quant.kmeans", "quant.log2", "quant.adaround", "quant.mixed_precision", "quant.qat",
+STORAGE_ONLY = {"quant.weight_only", "quant.kmeans", "quant.log2", "quant.adaround", "quant.mixed_precision",
+                "quant.qat",
                 "distill.qat"}
 
 
@@ -122,7 +125,6 @@ def check_stage(method: str, config: dict, runtime: str, flags: frozenset[str] |
 
 def check_recipe(recipe, runtime: str = "eager", flags: frozenset[str] | None = None) -> SpeedCheck:
     """The verdict of every stage of ``recipe`` (a :class:`~modelpress.recipes.schema.Recipe`)."""
-    from ..core.errors import ConfigError
 
     if runtime not in RUNTIMES:
         raise ConfigError(f"runtime {runtime!r} is not known", hint=f"use one of {', '.join(RUNTIMES)}")

@@ -238,3 +238,55 @@ def compare_rows(rows: list[dict[str, Any]]) -> str:
         "\n\nLatency ratios of compressed rows are measured interleaved with the baseline in one process."
         if any(speedup_of(r, k) is not None for r in rows for k, _, _ in cols) else "")
 
+
+
+def _ratio(a: Any, b: Any) -> float | None:
+    return a / b if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a and b else None
+
+
+def explain_rows(rows: list[dict[str, Any]], quality: Sequence[str] = ("accuracy",)) -> list[str]:
+    """One line per compressed row saying *why* its numbers moved, from the numbers themselves:
+    fewer MACs (work removed) is what makes a model faster on dense kernels; fewer parameters,
+    zeros stored sparsely or fewer bits per weight make the file smaller without touching speed.
+
+        >>> base = {"label": "baseline", "accuracy": 0.98, "artifact_bytes": 300_000, "params": 80_000,
+        ...         "nonzero": 80_000, "macs": 9_000_000}
+        >>> pruned = {"label": "channels", "accuracy": 0.975, "artifact_bytes": 160_000, "params": 40_000,
+        ...           "nonzero": 40_000, "macs": 4_000_000, "ort_b64_ms": 1.0, "ort_b64_speedup": 1.8}
+        >>> print(explain_rows([base, pruned])[0].replace("; ", ";\\n"))
+        channels: 2.25x fewer MACs (work removed): 1.80x faster (ORT b64);
+        1.88x smaller on disk (2.00x fewer parameters);
+        accuracy -0.50 pt
+    """
+    out = []
+    for prev, row in zip(rows, rows[1:]):
+        parts = []
+        macs = _ratio(prev.get("macs"), row.get("macs"))
+        speeds = {header: speedup_of(row, key) for key, header, kind in row_columns(rows)
+                  if kind == "ms" and speedup_of(row, key) is not None}
+        best = max(speeds.items(), key=lambda kv: kv[1]) if speeds else None
+        if macs and macs > 1.01:
+            parts.append(f"{macs:.2f}x fewer MACs (work removed)"
+                         + (f": {best[1]:.2f}x faster ({best[0]})" if best else ""))
+        elif best:
+            parts.append(f"same MACs as {prev['label']}: dense kernels do the same work "
+                         f"(best latency ratio to the baseline {best[1]:.2f}x, {best[0]})")
+        size = _ratio(prev.get("artifact_bytes"), row.get("artifact_bytes"))
+        if size and size > 1.01:
+            params = _ratio(prev.get("params"), row.get("params"))
+            nonzero = _ratio(prev.get("nonzero"), row.get("nonzero"))
+            if params and params > 1.01:
+                why = f"{params:.2f}x fewer parameters"
+            elif nonzero and nonzero > 1.01:
+                why = f"{nonzero:.2f}x fewer non-zero weights, stored sparsely"
+            else:
+                why = "fewer bits per weight"
+            parts.append(f"{size:.2f}x smaller on disk ({why})")
+        base = rows[0]
+        for key in quality:
+            if row.get(key) is not None and base.get(key) is not None:
+                delta = row[key] - base[key]
+                parts.append(f"{key} {100 * delta:+.2f} pt" if key == "accuracy" else f"{key} {delta:+.4f}")
+        if parts:
+            out.append(f"{row.get('label', '?')}: " + "; ".join(parts))
+    return out

@@ -25,6 +25,7 @@ Example::
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from dataclasses import dataclass
@@ -218,6 +219,12 @@ class Data:
             raise DataError("no data was given", hint="pass a DataLoader, a Dataset or a list of batches")
         if self.batch_size < 1:
             raise DataError(f"Data.batch_size must be >= 1 (got {self.batch_size})")
+
+    def for_training(self, train: Any) -> "Data":
+        """This data batched for training with ``train`` (a ``TrainConfig``): ``train.batch_size``
+        per batch, shuffled. Sources that carry their own batching (a ``DataLoader``, a list of
+        batches) are iterated as they are."""
+        return dataclasses.replace(self, batch_size=train.batch_size, shuffle=True)
 
     # -- iteration -----------------------------------------------------------------
     def _loader(self) -> Iterable:

@@ -30,7 +30,7 @@ import copy
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Protocol
+from typing import Any, Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -85,10 +85,6 @@ class Evaluation:
         if self.best is None:
             return True
         return value > self.best if self.higher_is_better else value < self.best
-
-
-class Callback(Protocol):  # pragma: no cover - structural type only
-    def on_step_end(self, step: int, model: nn.Module) -> None: ...
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -187,7 +183,7 @@ def fit(model: nn.Module, data: Any, cfg: TrainConfig | None = None, *, loss_fn:
     Under ``torchrun`` the processes train one model data-parallel (see the module docstring).
     """
     cfg = cfg or TrainConfig()
-    data = as_data(data, batch_size=cfg.batch_size, shuffle=True)
+    data = as_data(data).for_training(cfg)  # TrainConfig decides batching and shuffling, whatever the source
     loss_fn = loss_fn or classification_loss
     if cfg.epochs == 0:
         return model
@@ -236,7 +232,8 @@ def fit(model: nn.Module, data: Any, cfg: TrainConfig | None = None, *, loss_fn:
                 advance(note=f"loss {loss_value:.3f}")
                 epoch_end = per_epoch is not None and step % per_epoch == 0
                 if evaluation is not None and (epoch_end or step >= steps):
-                    state = _evaluate(model, evaluation, step, per_epoch, loss_value, description if rank == 0 else None)
+                    state = _evaluate(model, evaluation, step, per_epoch, loss_value,
+                                      description if rank == 0 else None)
                     best_state = state if state is not None else best_state
                 if step >= steps:
                     break

@@ -18,7 +18,7 @@ The student trains with :func:`~modelpress.core.training.fit` on a loss that mix
 
 Teachers are frozen for the run (eval mode, ``requires_grad=False``, forward under
 ``no_grad``) and restored afterwards. They come from the config (``teacher``: a model
-reference for :func:`~modelpress.core.loading.load_model`, e.g. an artifact path; a bare zoo
+reference for :func:`~modelpress.artifact.loading.load_model`, e.g. an artifact path; a bare zoo
 name gives fresh, untrained weights except ``minilm``) or, from Python, as modules through
 :func:`distill_from`::
 
@@ -46,12 +46,23 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from ..core.config import MethodConfig
-from ..core.data import as_data, call_model, split_batch
+from ..core.data import call_model, split_batch
 from ..core.errors import ConfigError, DataError
-from ..core.registry import MethodContext, register_method
-from ..core.training import TrainConfig, fit
-from .losses import (HintAdapter, attention_transfer_loss, embedding_cosine_loss, embedding_mse_loss,
-                     ensemble_probs, hint_loss, rkd_angle_loss, rkd_distance_loss, soft_hard_loss)
+from ..core.training import TrainConfig
+from ..engine import MethodInputs, MethodResult, register_method, run_method
+from ..tasks.base import Task
+from ..tasks.classification import Classification
+from .losses import (
+    HintAdapter,
+    attention_transfer_loss,
+    embedding_cosine_loss,
+    embedding_mse_loss,
+    ensemble_probs,
+    hint_loss,
+    rkd_angle_loss,
+    rkd_distance_loss,
+    soft_hard_loss,
+)
 
 
 class KD(MethodConfig):
@@ -80,15 +91,13 @@ class KD(MethodConfig):
 
 
 # -- teachers ---------------------------------------------------------------------------
-def _resolve_teachers(cfg: KD, ctx: MethodContext) -> list[nn.Module]:
-    given = getattr(ctx, "teachers", None) or getattr(ctx, "teacher", None)
-    if given is not None:
-        teachers = list(given) if isinstance(given, (list, tuple)) else [given]
+def resolve_teachers(cfg: KD, inputs: MethodInputs, field: str = "KD.teacher") -> list[nn.Module]:
+    """The teacher modules: those given as ``inputs.teachers``, else ``cfg.teacher`` loaded."""
+    if inputs.teachers:
+        teachers = list(inputs.teachers)
     elif cfg.teacher:
-        from ..core.loading import load_model
-
         refs = [cfg.teacher] if isinstance(cfg.teacher, str) else cfg.teacher
-        teachers = [load_model(r) for r in refs]
+        teachers = [inputs.resolve_model(r, field) for r in refs]
     else:
         raise ConfigError("KD.teacher: no teacher was given",
                           hint="set KD(teacher='path/to/teacher.safetensors') "
@@ -243,18 +252,20 @@ def _build_adapters(cfg: KD, student: nn.Module, teacher: nn.Module, data, s_tap
     return adapters
 
 
-@register_method("distill.kd", KD, needs_data=True, needs_training=True)
-def knowledge_distillation(student: nn.Module, cfg: KD, ctx: MethodContext) -> nn.Module:
+@register_method("distill.kd", KD, needs_data=True, needs_training=True,
+                 layer_types=())
+def knowledge_distillation(student: nn.Module, cfg: KD, inputs: MethodInputs) -> MethodResult:
     """Offline KD (soft targets / embeddings, multi-teacher, FitNets or attention hints)."""
-    if ctx.data is None:
+    if inputs.data is None:
         raise DataError("distill.kd needs training data (labelled or not)", hint="pass data=...")
-    if cfg.loss != "kd" and ctx.task != "embedding":
-        ctx.log(f"distill.kd: loss={cfg.loss!r} on a {ctx.task!r} task compares raw outputs")
-    teachers = _resolve_teachers(cfg, ctx)
+    if cfg.loss != inputs.task.distill_loss:
+        inputs.log(f"distill.kd: loss={cfg.loss!r} on a {inputs.task.name} task (which distils with "
+                   f"{inputs.task.distill_loss!r})")
+    teachers = resolve_teachers(cfg, inputs)
     if any(t is student for t in teachers):
         raise ConfigError("the teacher is the student itself", hint="pass a separate teacher model")
-    train = ctx.train or TrainConfig()
-    data = as_data(ctx.data, batch_size=train.batch_size, shuffle=True)
+    train = inputs.train or TrainConfig()
+    data = inputs.training_data(train)
     s_taps = t_taps = None
     with frozen(teachers):
         try:
@@ -264,15 +275,13 @@ def knowledge_distillation(student: nn.Module, cfg: KD, ctx: MethodContext) -> n
                 t_taps = _FeatureTaps(teachers[0], [t for _, t in cfg.hints], "teacher")
                 adapters = _build_adapters(cfg, student, teachers[0], data, s_taps, t_taps)
             wrapped = _StudentWithAdapters(student, adapters)
-            fit(wrapped, data, train, loss_fn=_make_loss(cfg, teachers, s_taps, t_taps), description="distill",
-                evaluation=ctx.evaluation)
+            inputs.fit(wrapped, "distill", train=train, loss_fn=_make_loss(cfg, teachers, s_taps, t_taps))
         finally:
             for taps in (s_taps, t_taps):
                 if taps is not None:
                     taps.remove()
-    ctx.trained = True
-    ctx.info.update(teachers=len(teachers), T=cfg.T, alpha=cfg.alpha, hints=len(cfg.hints))
-    return student
+    return MethodResult(student, {"teachers": len(teachers), "T": cfg.T, "alpha": cfg.alpha,
+                                  "hints": len(cfg.hints)}, trained=True)
 
 
 def distillation_loss(teachers: nn.Module | Sequence[nn.Module], cfg: KD | None = None):
@@ -318,14 +327,13 @@ def distillation_loss(teachers: nn.Module | Sequence[nn.Module], cfg: KD | None 
 
 def distill_from(student: nn.Module, teachers: nn.Module | Sequence[nn.Module], data: Any,
                  cfg: KD | None = None, train: TrainConfig | None = None, *, inplace: bool = False,
-                 task: str = "classification", evaluation=None) -> nn.Module:
+                 task: Task | None = None, evaluation=None, seed: int | None = None) -> nn.Module:
     """Distill ``teachers`` (one module or a list) into ``student``; returns the trained student
     (a copy unless ``inplace``). ``cfg.teacher`` is ignored: the modules given here are used.
-    ``evaluation`` (an :class:`~modelpress.core.training.Evaluation`) evaluates the student after
-    every epoch and keeps its best weights."""
-    from ..api import apply
-
-    ctx = MethodContext()
-    ctx.teachers = [teachers] if isinstance(teachers, nn.Module) else list(teachers)
-    return apply(student, cfg or KD(), data, train=train or TrainConfig(), inplace=inplace, task=task, context=ctx,
-                 evaluation=evaluation)
+    ``task`` (default classification) says what the outputs are; ``evaluation`` (an
+    :class:`~modelpress.core.training.Evaluation`) evaluates the student after every epoch and
+    keeps its best weights. Runs through :func:`~modelpress.engine.run_method`."""
+    teachers = (teachers,) if isinstance(teachers, nn.Module) else tuple(teachers)
+    inputs = MethodInputs(data=data, train=train or TrainConfig(), task=task or Classification(),
+                          teachers=teachers, evaluation=evaluation)
+    return run_method(student, cfg or KD(), inputs, seed=seed, inplace=inplace)[0]

@@ -16,7 +16,8 @@ module.
     >>> s(x).shape == peer(x).shape == (64, 3)
     True
 
-Returns the trained student (a copy unless ``inplace=True``); the peer is in ``ctx.info["peer"]``.
+Returns the trained student (a copy unless ``inplace=True``); the peer is in the report's
+``info["peer"]`` (:func:`~modelpress.engine.run_method`).
 """
 from __future__ import annotations
 
@@ -31,8 +32,8 @@ from torch import nn
 from ..core.config import MethodConfig
 from ..core.data import as_data, call_model
 from ..core.errors import DataError
-from ..core.registry import MethodContext, register_method
 from ..core.training import TrainConfig, fit
+from ..engine import MethodInputs, MethodResult, register_method
 from .losses import kd_loss
 
 
@@ -96,16 +97,11 @@ def mutual_learning(student: nn.Module, peer: nn.Module | None, data: Any, cfg: 
     return student.eval(), peer.eval()
 
 
-@register_method("distill.mutual", MutualLearning, needs_data=True, needs_training=True)
-def deep_mutual_learning(student: nn.Module, cfg: MutualLearning, ctx: MethodContext) -> nn.Module:
+@register_method("distill.mutual", MutualLearning, needs_data=True, needs_training=True,
+                 layer_types=())
+def deep_mutual_learning(student: nn.Module, cfg: MutualLearning, inputs: MethodInputs) -> MethodResult:
     """Online distillation: the student and a peer train together, each matching the other's predictions."""
-    peer = None
-    if cfg.peer:
-        from ..core.loading import load_model
-
-        peer = load_model(cfg.peer)
-    student, peer = mutual_learning(student, peer, ctx.data, cfg, ctx.train or TrainConfig(),
-                                    ctx.evaluation)
-    ctx.trained = True
-    ctx.info["peer"] = peer
-    return student
+    peer = inputs.resolve_model(cfg.peer, "MutualLearning.peer") if cfg.peer else None
+    student, peer = mutual_learning(student, peer, inputs.data, cfg, inputs.train or TrainConfig(),
+                                    inputs.evaluation)
+    return MethodResult(student, {"peer": peer}, trained=True)

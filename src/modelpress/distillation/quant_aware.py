@@ -28,16 +28,17 @@ Returns a new model (the verbs copy; see :mod:`modelpress.api`).
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 from pydantic import Field
 from torch import nn
 
 from ..core.config import MethodConfig
-from ..core.errors import DataError
-from ..core.registry import MethodContext, get_method, register_method
+from ..core.errors import ConfigError, DataError
 from ..core.training import TrainConfig
+from ..engine import MethodInputs, MethodResult, register_method, run_method
 from ..quantization.qat import QAT
-from .kd import KD, _resolve_teachers, distillation_loss, frozen
+from .kd import KD, distillation_loss, frozen, resolve_teachers
 
 
 class QuantAwareDistillation(MethodConfig):
@@ -49,25 +50,22 @@ class QuantAwareDistillation(MethodConfig):
                                "unused); kd.teacher None = the float model itself, frozen before quantization")
 
 
-@register_method("distill.qat", QuantAwareDistillation, needs_data=True, needs_training=True)
-def quant_aware_distillation(model: nn.Module, cfg: QuantAwareDistillation, ctx: MethodContext) -> nn.Module:
+@register_method("distill.qat", QuantAwareDistillation, needs_data=True, needs_training=True,
+                 layer_types=())
+def quant_aware_distillation(model: nn.Module, cfg: QuantAwareDistillation, inputs: MethodInputs) -> MethodResult:
     """Quantization-aware distillation: the float model teaches its own fake-quantized copy."""
-    if ctx.data is None:
+    if inputs.data is None:
         raise DataError("distill.qat needs training data (labelled or not)", hint="pass data=...")
     if cfg.kd.hints:
-        from ..core.errors import ConfigError
-
         raise ConfigError("distill.qat: kd.hints are not supported (response distillation only)",
                           hint="drop kd.hints")
-    if cfg.kd.teacher is None and getattr(ctx, "teachers", None) is None and getattr(ctx, "teacher", None) is None:
+    if cfg.kd.teacher is None and not inputs.teachers:
         teachers = [copy.deepcopy(model)]
     else:
-        teachers = _resolve_teachers(cfg.kd, ctx)
-    qat_ctx = MethodContext(data=ctx.data, train=ctx.train or TrainConfig(), task=ctx.task,
-                            loss_fn=distillation_loss(teachers, cfg.kd), log=ctx.log, evaluation=ctx.evaluation)
+        teachers = resolve_teachers(cfg.kd, inputs, "QuantAwareDistillation.kd.teacher")
+    qat_inputs = dataclasses.replace(inputs, train=inputs.train or TrainConfig(),
+                                     loss_fn=distillation_loss(teachers, cfg.kd))
     with frozen(teachers):
-        out = get_method(cfg.quant).fn(model, cfg.quant, qat_ctx)
-    ctx.trained = True
-    ctx.info.update(qat_ctx.info, teacher="float model" if cfg.kd.teacher is None else cfg.kd.teacher,
-                    T=cfg.kd.T, alpha=cfg.kd.alpha)
-    return out
+        out, report = run_method(model, cfg.quant, qat_inputs, inplace=True)
+    return MethodResult(out, {**report.info, "teacher": "float model" if cfg.kd.teacher is None else cfg.kd.teacher,
+                              "T": cfg.kd.T, "alpha": cfg.kd.alpha}, trained=True)

@@ -11,7 +11,7 @@ LayerNorm and a Linear; a vector a Linear). The loss, with final logits ``z`` an
 The final output is the teacher (detached in the KL term, so it learns from the labels only);
 the exits' gradients flow back into the shared layers, which is what regularises the network.
 The heads are dropped after training: the returned model has the original architecture and
-size (``ctx.info["exits"]`` lists the layers used, ``ctx.info["head_params"]`` the parameters
+size (``info["exits"]`` lists the layers used, ``info["head_params"]`` the parameters
 the heads added during training only).
 
 ``exits`` names the layers; by default up to ``num_exits`` are chosen evenly among the
@@ -37,10 +37,10 @@ from pydantic import Field
 from torch import nn
 
 from ..core.config import MethodConfig
-from ..core.data import as_data, call_model, split_batch
+from ..core.data import call_model, split_batch
 from ..core.errors import ConfigError, DataError
-from ..core.registry import MethodContext, register_method
-from ..core.training import TrainConfig, fit
+from ..core.training import TrainConfig
+from ..engine import MethodInputs, MethodResult, register_method
 from .kd import _FeatureTaps, _output
 from .losses import kd_loss
 
@@ -123,19 +123,19 @@ def auto_exits(model: nn.Module, inputs: Any, num_exits: int) -> list[str]:
     return [candidates[int(i * step)] for i in range(num_exits)]
 
 
-@register_method("distill.self", SelfDistillation, needs_data=True, needs_training=True)
-def self_distillation(model: nn.Module, cfg: SelfDistillation, ctx: MethodContext) -> nn.Module:
+@register_method("distill.self", SelfDistillation, needs_data=True, needs_training=True,
+                 layer_types=())
+def self_distillation(model: nn.Module, cfg: SelfDistillation, inputs: MethodInputs) -> MethodResult:
     """Self-distillation (Be Your Own Teacher): exit heads on shallower layers learn from the final output."""
-    if ctx.data is None:
+    if inputs.data is None:
         raise DataError("distill.self needs labelled training data", hint="pass data=...")
-    train = ctx.train or TrainConfig()
-    data = as_data(ctx.data, batch_size=train.batch_size, shuffle=True)
-    inputs, target = split_batch(next(iter(data)))
+    train = inputs.train or TrainConfig()
+    example, target = split_batch(next(iter(inputs.training_data(train))))
     if target is None:
         raise DataError("distill.self needs labels (the final output learns from them)",
                         hint="pass (inputs, target) batches")
-    names = cfg.exits or auto_exits(model, inputs, cfg.num_exits)
-    feats, out = _probe(model, inputs, names)
+    names = cfg.exits or auto_exits(model, example, cfg.num_exits)
+    feats, out = _probe(model, example, names)
     if out.dim() != 2:
         raise DataError(f"distill.self expects classifier logits (B, classes), the model returned {tuple(out.shape)}")
     missing = [n for n in names if n not in feats]
@@ -158,10 +158,8 @@ def self_distillation(model: nn.Module, cfg: SelfDistillation, ctx: MethodContex
         return loss + exit_loss / len(names)
 
     try:
-        fit(_WithExits(model, heads), data, train, loss_fn=loss_fn, description="self-distillation",
-            evaluation=ctx.evaluation)
+        inputs.fit(_WithExits(model, heads), "self-distillation", train=train, loss_fn=loss_fn)
     finally:
         taps.remove()
-    ctx.trained = True
-    ctx.info.update(exits=names, head_params=sum(p.numel() for h in heads for p in h.parameters()))
-    return model
+    return MethodResult(model, {"exits": names, "head_params": sum(p.numel() for h in heads for p in h.parameters())},
+                        trained=True)

@@ -27,7 +27,10 @@ import torch
 from torch import nn
 
 from ..core.errors import ConfigError, UnsupportedError
-from ..export.modules import mark_replay, register_replay
+from ..engine import MethodInputs, run_method
+from ..nn.modules import set_module
+from ..nn.records import mark_replay, register_replay
+from ..pruning.structured import ChannelPruning
 
 _STACKS = (nn.ModuleList, nn.Sequential)
 
@@ -52,10 +55,8 @@ def _keep_in_place(model: nn.Module, path: str, keep: Sequence[int]) -> nn.Modul
         raise ConfigError(f"keep_layers: indices {keep} for {path!r} must be increasing, unique and in [0, {n})")
     kept = [stack[i] for i in keep]
     new = nn.Sequential(*kept) if isinstance(stack, nn.Sequential) else nn.ModuleList(kept)
-    parent_name, _, child = path.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
     if path:
-        setattr(parent, child, new)
+        set_module(model, path, new)
     config = getattr(_owner_with_config(model, path), "config", None)
     if config is not None and hasattr(config, "num_hidden_layers"):
         config.num_hidden_layers = len(kept)  # HF reads it for masks / caches
@@ -149,11 +150,9 @@ def shallower(teacher: nn.Module, every: int = 2, example_inputs: Any = None) ->
 
 def narrower(teacher: nn.Module, width: float, example_inputs: Any, importance: str = "l1") -> nn.Module:
     """A copy with ``width`` of the channels (e.g. 0.5), keeping the teacher's most important ones."""
-    from ..api import prune
-    from ..pruning.structured import ChannelPruning
-
     if not 0 < width <= 1:
         raise ConfigError(f"narrower: width must be in (0, 1] (got {width})")
     if width == 1:
         return copy.deepcopy(teacher)
-    return prune(teacher, ChannelPruning(ratio=1 - width, importance=importance), [example_inputs])
+    config = ChannelPruning(ratio=1 - width, importance=importance)
+    return run_method(teacher, config, MethodInputs(data=[example_inputs]))[0]

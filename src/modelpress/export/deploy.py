@@ -13,34 +13,51 @@ the PyTorch model; a mismatch raises instead of leaving a wrong file behind.
 """
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
+import torch
 from torch import nn
 
+from ..core.data import call_model
+from ..core.registry import Registry
+from ..nn.modules import set_module
+from ..quantization.dynamic import DynamicInt8Linear, Int8Embedding
+from ..quantization.primitives import sqnr
+from ..quantization.static import FakeQuant
+from .onnx import OnnxMismatchError, check_onnx, export_onnx, ort_feeds, ort_session
+from .onnx_dynamic import quantize_onnx_dynamic
+from .onnx_quant import export_int8_onnx
 
-def is_static_int8(model: nn.Module) -> bool:
-    from ..quantization.static import FakeQuant
 
-    return any(isinstance(m, FakeQuant) for m in model.modules())
+class Exporter(NamedTuple):
+    """How models holding a ``marker`` module export: ``write(model, inputs, path, options) ->
+    note`` writes the ONNX file; ``check(path, model, inputs) -> note`` compares it with the
+    PyTorch model (raising on a mismatch)."""
+
+    marker: type
+    write: Callable[[nn.Module, Any, Path, dict], str]
+    check: Callable[[Path, nn.Module, Any], str]
 
 
-def is_dynamic_int8(model: nn.Module) -> bool:
-    from ..quantization.dynamic import DynamicInt8Linear
+EXPORTERS: Registry[Exporter] = Registry("exporter")
 
-    return any(isinstance(m, DynamicInt8Linear) for m in model.modules())
+
+def register_exporter(name: str, exporter: Exporter) -> Exporter:
+    return EXPORTERS.register(name, exporter)
+
+
+def exporter_for(model: nn.Module) -> Exporter | None:
+    """The exporter of the first registered marker type found in ``model`` (None: plain fp32)."""
+    kinds = {type(m) for m in model.modules()}
+    return next((e for _, e in EXPORTERS.items() if any(issubclass(k, e.marker) for k in kinds)), None)
 
 
 def float_copy(model: nn.Module) -> nn.Module:
     """A copy of a dynamically quantized model with plain ``nn.Linear`` / ``nn.Embedding`` layers
     holding the dequantized weights (what ONNX Runtime's quantizer starts from)."""
-    import copy
-
-    import torch
-
-    from ..quantization.dynamic import DynamicInt8Linear, Int8Embedding
-
     out = copy.deepcopy(model)
     for name, m in list(out.named_modules()):
         if isinstance(m, DynamicInt8Linear):
@@ -55,8 +72,7 @@ def float_copy(model: nn.Module) -> nn.Module:
             new.weight.copy_(w)
             if isinstance(new, nn.Linear) and m.bias is not None:
                 new.bias.copy_(m.bias)
-        parent, _, child = name.rpartition(".")
-        setattr(out.get_submodule(parent) if parent else out, child, new)
+        set_module(out, name, new)
     return out
 
 
@@ -64,42 +80,25 @@ def export_deployable(model: nn.Module, example_inputs: Any, path: str | os.Path
                       check: bool = True, embedding_bits: int | None = 8) -> tuple[Path, str]:
     """Write ``model`` to the ONNX file ``path``; returns ``(path, note)``.
 
-    ``embedding_bits`` applies to dynamically quantized models (8, 4 or None for float tables).
+    The exporter is chosen by the modules the model holds (:data:`EXPORTERS`); a model without
+    any registered marker exports as fp32. ``embedding_bits`` applies to dynamically quantized
+    models (8, 4 or None for float tables).
     """
-    from .onnx import check_onnx, export_onnx
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial.onnx")  # checked first, then moved into place
+    exporter = exporter_for(model)
     try:
-        if is_static_int8(model):
-            from .onnx_quant import export_int8_onnx
-
-            export_int8_onnx(model, example_inputs, tmp)
-            # int8 kernels round (x * scale) products differently from the fake-quant model, so the
-            # check bounds the difference by the output range instead of a float tolerance
-            note, atol = "int8 QDQ (static W8A8)", None
-        elif is_dynamic_int8(model):
-            from .onnx_dynamic import quantize_onnx_dynamic
-
-            flt = tmp.with_name(f".{path.name}.float.onnx")
-            try:
-                export_onnx(float_copy(model), example_inputs, flt, opset=20 if embedding_bits == 4 else 17)
-                info = quantize_onnx_dynamic(flt, tmp, embedding_bits=embedding_bits)
-            finally:
-                if flt.exists():
-                    flt.unlink()
-            tables = {8: "int8", 4: f"4-bit ({info['int4_tables']} tables)", None: "float"}[embedding_bits]
-            note, atol = f"ONNX Runtime dynamic int8 (MatMul weights int8 per channel, embedding tables {tables})", None
-        else:
+        if exporter is None:
             export_onnx(model, example_inputs, tmp)
-            note, atol = "fp32", 1e-4
-        if check and is_dynamic_int8(model):
-            db = _check_sqnr(tmp, model, example_inputs)
-            note += f"; ONNX Runtime vs PyTorch output SQNR {db:.1f} dB"
-        elif check:
-            err = check_onnx(tmp, model, example_inputs, atol=atol if atol is not None else _int8_tolerance(model, example_inputs))
-            note += f"; ONNX Runtime max abs diff vs PyTorch {err:.2e}"
+            note = "fp32"
+            if check:
+                err = check_onnx(tmp, model, example_inputs, atol=1e-4)
+                note += f"; ONNX Runtime max abs diff vs PyTorch {err:.2e}"
+        else:
+            note = exporter.write(model, example_inputs, tmp, {"embedding_bits": embedding_bits})
+            if check:
+                note += "; " + exporter.check(tmp, model, example_inputs)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -107,16 +106,44 @@ def export_deployable(model: nn.Module, example_inputs: Any, path: str | os.Path
     return path, note
 
 
+# -- the built-in exporters ----------------------------------------------------------------------
+def _write_static_int8(model: nn.Module, inputs: Any, path: Path, options: dict) -> str:
+    export_int8_onnx(model, inputs, path)
+    return "int8 QDQ (static W8A8)"
+
+
+def _check_static_int8(path: Path, model: nn.Module, inputs: Any) -> str:
+    # int8 kernels round (x * scale) products differently from the fake-quant model, so the
+    # check bounds the difference by the output range instead of a float tolerance
+    err = check_onnx(path, model, inputs, atol=_int8_tolerance(model, inputs))
+    return f"ONNX Runtime max abs diff vs PyTorch {err:.2e}"
+
+
+def _write_dynamic_int8(model: nn.Module, inputs: Any, path: Path, options: dict) -> str:
+    bits = options.get("embedding_bits")
+    flt = path.with_name(f".{path.name}.float.onnx")
+    try:
+        export_onnx(float_copy(model), inputs, flt, opset=20 if bits == 4 else 17)
+        info = quantize_onnx_dynamic(flt, path, embedding_bits=bits)
+    finally:
+        if flt.exists():
+            flt.unlink()
+    tables = {8: "int8", 4: f"4-bit ({info['int4_tables']} tables)", None: "float"}[bits]
+    return f"ONNX Runtime dynamic int8 (MatMul weights int8 per channel, embedding tables {tables})"
+
+
+def _check_dynamic_int8(path: Path, model: nn.Module, inputs: Any) -> str:
+    return f"ONNX Runtime vs PyTorch output SQNR {_check_sqnr(path, model, inputs):.1f} dB"
+
+
+register_exporter("static_int8", Exporter(FakeQuant, _write_static_int8, _check_static_int8))
+register_exporter("dynamic_int8", Exporter(DynamicInt8Linear, _write_dynamic_int8, _check_dynamic_int8))
+
+
 def _check_sqnr(path: Path, model: nn.Module, inputs: Any, min_db: float = 10.0) -> float:
     """Output SQNR of the ONNX file against the PyTorch model. ONNX Runtime's dynamic int8 rounds
     other numbers than ours (its own weight scales, activation ranges per call), so the outputs
     are compared as signals: a correct graph scores ~15-40 dB, a wrong one ~0 dB or less."""
-    import torch
-
-    from ..core.data import call_model
-    from ..quantization.primitives import sqnr
-    from .onnx import OnnxMismatchError, ort_feeds, ort_session
-
     session = ort_session(path, threads=None)
     got = torch.from_numpy(session.run(None, ort_feeds(session, inputs))[0])
     with torch.no_grad():
@@ -133,10 +160,6 @@ def _check_sqnr(path: Path, model: nn.Module, inputs: Any, min_db: float = 10.0)
 
 def _int8_tolerance(model: nn.Module, inputs: Any) -> float:
     """5% of the largest output magnitude: a wrong graph misses by far more, rounding by less."""
-    import torch
-
-    from ..core.data import call_model
-
     with torch.no_grad():
         out = call_model(model.eval(), inputs)
     out = out if isinstance(out, torch.Tensor) else next(iter(out.values() if isinstance(out, dict) else out))

@@ -26,6 +26,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -117,6 +118,21 @@ class _KeywordAdapter(nn.Module):
         return self.model(**dict(zip(self.names, args)))
 
 
+@contextlib.contextmanager
+def quiet_exporters():
+    """Silence torch.onnx's own log lines for the duration (e.g. 'torchvision is not installed.
+    Skipping torchvision::nms', printed while the dynamo exporter registers its ops): they are
+    about torch's internals, not about the user's model, and would bury modelpress's output.
+    Errors still show."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _export_torchscript(model, inputs, named, out_names, dynamic_axes, opset, dest) -> None:
     if isinstance(inputs, dict):
         model, args = _KeywordAdapter(model, list(named)), tuple(named.values())
@@ -124,7 +140,7 @@ def _export_torchscript(model, inputs, named, out_names, dynamic_axes, opset, de
         args = tuple(inputs)
     else:
         args: tuple = (inputs,)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), quiet_exporters():
         # we chose this exporter on purpose (see module docstring); numerics are checked by
         # check_onnx, which is what the tracer warnings ask for
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -146,7 +162,7 @@ def _export_dynamo(model, inputs, named, out_names, dynamic_axes, opset, dest) -
     else:
         args = tuple(inputs) if isinstance(inputs, (list, tuple)) else (inputs,)
         kwargs, dynamic_shapes = None, tuple(shapes.values())
-    with warnings.catch_warnings(), open(os.devnull, "w") as devnull, \
+    with warnings.catch_warnings(), quiet_exporters(), open(os.devnull, "w") as devnull, \
             contextlib.redirect_stdout(devnull):  # it prints progress lines
         warnings.simplefilter("ignore")
         program = torch.onnx.export(model, args, None, kwargs=kwargs, dynamo=True,

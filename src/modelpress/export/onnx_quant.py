@@ -43,12 +43,11 @@ import numpy as np
 from torch import nn
 
 from ..core.errors import UnsupportedError
+from ..quantization.static import FakeQuant
 from .onnx import OnnxExportError, export_onnx
 
 
 def _check_quantized(qmodel: nn.Module) -> None:
-    from ..quantization.static import FakeQuant
-
     quants = [m for m in qmodel.modules() if isinstance(m, FakeQuant)]
     if not quants:
         raise UnsupportedError(f"export_int8_onnx: {type(qmodel).__name__} has no int8 quantizers",

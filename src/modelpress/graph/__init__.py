@@ -10,8 +10,9 @@
     >>> from modelpress.graph import build_channel_graph
     >>> from modelpress.zoo.models import build_model
     >>> graph = build_channel_graph(build_model("resnet_small"), torch.zeros(2, 1, 28, 28))
-    >>> graph.groups[0]
-    Group(16 channels, 16 prunable: conv1.out, bn1, layer1.0.conv1.in, layer1.0.conv2.out, layer1.0.bn2, layer2.0.downsample.0.in, ... (+1))
+    >>> group = graph.groups[0]
+    >>> len(group), group.producers
+    (16, ['conv1', 'layer1.0.conv2'])
 """
 from .channels import analyze_channels
 from .groups import Axis, ChannelGraph, Group, Member, build_channel_graph

@@ -2,7 +2,7 @@
 
 Each function keeps the positions ``keep`` (sorted indices) along one *axis* of a layer
 and updates the constructor attributes (``out_channels``, ``in_features``, ``groups`` ...)
-so that :mod:`modelpress.export.modules` records the new architecture and a checkpoint
+so that :mod:`modelpress.nn.records` records the new architecture and a checkpoint
 reloads. Parameters are replaced by new, smaller ``nn.Parameter`` objects (an optimizer
 built before pruning must be rebuilt).
 
@@ -164,12 +164,9 @@ def axis_rows(module: nn.Module, kind: str) -> torch.Tensor:
     raise ValueError(f"unknown axis kind {kind!r}")
 
 
-def axis_grad_rows(module: nn.Module, kind: str) -> torch.Tensor | None:
-    """``weight * weight.grad`` arranged like :func:`axis_rows` (None when there is no grad)."""
-    w = getattr(module, "weight", None)
-    if w is None or w.grad is None:
-        return None
-    wg = (w.detach() * w.grad.detach())
+def axis_grad_rows(module: nn.Module, kind: str, grad: torch.Tensor) -> torch.Tensor:
+    """``weight * grad`` (``grad``: of the loss w.r.t. the weight) arranged like :func:`axis_rows`."""
+    wg = module.weight.detach() * grad.detach()
     if kind in ("out", "dw"):
         return wg.reshape(wg.shape[0], -1)
     if kind == "in":

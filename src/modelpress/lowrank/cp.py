@@ -14,9 +14,9 @@ The kernel is separable along height and width, so splitting stride, padding and
 per axis is exact. The rank is ``rank`` when given, else the largest one keeping at most
 ``param_ratio`` (default 0.5) of the layer's parameters. CP is an iterative fit and can be
 poor on kernels without low-rank structure: ``max_error`` leaves layers whose relative
-reconstruction error exceeds it dense (they are listed in ``ctx.info["skipped"]``, as are
+reconstruction error exceeds it dense (they are listed in ``info["skipped"]``, as are
 grouped convs, 1x1 kernels, for which ``lowrank.svd`` is the right tool, and layers that
-would not shrink). ``ctx.info["layers"]`` gives rank, params before/after and the relative
+would not shrink). ``info["layers"]`` gives rank, params before/after and the relative
 error ``||W - W_R||_F / ||W||_F``.
 
     >>> import torch
@@ -40,10 +40,9 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from ..core.config import MethodConfig
-from ..core.registry import MethodContext, register_method
-from ..core.scope import Scope, first_and_last
-from ..quantization.modules import set_module
-from .layers import FactorizedLayer, check_conv, conv_weight, n_params, relative_error
+from ..core.scope import Scope
+from ..engine import MethodInputs, MethodResult, register_method
+from .layers import FactorizedLayer, check_conv, conv_weight, factorize_layers, n_params, relative_error
 
 DEFAULT_PARAM_RATIO = 0.5
 LAYER_TYPES = ("Conv2d",)
@@ -129,35 +128,20 @@ def cp_conv(layer: nn.Conv2d, rank: int, n_iter_max: int = 100, seed: int = 0) -
 
 
 @register_method("lowrank.cp", CP, structural=True, layer_types=LAYER_TYPES)
-def cp(model: nn.Module, cfg: CP, ctx: MethodContext) -> nn.Module:
+def cp(model: nn.Module, cfg: CP, inputs: MethodInputs) -> MethodResult:
     """CP decomposition of Conv2d kernels into 1x1 -> depthwise kx1 -> 1xk -> 1x1 convs (tensorly parafac)."""
-    default_exclude = first_and_last(model, LAYER_TYPES) if cfg.keep_first_last else []
-    layers = cfg.scope.resolve(model, LAYER_TYPES, default_exclude=default_exclude)
-    report, skipped = {}, {}
-    for name, layer in layers:
+
+    def plan(layer: nn.Module):
         reason = check_conv(layer)
         if reason is None and tuple(layer.kernel_size) == (1, 1):
             reason = "1x1 conv (use lowrank.svd)"
-        if reason is None:
-            bias = layer.bias is not None
-            rank = cp_rank(tuple(layer.weight.shape), cfg, bias)
-            after = cp_params(tuple(layer.weight.shape), rank, bias)
-            if after >= n_params(layer):
-                reason = f"rank {rank} would not reduce parameters ({after} >= {n_params(layer)})"
         if reason is not None:
-            skipped[name] = reason
-            continue
-        new, err = cp_conv(layer, rank, cfg.n_iter_max, cfg.seed)
-        if cfg.max_error is not None and err > cfg.max_error:
-            skipped[name] = f"relative error {err:.3f} at rank {rank} exceeds max_error={cfg.max_error}"
-            continue
-        report[name] = {"rank": rank, "params_before": n_params(layer), "params_after": n_params(new),
-                        "rel_error": err}
-        set_module(model, name, new)
-    ctx.info["layers"] = report
-    ctx.info["skipped"] = skipped
-    if skipped:
-        ctx.log(f"lowrank.cp: left dense: {', '.join(f'{n} ({r})' for n, r in skipped.items())}")
-    if report:
-        ctx.finetune(model, "cp fine-tune")
-    return model
+            return reason
+        bias = layer.bias is not None
+        rank = cp_rank(tuple(layer.weight.shape), cfg, bias)
+        after = cp_params(tuple(layer.weight.shape), rank, bias)
+        if after >= n_params(layer):
+            return f"rank {rank} would not reduce parameters ({after} >= {n_params(layer)})"
+        return rank, lambda: cp_conv(layer, rank, cfg.n_iter_max, cfg.seed)
+
+    return factorize_layers(model, cfg, inputs, "cp", plan, LAYER_TYPES)

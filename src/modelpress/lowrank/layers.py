@@ -15,6 +15,7 @@ container and its children as plain ``Linear``/``Conv2d`` records, so
 from __future__ import annotations
 
 import math
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -23,10 +24,17 @@ from torch import nn
 
 from ..core.config import MethodConfig
 from ..core.errors import ConfigError
-from ..core.scope import Scope
-from ..export.modules import buildable
+from ..core.scope import Scope, first_and_last
+from ..engine import MethodInputs, MethodResult
+from ..nn.modules import set_module
+from ..nn.records import buildable
 
 METHODS = ("svd", "tucker", "cp")
+LAYER_TYPES = ("Linear", "Conv2d")
+
+# What a method's planner returns for one layer: a reason to leave it dense, or
+# (rank, factorize() -> (new layer, relative error)).
+Plan = Callable[[nn.Module], "str | tuple[Any, Callable[[], tuple[nn.Module, float]]]"]
 
 
 class RankChoice(MethodConfig):
@@ -203,3 +211,32 @@ def conv_weight(layer: nn.Conv2d, shape: tuple[int, ...], weight: torch.Tensor, 
         elif bias:
             conv.bias.zero_()
     return conv.to(device=layer.weight.device, dtype=layer.weight.dtype)
+
+
+def factorize_layers(model: nn.Module, cfg: Any, inputs: MethodInputs, method: str, plan: Plan,
+                     layer_types: tuple[str, ...] = LAYER_TYPES) -> MethodResult:
+    """The one driver of the low-rank methods: every layer of ``layer_types`` in ``cfg.scope``
+    (first and last left out with ``cfg.keep_first_last``) is planned by ``plan``; a layer is replaced by
+    its factors unless the plan gives a reason not to (or the relative error exceeds
+    ``cfg.max_error``, when the config has one). Reports per layer the rank, the parameters
+    before and after and the relative error; the layers left dense and why."""
+    default_exclude = first_and_last(model, layer_types) if cfg.keep_first_last else []
+    layers = cfg.scope.resolve(model, layer_types, default_exclude=default_exclude)
+    max_error = getattr(cfg, "max_error", None)
+    report, skipped = {}, {}
+    for name, layer in layers:
+        step = plan(layer)
+        if isinstance(step, str):
+            skipped[name] = step
+            continue
+        rank, factorize = step
+        new, err = factorize()
+        if max_error is not None and err > max_error:
+            skipped[name] = f"relative error {err:.3f} at rank {rank} exceeds max_error={max_error}"
+            continue
+        report[name] = {"rank": rank, "params_before": n_params(layer), "params_after": n_params(new),
+                        "rel_error": err}
+        set_module(model, name, new)
+    if skipped:
+        inputs.log(f"lowrank.{method}: left dense: {', '.join(f'{n} ({r})' for n, r in skipped.items())}")
+    return MethodResult(model, {"layers": report, "skipped": skipped})

@@ -4,7 +4,7 @@ A weight ``W`` (out x in) becomes ``U_r diag(S_r) V_r^T``: one layer ``in -> r``
 holding ``diag(S_r)^(1/2) V_r^T``, then one ``r -> out`` holding ``U_r diag(S_r)^(1/2)`` and
 the original bias, in a :class:`~.layers.FactorizedLayer`. That costs ``r * (in + out)``
 weights instead of ``in * out``, so a layer is factorized only when its rank is below
-``in * out / (in + out)``; the others are left dense and listed in ``ctx.info["skipped"]``.
+``in * out / (in + out)``; the others are left dense and listed in ``info["skipped"]``.
 
 The rank of each layer comes from exactly one of
 
@@ -12,7 +12,7 @@ The rank of each layer comes from exactly one of
 * ``energy``: the fraction of the sum of squared singular values kept (e.g. 0.95);
 * ``param_ratio``: the largest rank keeping at most this fraction of the layer's parameters;
 
-and ``energy=0.95`` when none is given. ``ctx.info["layers"]`` gives per layer: rank,
+and ``energy=0.95`` when none is given. ``info["layers"]`` gives per layer: rank,
 params before/after and the relative reconstruction error ``||W - W_r||_F / ||W||_F``.
 
     >>> import torch
@@ -33,10 +33,17 @@ import math
 import torch
 from torch import nn
 
-from ..core.registry import MethodContext, register_method
-from ..core.scope import first_and_last
-from ..quantization.modules import set_module
-from .layers import FactorizedLayer, RankChoice, check_conv, conv_weight, energy_rank, n_params, ratio_rank
+from ..engine import MethodInputs, MethodResult, register_method
+from .layers import (
+    LAYER_TYPES,
+    FactorizedLayer,
+    RankChoice,
+    check_conv,
+    conv_weight,
+    energy_rank,
+    factorize_layers,
+    ratio_rank,
+)
 
 DEFAULT_ENERGY = 0.95
 
@@ -95,34 +102,19 @@ def unsupported(layer: nn.Module) -> str | None:
     return None
 
 
-LAYER_TYPES = ("Linear", "Conv2d")
-
-
 @register_method("lowrank.svd", SVD, structural=True, layer_types=LAYER_TYPES)
-def svd(model: nn.Module, cfg: SVD, ctx: MethodContext) -> nn.Module:
+def svd(model: nn.Module, cfg: SVD, inputs: MethodInputs) -> MethodResult:
     """Truncated SVD of Linear / 1x1 conv weights into two thinner layers (rank by ratio, energy or budget)."""
-    default_exclude = first_and_last(model, LAYER_TYPES) if cfg.keep_first_last else []
-    layers = cfg.scope.resolve(model, LAYER_TYPES, default_exclude=default_exclude)
-    report, skipped = {}, {}
-    for name, layer in layers:
+
+    def plan(layer: nn.Module):
         reason = unsupported(layer)
-        if reason is None:
-            w = layer_matrix(layer)
-            out_f, in_f = w.shape
-            rank = svd_rank(torch.linalg.svdvals(w.double()), out_f, in_f, cfg)
-            if rank * (in_f + out_f) >= in_f * out_f:
-                reason = f"rank {rank} would not reduce parameters (needs < {in_f * out_f / (in_f + out_f):.1f})"
         if reason is not None:
-            skipped[name] = reason
-            continue
-        new, err = factorize_matrix_layer(layer, rank)
-        report[name] = {"rank": rank, "params_before": n_params(layer), "params_after": n_params(new),
-                        "rel_error": err}
-        set_module(model, name, new)
-    ctx.info["layers"] = report
-    ctx.info["skipped"] = skipped
-    if skipped:
-        ctx.log(f"lowrank.svd: left dense: {', '.join(f'{n} ({r})' for n, r in skipped.items())}")
-    if report:
-        ctx.finetune(model, "svd fine-tune")
-    return model
+            return reason
+        w = layer_matrix(layer)
+        out_f, in_f = w.shape
+        rank = svd_rank(torch.linalg.svdvals(w.double()), out_f, in_f, cfg)
+        if rank * (in_f + out_f) >= in_f * out_f:
+            return f"rank {rank} would not reduce parameters (needs < {in_f * out_f / (in_f + out_f):.1f})"
+        return rank, lambda: factorize_matrix_layer(layer, rank)
+
+    return factorize_layers(model, cfg, inputs, "svd", plan)

@@ -23,7 +23,7 @@ Ranks come from exactly one of
 
 and ``energy=0.95`` when none is given. ``min_rank`` bounds every rule from below.
 Grouped/depthwise convs and layers that would not shrink are left dense and listed in
-``ctx.info["skipped"]``; ``ctx.info["layers"]`` gives ranks, params before/after and the
+``info["skipped"]``; ``info["layers"]`` gives ranks, params before/after and the
 relative reconstruction error of each factorized kernel.
 
     >>> import torch
@@ -45,11 +45,19 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from ..core.registry import MethodContext, register_method
-from ..core.scope import first_and_last
-from ..quantization.modules import set_module
-from .layers import (FactorizedLayer, RankChoice, check_conv, conv_weight, energy_rank, n_params, ratio_rank,
-                     relative_error, vbmf_rank)
+from ..engine import MethodInputs, MethodResult, register_method
+from .layers import (
+    FactorizedLayer,
+    RankChoice,
+    check_conv,
+    conv_weight,
+    energy_rank,
+    factorize_layers,
+    n_params,
+    ratio_rank,
+    relative_error,
+    vbmf_rank,
+)
 
 DEFAULT_ENERGY = 0.95
 LAYER_TYPES = ("Conv2d",)
@@ -132,30 +140,18 @@ def tucker_conv(layer: nn.Conv2d, r_out: int, r_in: int, n_iter_max: int = 100) 
 
 
 @register_method("lowrank.tucker", Tucker, structural=True, layer_types=LAYER_TYPES)
-def tucker(model: nn.Module, cfg: Tucker, ctx: MethodContext) -> nn.Module:
+def tucker(model: nn.Module, cfg: Tucker, inputs: MethodInputs) -> MethodResult:
     """Tucker-2 decomposition of Conv2d kernels into 1x1 -> kxk -> 1x1 convs (tensorly partial_tucker)."""
-    default_exclude = first_and_last(model, LAYER_TYPES) if cfg.keep_first_last else []
-    layers = cfg.scope.resolve(model, LAYER_TYPES, default_exclude=default_exclude)
-    report, skipped = {}, {}
-    for name, layer in layers:
+
+    def plan(layer: nn.Module):
         reason = check_conv(layer)
-        if reason is None:
-            bias = layer.bias is not None
-            r_out, r_in = tucker_ranks(layer.weight, cfg, bias)
-            after = tucker_params(tuple(layer.weight.shape), r_out, r_in, bias)
-            if after >= n_params(layer):
-                reason = f"ranks ({r_out}, {r_in}) would not reduce parameters ({after} >= {n_params(layer)})"
         if reason is not None:
-            skipped[name] = reason
-            continue
-        new, err = tucker_conv(layer, r_out, r_in, cfg.n_iter_max)
-        report[name] = {"rank": [r_out, r_in], "params_before": n_params(layer), "params_after": n_params(new),
-                        "rel_error": err}
-        set_module(model, name, new)
-    ctx.info["layers"] = report
-    ctx.info["skipped"] = skipped
-    if skipped:
-        ctx.log(f"lowrank.tucker: left dense: {', '.join(f'{n} ({r})' for n, r in skipped.items())}")
-    if report:
-        ctx.finetune(model, "tucker fine-tune")
-    return model
+            return reason
+        bias = layer.bias is not None
+        r_out, r_in = tucker_ranks(layer.weight, cfg, bias)
+        after = tucker_params(tuple(layer.weight.shape), r_out, r_in, bias)
+        if after >= n_params(layer):
+            return f"ranks ({r_out}, {r_in}) would not reduce parameters ({after} >= {n_params(layer)})"
+        return [r_out, r_in], lambda: tucker_conv(layer, r_out, r_in, cfg.n_iter_max)
+
+    return factorize_layers(model, cfg, inputs, "tucker", plan, LAYER_TYPES)

@@ -14,17 +14,18 @@ Importance is ``l1`` (L1 norm of a head's q/k/v rows and output columns, each ma
 normalised by its mean, as in :mod:`.importance`) or ``taylor`` (``|sum(w * grad)|`` over the
 same weights, from a few batches of data with a loss). Works on the zoo's ``minilm`` and on
 any ``transformers`` BERT/RoBERTa-style model; the saved artifact records the new head counts
-(:mod:`modelpress.export.modules`) so it reloads.
+(:mod:`modelpress.nn.records`) so it reloads.
 
     >>> import torch, transformers
     >>> from modelpress import prune
-    >>> from modelpress.zoo.text import SentenceEncoder
+    >>> from modelpress.artifact.hf import SentenceEncoder
     >>> cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
     ...                               intermediate_size=64, max_position_embeddings=16)
     >>> model = SentenceEncoder(transformers.BertModel(cfg, add_pooling_layer=False))
     >>> small = prune(model, HeadPruning(head_ratio=0.5, ffn_ratio=0.25))
     >>> attn = small.backbone.encoder.layer[0].attention.self
-    >>> attn.num_attention_heads, attn.query.out_features, small.backbone.encoder.layer[0].intermediate.dense.out_features
+    >>> ffn = small.backbone.encoder.layer[0].intermediate.dense
+    >>> attn.num_attention_heads, attn.query.out_features, ffn.out_features
     (2, 16, 48)
 
 Returns a pruned copy (``inplace=True`` edits the model).
@@ -41,10 +42,10 @@ from torch import nn
 
 from ..core.config import MethodConfig
 from ..core.errors import DataError, ScopeError, UnsupportedError
-from ..core.registry import MethodContext, register_method
 from ..core.scope import Scope
+from ..engine import MethodInputs, MethodResult, register_method
 from ..graph.surgery import prune_axis
-from .importance import backward_batches, normalised_mean
+from .importance import gradient_batches, normalised_mean
 
 LAYER_TYPES = ("BertLayer", "RobertaLayer", "XLMRobertaLayer", "CamembertLayer", "ElectraLayer")
 
@@ -121,9 +122,9 @@ def select_layers(model: nn.Module, cfg: HeadPruning) -> list[EncoderLayer]:
                                "(attention.self.query/key/value, attention.output.dense, intermediate.dense, "
                                "output.dense)", hint="prune.heads is for transformer encoders; use prune.channels "
                                                      "for CNNs and MLPs")
-    types = tuple(sorted({type(model.get_submodule(l.name)).__name__ for l in layers}))
+    types = tuple(sorted({type(model.get_submodule(x.name)).__name__ for x in layers}))
     chosen = {n for n, _ in cfg.scope.resolve(model, types)}
-    layers = [l for l in layers if l.name in chosen]
+    layers = [x for x in layers if x.name in chosen]
     if not layers:
         raise ScopeError("the scope selects no encoder layer", hint=f"encoder layers are of type {', '.join(types)}")
     return layers
@@ -155,32 +156,31 @@ def _accumulate(total, parts):
     return parts if total is None else [(a + p, c) for (a, c), (p, _) in zip(total, parts)]
 
 
-def _weight_times_grad(layer: EncoderLayer) -> dict[str, torch.Tensor]:
-    out = {}
-    for k in _WEIGHTS:
-        w = getattr(layer, k).weight
-        out[k] = w.detach() * w.grad if w.grad is not None else torch.zeros_like(w)
-    return out
+def _weights(layer: EncoderLayer) -> list[torch.Tensor]:
+    return [getattr(layer, k).weight for k in _WEIGHTS]
 
 
 def layer_importance(model: nn.Module, layers: list[EncoderLayer], cfg: HeadPruning,
-                     ctx: MethodContext | None = None):
+                     inputs: MethodInputs | None = None):
     """``[(head_scores[H], ffn_scores[I])]`` per layer; higher = keep."""
     if cfg.importance == "l1":
-        rows = [{k: getattr(l, k).weight.detach().abs() for k in _WEIGHTS} for l in layers]
-        heads = [_head_parts(l, r) for l, r in zip(layers, rows)]
-        ffn = [_ffn_parts(l, r) for l, r in zip(layers, rows)]
+        rows = [{k: getattr(layer, k).weight.detach().abs() for k in _WEIGHTS} for layer in layers]
+        heads = [_head_parts(layer, r) for layer, r in zip(layers, rows)]
+        ffn = [_ffn_parts(layer, r) for layer, r in zip(layers, rows)]
     else:
-        if ctx is None or ctx.data is None:
+        if inputs is None or inputs.data is None:
             raise DataError("importance='taylor' needs data with a loss", hint="pass data=..., or use 'l1'")
         heads, ffn = [None] * len(layers), [None] * len(layers)
-        for _ in backward_batches(model, ctx.data, ctx.loss_fn, cfg.taylor_batches):
+        weights = [w for layer in layers for w in _weights(layer)]
+        for grads in gradient_batches(model, weights, inputs.data, inputs.loss_fn, cfg.taylor_batches,
+                                      "taylor importance"):
             for i, layer in enumerate(layers):  # |sum(w * grad)| per head / neuron, per batch
-                wg = _weight_times_grad(layer)
+                g = grads[i * len(_WEIGHTS):(i + 1) * len(_WEIGHTS)]
+                wg = {k: w.detach() * gk for k, w, gk in zip(_WEIGHTS, _weights(layer), g)}
                 heads[i] = _accumulate(heads[i], _head_parts(layer, wg))
                 ffn[i] = _accumulate(ffn[i], _ffn_parts(layer, wg))
-    return [(normalised_mean(h, l.heads), normalised_mean(f, l.ffn_in.out_features))
-            for l, h, f in zip(layers, heads, ffn)]
+    return [(normalised_mean(h, layer.heads), normalised_mean(f, layer.ffn_in.out_features))
+            for layer, h, f in zip(layers, heads, ffn)]
 
 
 # -- removal -------------------------------------------------------------------------------------
@@ -219,11 +219,11 @@ def _count(ratio: float, n: int, floor_keep: int) -> int:
 
 
 @register_method("prune.heads", HeadPruning, structural=True, layer_types=LAYER_TYPES)
-def head_prune(model: nn.Module, cfg: HeadPruning, ctx: MethodContext) -> nn.Module:
+def head_prune(model: nn.Module, cfg: HeadPruning, inputs: MethodInputs) -> MethodResult:
     """Remove attention heads and FFN neurons of BERT-style encoder layers."""
     layers = select_layers(model, cfg)
     params0 = sum(p.numel() for p in model.parameters())
-    scores = layer_importance(model, layers, cfg, ctx)
+    scores = layer_importance(model, layers, cfg, inputs)
     heads, ffn = {}, {}
     for layer, (head_scores, ffn_scores) in zip(layers, scores):
         h0, f0 = layer.heads, layer.ffn_in.out_features
@@ -232,7 +232,6 @@ def head_prune(model: nn.Module, cfg: HeadPruning, ctx: MethodContext) -> nn.Mod
         heads[layer.name] = [h0, layer.heads]
         ffn[layer.name] = [f0, layer.ffn_in.out_features]
     params1 = sum(p.numel() for p in model.parameters())
-    ctx.info.update({"heads": heads, "ffn": ffn, "params": [params0, params1]})
-    ctx.log(f"prune.heads: {sum(h[0] for h in heads.values())} -> {sum(h[1] for h in heads.values())} heads, "
-            f"params {params0:,} -> {params1:,}")
-    return model
+    inputs.log(f"prune.heads: {sum(h[0] for h in heads.values())} -> {sum(h[1] for h in heads.values())} heads, "
+               f"params {params0:,} -> {params1:,}")
+    return MethodResult(model, {"heads": heads, "ffn": ffn, "params": [params0, params1]})

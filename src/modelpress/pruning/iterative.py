@@ -31,10 +31,10 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from ..core.config import MethodConfig
-from ..core.registry import MethodContext, register_method
 from ..core.scope import Scope
 from ..core.training import TrainConfig, fit
-from .criteria import score_layers
+from ..engine import MethodInputs, MethodResult, register_method
+from .importance import check_criterion, weight_importance
 from .magnitude import UnstructuredPruning, prune_to, select_layers
 
 
@@ -43,13 +43,19 @@ class IterativePruning(MethodConfig):
 
     steps: list[float] = Field(default_factory=lambda: [0.5, 0.75, 0.9],
                                description="increasing target sparsities, one prune + fine-tune each")
-    criterion: Literal["l1", "l2", "random", "taylor", "snip"] = "l1"
+    criterion: str = Field("l1", description="importance of each weight (see modelpress.pruning.importance): "
+                                             "l1, l2, random, taylor or snip")
     ranking: Literal["global", "layer"] = "global"
     scope: Scope = Scope()
     keep_first_last: bool = Field(True, description="leave the first and last layer dense")
     finetune: TrainConfig | None = Field(None, description="per-step fine-tune; None = the caller's train config")
     batches: int = Field(8, ge=1, description="batches for the taylor/snip scores")
     seed: int = Field(0, ge=0, description="seed of the random criterion")
+
+    @field_validator("criterion")
+    @classmethod
+    def _criterion(cls, v):
+        return check_criterion(v, "weights")
 
     @field_validator("steps")
     @classmethod
@@ -85,8 +91,8 @@ def iterative_prune(model: nn.Module, cfg: IterativePruning, data: Any = None, t
     layers = select_layers(model, _step_config(cfg, cfg.steps[-1]))
     records = []
     for i, target in enumerate(cfg.steps):
-        scores = score_layers(cfg.criterion, model, layers, data=data, loss_fn=loss_fn,
-                              batches=cfg.batches, seed=cfg.seed)
+        scores = weight_importance(cfg.criterion, model, layers, data=data, loss_fn=loss_fn,
+                                   batches=cfg.batches, seed=cfg.seed)
         prune_to(layers, _step_config(cfg, target), target, scores)
         if train is not None and data is not None:
             fit(model, data, train, loss_fn=loss_fn, description=f"step {i + 1}/{len(cfg.steps)}: fine-tune")
@@ -100,13 +106,13 @@ def iterative_prune(model: nn.Module, cfg: IterativePruning, data: Any = None, t
 
 @register_method("prune.iterative", IterativePruning, needs_training=True,
                  layer_types=("Linear", "Conv2d", "Conv1d"))
-def iterative_prune_method(model: nn.Module, cfg: IterativePruning, ctx: MethodContext) -> nn.Module:
+def iterative_prune_method(model: nn.Module, cfg: IterativePruning, inputs: MethodInputs) -> MethodResult:
     """Iterative pruning: prune to each sparsity step, fine-tune after each (masks enforced)."""
-    train = cfg.finetune or ctx.train
-    if train is None or ctx.data is None:
-        ctx.log("prune.iterative: no training given, so the steps run back to back without fine-tuning")
-    ctx.info["steps"] = iterative_prune(model, cfg, ctx.data, ctx.train, loss_fn=ctx.loss_fn, log=ctx.log)
+    train = cfg.finetune or inputs.train
+    trains = train is not None and inputs.data is not None
+    if not trains:
+        inputs.log("prune.iterative: no training given, so the steps run back to back without fine-tuning")
+    steps = iterative_prune(model, cfg, inputs.data, inputs.train, loss_fn=inputs.loss_fn, log=inputs.log)
     layers = select_layers(model, _step_config(cfg, cfg.steps[-1]))
-    ctx.info["layer_sparsity"] = {n: float((m.weight == 0).float().mean()) for n, m in layers}
-    ctx.trained = train is not None and ctx.data is not None
-    return model
+    info = {"steps": steps, "layer_sparsity": {n: float((m.weight == 0).float().mean()) for n, m in layers}}
+    return MethodResult(model, info, trained=trains)

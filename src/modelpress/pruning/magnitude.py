@@ -34,12 +34,12 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from ..core.config import MethodConfig
-from ..core.data import as_data
 from ..core.errors import ScopeError
 from ..core.masks import get_mask, set_mask
-from ..core.registry import MethodContext, register_method
 from ..core.scope import Scope, first_and_last
-from ..core.training import fit, total_steps
+from ..core.training import total_steps
+from ..engine import MethodInputs, MethodResult, register_method
+from .importance import magnitude_scores
 from .schedules import OneShot, Schedule
 
 PRUNABLE = ("Linear", "Conv2d", "Conv1d")
@@ -84,11 +84,6 @@ def select_layers(model: nn.Module, cfg: UnstructuredPruning) -> Layers:
             raise ScopeError(f"layer_sparsity names {name!r}, which is not a selected prunable layer",
                              hint=f"selected layers: {', '.join(sorted(names))}")
     return layers
-
-
-def magnitude_scores(layers: Layers, norm: str = "l1") -> dict[str, torch.Tensor]:
-    """``|w|`` or ``w**2`` per weight of each layer."""
-    return {n: (m.weight.detach().abs() if norm == "l1" else m.weight.detach().pow(2)) for n, m in layers}
 
 
 def _mask_smallest(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -153,29 +148,24 @@ class _ScheduleCallback:
             self.history.append((step, target))
 
 
-def run_unstructured(model: nn.Module, cfg: UnstructuredPruning, ctx: MethodContext, scorer: Scorer) -> nn.Module:
+def run_unstructured(model: nn.Module, cfg: UnstructuredPruning, inputs: MethodInputs, scorer: Scorer) -> MethodResult:
     """Prune ``model`` in place by ``scorer``: one-shot, or along the schedule while fine-tuning.
 
-    The schedule runs only when the caller gave training (``ctx.train`` and ``ctx.data``);
-    otherwise the target is applied at once and the caller fine-tunes (``ctx.trained`` stays False).
+    The schedule runs only when the caller gave training (``inputs.train`` and ``inputs.data``);
+    otherwise the target is applied at once and the engine fine-tunes afterwards.
     """
     layers = select_layers(model, cfg)
-    if isinstance(cfg.schedule, OneShot) or ctx.train is None or ctx.data is None:
-        ctx.info["layer_sparsity"] = prune_to(layers, cfg, cfg.sparsity, scorer(layers))
-        return model
-    data = as_data(ctx.data, batch_size=ctx.train.batch_size, shuffle=True)
-    schedule = cfg.schedule.resolve(total_steps(data, ctx.train))
+    if isinstance(cfg.schedule, OneShot) or not inputs.can_train:
+        return MethodResult(model, {"layer_sparsity": prune_to(layers, cfg, cfg.sparsity, scorer(layers))})
+    schedule = cfg.schedule.resolve(total_steps(inputs.training_data(), inputs.train))
     cb = _ScheduleCallback(layers, cfg, schedule, scorer)
-    fit(model, data, ctx.train, loss_fn=ctx.loss_fn, callbacks=[cb], description="prune + fine-tune",
-        evaluation=ctx.evaluation)
+    inputs.fit(model, "prune + fine-tune", callbacks=[cb])
     # The schedule may end after the training does (e.g. a short run): make the target exact.
-    ctx.info["layer_sparsity"] = prune_to(layers, cfg, cfg.sparsity, scorer(layers))
-    ctx.info["schedule"] = cb.history
-    ctx.trained = True
-    return model
+    info = {"layer_sparsity": prune_to(layers, cfg, cfg.sparsity, scorer(layers)), "schedule": cb.history}
+    return MethodResult(model, info, trained=True)
 
 
 @register_method("prune.magnitude", MagnitudePruning, layer_types=PRUNABLE)
-def magnitude_prune(model: nn.Module, cfg: MagnitudePruning, ctx: MethodContext) -> nn.Module:
+def magnitude_prune(model: nn.Module, cfg: MagnitudePruning, inputs: MethodInputs) -> MethodResult:
     """Unstructured magnitude pruning (L1/L2, global or per layer), one-shot or scheduled."""
-    return run_unstructured(model, cfg, ctx, lambda layers: magnitude_scores(layers, cfg.norm))
+    return run_unstructured(model, cfg, inputs, lambda layers: magnitude_scores(layers, cfg.norm))

@@ -11,7 +11,7 @@ Groups run along the *input* (reduction) dimension, the layout sparse tensor cor
 In each group the N largest ``|w|`` stay; the others are zeroed and masked, so fine-tuning
 keeps the pattern. A layer whose reduction length ``in*kh*kw`` is not divisible by M
 (LeNet-5's conv2: 150; a depthwise 3x3: 9) is handled by ``incompatible``: ``"skip"``
-(default: left dense and reported in ``ctx.info["skipped"]``, as NVIDIA's ASP does;
+(default: left dense and reported in the run's ``info["skipped"]``, as NVIDIA's ASP does;
 naming such a layer explicitly in the scope is an error), ``"error"``, or ``"pad"``: the
 row is treated as zero-padded to a multiple of M (what a kernel would do), so the last,
 short group keeps at most N weights.
@@ -35,8 +35,8 @@ from torch import nn
 from ..core.config import MethodConfig
 from ..core.errors import UnsupportedError
 from ..core.masks import get_mask, set_mask
-from ..core.registry import MethodContext, register_method
 from ..core.scope import Scope, first_and_last
+from ..engine import MethodInputs, MethodResult, register_method
 from .magnitude import PRUNABLE
 
 
@@ -103,7 +103,7 @@ def verify_nm(weight: torch.Tensor, n: int, m: int) -> bool:
 
 
 @register_method("prune.nm", NMSparsity, layer_types=PRUNABLE)
-def nm_prune(model: nn.Module, cfg: NMSparsity, ctx: MethodContext) -> nn.Module:
+def nm_prune(model: nn.Module, cfg: NMSparsity, inputs: MethodInputs) -> MethodResult:
     """N:M semi-structured sparsity (2:4, 1:4, 4:8 ...) along the input dimension, masked."""
     default_exclude = first_and_last(model, PRUNABLE) if cfg.keep_first_last else []
     layers = cfg.scope.resolve(model, PRUNABLE, default_exclude=default_exclude)
@@ -131,9 +131,9 @@ def nm_prune(model: nn.Module, cfg: NMSparsity, ctx: MethodContext) -> nn.Module
                 scores = scores.masked_fill(old == 0, -1.0)
             mask = nm_mask(mod.weight, cfg.n, cfg.m, scores)
             set_mask(mod, "weight", mask if old is None else mask * old)
-    ctx.info["layer_sparsity"] = {n: float((mod.weight == 0).float().mean()) for n, mod in layers}
-    ctx.info["pattern"] = f"{cfg.n}:{cfg.m}"
+    info = {"layer_sparsity": {n: float((mod.weight == 0).float().mean()) for n, mod in layers},
+            "pattern": f"{cfg.n}:{cfg.m}"}
     if skipped:
-        ctx.info["skipped"] = skipped
-        ctx.log(f"prune.nm left dense: {', '.join(f'{n} ({why})' for n, why in skipped.items())}")
-    return model
+        info["skipped"] = skipped
+        inputs.log(f"prune.nm left dense: {', '.join(f'{n} ({why})' for n, why in skipped.items())}")
+    return MethodResult(model, info)

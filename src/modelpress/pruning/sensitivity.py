@@ -23,8 +23,8 @@ sparsities that meet a global target while losing as little accuracy as possible
 """
 from __future__ import annotations
 
-import math
 import dataclasses
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -36,6 +36,7 @@ from torch import nn
 from ..core.config import StrictModel
 from ..core.data import as_data, batch_size_of, split_batch
 from ..core.errors import ConfigError
+from ..core.io import atomic_path
 from ..core.progress import progress_bar
 from ..core.scope import Scope, first_and_last
 from ..core.training import classification_loss, evaluate_accuracy
@@ -123,7 +124,6 @@ class SensitivityResult:
         ax.legend(fontsize="small", loc="best")
         fig.tight_layout()
         path = Path(path)
-        from ..core.io import atomic_path
 
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format="png")

@@ -11,7 +11,7 @@ computes exactly what it was trained to). The filters stay in the tensor; removi
 physically, with the next layer's input channels, is structured pruning
 (``prune.channels``).
 
-Without training (no ``train=`` / ``ctx.train``) only the hard cut happens, i.e. one-shot
+Without training (no ``train=`` / ``inputs.train``) only the hard cut happens, i.e. one-shot
 L2 filter pruning.
 
     >>> import torch
@@ -32,11 +32,9 @@ from pydantic import Field
 from torch import nn
 
 from ..core.config import MethodConfig
-from ..core.data import as_data
 from ..core.masks import set_mask
-from ..core.registry import MethodContext, register_method
 from ..core.scope import Scope, first_and_last
-from ..core.training import fit
+from ..engine import MethodInputs, MethodResult, register_method
 from .magnitude import PRUNABLE
 
 Layers = list[tuple[str, nn.Module]]
@@ -106,21 +104,18 @@ def select_convs(model: nn.Module, cfg: SoftFilterPruning) -> Layers:
 
 
 @register_method("prune.soft_filter", SoftFilterPruning, needs_training=True, layer_types=("Conv2d",))
-def soft_filter_prune(model: nn.Module, cfg: SoftFilterPruning, ctx: MethodContext) -> nn.Module:
+def soft_filter_prune(model: nn.Module, cfg: SoftFilterPruning, inputs: MethodInputs) -> MethodResult:
     """Soft filter pruning: zeroed filters keep training and may recover; masked hard cut at the end."""
     layers = select_convs(model, cfg)
     history: list = []
-    if ctx.train is not None and ctx.data is not None:
-        data = as_data(ctx.data, batch_size=ctx.train.batch_size, shuffle=True)
-        cb = SoftFilterCallback(layers, cfg.ratio, cfg.frequency or max(1, len(data)))
-        fit(model, data, ctx.train, loss_fn=ctx.loss_fn, callbacks=[cb], description="soft filter pruning",
-            evaluation=ctx.evaluation)
+    if inputs.can_train:
+        cb = SoftFilterCallback(layers, cfg.ratio, cfg.frequency or max(1, len(inputs.training_data())))
+        inputs.fit(model, "soft filter pruning", callbacks=[cb])
         history = cb.history
-        ctx.trained = True
     else:
-        ctx.log("prune.soft_filter: no training given, so only the final hard cut is applied")
+        inputs.log("prune.soft_filter: no training given, so only the final hard cut is applied")
     cut = cut_weakest_filters(layers, cfg.ratio)
     # Filters zeroed in some soft round that the final cut spared: they came back.
     revived = {n: sorted({i for _, z in history for i in z[n]} - set(cut[n])) for n in cut}
-    ctx.info.update(filters_cut=cut, revived=revived, soft_rounds=len(history))
-    return model
+    return MethodResult(model, {"filters_cut": cut, "revived": revived, "soft_rounds": len(history)},
+                        trained=inputs.can_train)

@@ -11,7 +11,7 @@ is smaller and faster on any hardware: no masks, no sparse kernels.
 * ``target_macs_reduction``: prune in small steps until at least this fraction of the
   multiply-accumulates is gone (give either this or ``ratio``).
 * Layers that cannot be pruned safely (the output layer, a reshape mixing channels, an op
-  structured pruning does not know) are left intact and listed in ``ctx.info["skipped"]``.
+  structured pruning does not know) are left intact and listed in the report's ``info["skipped"]``.
 
 An example input is needed to trace the model: the first batch of ``data``, or
 ``input_shape``. Returns a pruned copy (``prune(..., inplace=True)`` edits the model)::
@@ -33,16 +33,17 @@ import math
 from typing import Any, Iterator, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from ..core.config import MethodConfig, StrictModel
 from ..core.data import as_data, call_model, slice_inputs
 from ..core.errors import DataError, ScopeError, UnsupportedError
-from ..core.registry import MethodContext, register_method
 from ..core.scope import Scope
+from ..engine import MethodInputs, MethodResult, register_method
 from ..graph import ChannelGraph, Group, build_channel_graph
-from .importance import CRITERIA, channel_importance
+from ..nn.macs import count_macs as mac_report
+from .importance import channel_importance, check_criterion
 
 PRUNABLE = ("Conv2d", "Conv1d", "Linear")
 
@@ -63,7 +64,8 @@ class ChannelPruning(MethodConfig):
                                                               "unless target_macs_reduction is given)")
     target_macs_reduction: float | None = Field(None, gt=0, lt=1, description="remove at least this fraction "
                                                                               "of the MACs")
-    importance: Literal["l1", "l2", "bn_scale", "taylor", "random"] = "l1"
+    importance: str = Field("l1", description="importance of each channel (see modelpress.pruning.importance): "
+                                              "l1, l2, bn_scale, taylor or random")
     ranking: Literal["layer", "global"] = "layer"
     scope: Scope = Scope()
     min_channels: int = Field(1, ge=1, description="channels every layer keeps at least")
@@ -72,6 +74,11 @@ class ChannelPruning(MethodConfig):
     input_shape: list[int] | None = Field(None, description="example input shape, e.g. [1, 1, 28, 28], "
                                                             "used when no data is given")
     advanced: ChannelPruningAdvanced = Field(default_factory=ChannelPruningAdvanced)
+
+    @field_validator("importance")
+    @classmethod
+    def _importance(cls, v):
+        return check_criterion(v, "channels")
 
     @model_validator(mode="before")
     @classmethod
@@ -88,9 +95,7 @@ class ChannelPruning(MethodConfig):
 # -- measuring ---------------------------------------------------------------------------------
 def count_macs(model: nn.Module, inputs: Any) -> int:
     """MACs of one forward on ``inputs``, as ``modelpress analyze`` counts them."""
-    from ..analysis.macs import count_macs as report
-
-    return report(model, inputs).total
+    return mac_report(model, inputs).total
 
 
 def layer_macs(graph: ChannelGraph):
@@ -116,11 +121,11 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def example_inputs(cfg: ChannelPruning, ctx: MethodContext) -> Any:
+def example_inputs(cfg: ChannelPruning, data: Any) -> Any:
     """Two samples of the first data batch, or seeded random values of ``cfg.input_shape``."""
     if cfg.input_shape is not None:
         return torch.randn(*cfg.input_shape, generator=torch.Generator().manual_seed(0))
-    data = as_data(ctx.data)
+    data = as_data(data)
     if data is None:
         raise DataError("structured pruning needs one example batch to trace the model",
                         hint="pass data=... (the first batch is used) or set input_shape, e.g. [1, 1, 28, 28]")
@@ -237,19 +242,20 @@ def plan(groups: list[Group], scores: list[torch.Tensor], cfg: ChannelPruning, f
             stopped.add(gi)  # a group's blocks go in order: once one is refused, the rest are too
 
 
-def _scores(model, groups, cfg: ChannelPruning, ctx: MethodContext | None):
-    return channel_importance(groups, cfg.importance, model=model, data=ctx.data if ctx else None,
-                              loss_fn=ctx.loss_fn if ctx else None, batches=cfg.advanced.taylor_batches,
+def _scores(model, groups, cfg: ChannelPruning, inputs: MethodInputs):
+    return channel_importance(groups, cfg.importance, model=model, data=inputs.data,
+                              loss_fn=inputs.loss_fn, batches=cfg.advanced.taylor_batches,
                               seed=cfg.advanced.seed)
 
 
 def iter_groups(model: nn.Module, example_inputs: Any, config: ChannelPruning, *,
-                ctx: MethodContext | None = None) -> Iterator[Group]:
+                inputs: MethodInputs | None = None) -> Iterator[Group]:
     """Yield the groups ``config`` would prune, each scored and with ``group.selected`` set.
 
     Nothing is cut until the caller calls ``group.prune()`` (or ``group.prune(indices)``
-    with its own choice); pruning edits ``model`` in place. ``target_macs_reduction`` is not
-    planned here (it needs several rounds), only ``ratio``::
+    with its own choice); pruning edits ``model`` in place. ``inputs`` gives the data taylor
+    importance needs. ``target_macs_reduction`` is not planned here (it needs several
+    rounds), only ``ratio``::
 
         >>> import torch
         >>> from modelpress.zoo.models import build_model
@@ -266,14 +272,13 @@ def iter_groups(model: nn.Module, example_inputs: Any, config: ChannelPruning, *
         >>> model.layer2[0].conv2.out_channels
         24
     """
-    if config.importance == "taylor" and (ctx is None or ctx.data is None):
+    inputs = inputs or MethodInputs()
+    if config.importance == "taylor" and inputs.data is None:
         raise DataError("importance='taylor' needs data (a few batches with a loss)",
-                        hint="pass data=..., or use importance='l1'")
+                        hint="pass inputs=MethodInputs(data=...), or use importance='l1'")
     graph = build_channel_graph(model, example_inputs)
-    if ctx is not None:
-        ctx.info["skipped"] = graph.skipped
     groups = select_groups(model, graph, config)
-    plan(groups, _scores(model, groups, config, ctx), config, config.ratio or 0.0)
+    plan(groups, _scores(model, groups, config, inputs), config, config.ratio or 0.0)
     yield from groups
 
 
@@ -283,13 +288,13 @@ def _without(scores: torch.Tensor, removed: list[int]) -> torch.Tensor:
     return scores[keep]
 
 
-def _prune_to_macs(model, graph, groups, cfg: ChannelPruning, ctx, macs0: int) -> float:
+def _prune_to_macs(model, graph, groups, cfg: ChannelPruning, inputs: MethodInputs, macs0: int) -> float:
     """Cut ``advanced.step`` more of the channels at a time until the MAC target is met."""
     base = [len(g) for g in groups]
     fraction, reduction = 0.0, 0.0
     layers = layer_macs(graph)
     other = macs0 - layers()  # MACs outside traced Conv/Linear layers never change
-    scores = _scores(model, groups, cfg, ctx)
+    scores = _scores(model, groups, cfg, inputs)
     fresh = True
     while reduction < cfg.target_macs_reduction:
         fraction = round(fraction + cfg.advanced.step, 6)
@@ -299,7 +304,7 @@ def _prune_to_macs(model, graph, groups, cfg: ChannelPruning, ctx, macs0: int) -
         if not any(g.selected for g in groups):
             continue  # rounding leaves nothing to cut at this step
         if not fresh:  # the network changed since the last scoring: rescore before cutting
-            scores = _scores(model, groups, cfg, ctx)
+            scores = _scores(model, groups, cfg, inputs)
             plan(groups, scores, cfg, fraction, base)
         cuts = [list(g.selected) for g in groups]
         for g in groups:
@@ -307,22 +312,22 @@ def _prune_to_macs(model, graph, groups, cfg: ChannelPruning, ctx, macs0: int) -
         scores = [_without(s, cut) for s, cut in zip(scores, cuts)]
         fresh = False
         reduction = 1 - (other + layers()) / macs0
-        ctx.log(f"prune.channels: removed {fraction:.0%} of the channels, MACs -{reduction:.1%}")
+        inputs.log(f"prune.channels: removed {fraction:.0%} of the channels, MACs -{reduction:.1%}")
     if reduction < cfg.target_macs_reduction:
         raise UnsupportedError(f"prune.channels reached only {reduction:.1%} MAC reduction "
                                f"(target {cfg.target_macs_reduction:.0%})",
                                hint="widen the scope or lower min_channels; skipped layers: "
-                                    + (", ".join(s["layer"] for s in ctx.info.get("skipped", [])) or "none"))
+                                    + (", ".join(s["layer"] for s in graph.skipped) or "none"))
     return fraction
 
 
 @register_method("prune.channels", ChannelPruning, structural=True, layer_types=PRUNABLE)
-def channel_prune(model: nn.Module, cfg: ChannelPruning, ctx: MethodContext) -> nn.Module:
+def channel_prune(model: nn.Module, cfg: ChannelPruning, inputs: MethodInputs) -> MethodResult:
     """Structured channel pruning: remove whole filters/neurons by coupled group."""
-    if cfg.importance == "taylor" and ctx.data is None:
+    if cfg.importance == "taylor" and inputs.data is None:
         raise DataError("importance='taylor' needs data (a few batches with a loss)",
                         hint="pass data=..., or use importance='l1'")
-    example = example_inputs(cfg, ctx)
+    example = example_inputs(cfg, inputs.data)
     mac_input = slice_inputs(example, 1)
     macs0, params0 = count_macs(model, mac_input), count_parameters(model)
     with torch.no_grad():
@@ -331,15 +336,15 @@ def channel_prune(model: nn.Module, cfg: ChannelPruning, ctx: MethodContext) -> 
         out_shape = call_model(model, example).shape
         model.train(was_training)
     graph = build_channel_graph(model, example)
-    ctx.info["skipped"] = graph.skipped
+    info: dict[str, Any] = {"skipped": graph.skipped}
     groups = select_groups(model, graph, cfg)
     sizes = [(list(g.producers), len(g)) for g in groups]
     if cfg.target_macs_reduction is None:
-        plan(groups, _scores(model, groups, cfg, ctx), cfg, cfg.ratio)
+        plan(groups, _scores(model, groups, cfg, inputs), cfg, cfg.ratio)
         for g in groups:
             g.prune()
     else:
-        ctx.info["ratio"] = _prune_to_macs(model, graph, groups, cfg, ctx, macs0)
+        info["ratio"] = _prune_to_macs(model, graph, groups, cfg, inputs, macs0)
     with torch.no_grad():
         was_training = model.training
         model.eval()
@@ -349,14 +354,14 @@ def channel_prune(model: nn.Module, cfg: ChannelPruning, ctx: MethodContext) -> 
         raise UnsupportedError(f"structured pruning changed the output shape {tuple(out_shape)} -> "
                                f"{tuple(new_shape)}; please report this model")
     macs1, params1 = count_macs(model, mac_input), count_parameters(model)
-    ctx.info.update({
+    info.update({
         "groups": [{"layers": p, "channels": [n, len(g)]} for (p, n), g in zip(sizes, groups)],
         "params": [params0, params1], "macs": [macs0, macs1], "macs_reduction": 1 - macs1 / macs0,
     })
-    ctx.log(f"prune.channels: params {params0:,} -> {params1:,}, MACs {macs0:,} -> {macs1:,}; "
-            f"{len(graph.skipped)} layer(s) left intact")
-    return model
+    inputs.log(f"prune.channels: params {params0:,} -> {params1:,}, MACs {macs0:,} -> {macs1:,}; "
+               f"{len(graph.skipped)} layer(s) left intact")
+    return MethodResult(model, info)
 
 
-__all__ = ["ChannelPruning", "ChannelPruningAdvanced", "CRITERIA", "channel_prune", "count_macs",
+__all__ = ["ChannelPruning", "ChannelPruningAdvanced", "channel_prune", "count_macs",
            "iter_groups", "layer_macs", "plan", "select_groups"]

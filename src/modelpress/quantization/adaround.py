@@ -21,15 +21,13 @@ removes the mean shift quantization leaves; ``iterations=0`` gives round-to-near
 correction only.
 
     >>> import torch
-    >>> from modelpress import quantize
-    >>> from modelpress.core.registry import MethodContext
+    >>> from modelpress.engine import MethodInputs, run_method
     >>> from modelpress.quantization.adaround import AdaRound
     >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
     <...>
     >>> m = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
-    >>> ctx = MethodContext()
-    >>> q = quantize(m, AdaRound(bits=4, iterations=200), [torch.randn(64, 32)], context=ctx)
-    >>> rep = ctx.info["layers"]["0"]
+    >>> q, report = run_method(m, AdaRound(bits=4, iterations=200), MethodInputs(data=[torch.randn(64, 32)]))
+    >>> rep = report.info["layers"]["0"]
     >>> rep["mse_adaround"] < rep["mse_rtn"]
     True
 
@@ -50,9 +48,10 @@ from torch import nn
 from ..core.config import MethodConfig, StrictModel
 from ..core.data import as_data, call_model, check_finite
 from ..core.errors import DataError
-from ..core.registry import MethodContext, register_method
 from ..core.scope import Scope
-from .modules import QUANTIZABLE, quantize_layer, set_module
+from ..engine import MethodInputs, MethodResult, register_method
+from ..nn.modules import set_module
+from .modules import QUANTIZABLE, quantize_layer
 from .primitives import QuantizedTensor, QuantSpec, broadcast_params, qparams
 from .weight_only import layer_spec, select_layers, weight_ranges
 
@@ -221,9 +220,9 @@ def calibration_inputs(data, batches: int, where: str) -> list:
 
 
 @register_method("quant.adaround", AdaRound, needs_data=True, layer_types=QUANTIZABLE)
-def adaround(model: nn.Module, cfg: AdaRound, ctx: MethodContext) -> nn.Module:
+def adaround(model: nn.Module, cfg: AdaRound, inputs: MethodInputs) -> MethodResult:
     """AdaRound learned rounding, layer by layer on calibration data, with bias correction."""
-    batches = calibration_inputs(ctx.data, cfg.calibration_batches, "quant.adaround")
+    batches = calibration_inputs(inputs.data, cfg.calibration_batches, "quant.adaround")
     model.eval()
     reference = copy.deepcopy(model)  # float model: the targets
     ref_modules = dict(reference.named_modules())
@@ -250,5 +249,4 @@ def adaround(model: nn.Module, cfg: AdaRound, ctx: MethodContext) -> nn.Module:
             rep["mse_corrected"] = output_mse(layer, x_q, y, w_q, bias)
         report[name] = rep
         set_module(model, name, quantize_layer(layer, spec, qt=qt, bias=bias))
-    ctx.info["layers"] = report
-    return model
+    return MethodResult(model, {"layers": report})

@@ -25,7 +25,7 @@ low-precision quantization.
 The result is a model whose selected layers are :class:`CodebookLinear` / :class:`CodebookConv2d`:
 ``codebook`` (float16 by default), ``indices`` (uint8, the weight's shape) and ``bias``; their
 state_dict holds ``table`` (codebook then bias, one tensor: less artifact header) and ``indices``.
-Artifacts store the indices with the ``huffman`` encoding (:mod:`modelpress.export.huffman`):
+Artifacts store the indices with the ``huffman`` encoding (:mod:`modelpress.artifact.huffman`):
 the non-zero positions as relative gaps plus their codes, Huffman-coded when that is smaller.
 Every verb returns a new model; the input is not modified.
 
@@ -57,10 +57,10 @@ from torch import nn
 
 from ..core.config import MethodConfig
 from ..core.errors import ConfigError, ScopeError
-from ..core.registry import MethodContext, register_method
 from ..core.scope import Scope, _normalise, first_and_last
-from ..export import huffman  # noqa: F401  (registers the "huffman" / "codes" encodings)
-from ..export.modules import buildable
+from ..engine import MethodInputs, MethodResult, register_method
+from ..nn.modules import set_module
+from ..nn.records import buildable
 from .primitives import sqnr
 
 LAYER_TYPES = ("Linear", "Conv2d")
@@ -102,8 +102,21 @@ class _CodebookWeight(nn.Module):
         return table[self.indices.long()]
 
     def _weight_bias(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # Inference decodes once and reuses the float weight until the codebook or the indices
+        # change (a training step or a load bumps their version or replaces them): decoding on
+        # every call made a shared-weight model slower than the float one at small batches.
+        training = torch.is_grad_enabled() and (self.codebook.requires_grad or
+                                                (self.bias is not None and self.bias.requires_grad))
+        key = (id(self.codebook), self.codebook._version, id(self.indices), self.indices._version,
+               None if self.bias is None else (id(self.bias), self.bias._version), x.dtype, x.device)
+        cached = getattr(self, "_decoded", None)
+        if not training and cached is not None and cached[0] == key:
+            return cached[1], cached[2]
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return self.weight.to(x.dtype), bias
+        weight = self.weight.to(x.dtype)
+        if not training:
+            self._decoded = (key, weight, bias)
+        return weight, bias
 
     def _storage_spec(self) -> dict:
         # Only what differs from the defaults: an artifact's header counts against its size. The
@@ -165,7 +178,7 @@ class CodebookLinear(_CodebookWeight):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, *self._weight_bias(x))
 
-    def spec(self) -> dict:  # recorded in artifacts (see modelpress.export.modules)
+    def spec(self) -> dict:  # recorded in artifacts (see modelpress.nn.records)
         return {"in_features": self.in_features, "out_features": self.out_features, **self._storage_spec()}
 
     @classmethod
@@ -391,11 +404,6 @@ class PowerOfTwo(_CodebookConfig):
 
 
 # -- methods ---------------------------------------------------------------------------
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
 def _resolve_layers(model: nn.Module, cfg: _CodebookConfig) -> list[tuple[str, nn.Module]]:
     keep = first_and_last(model, LAYER_TYPES) if getattr(cfg, "keep_first_last", False) else []
     layers = cfg.scope.resolve(model, LAYER_TYPES, default_exclude=keep)
@@ -406,8 +414,8 @@ def _resolve_layers(model: nn.Module, cfg: _CodebookConfig) -> list[tuple[str, n
     return layers
 
 
-def _replace(model: nn.Module, cfg: _CodebookConfig, ctx: MethodContext, cluster) -> nn.Module:
-    """Replace every selected layer by its codebook layer (float32 while training)."""
+def _replace(model: nn.Module, cfg: _CodebookConfig, cluster) -> dict:
+    """Replace every selected layer by its codebook layer (float32 while training); the per-layer report."""
     report = {}
     encodings = dict(getattr(model, "modelpress_encodings", {}))
     for name, layer in _resolve_layers(model, cfg):
@@ -415,11 +423,10 @@ def _replace(model: nn.Module, cfg: _CodebookConfig, ctx: MethodContext, cluster
         codebook, codes, zero_code = cluster(layer.weight, bits)
         q = codebook_layer(layer, codebook, codes, zero_code)
         report[name] = {"bits": bits, "levels": q.levels, "sqnr_db": round(sqnr(layer.weight, q.weight), 2)}
-        _set_module(model, name, q)
+        set_module(model, name, q)
         encodings[f"{name}.indices"] = "huffman"  # smallest of plain packing and Huffman, sparse or dense
     model.modelpress_encodings = encodings
-    ctx.info["layers"] = report
-    return model
+    return report
 
 
 def _finalize(model: nn.Module, dtype: str) -> nn.Module:
@@ -431,19 +438,26 @@ def _finalize(model: nn.Module, dtype: str) -> nn.Module:
     return model
 
 
+def _finish(model: nn.Module, cfg: _CodebookConfig, inputs: MethodInputs, report: dict,
+            description: str) -> MethodResult:
+    # centroids train in float32, before the codebooks are cast to their storage dtype
+    if inputs.can_train:
+        inputs.fit(model, description)
+    return MethodResult(_finalize(model, cfg.storage_dtype), {"layers": report}, trained=inputs.can_train)
+
+
 @register_method("quant.kmeans", WeightSharing, layer_types=LAYER_TYPES)
-def weight_sharing(model: nn.Module, cfg: WeightSharing, ctx: MethodContext) -> nn.Module:
+def weight_sharing(model: nn.Module, cfg: WeightSharing, inputs: MethodInputs) -> MethodResult:
     """k-means weight sharing (Deep Compression), with centroid fine-tuning when given training."""
-    _replace(model, cfg, ctx, lambda w, bits: kmeans_codebook(w, bits, cfg.init, cfg.keep_zeros, cfg.iters, cfg.seed))
-    ctx.finetune(model, "centroid fine-tune")
-    return _finalize(model, cfg.storage_dtype)
+    report = _replace(model, cfg, lambda w, bits: kmeans_codebook(w, bits, cfg.init, cfg.keep_zeros, cfg.iters,
+                                                                   cfg.seed))
+    return _finish(model, cfg, inputs, report, "centroid fine-tune")
 
 
 @register_method("quant.log2", PowerOfTwo, layer_types=LAYER_TYPES)
-def power_of_two(model: nn.Module, cfg: PowerOfTwo, ctx: MethodContext) -> nn.Module:
+def power_of_two(model: nn.Module, cfg: PowerOfTwo, inputs: MethodInputs) -> MethodResult:
     """Power-of-two (logarithmic) weight levels; given training, fine-tunes the rest (levels stay fixed)."""
-    _replace(model, cfg, ctx, lambda w, bits: log2_codebook(w, bits))
+    report = _replace(model, cfg, lambda w, bits: log2_codebook(w, bits))
     for _, q in codebook_layers(model):
         q.codebook.requires_grad_(False)  # the levels are powers of two by definition
-    ctx.finetune(model, "fine-tune (fixed power-of-two levels)")
-    return _finalize(model, cfg.storage_dtype)
+    return _finish(model, cfg, inputs, report, "fine-tune (fixed power-of-two levels)")

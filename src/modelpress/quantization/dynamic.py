@@ -47,12 +47,12 @@ in place) gives per-row scales with the same int8 GEMM: MiniLM fidelity 0.9965 i
 non-float32 input, an input that needs a gradient, ONNX export/tracing), the layer
 dequantizes its weight once (cached, not saved) and calls ``F.linear`` in float: same
 speed and output as the fp32 layer up to weight rounding, no activation quantization.
-``DynamicInt8Linear.kernel`` says which path a layer takes; ``ctx.info["fallback"]`` lists
+``DynamicInt8Linear.kernel`` says which path a layer takes; ``info["fallback"]`` of the report lists
 the layers that could not pack their weight. For an int8 ONNX model, export the float model
 and use ONNX Runtime's ``quantize_dynamic`` (compared in the benchmark).
 
 Linear subclasses whose owners read ``.weight`` directly (``nn.MultiheadAttention``'s
-``out_proj``) are left in float and listed in ``ctx.info["skipped"]``. Returns a new model
+``out_proj``) are left in float and listed in ``info["skipped"]``. Returns a new model
 (the verbs copy; see :mod:`modelpress.api`); the result is for inference.
 """
 from __future__ import annotations
@@ -68,9 +68,10 @@ from torch import nn
 
 from ..core.config import MethodConfig, StrictModel
 from ..core.errors import ScopeError
-from ..core.registry import MethodContext, register_method
 from ..core.scope import Scope, first_and_last
-from ..export.modules import buildable
+from ..engine import MethodInputs, MethodResult, register_method
+from ..nn.modules import set_module
+from ..nn.records import buildable
 from .primitives import QuantSpec, quantize_tensor, sqnr
 
 LAYER_TYPES = ("Linear",)
@@ -303,11 +304,6 @@ def _skip_reason(model: nn.Module, name: str, module: nn.Module) -> str | None:
     return None
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
 @buildable
 class Int8Embedding(nn.Module):
     """``nn.Embedding`` stored as int8 rows with one fp32 scale per row; a lookup dequantizes
@@ -358,8 +354,8 @@ class Int8Embedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, int8 rows"
 
 
-@register_method("quant.dynamic_int8", DynamicInt8, layer_types=LAYER_TYPES)
-def dynamic_int8(model: nn.Module, cfg: DynamicInt8, ctx: MethodContext) -> nn.Module:
+@register_method("quant.dynamic_int8", DynamicInt8, layer_types=(*LAYER_TYPES, "Embedding"))
+def dynamic_int8(model: nn.Module, cfg: DynamicInt8, inputs: MethodInputs) -> MethodResult:
     """Dynamic int8: Linear weights to int8, activations quantized per call (fbgemm int8 GEMM)."""
     default_exclude = first_and_last(model, LAYER_TYPES) if cfg.keep_first_last else []
     layers = cfg.scope.resolve(model, LAYER_TYPES, default_exclude=default_exclude)
@@ -375,7 +371,7 @@ def dynamic_int8(model: nn.Module, cfg: DynamicInt8, ctx: MethodContext) -> nn.M
             fallback[name] = q.fallback_reason
         report[name] = {"params": layer.weight.numel(), "kernel": q.kernel,
                         "weight_sqnr_db": round(sqnr(layer.weight.detach().float().cpu(), q.dequantized_weight()), 2)}
-        _set_module(model, name, q)
+        set_module(model, name, q)
     if not report:
         raise ScopeError(f"quant.dynamic_int8: none of the {len(layers)} selected Linear layers can be replaced "
                          f"({'; '.join(f'{n}: {r}' for n, r in list(skipped.items())[:3])})",
@@ -386,12 +382,11 @@ def dynamic_int8(model: nn.Module, cfg: DynamicInt8, ctx: MethodContext) -> nn.M
             if emb.max_norm is not None or emb.sparse:
                 skipped[name] = "Embedding with max_norm / sparse gradients"
                 continue
-            _set_module(model, name, Int8Embedding.from_embedding(emb))
+            set_module(model, name, Int8Embedding.from_embedding(emb))
             embeddings[name] = emb.weight.numel()
     if skipped:
-        ctx.log(f"quant.dynamic_int8: left in float: {', '.join(skipped)}")
+        inputs.log(f"quant.dynamic_int8: left in float: {', '.join(skipped)}")
     if fallback:
-        ctx.log(f"quant.dynamic_int8: {len(fallback)} layers use the float fallback "
-                f"({next(iter(fallback.values()))})")
-    ctx.info.update(layers=report, embeddings=embeddings, skipped=skipped, fallback=fallback)
-    return model
+        inputs.log(f"quant.dynamic_int8: {len(fallback)} layers use the float fallback "
+                   f"({next(iter(fallback.values()))})")
+    return MethodResult(model, {"layers": report, "embeddings": embeddings, "skipped": skipped, "fallback": fallback})

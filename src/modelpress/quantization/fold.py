@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
+from ..nn.modules import set_module
+
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BNS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -44,11 +46,6 @@ class FoldResult:
     folded: list[tuple[str, str]] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)
     note: str | None = None
-
-
-def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, leaf, module)
 
 
 def find_bn_pairs(model: nn.Module) -> tuple[list[tuple[str, str]], list[str]]:
@@ -93,6 +90,6 @@ def fold_batchnorm(model: nn.Module) -> FoldResult:
     for layer_name, bn_name in pairs:
         layer, bn = folded_model.get_submodule(layer_name), folded_model.get_submodule(bn_name)
         fuse = fuse_linear_bn_eval if isinstance(layer, nn.Linear) else fuse_conv_bn_eval
-        _set_module(folded_model, layer_name, fuse(layer, bn))
-        _set_module(folded_model, bn_name, nn.Identity())
+        set_module(folded_model, layer_name, fuse(layer, bn))
+        set_module(folded_model, bn_name, nn.Identity())
     return FoldResult(folded_model, pairs, kept)

@@ -12,9 +12,10 @@ Sensitivity (per layer ``l`` and width ``b``, on ``calibration_batches`` batches
 * ``"hessian"``: ``1/2 * tr(H_l) / n_l * ||Q_b(W_l) - W_l||^2`` (HAWQ-v2), with the trace of
   the layer's loss Hessian estimated by Hutchinson's method (``E[v^T H v]``, Rademacher ``v``).
 
-The loss is ``ctx.loss_fn`` when given; otherwise, by default (``loss_against="float_model"``),
+The loss is the caller's ``loss_fn`` when given; otherwise, by default (``loss_against="float_model"``),
 the divergence from the float model's own outputs on the calibration batches: KL divergence of
-the predicted class distributions for classifiers, mean squared error for other tasks. It
+the outputs as the task measures it (:meth:`~modelpress.tasks.Task.output_divergence`: KL divergence of
+the predicted class distributions for classifiers, mean squared error by default). It
 needs no labels, is zero at the float model and grows with every perturbation, so it ranks
 layers reliably; the cross-entropy on labels (``loss_against="labels"``) does not always: at
 4..8 bits quantization noise lowers it about as often as it raises it. Sensitivities are made
@@ -27,16 +28,14 @@ the scope count at fp32. The allocation is a multiple-choice knapsack solved by 
 programming on byte costs rounded up, so the budget always holds.
 
     >>> import torch
-    >>> from modelpress import quantize
-    >>> from modelpress.core.registry import MethodContext
+    >>> from modelpress.engine import MethodInputs, run_method
     >>> from modelpress.quantization.mixed import MixedPrecision
     >>> from modelpress.quantization.modules import packed_weight_bytes
     >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
     <...>
     >>> m = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
-    >>> ctx = MethodContext()
-    >>> q = quantize(m, MixedPrecision(budget_bytes=3000), [torch.randn(32, 64)], context=ctx)
-    >>> packed_weight_bytes(q) <= 3000, [row["bits"] for row in ctx.info["layers"]]
+    >>> q, report = run_method(m, MixedPrecision(budget_bytes=3000), MethodInputs(data=[torch.randn(32, 64)]))
+    >>> packed_weight_bytes(q) <= 3000, [row["bits"] for row in report.info["layers"]]
     (True, [4, 8])
 
 Returns a new model (the verbs copy; see :mod:`modelpress.api`).
@@ -54,11 +53,12 @@ from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from ..core.config import MethodConfig
-from ..core.data import as_data, call_model, check_finite, split_batch
+from ..core.data import call_model, check_finite, split_batch
 from ..core.errors import ConfigError, DataError
-from ..core.registry import MethodContext, register_method
 from ..core.scope import Scope, type_matches
-from .modules import QUANTIZABLE, quantize_layer, quantized_weight_bytes, set_module
+from ..engine import MethodInputs, MethodResult, register_method
+from ..nn.modules import set_module
+from .modules import QUANTIZABLE, quantize_layer, quantized_weight_bytes
 from .weight_only import layer_spec, quantize_weight, select_layers
 
 DEFAULT_RATIO = 0.25
@@ -102,10 +102,10 @@ class MixedPrecision(MethodConfig):
 
 
 # -- losses and sensitivities ------------------------------------------------------------
-def _loss_fn(model: nn.Module, batches: list, ctx: MethodContext, against: str):
+def _loss_fn(model: nn.Module, batches: list, inputs: MethodInputs, against: str):
     """``loss(batch_index) -> scalar`` following the module docstring's rule."""
-    if ctx.loss_fn is not None:
-        return lambda i: ctx.loss_fn(model, *split_batch(batches[i]))
+    if inputs.loss_fn is not None:
+        return lambda i: inputs.loss_fn(model, *split_batch(batches[i]))
     if against == "labels":
         if any(split_batch(b)[1] is None for b in batches):
             raise DataError("MixedPrecision.loss_against='labels' needs labelled batches (inputs, target)",
@@ -113,11 +113,7 @@ def _loss_fn(model: nn.Module, batches: list, ctx: MethodContext, against: str):
         return lambda i: F.cross_entropy(call_model(model, split_batch(batches[i])[0]), split_batch(batches[i])[1])
     with torch.no_grad():
         refs = [call_model(model, split_batch(b)[0]).detach() for b in batches]
-    if ctx.task == "classification":
-        logp_ref = [F.log_softmax(r.float(), dim=-1) for r in refs]
-        return lambda i: F.kl_div(F.log_softmax(call_model(model, split_batch(batches[i])[0]), dim=-1),
-                                  logp_ref[i], log_target=True, reduction="batchmean")
-    return lambda i: F.mse_loss(call_model(model, split_batch(batches[i])[0]), refs[i])
+    return lambda i: inputs.task.output_divergence(call_model(model, split_batch(batches[i])[0]), refs[i])
 
 
 def _mean_loss(loss, n: int) -> float:
@@ -214,11 +210,11 @@ def fp32_weight_bytes(model: nn.Module) -> int:
 
 
 @register_method("quant.mixed_precision", MixedPrecision, needs_data=True, layer_types=QUANTIZABLE)
-def mixed_precision(model: nn.Module, cfg: MixedPrecision, ctx: MethodContext) -> nn.Module:
+def mixed_precision(model: nn.Module, cfg: MixedPrecision, inputs: MethodInputs) -> MethodResult:
     """Per-layer bit-widths from loss or Hessian sensitivity, meeting a byte budget (packed weights)."""
-    if ctx.data is None:
+    if inputs.data is None:
         raise DataError("quant.mixed_precision needs calibration data", hint="pass data=[batch, ...]")
-    batches = list(itertools.islice(iter(as_data(ctx.data)), cfg.calibration_batches))
+    batches = list(itertools.islice(iter(inputs.data), cfg.calibration_batches))
     for i, batch in enumerate(batches):
         check_finite(split_batch(batch)[0], f"quant.mixed_precision calibration batch {i}")
     model.eval()
@@ -244,7 +240,7 @@ def mixed_precision(model: nn.Module, cfg: MixedPrecision, ctx: MethodContext) -
     qts = {n: {b: quantize_weight(m.weight, specs[n][b], cfg.range_search) for b in cfg.candidate_bits}
            for n, m in layers}
     deq = {n: {b: qt.dequantize().to(m.weight) for b, qt in qts[n].items()} for n, m in layers}
-    loss = _loss_fn(model, batches, ctx, cfg.loss_against)
+    loss = _loss_fn(model, batches, inputs, cfg.loss_against)
     if cfg.sensitivity == "loss":
         raw = loss_sensitivity(layers, deq, loss, len(batches))
     else:
@@ -262,6 +258,6 @@ def mixed_precision(model: nn.Module, cfg: MixedPrecision, ctx: MethodContext) -
         used += c[b]
         table.append({"layer": name, "params": layer.weight.numel(), "bits": b, "bytes": c[b],
                       "sensitivity": {k: float(f"{v:.4g}") for k, v in raw[name].items()}})
-    ctx.info.update(layers=table, budget_bytes=budget, weight_bytes=used, fp32_weight_bytes=total_fp32,
-                    estimated_loss_increase=sum(sens[n][b] for (n, _), b in zip(layers, bits)))
-    return model
+    info = {"layers": table, "budget_bytes": budget, "weight_bytes": used, "fp32_weight_bytes": total_fp32,
+            "estimated_loss_increase": sum(sens[n][b] for (n, _), b in zip(layers, bits))}
+    return MethodResult(model, info)

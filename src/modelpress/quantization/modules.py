@@ -13,7 +13,7 @@ A quantized layer stores what a deployment needs and nothing else:
 The forward pass dequantizes the weight once and caches the float copy in a non-persistent
 attribute (rebuilt whenever a buffer changes, e.g. after ``load_state_dict``), so repeated
 calls cost what a float layer costs. Both classes are ``@buildable``: an artifact written by
-:func:`~modelpress.export.checkpoint.save_artifact` reloads bit-exactly.
+:func:`~modelpress.artifact.checkpoint.save_artifact` reloads bit-exactly.
 
     >>> import torch
     >>> from torch import nn
@@ -34,9 +34,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.errors import ConfigError, UnsupportedError
-from ..export.modules import buildable
-from .primitives import (QuantizedTensor, QuantSpec, broadcast_params, dequantize, fake_quantize,
-                         packed_nbytes, quantize_tensor, unpack_bits)
+from ..nn.records import buildable
+from .primitives import (
+    QuantizedTensor,
+    QuantSpec,
+    broadcast_params,
+    dequantize,
+    fake_quantize,
+    packed_nbytes,
+    quantize_tensor,
+    unpack_bits,
+)
 
 
 def weight_spec(bits: int, granularity: str = "channel", group_size: int = 128,
@@ -167,7 +175,7 @@ class QuantLinear(_PackedWeight):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.quantize_input(x), self.dequantized_weight(), self.bias)
 
-    def spec(self) -> dict:  # recorded in artifacts (see modelpress.export.modules)
+    def spec(self) -> dict:  # recorded in artifacts (see modelpress.nn.records)
         return {"in_features": self.in_features, "out_features": self.out_features, **self._storage_spec()}
 
     @classmethod
@@ -242,13 +250,6 @@ def quantize_layer(layer: nn.Module, spec: QuantSpec, *, qt: QuantizedTensor | N
         src = bias if bias is not None else layer.bias
         q.bias.copy_(src.detach().float().cpu())
     return q.to(layer.weight.device)
-
-
-def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Replace the submodule called ``name`` (dotted path) with ``module``."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
 
 
 def quantized_layers(model: nn.Module) -> list[tuple[str, QuantLinear | QuantConv2d]]:

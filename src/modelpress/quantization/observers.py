@@ -41,9 +41,9 @@ import numpy as np
 import torch
 
 from ..core.errors import ConfigError, DataError
+from ..core.registry import Registry
 from .primitives import QuantSpec, _grouped, minmax, qparams
 
-OBSERVERS = ("minmax", "moving_minmax", "percentile", "mse", "kl")
 ObserverName = Literal["minmax", "moving_minmax", "percentile", "mse", "kl"]
 
 
@@ -371,8 +371,9 @@ def _kl_of_quantized(sliced: np.ndarray, p: np.ndarray, nq: int) -> float:
     return float(np.sum(p[mask] * np.log(p[mask] / np.maximum(q[mask], 1e-12))))
 
 
-_CLASSES: dict[str, type[Observer]] = {c.name: c for c in (MinMaxObserver, MovingMinMaxObserver,
-                                                            PercentileObserver, MSEObserver, KLObserver)}
+OBSERVERS: Registry[type[Observer]] = Registry("observer")
+for _cls in (MinMaxObserver, MovingMinMaxObserver, PercentileObserver, MSEObserver, KLObserver):
+    OBSERVERS.register(_cls.name, _cls)
 
 
 def make_observer(name: str, spec: QuantSpec, **options) -> Observer:
@@ -381,10 +382,8 @@ def make_observer(name: str, spec: QuantSpec, **options) -> Observer:
     >>> make_observer("kl", QuantSpec(symmetric=False, signed=False)).bins
     2048
     """
-    if name not in _CLASSES:
-        raise ConfigError(f"unknown observer {name!r}", hint=f"choose one of: {', '.join(OBSERVERS)}")
+    cls = OBSERVERS.get(name)
     try:
-        return _CLASSES[name](spec, **options)
+        return cls(spec, **options)
     except TypeError as exc:
-        raise ConfigError(f"observer {name!r}: {exc}",
-                          hint=f"see help({_CLASSES[name].__name__}) for its options") from None
+        raise ConfigError(f"observer {name!r}: {exc}", hint=f"see help({cls.__name__}) for its options") from None

@@ -46,12 +46,19 @@ from torch import nn
 
 from ..core.config import MethodConfig
 from ..core.data import as_data, call_model
-from ..core.registry import MethodContext, register_method
 from ..core.scope import Scope
-from ..core.training import fit
-from .modules import QUANTIZABLE, QuantConv2d, QuantLinear, quantize_layer, set_module
-from .primitives import (QuantizedTensor, QuantSpec, broadcast_params, fake_quantize, lsq_fake_quantize,
-                         qparams, quantize)
+from ..engine import MethodInputs, MethodResult, register_method
+from ..nn.modules import set_module
+from .modules import QUANTIZABLE, QuantConv2d, QuantLinear, quantize_layer
+from .primitives import (
+    QuantizedTensor,
+    QuantSpec,
+    broadcast_params,
+    fake_quantize,
+    lsq_fake_quantize,
+    qparams,
+    quantize,
+)
 from .weight_only import layer_spec, select_layers, weight_ranges
 
 AVERAGING = 0.1  # weight of the newest batch in the moving-average activation range
@@ -233,24 +240,19 @@ def convert_qat(model: nn.Module) -> nn.Module:
 
 
 @register_method("quant.qat", QAT, needs_data=True, needs_training=True, layer_types=QUANTIZABLE)
-def qat(model: nn.Module, cfg: QAT, ctx: MethodContext) -> nn.Module:
+def qat(model: nn.Module, cfg: QAT, inputs: MethodInputs) -> MethodResult:
     """Quantization-aware training (LSQ scales, observed ranges, BN freezing) into packed layers."""
-    data = as_data(ctx.data)
     wrapped = prepare_qat(model, cfg)
-    calibrate(model, data, cfg.calibration_batches)
+    calibrate(model, inputs.data, cfg.calibration_batches)
     cb = QATCallback(cfg)
-    if ctx.train is not None:
-        fit(model, data, ctx.train, loss_fn=ctx.loss_fn, callbacks=[cb],
-            description="quantization-aware training", evaluation=ctx.evaluation)
-        ctx.trained = True
+    if inputs.can_train:
+        inputs.fit(model, "quantization-aware training", callbacks=[cb])
     else:
-        ctx.log("quant.qat: no TrainConfig given, so the ranges are calibrated and the weights are not trained")
+        inputs.log("quant.qat: no TrainConfig given, so the ranges are calibrated and the weights are not trained")
     freeze_observers(model)
-    ctx.info["layers"] = {
+    info = {"layers": {
         name: {"params": fq.layer.weight.numel(), "weight_bits": cfg.weight_bits, "act_bits": cfg.act_bits,
                "act_range": ([round(float(fq.act_lo), 4), round(float(fq.act_hi), 4)]
                              if cfg.act_bits is not None else None)}
-        for name, fq in wrapped}
-    ctx.info["observers_frozen_at"] = cb.observers_frozen_at
-    ctx.info["bn_frozen_at"] = cb.bn_frozen_at
-    return convert_qat(model)
+        for name, fq in wrapped}, "observers_frozen_at": cb.observers_frozen_at, "bn_frozen_at": cb.bn_frozen_at}
+    return MethodResult(convert_qat(model), info, trained=inputs.can_train)

@@ -48,9 +48,10 @@ from torch import fx, nn
 from ..core.config import MethodConfig
 from ..core.data import as_data, check_finite, check_model_accepts
 from ..core.errors import DataError, UnsupportedError
-from ..core.registry import MethodContext, register_method
 from ..core.scope import Scope
-from ..export.modules import mark_replay, register_replay
+from ..engine import MethodInputs, MethodResult, register_method
+from ..nn.modules import set_module
+from ..nn.records import mark_replay, register_replay
 from .fold import fold_batchnorm
 from .observers import ObserverName, make_observer
 from .primitives import QuantSpec, broadcast_params, fake_quantize, minmax, qparams
@@ -67,9 +68,10 @@ class StaticInt8(MethodConfig):
     (1,000 test images: differences of 1-3 images); ``percentile`` is the default as it ties for
     best, is fast, and ignores rare outliers that stretch a min/max range. uint8 activations with
     int8 weights (u8s8) run fastest; uint8 weights (u8u8) were 1.4x and int8 activations
-    (s8s8) 2.1x slower on resnet_small, slower than fp32 in both cases. ``reduce_range`` (7-bit weights) is needed on such CPUs:
-    with full 8-bit weights the u8s8 kernels' int16 sums saturate and resnet_small fell from
-    98.3% to 93.8% in ONNX Runtime, at no speed difference. On VNNI / ARM CPUs set it False.
+    (s8s8) 2.1x slower on resnet_small, slower than fp32 in both cases. ``reduce_range`` (7-bit
+    weights) is needed on such CPUs: with full 8-bit weights the u8s8 kernels' int16 sums
+    saturate and resnet_small fell from 98.3% to 93.8% in ONNX Runtime, at no speed difference.
+    On VNNI / ARM CPUs set it False.
     """
 
     observer: ObserverName = Field("percentile", description="activation range observer")
@@ -187,8 +189,9 @@ class QuantizedLayer(nn.Module):
         if torch.onnx.is_in_onnx_export():
             axis = 0 if self.spec.granularity == "channel" else None
             return _export_fake_quantize(w, self.w_scale, self.w_zero, self.spec, axis)
-        rows = (lambda t: broadcast_params(w, t.reshape(-1, 1), self.spec))
-        return fake_quantize(w, rows(self.w_scale), rows(self.w_zero), self.spec.qmin, self.spec.qmax)
+        scale = broadcast_params(w, self.w_scale.reshape(-1, 1), self.spec)
+        zero = broadcast_params(w, self.w_zero.reshape(-1, 1), self.spec)
+        return fake_quantize(w, scale, zero, self.spec.qmin, self.spec.qmax)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.quantized_weight()
@@ -308,11 +311,6 @@ class _Inserter:
         self.gm.recompile()
 
 
-def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, leaf, module)
-
-
 def prepare_static(model: nn.Module, cfg: StaticInt8) -> tuple[fx.GraphModule, dict]:
     """Fold BN, insert FakeQuant / QuantizedLayer (observers armed); returns the model and a report."""
     report: dict = {}
@@ -335,7 +333,7 @@ def prepare_static(model: nn.Module, cfg: StaticInt8) -> tuple[fx.GraphModule, d
     ins.run()
     for name in layers:
         if name in ins.layer_inputs:
-            _set_module(gm, name, QuantizedLayer(gm.get_submodule(name), cfg.weight_spec(),
+            set_module(gm, name, QuantizedLayer(gm.get_submodule(name), cfg.weight_spec(),
                                                  cfg.weight_observer, ins.layer_inputs[name]))
     report["quantized_layers"] = [n for n in layers if n in ins.layer_inputs]
     report["activation_quantizers"] = ins.count
@@ -383,18 +381,17 @@ def finalize(gm: nn.Module) -> None:
 
 
 @register_method("quant.static_int8", StaticInt8, needs_data=True, layer_types=LAYER_TYPES)
-def static_int8(model: nn.Module, cfg: StaticInt8, ctx: MethodContext) -> nn.Module:
+def static_int8(model: nn.Module, cfg: StaticInt8, inputs: MethodInputs) -> MethodResult:
     """Static int8 weights + activations calibrated on data (fake-quant model, ONNX QDQ export)."""
     gm, report = prepare_static(model, cfg)  # works on a copy: `model` keeps its structure
     mark_replay(gm, model, "quant.static_int8", cfg.to_dict())  # so artifacts of gm reload
     gm.train(False)
-    report["calibration_batches"] = calibrate(gm, ctx.data, cfg.calibration_batches)
+    report["calibration_batches"] = calibrate(gm, inputs.data, cfg.calibration_batches)
     finalize(gm)
     report["observer"] = cfg.observer
-    ctx.info.update(report)
     if report.get("fold_note"):
-        ctx.log(report["fold_note"])
-    return gm.eval()
+        inputs.log(report["fold_note"])
+    return MethodResult(gm.eval(), report)
 
 
 def _replay(model: nn.Module, config: dict) -> nn.Module:

@@ -15,8 +15,8 @@ minimises the weight's squared error (a grid search), which matters at 2..4 bits
     ('QuantLinear', 2048)
 
 A layer whose inputs per output channel are not a multiple of ``group_size`` (e.g. a 5x5
-conv on one channel, 25 inputs) falls back to per-channel scales; ``ctx.info["fallback"]``
-lists those layers. ``ctx.info["layers"]`` gives per layer: bits, granularity and the weight
+conv on one channel, 25 inputs) falls back to per-channel scales; ``info["fallback"]`` of the report
+lists those layers. ``info["layers"]`` gives per layer: bits, granularity and the weight
 SQNR in dB. Returns a new model (the verbs copy; see :mod:`modelpress.api`).
 """
 from __future__ import annotations
@@ -28,9 +28,10 @@ from pydantic import Field
 from torch import nn
 
 from ..core.config import MethodConfig
-from ..core.registry import MethodContext, register_method
 from ..core.scope import Scope, first_and_last
-from .modules import QUANTIZABLE, quantize_layer, set_module, weight_spec
+from ..engine import MethodInputs, MethodResult, register_method
+from ..nn.modules import set_module
+from .modules import QUANTIZABLE, quantize_layer, weight_spec
 from .primitives import QuantizedTensor, QuantSpec, _grouped, minmax, quantize_tensor, sqnr
 
 RangeSearch = Literal["minmax", "mse"]
@@ -98,7 +99,7 @@ def select_layers(model: nn.Module, scope: Scope, keep_first_last: bool) -> list
 
 
 @register_method("quant.weight_only", WeightOnly, layer_types=QUANTIZABLE)
-def weight_only(model: nn.Module, cfg: WeightOnly, ctx: MethodContext) -> nn.Module:
+def weight_only(model: nn.Module, cfg: WeightOnly, inputs: MethodInputs) -> MethodResult:
     """Weight-only round-to-nearest quantization into packed int2..int8 layers (no data needed)."""
     layers = select_layers(model, cfg.scope, cfg.keep_first_last)
     report, fallback = {}, []
@@ -111,8 +112,6 @@ def weight_only(model: nn.Module, cfg: WeightOnly, ctx: MethodContext) -> nn.Mod
                         "sqnr_db": round(sqnr(layer.weight.detach().cpu(), qt.dequantize()), 2)}
         set_module(model, name, quantize_layer(layer, spec, qt=qt))
     if fallback:
-        ctx.log(f"quant.weight_only: group_size {cfg.group_size} does not divide the inputs of "
-                f"{', '.join(fallback)}; those layers use per-channel scales")
-    ctx.info["layers"] = report
-    ctx.info["fallback"] = fallback
-    return model
+        inputs.log(f"quant.weight_only: group_size {cfg.group_size} does not divide the inputs of "
+                   f"{', '.join(fallback)}; those layers use per-channel scales")
+    return MethodResult(model, {"layers": report, "fallback": fallback})

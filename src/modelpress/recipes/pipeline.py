@@ -30,19 +30,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..core.data import call_model, check_finite_data, check_finite_params, check_model_accepts, slice_inputs
-from ..core.errors import ConfigError, DataError, ScopeError
+from ..analysis.analyze import analyze, compare_models, resize_batch
+from ..analysis.latency import check_memory
+from ..analysis.report_html import write_html_report
+from ..analysis.tables import compare_rows
+from ..artifact.checkpoint import save_artifact
+from ..artifact.loading import load_artifact, load_model
+from ..core.data import check_finite_data, check_finite_params, check_model_accepts
+from ..core.errors import ConfigError, ModelpressError, ScopeError
 from ..core.io import kill_point, remove_stale_temps, write_json, write_text
-from ..core.loading import load_artifact
 from ..core.progress import log
-from ..core.registry import MethodContext, get_method
-from ..core.scope import Scope, type_matches
-from ..core.training import fit
-from ..export.checkpoint import save_artifact
+from ..core.scope import Scope
+from ..distillation.kd import distillation_loss
+from ..engine import MethodInputs, run_method
+from ..tasks.base import DatasetBundle
 from .schema import Recipe
 
 
@@ -64,57 +67,36 @@ class RunResult:
         return self.rows[-1]
 
 
-def embedding_distill_loss(teacher: nn.Module):
-    """Fine-tune loss for sentence encoders without labels: 1 - cosine to the teacher's embedding."""
-    teacher = teacher.eval()
-
-    def loss_fn(model, inputs, target):
-        with torch.no_grad():
-            ref = call_model(teacher, inputs)
-        return (1 - F.cosine_similarity(call_model(model, inputs), ref, dim=-1)).mean()
-
-    return loss_fn
-
-
-def _stage_loss(stage, baseline: nn.Module, reference: nn.Module | None):
+def _stage_loss(stage, baseline: nn.Module, task):
     """The training loss of a stage: distillation when it asks for it (teacher: the baseline unless
-    named), the embedding loss to the reference for sentence encoders, else the default (labels)."""
+    named), else the task's (the labels; the baseline's outputs for tasks without labels)."""
     if stage.distill is not None:
-        from ..distillation.kd import distillation_loss
-
         teacher = baseline
         if stage.distill.teacher:
-            from ..core.loading import load_model
-
             refs = [stage.distill.teacher] if isinstance(stage.distill.teacher, str) else stage.distill.teacher
             teacher = [load_model(r) for r in refs]
         return distillation_loss(teacher, stage.distill)
-    return embedding_distill_loss(reference) if reference is not None else None
+    return None if task.labelled else task.training_loss(reference=baseline)
 
 
-def example_inputs(bundle: Any, n: int = 1) -> Any:
-    """The first ``n`` test inputs of a dataset bundle, in the batch convention."""
-    from ..core.data import Data
-
-    source = bundle.train if bundle.task == "embedding" else bundle.test
-    return slice_inputs(Data(source, batch_size=max(n, 1)).first_inputs(), n)
+def example_inputs(bundle: DatasetBundle, n: int = 1) -> Any:
+    """The first ``n`` example inputs of a dataset bundle (as its task picks them)."""
+    return bundle.example_inputs(n)
 
 
-def measure(model: nn.Module, label: str, bundle: Any, artifact: Path | None, recipe: Recipe,
+def measure(model: nn.Module, label: str, bundle: DatasetBundle, artifact: Path | None, recipe: Recipe,
             reference: nn.Module | None = None, baseline: nn.Module | None = None) -> dict:
     """One report row: quality, bytes on disk, parameters, MACs and latency.
 
-    With ``baseline``, latency is timed interleaved with the baseline in this process and
-    the row carries the measured speed-ups (``eager_b64_speedup`` ...).
+    ``reference`` is what fidelity-style metrics compare with (the uncompressed model). With
+    ``baseline``, latency is timed interleaved with the baseline in this process and the row
+    carries the measured speed-ups (``eager_b64_speedup`` ...).
     """
-    from ..analysis.analyze import analyze, compare_models
-    from ..analysis.quality import evaluate_quality
-
     model.eval()
     row: dict[str, Any] = {"label": label}
-    row.update(evaluate_quality(model, bundle, reference=reference))
+    row.update(bundle.evaluate(model, reference=reference))
     ev = recipe.eval
-    inputs = example_inputs(bundle, 1)
+    inputs = bundle.example_inputs(1)
     report = analyze(model, inputs, batch_sizes=tuple(ev.batch_sizes), threads=ev.threads,
                      latency=ev.latency and baseline is None, onnx=ev.onnx, repeats=ev.repeats,
                      artifact_bytes=artifact.stat().st_size if artifact else None)
@@ -126,8 +108,6 @@ def measure(model: nn.Module, label: str, bundle: Any, artifact: Path | None, re
 
 
 def _markdown(recipe: Recipe, rows: list[dict]) -> str:
-    from ..analysis.tables import compare_rows
-
     return (f"# modelpress report: {recipe.name}\n\n{recipe.description}\n\n"
             f"{compare_rows(rows)}\n\nBaseline = first row; ratios are baseline / row for sizes, "
             "MACs and latency (higher is better).\n")
@@ -136,26 +116,10 @@ def _markdown(recipe: Recipe, rows: list[dict]) -> str:
 def _write_reports(out: Path, recipe: Recipe, rows: list[dict], infos: list[dict]) -> None:
     write_json(out / "report.json", {"recipe": recipe.name, "rows": rows, "stages": infos})
     write_text(out / "report.md", _markdown(recipe, rows))
-    from ..analysis.report_html import write_html_report
-
     try:
         write_html_report(out, recipe.name, rows, infos, description=recipe.description)
     except Exception as exc:  # noqa: BLE001 - a plotting failure must not cost the finished stage
         log(f"[yellow]warning:[/yellow] report.html was not written: {type(exc).__name__}: {exc}")
-
-
-def unsupported_layers(model: nn.Module, layer_types: tuple[str, ...]) -> dict[str, str]:
-    """``{name: type}`` of the layers holding weights (a parameter of 2+ dims of their own,
-    e.g. Embedding, LSTM, MultiheadAttention) of a type not in ``layer_types`` and not inside
-    a layer of those types: a method for ``layer_types`` leaves them as they are."""
-    supported = [n for n, m in model.named_modules() if n and type_matches(m, layer_types)]
-    out = {}
-    for name, m in model.named_modules():
-        if not name or type_matches(m, layer_types) or any(name.startswith(f"{s}.") for s in supported):
-            continue
-        if any(p.dim() >= 2 for p in m.parameters(recurse=False)):
-            out[name] = type(m).__name__
-    return out
 
 
 def _check_first_scope(recipe: Recipe, configs: list, model: nn.Module) -> None:
@@ -183,9 +147,12 @@ def _check_resume(out: Path, recipe: Recipe, resume: bool) -> None:
         write_text(path, resolved)
 
 
-def run_recipe(recipe: Recipe, model: nn.Module, data: Any, out: str | Path | None = None,
+def run_recipe(recipe: Recipe, model: nn.Module, data: DatasetBundle, out: str | Path | None = None,
                resume: bool = True) -> RunResult:
-    """Run every stage of ``recipe`` on ``model`` (modified; pass a copy) with ``data`` (a DatasetBundle)."""
+    """Run every stage of ``recipe`` on ``model`` (modified; pass a copy) with ``data``.
+
+    Each stage runs through :func:`~modelpress.engine.run_method` with the recipe's seed and
+    the stage's index (the verbs with ``seed=`` reproduce a one-stage recipe)."""
     configs = recipe.method_configs()
     out = Path(out) if out else None
     check_finite_params(model, "the model to compress")
@@ -195,9 +162,6 @@ def run_recipe(recipe: Recipe, model: nn.Module, data: Any, out: str | Path | No
         check_finite_data(getattr(data, split), f"dataset {name!r} {split} split" if name else f"the {split} data")
     _check_first_scope(recipe, configs, model)
     if recipe.eval.latency and recipe.eval.batch_sizes:  # fail now, not after the first stage
-        from ..analysis.analyze import resize_batch
-        from ..analysis.latency import check_memory
-
         check_memory([model], resize_batch(example_inputs(data, 1), max(recipe.eval.batch_sizes)),
                      onnx=recipe.eval.onnx, what="the latency benchmark (eval.batch_sizes)")
     if out:
@@ -215,8 +179,7 @@ def run_recipe(recipe: Recipe, model: nn.Module, data: Any, out: str | Path | No
         raise
 
 
-def _run_stages(recipe: Recipe, configs: list, model: nn.Module, data: Any, out: Path | None) -> RunResult:
-    reference = model if data.task == "embedding" else None
+def _run_stages(recipe: Recipe, configs: list, model: nn.Module, data: DatasetBundle, out: Path | None) -> RunResult:
     rows: list[dict] = []
     infos: list[dict] = []
 
@@ -231,17 +194,14 @@ def _run_stages(recipe: Recipe, configs: list, model: nn.Module, data: Any, out:
             save_artifact(model, base_path, meta={"stage": "baseline"})
             kill_point("baseline-saved")
         log("measuring the baseline ...")
-        rows.append(measure(model, "baseline", data, base_path, recipe, reference=reference))
+        rows.append(measure(model, "baseline", data, base_path, recipe, reference=model))
         if out:
             write_json(base_metrics, rows[0])
             kill_point("baseline-done")
-    if reference is not None:
-        reference = load_artifact(base_path, base_model=reference)[0] if out else reference
-    baseline = reference if reference is not None else (
-        load_artifact(base_path, base_model=model)[0] if out else copy.deepcopy(model))
+    # the uncompressed model: the teacher of distilling stages, the reference of fidelity metrics
+    baseline = load_artifact(base_path, base_model=model)[0] if out else copy.deepcopy(model)
 
     for i, (stage, cfg) in enumerate(zip(recipe.stages, configs)):
-        info = get_method(stage.method)
         stage_dir = out / "stages" / f"{i + 1:02d}-{stage.name}" if out else None
         if stage_dir and (stage_dir / "metrics.json").exists():
             model, _ = load_artifact(stage_dir / "model.safetensors", base_model=model)
@@ -251,25 +211,13 @@ def _run_stages(recipe: Recipe, configs: list, model: nn.Module, data: Any, out:
             log(f"[dim]stage {i + 1}/{len(recipe.stages)} {stage.name}: already done, loaded[/dim]")
             continue
         log(f"[bold]stage {i + 1}/{len(recipe.stages)}[/bold] {stage.name} ({stage.method})")
-        skipped = unsupported_layers(model, info.layer_types) if info.family != "distill" else {}
-        if skipped:
-            log(f"  {stage.name}: {stage.method} handles {', '.join(info.layer_types)}; left as they are: "
-                + ", ".join(f"{n} ({t})" for n, t in skipped.items()))
-        torch.manual_seed(recipe.seed * 1000 + i + 1)
-        ctx = MethodContext(data=data.train, train=stage.finetune, task=data.task,
-                            loss_fn=_stage_loss(stage, baseline, reference), log=log)
-        model = info.fn(model, cfg, ctx)
-        if stage.finetune is not None and not ctx.trained:
-            fit(model, data.train, stage.finetune, loss_fn=ctx.loss_fn, description=f"{stage.name}: fine-tune")
-        model.eval()
+        inputs = MethodInputs(data=data.train, train=stage.finetune, task=data.task,
+                              loss_fn=_stage_loss(stage, baseline, data.task), log=log, load_model=load_model)
         try:
-            check_finite_params(model, f"stage {i + 1} ({stage.name})")
-        except DataError as err:  # say what to do about a stage that diverged
-            raise DataError(f"{err} after compression/fine-tuning",
-                            hint="lower the fine-tune learning rate, or check the data") from None
-        stage_info = {"stage": stage.name, "method": stage.method, **_jsonable(ctx.info)}
-        if skipped:
-            stage_info["unsupported_layers"] = skipped
+            model, report = run_method(model, cfg, inputs, seed=recipe.seed, stage=i, inplace=True)
+        except ModelpressError as err:
+            raise type(err)(f"stage {i + 1} ({stage.name}): {err}", hint=err.hint) from None
+        stage_info = {"stage": stage.name, **report.to_dict()}
         if stage_dir:
             path = save_artifact(model, stage_dir / "model.safetensors",
                                  meta={"stage": stage.name, "method": stage.method})
@@ -278,7 +226,7 @@ def _run_stages(recipe: Recipe, configs: list, model: nn.Module, data: Any, out:
             model, _ = load_artifact(path, base_model=model)
         else:
             path = None
-        row = measure(model, stage.name, data, path, recipe, reference=reference, baseline=baseline)
+        row = measure(model, stage.name, data, path, recipe, reference=baseline, baseline=baseline)
         rows.append(row)
         infos.append(stage_info)
         if stage_dir:
@@ -286,7 +234,7 @@ def _run_stages(recipe: Recipe, configs: list, model: nn.Module, data: Any, out:
             kill_point(f"stage-{i + 1}-done")
             _write_reports(out, recipe, rows, infos)
         log(f"  {stage.name}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in row.items()
-                                              if k in ("accuracy", "spearman", "fidelity", "artifact_bytes")))
+                                              if k in (*data.task.metrics, "artifact_bytes")))
     if out:
         # the metrics live in report.json: in the header they would cost ~170 B, 4% of a 4.7 KB model
         save_artifact(model, out / "model.safetensors", meta={"recipe": recipe.name})
@@ -297,7 +245,3 @@ def _run_stages(recipe: Recipe, configs: list, model: nn.Module, data: Any, out:
 
 def _fmt(v):
     return f"{v:.4f}" if isinstance(v, float) else str(v)
-
-
-def _jsonable(obj):
-    return json.loads(json.dumps(obj, default=str))

@@ -31,9 +31,9 @@ from pydantic import Field, field_validator, model_validator
 
 from ..core.config import MethodConfig, StrictModel
 from ..core.errors import ConfigError
-from ..core.registry import build_config
 from ..core.training import TrainConfig
 from ..distillation.kd import KD
+from ..engine.registry import build_config
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 STAGE_KEYS = ("name", "method", "config", "finetune", "distill")

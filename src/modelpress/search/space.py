@@ -35,6 +35,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from ..core.config import StrictModel
+from ..core.errors import ConfigError
 from ..core.training import TrainConfig
 
 COST_KEYS = {"bytes": "artifact_bytes", "macs": "macs"}
@@ -64,7 +65,6 @@ class Budget(StrictModel):
     @classmethod
     def parse(cls, text: str, max_drop: float = 1.0, **kw) -> "Budget":
         """``"bytes=5000"``, ``"macs=2e6"`` or ``"latency=3.5"`` (ms)."""
-        from ..core.errors import ConfigError
 
         metric, sep, value = text.partition("=")
         try:

@@ -35,9 +35,19 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..analysis.analyze import analyze
+from ..analysis.report_html import TradeoffPoint, render_search_html
+from ..analysis.report_html import pareto_front as front_of
+from ..artifact.checkpoint import artifact_size_of
 from ..core.errors import ConfigError, ModelpressError
 from ..core.io import write_json, write_text
 from ..core.progress import log
+from ..core.scope import type_matches
+from ..pruning.magnitude import PRUNABLE
+from ..pruning.sensitivity import SensitivityConfig, sensitivity_scan
+from ..recipes.pipeline import run_recipe
+from ..recipes.schema import Recipe
+from ..tasks.base import DatasetBundle, Task
 from .space import Budget, SearchSpace, allowed_sparsities, build_recipe
 
 
@@ -53,12 +63,11 @@ class SearchResult:
     out: Path | None = None
 
 
-def quality_of(row: dict) -> float:
-    """The row's quality in points: accuracy x 100, or Spearman x 100 for sentence encoders."""
-    for key in ("accuracy", "spearman"):
-        if row.get(key) is not None:
-            return float(row[key]) * 100
-    raise ConfigError("the report row has no accuracy or spearman to search on")
+def quality_of(row: dict, task: Task) -> float:
+    """The row's quality in points: the task's primary metric x 100 (accuracy, Spearman ...)."""
+    if row.get(task.primary) is None:
+        raise ConfigError(f"the report row has no {task.primary} to search on")
+    return float(row[task.primary]) * 100
 
 
 def pareto_front(points: list[dict], quality: str = "quality", cost: str = "cost") -> list[dict]:
@@ -69,7 +78,6 @@ def pareto_front(points: list[dict], quality: str = "quality", cost: str = "cost
         >>> [p["cost"] for p in pareto_front(pts)]
         [5, 10]
     """
-    from ..analysis.report_html import TradeoffPoint, pareto_front as front_of
 
     tagged = [TradeoffPoint(str(i), p[quality], size=p[cost]) for i, p in enumerate(points)]
     return [points[int(t.label)] for t in front_of(tagged, cost="size")]
@@ -112,13 +120,10 @@ def _storage(storage: str | None, out: Path):
 
 
 def _layers(model: nn.Module) -> list[str]:
-    from ..pruning.magnitude import PRUNABLE
-    from ..core.scope import type_matches
-
     return [n for n, m in model.named_modules() if n and type_matches(m, PRUNABLE)]
 
 
-def run_search(model: nn.Module, bundle: Any, budget: Budget, space: SearchSpace | None = None, *,
+def run_search(model: nn.Module, bundle: DatasetBundle, budget: Budget, space: SearchSpace | None = None, *,
                out: str | Path, trials: int = 20, storage: str | None = None, study_name: str | None = None,
                model_ref: str | None = None, data_ref: str | None = None, seed: int = 0,
                keep_trial_artifacts: bool = False) -> SearchResult:
@@ -129,9 +134,6 @@ def run_search(model: nn.Module, bundle: Any, budget: Budget, space: SearchSpace
     can rerun them (the Python caller passes the same model and data to ``compress``).
     """
     import optuna
-
-    from ..recipes.pipeline import run_recipe
-    from ..recipes.schema import Recipe
 
     space = space or SearchSpace()
     out = Path(out)
@@ -179,7 +181,7 @@ def run_search(model: nn.Module, bundle: Any, budget: Budget, space: SearchSpace
             row = _run_trial(trial.number, raw)
         if budget.cost_key not in row:
             raise ConfigError(f"the trial's report has no {budget.cost_key!r} to compare with the budget")
-        quality, cost = quality_of(row), float(row[budget.cost_key])
+        quality, cost = quality_of(row, bundle.task), float(row[budget.cost_key])
         drop = base_quality - quality
         trial.set_user_attr("row", {k: v for k, v in row.items() if isinstance(v, (int, float, str))})
         trial.set_user_attr("drop", drop)
@@ -241,22 +243,17 @@ def _copy(model: nn.Module) -> nn.Module:
 
 def _baseline(model: nn.Module, bundle: Any, space: SearchSpace, eval_spec: dict, seed: int) -> dict:
     """Quality and cost of the uncompressed model, its prunable layers and (optionally) their sensitivity."""
-    from ..analysis.analyze import analyze
-    from ..analysis.quality import evaluate_quality
-    from ..export.checkpoint import artifact_size_of
-    from ..pruning.sensitivity import SensitivityConfig, sensitivity_scan
-    from ..recipes.pipeline import example_inputs
-
     model.eval()
-    row = evaluate_quality(model, bundle)
-    inputs = example_inputs(bundle, 1)
+    row = bundle.evaluate(model)
+    inputs = bundle.example_inputs(1)
     rep = analyze(model, inputs, batch_sizes=tuple(eval_spec["batch_sizes"]), threads=eval_spec["threads"],
                   latency=eval_spec["latency"], onnx=eval_spec["onnx"], artifact_bytes=artifact_size_of(model))
     row.update(rep.summary())
-    base = {"row": {k: v for k, v in row.items() if isinstance(v, (int, float, str))}, "quality": quality_of(row),
+    base = {"row": {k: v for k, v in row.items() if isinstance(v, (int, float, str))},
+            "quality": quality_of(row, bundle.task),
             "layers": _layers(model)}
     if (space.sparsity and space.ranking == "layer" and space.sensitivity_drop is not None
-            and bundle.task == "classification"):
+            and bundle.task.labelled):
         sens_cfg = SensitivityConfig(sparsities=sorted({s for s in space.sparsity if s > 0}), keep_first_last=False,
                                      max_batches=8)
         torch.manual_seed(seed)
@@ -288,7 +285,6 @@ def _summarise(study, budget: Budget, base: dict, out: Path) -> SearchResult:
            "met_budget": met, "pareto": [t["number"] for t in front], "trials": trials}
     write_json(out / "trials.json", doc)
     try:
-        from ..analysis.report_html import render_search_html
 
         write_text(out / "report.html", render_search_html(doc))
     except Exception as exc:  # a plotting problem must not lose the search's results

@@ -18,9 +18,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..artifact.checkpoint import save_artifact
+from ..artifact.loading import ModelSource, load_artifact, register_source
+from ..core.data import Data
 from ..core.errors import ModelLoadError
 from ..core.progress import log
-from ..core.training import TrainConfig, evaluate_accuracy, fit
+from ..core.training import TrainConfig, fit
+from .models import MODELS, accepted_kwargs, build_model, list_models
 
 DEFAULT_TRAIN = TrainConfig(epochs=10, lr=3e-3, batch_size=32)
 
@@ -32,16 +36,16 @@ def cache_dir() -> Path:
 def baseline_path(model: str, dataset: str, seed: int = 0, train: TrainConfig | None = None) -> Path:
     train = train or DEFAULT_TRAIN
     key = hashlib.sha1(json.dumps(train.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
-    return cache_dir() / "baselines" / f"{model}-{dataset.replace(':', '_').replace('/', '_')}-seed{seed}-{key}.safetensors"
+    name = dataset.replace(":", "_").replace("/", "_")
+    return cache_dir() / "baselines" / f"{model}-{name}-seed{seed}-{key}.safetensors"
 
 
 def train_model(model: nn.Module, bundle, train: TrainConfig, seed: int = 0) -> nn.Module:
     """Train a classifier from scratch on ``bundle.train`` (seeded) and return it."""
-    if bundle.task != "classification":
-        raise ModelLoadError(f"training from scratch is for classifiers; {bundle.name} is a {bundle.task} dataset",
+    if not bundle.task.labelled:
+        raise ModelLoadError(f"training from scratch needs labels; {bundle.name} is a {bundle.task.name} dataset",
                              hint="sentence encoders come pretrained (e.g. the minilm zoo model)")
     torch.manual_seed(seed)
-    from ..core.data import Data
     fit(model, Data(bundle.train, batch_size=train.batch_size, shuffle=True, seed=seed), train,
         description=f"train {getattr(model, 'zoo_spec', {}).get('zoo', type(model).__name__)}")
     return model.eval()
@@ -49,8 +53,6 @@ def train_model(model: nn.Module, bundle, train: TrainConfig, seed: int = 0) -> 
 
 def shape_kwargs(model_name: str, bundle) -> dict:
     """Zoo-model keyword arguments that fit the dataset: classes, channels, image size."""
-    from .models import accepted_kwargs
-
     wanted = {"num_classes": bundle.num_classes, "in_channels": bundle.input_shape[0] if bundle.input_shape else None,
               "image_size": bundle.input_shape[-1] if len(bundle.input_shape or ()) == 3 else None}
     ok = accepted_kwargs(model_name)
@@ -60,10 +62,6 @@ def shape_kwargs(model_name: str, bundle) -> dict:
 def get_baseline(model_name: str, bundle, *, seed: int = 0, train: TrainConfig | None = None,
                  retrain: bool = False) -> tuple[nn.Module, Path]:
     """The trained zoo model ``model_name`` on ``bundle``, from the cache or trained now."""
-    from ..core.loading import load_artifact
-    from ..export.checkpoint import save_artifact
-    from .models import build_model
-
     train = train or DEFAULT_TRAIN
     path = baseline_path(model_name, bundle.name, seed, train)
     if path.exists() and not retrain:
@@ -75,9 +73,23 @@ def get_baseline(model_name: str, bundle, *, seed: int = 0, train: TrainConfig |
             log(f"[yellow]cached baseline unusable ({exc}); retraining[/yellow]")
     torch.manual_seed(seed)
     model = build_model(model_name, **shape_kwargs(model_name, bundle))
-    if bundle.task == "classification":
+    if bundle.task.labelled:
         train_model(model, bundle, train, seed)
-        acc = evaluate_accuracy(model, bundle.test)
-        log(f"baseline {model_name} on {bundle.name}: test accuracy {acc:.4f}")
+        quality = ", ".join(f"{k} {v:.4f}" for k, v in bundle.evaluate(model).items())
+        log(f"baseline {model_name} on {bundle.name}: test {quality}")
     save_artifact(model, path, meta={"dataset": bundle.name, "seed": seed, "train": train.to_dict()})
     return model.eval(), path
+
+
+# -- the zoo as a model source: names on the command line, {"zoo": name} in artifacts --------------
+def _trained(record: dict, bundle, *, seed: int = 0, train=None) -> nn.Module | None:
+    """A zoo model on labelled data means its trained baseline (cached); else None."""
+    if bundle is None or not bundle.task.labelled:
+        return None
+    return get_baseline(record["zoo"], bundle, seed=seed, train=train)[0]
+
+
+register_source("zoo", ModelSource(
+    build=lambda record: build_model(record["zoo"], **record.get("kwargs", {})),
+    resolve=lambda ref: {"zoo": ref, "kwargs": {}} if ref in MODELS else None,
+    trained=_trained, names=list_models))

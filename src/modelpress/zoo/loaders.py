@@ -254,3 +254,61 @@ def load_imagefolder(root: str | Path, size: int = 28, channels: int | None = No
         return x, np.array([k for _, k in items], dtype=np.int64)
 
     return (*read(train_items), *read(test_items), classes)
+
+
+# -- CSV tables ----------------------------------------------------------------------------
+def load_csv(path: str | Path, label: str | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """A CSV file of numeric features and one class column: ``(features float32 [n, f],
+    label indices int64 [n], class names)``. The class column is ``label`` (by header name),
+    else the one named ``label``/``target``/``class``, else the last; its values may be any
+    strings or numbers (classes are their sorted distinct values). The first row is a header
+    when it is not all numbers."""
+    import csv
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(f"csv: file {path} does not exist", hint="point the dataset spec at a .csv file")
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows = [r for r in csv.reader(fh) if any(c.strip() for c in r)]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"csv: cannot read {path}: {exc}") from None
+    if not rows:
+        raise DataError(f"csv: {path} is empty")
+
+    def numeric(cell: str) -> bool:
+        try:
+            float(cell)
+            return True
+        except ValueError:
+            return False
+
+    header = rows[0] if not all(numeric(c) for c in rows[0]) else None
+    body = rows[1:] if header else rows
+    width = len(rows[0])
+    if width < 2 or len(body) < 2:
+        raise DataError(f"csv: {path} needs at least 2 columns and 2 data rows (found {width} x {len(body)})")
+    names = [h.strip() for h in header] if header else [str(i) for i in range(width)]
+    if label is not None:
+        if label not in names:
+            raise DataError(f"csv: {path} has no column {label!r}", hint=f"columns: {', '.join(names)}")
+        col = names.index(label)
+    else:
+        col = next((names.index(n) for n in ("label", "target", "class") if n in names), width - 1)
+    features, labels = [], []
+    for lineno, row in enumerate(body, 2 if header else 1):
+        if len(row) != width:
+            raise DataError(f"csv: {path} line {lineno} has {len(row)} fields, expected {width}")
+        try:
+            features.append([float(c) for i, c in enumerate(row) if i != col])
+        except ValueError:
+            raise DataError(f"csv: {path} line {lineno}: a feature is not a number",
+                            hint=f"every column but the class column ({names[col]!r}) must be numeric") from None
+        labels.append(row[col].strip())
+    x = np.asarray(features, dtype=np.float32)
+    if not np.isfinite(x).all():
+        raise DataError(f"csv: {path} holds NaN or infinite features", hint="clean the file first")
+    as_numbers = all(numeric(v) for v in labels)
+    classes = sorted(set(labels), key=(lambda v: float(v)) if as_numbers else None)
+    index = {c: i for i, c in enumerate(classes)}
+    return x, np.asarray([index[v] for v in labels], dtype=np.int64), classes

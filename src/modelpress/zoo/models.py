@@ -25,26 +25,22 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..artifact.hf import SentenceEncoder
 from ..core.errors import ModelLoadError
+from ..core.registry import Registry
+from .corpora import minilm_path
 
-_MODELS: dict[str, Callable[..., nn.Module]] = {}
+MODELS: Registry[Callable[..., nn.Module]] = Registry("zoo model", error=ModelLoadError)
 
 
 def register_model(name: str) -> Callable:
     """Decorator registering a model builder under ``name`` (a builder takes kwargs only)."""
-
-    def decorator(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        if name in _MODELS:
-            raise ValueError(f"zoo model '{name}' is registered twice")
-        _MODELS[name] = fn
-        return fn
-
-    return decorator
+    return MODELS.decorator(name)
 
 
 def list_models() -> list[str]:
     """Names accepted by :func:`build_model`, sorted."""
-    return sorted(_MODELS)
+    return MODELS.names()
 
 
 def build_model(name: str, **kwargs) -> nn.Module:
@@ -53,10 +49,10 @@ def build_model(name: str, **kwargs) -> nn.Module:
     The weights are freshly initialised (except ``minilm``, which loads the bundled
     pretrained weights); seed torch first for identical weights.
     """
-    if name not in _MODELS:
+    if name not in MODELS:
         raise ModelLoadError(f"unknown zoo model '{name}'",
                              hint=f"available models: {', '.join(list_models())}")
-    builder = _MODELS[name]
+    builder = MODELS.get(name)
     try:  # check the keywords up front so a TypeError inside a builder is not mislabelled
         inspect.signature(builder).bind(**kwargs)
     except TypeError as exc:
@@ -70,9 +66,9 @@ def build_model(name: str, **kwargs) -> nn.Module:
 
 def accepted_kwargs(name: str) -> set[str]:
     """Keyword arguments the zoo model ``name`` accepts."""
-    if name not in _MODELS:
+    if name not in MODELS:
         raise ModelLoadError(f"unknown zoo model '{name}'", hint=f"available models: {', '.join(list_models())}")
-    return set(inspect.signature(_MODELS[name]).parameters)
+    return set(inspect.signature(MODELS.get(name)).parameters)
 
 
 def _scaled(channels: int, width: float, divisor: int = 4) -> int:
@@ -267,10 +263,9 @@ def mobilenetv2_small(num_classes: int = 10, in_channels: int = 1, width: float 
     return MobileNetV2Small(num_classes=num_classes, in_channels=in_channels, width=width)
 
 
-# -- MiniLM (lazy: torch-only users never import transformers) --------------------------
+# -- MiniLM (transformers is imported when it is built, so torch-only users never import it) ----------
 @register_model("minilm")
 def minilm(path: str | None = None) -> nn.Module:
     """all-MiniLM-L6-v2 sentence encoder from the bundled weights (or any local HF dir)."""
-    from .text import SentenceEncoder, minilm_path
-
     return SentenceEncoder.from_pretrained(path if path is not None else minilm_path())
+

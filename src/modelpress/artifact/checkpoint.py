@@ -4,7 +4,7 @@ Layout of ``model.safetensors`` (format 2, :data:`FORMAT`; any file name works):
 
 * tensors, each stored raw or through an *encoding* that makes it smaller on disk
   (``sparse``: a packed bitmask + the non-zero values; ``relidx``: relative indices + values,
-  see :mod:`.sparse_encodings`; both exact, the smaller wins; quantization adds its own);
+  see :mod:`.relidx`; both exact, the smaller wins; quantization adds its own);
 * pieces (raw tensors and encoded parts) under :data:`PACK_BELOW` bytes are concatenated into
   one ``uint8`` tensor named :data:`PACKED`, indexed by the header (name, dtype, shape, in
   order): safetensors spends ~60 header bytes on each tensor it stores, as much as a small
@@ -22,7 +22,7 @@ validates the header and reports corrupt, truncated or mismatched files as
 
     >>> import torch, tempfile, os
     >>> from torch import nn
-    >>> from modelpress.export.checkpoint import save_artifact, load_state
+    >>> from modelpress.artifact.checkpoint import save_artifact, load_state
     >>> m = nn.Linear(64, 64); _ = m.weight.data.mul_((torch.rand(64, 64) > 0.9).float())
     >>> p = os.path.join(tempfile.mkdtemp(), "m.safetensors")
     >>> _ = save_artifact(m, p)
@@ -38,15 +38,17 @@ import math
 import os
 import zlib
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from ..core.errors import ModelLoadError
 from ..core.io import atomic_path
-from . import modules as structure
+from ..core.masks import masked_params
+from ..engine.registry import load_method_modules
+from ..nn import records as structure
+from .encodings import ENCODINGS, auto_encodings, decode, smallest_encoding
 
 FORMAT = "modelpress.artifact/2"
 FORMAT_V1 = "modelpress.artifact/1"  # one safetensors tensor per piece, plain JSON header; still loads
@@ -103,53 +105,6 @@ _HEADER_DICT = "".join((
     '"conv1.indices::data","U8",[","conv2.table","F16",[","conv2.indices::data","U8",[',
 )).encode()
 
-# kind -> (encode(tensor) -> (parts dict, info dict) | None, decode(parts, info) -> tensor)
-Encoder = Callable[[torch.Tensor], tuple[dict[str, torch.Tensor], dict] | None]
-Decoder = Callable[[dict[str, torch.Tensor], dict], torch.Tensor]
-_ENCODINGS: dict[str, tuple[Encoder, Decoder]] = {}
-_AUTO: list[str] = []  # exact encodings tried on every tensor; the smallest result is kept
-
-
-def register_encoding(kind: str, encode: Encoder, decode: Decoder, *, auto: bool = False) -> None:
-    """Add a tensor encoding. ``encode`` returns None when it would not make the tensor smaller.
-
-    ``auto=True`` (only for exact encodings) makes :func:`save_artifact` try it on every
-    tensor and keep whichever encoding is smallest. Other encodings (e.g. quantized
-    formats) are used only for the tensors a method lists in ``model.modelpress_encodings``.
-    """
-    _ENCODINGS[kind] = (encode, decode)
-    if auto and kind not in _AUTO:
-        _AUTO.append(kind)
-
-
-# -- sparse: packed bitmask + non-zero values (exact) ------------------------------
-def _encode_sparse(t: torch.Tensor):
-    if not t.is_floating_point() or t.numel() < 64:
-        return None
-    flat = t.detach().reshape(-1).contiguous()
-    nz = flat != 0
-    nnz = int(nz.sum())
-    encoded = (t.numel() + 7) // 8 + nnz * t.element_size()
-    if encoded >= t.numel() * t.element_size():
-        return None
-    bits = torch.from_numpy(np.packbits(nz.numpy().astype(np.uint8)))
-    return {"bitmask": bits, "values": flat[nz].clone()}, {"shape": list(t.shape)}  # dtype: the values' own
-
-
-def _decode_sparse(parts, info):
-    numel = int(np.prod(info["shape"])) if info["shape"] else 1
-    nz = np.unpackbits(parts["bitmask"].numpy())[:numel].astype(bool)
-    values = parts["values"]
-    if int(nz.sum()) != values.numel():
-        raise ModelLoadError("sparse tensor: bitmask and values disagree (corrupt file)")
-    out = torch.zeros(numel, dtype=values.dtype)
-    out[torch.from_numpy(nz)] = values
-    return out.reshape(info["shape"])
-
-
-register_encoding("sparse", _encode_sparse, _decode_sparse, auto=True)
-
-
 def _unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """state_dict with tied tensors stored once (safetensors refuses shared storage)."""
     seen: dict[tuple, str] = {}
@@ -163,19 +118,6 @@ def _unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
             seen[key] = k
         out[k] = v.detach().cpu().contiguous()
     return out, ties
-
-
-def _smallest_encoding(t: torch.Tensor, kinds: list[str]):
-    """``(kind, parts, info)`` of the encoding with the fewest bytes (first wins ties), or None."""
-    best, best_bytes = None, None
-    for kind in kinds:
-        res = _ENCODINGS[kind][0](t)
-        if res is None:
-            continue
-        size = sum(p.numel() * p.element_size() for p in res[0].values())
-        if best_bytes is None or size < best_bytes:
-            best, best_bytes = (kind, *res), size
-    return best
 
 
 def save_artifact(model: nn.Module, path: str | os.PathLike, *, source: dict | None = None,
@@ -196,8 +138,8 @@ def save_artifact(model: nn.Module, path: str | os.PathLike, *, source: dict | N
     tensors, encodings = {}, {}
     extra_encodings = getattr(model, "modelpress_encodings", {})  # set by quantizers
     for name, t in state.items():
-        kinds = [extra_encodings[name]] if name in extra_encodings else (list(_AUTO) if encode else [])
-        best = _smallest_encoding(t, kinds)
+        kinds = [extra_encodings[name]] if name in extra_encodings else (auto_encodings() if encode else [])
+        best = smallest_encoding(t, kinds)
         if best is None:
             tensors[name] = t
             continue
@@ -205,8 +147,6 @@ def save_artifact(model: nn.Module, path: str | os.PathLike, *, source: dict | N
         for part, pt in parts.items():
             tensors[f"{name}{SEP}{part}"] = pt.contiguous()
         encodings[name] = {"kind": kind, **info}
-    from ..core.masks import masked_params
-
     meta = dict(meta or {})
     masked = [f"{mname}.{pname}" if mname else pname for mname, _, pname, _ in masked_params(model)]
     if masked:
@@ -346,29 +286,20 @@ def load_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     state: dict[str, torch.Tensor] = {k: v for k, v in raw.items() if SEP not in k}
     for name, info in header.get("encodings", {}).items():
         kind = info.get("kind")
-        if kind not in _ENCODINGS:
-            _load_encoding_plugins()
-        if kind not in _ENCODINGS:
-            raise ModelLoadError(f"tensor {name!r} uses unknown encoding {kind!r}")
+        if not isinstance(kind, str) or kind not in ENCODINGS:
+            raise ModelLoadError(f"tensor {name!r} uses unknown encoding {kind!r}",
+                                 hint="the file was written by a newer modelpress version, or is corrupt")
         prefix = f"{name}{SEP}"
         parts = {k[len(prefix):]: v for k, v in raw.items() if k.startswith(prefix)}
-        state[name] = _ENCODINGS[kind][1](parts, info)
+        state[name] = decode(kind, parts, info)
     for k, target in header.get("ties", {}).items():
         state[k] = state[target]
     return state, header
 
 
-def _load_encoding_plugins() -> None:
-    """Import the method modules: they register more encodings and buildable module classes
-    (packed quantized layers, codebooks), which a checkpoint may name."""
-    from ..core.registry import list_methods
-
-    list_methods()
-
-
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], header: dict, where: str = "") -> nn.Module:
     """Rebuild ``model``'s structure from the header and load ``state`` strictly."""
-    _load_encoding_plugins()  # so every buildable class a method defines is known
+    load_method_modules()  # so every module class and replay a method defines is known
     steps = header.get("replay") or []
     current = structure.get_replay(model)
     if steps and not (current and current["steps"] == steps):  # else: the model already has this form
@@ -376,15 +307,17 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], header: dict, wh
     structure.rebuild(model, header.get("structure", {}))
     # Tensors a method chose a non-automatic encoding for (e.g. Huffman-coded codebook indices)
     # keep it when the loaded model is saved again.
+    auto = auto_encodings()
     chosen = {name: info["kind"] for name, info in header.get("encodings", {}).items()
-              if isinstance(info, dict) and info.get("kind") in _ENCODINGS and info["kind"] not in _AUTO}
+              if isinstance(info, dict) and info.get("kind") in ENCODINGS and info["kind"] not in auto}
     if chosen:
         model.modelpress_encodings = {**getattr(model, "modelpress_encodings", {}), **chosen}
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()
-        raise ModelLoadError(f"checkpoint {where} does not fit the model: {first[1].strip() if len(first) > 1 else first[0]}",
+        detail = first[1].strip() if len(first) > 1 else first[0]
+        raise ModelLoadError(f"checkpoint {where} does not fit the model: {detail}",
                              hint="it was saved from a different architecture") from None
     # Non-persistent buffers are not in a state_dict, so only persistent keys count as missing.
     if missing or unexpected:
@@ -405,5 +338,3 @@ def artifact_size_of(model: nn.Module, **kwargs: Any) -> int:
         return artifact_bytes(save_artifact(model, Path(d) / "m.safetensors", **kwargs))
 
 
-# Registers "relidx" (imported last: it needs register_encoding from this module).
-from . import sparse_encodings  # noqa: E402,F401

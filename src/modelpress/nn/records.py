@@ -15,14 +15,23 @@ the module the original model already has (only registered names, only integers)
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from torch import nn
 
 from ..core.errors import ModelLoadError
+from ..core.registry import Registry
+from .modules import get_module, set_module
 
-# class name -> (class, spec(module) -> args dict, build(args) -> module)
-_BUILDERS: dict[str, tuple[type, Callable[[nn.Module], dict], Callable[[dict], nn.Module]]] = {}
+
+class Buildable(NamedTuple):
+    cls: type
+    spec: Callable[[nn.Module], dict]  # module -> constructor arguments
+    build: Callable[[dict], nn.Module]  # constructor arguments -> module
+
+
+BUILDABLES: Registry[Buildable] = Registry("buildable module class", error=ModelLoadError,
+                                          hint="load it with the modelpress version that wrote it")
 
 
 def register_buildable(cls: type, spec: Callable[[nn.Module], dict] | None = None,
@@ -30,7 +39,10 @@ def register_buildable(cls: type, spec: Callable[[nn.Module], dict] | None = Non
     """Allow ``cls`` in checkpoints. Custom modules may define ``spec()`` and ``from_spec(args)``."""
     spec = spec or (lambda m: m.spec())
     build = build or (lambda a: cls.from_spec(a))
-    _BUILDERS[name or cls.__name__] = (cls, spec, build)
+    name = name or cls.__name__
+    current = BUILDABLES.find(name)
+    if current is None or current.cls is not cls:  # the same class registered again is a no-op
+        BUILDABLES.register(name, Buildable(cls, spec, build))
     return cls
 
 
@@ -40,12 +52,12 @@ def buildable(cls):
 
 
 # class name -> integer attributes recorded and restored (see the module docstring)
-_ATTRS: dict[str, tuple[str, ...]] = {}
+ATTRS: Registry[tuple[str, ...]] = Registry("module class with restored attributes", error=ModelLoadError)
 
 
 def register_attrs(class_name: str, attrs: tuple[str, ...] | list[str]) -> None:
     """Record and restore the integer attributes ``attrs`` of modules whose class is named ``class_name``."""
-    _ATTRS[class_name] = tuple(attrs)
+    ATTRS.register(class_name, tuple(attrs))
 
 
 _HF_ATTENTION_ATTRS = ("num_attention_heads", "attention_head_size", "all_head_size")
@@ -96,43 +108,27 @@ def describe(model: nn.Module) -> dict[str, dict]:
     out = {}
     for name, m in model.named_modules():
         cls_name = type(m).__name__
-        entry = _BUILDERS.get(cls_name)
-        if name and entry and type(m) is entry[0]:
-            out[name] = {"class": cls_name, "args": entry[1](m)}
-        elif name and cls_name in _ATTRS:
-            attrs = {a: getattr(m, a) for a in _ATTRS[cls_name] if isinstance(getattr(m, a, None), int)}
+        entry = BUILDABLES.find(cls_name)
+        if name and entry and type(m) is entry.cls:
+            out[name] = {"class": cls_name, "args": entry.spec(m)}
+        elif name and cls_name in ATTRS:
+            attrs = {a: getattr(m, a) for a in ATTRS.get(cls_name) if isinstance(getattr(m, a, None), int)}
             out[name] = {"class": cls_name, "attrs": attrs}
     return out
 
 
 def _restore_attrs(model: nn.Module, name: str, rec: dict) -> None:
     cls_name = rec.get("class")
-    current = _get(model, name)
+    current = get_module(model, name)
     if current is None or type(current).__name__ != cls_name:
         found = "nothing" if current is None else type(current).__name__
         raise ModelLoadError(f"checkpoint expects a {cls_name} at {name!r}, the model has {found}",
                              hint="the checkpoint was saved from a different architecture")
     for attr, value in (rec.get("attrs") or {}).items():
-        if attr not in _ATTRS[cls_name] or not isinstance(value, int) or isinstance(value, bool):
+        if attr not in ATTRS.get(cls_name) or not isinstance(value, int) or isinstance(value, bool):
             raise ModelLoadError(f"checkpoint sets {cls_name}.{attr} = {value!r} at {name!r}, "
                                  "which modelpress does not restore (corrupt or foreign file)")
         setattr(current, attr, value)
-
-
-def _get(model: nn.Module, name: str) -> nn.Module | None:
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        return None
-
-
-def _set(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    if isinstance(parent, (nn.Sequential, nn.ModuleList)) and child.isdigit() and int(child) >= len(parent):
-        parent.append(module)
-    else:
-        setattr(parent, child, module)
 
 
 def rebuild(model: nn.Module, records: dict[str, dict]) -> nn.Module:
@@ -141,19 +137,19 @@ def rebuild(model: nn.Module, records: dict[str, dict]) -> nn.Module:
     for name in sorted(records, key=lambda n: (n.count("."), n)):
         rec = records[name]
         cls_name = rec.get("class")
-        if "attrs" in rec and cls_name in _ATTRS:
+        if "attrs" in rec and cls_name in ATTRS:
             _restore_attrs(model, name, rec)
             continue
-        if cls_name not in _BUILDERS:
+        entry = BUILDABLES.find(cls_name)
+        if entry is None:
             raise ModelLoadError(f"checkpoint names module class {cls_name!r} at {name!r}, "
                                  "which modelpress does not know how to build",
                                  hint="load it with the modelpress version that wrote it")
-        current = _get(model, name)
-        entry = _BUILDERS[cls_name]
-        if current is not None and type(current) is entry[0] and entry[1](current) == rec.get("args", {}):
+        current = get_module(model, name)
+        if current is not None and type(current) is entry.cls and entry.spec(current) == rec.get("args", {}):
             continue
         try:
-            _set(model, name, entry[2](dict(rec.get("args", {}))))
+            set_module(model, name, entry.build(dict(rec.get("args", {}))))
         except (TypeError, ValueError, AttributeError) as exc:
             raise ModelLoadError(f"cannot rebuild module {name!r} ({cls_name}) from the checkpoint: {exc}",
                                  hint="the checkpoint may be corrupt or from another model") from None
@@ -168,13 +164,13 @@ def rebuild(model: nn.Module, records: dict[str, dict]) -> nn.Module:
 # method's data-free "prepare" step, and finally applies the model's own records (edits made
 # after the rewrite); calibrated values then come from the state_dict. Only methods registered
 # here can be replayed, with validated configs.
-_REPLAYS: dict[str, Callable[[nn.Module, dict], nn.Module]] = {}
+REPLAYS: Registry[Callable[[nn.Module, dict], nn.Module]] = Registry("replayable method", error=ModelLoadError)
 _REPLAY_KEY = "modelpress_replay"
 
 
 def register_replay(method: str, prepare: Callable[[nn.Module, dict], nn.Module]) -> None:
     """Let artifacts of ``method`` reload: ``prepare(model, config_dict)`` redoes the rewrite without data."""
-    _REPLAYS[method] = prepare
+    REPLAYS.register(method, prepare)
 
 
 def get_replay(model: nn.Module) -> dict | None:
@@ -203,11 +199,11 @@ def replay(model: nn.Module, steps: list[dict]) -> nn.Module:
     then run the method's prepare step."""
     for step in steps:
         method = step.get("method") if isinstance(step, dict) else None
-        if method not in _REPLAYS:
+        if method not in REPLAYS:
             raise ModelLoadError(f"checkpoint asks to replay {method!r}, which modelpress cannot replay",
                                  hint="load it with the modelpress version that wrote it")
         rebuild(model, step.get("before") or {})
         before, config = model, dict(step.get("config") or {})
-        model = _REPLAYS[method](model, config)
+        model = REPLAYS.get(method)(model, config)
         mark_replay(model, before, method, config)
     return model

@@ -2,7 +2,7 @@
 
 Deep Compression (Han et al., ICLR 2016) stores a pruned, weight-shared layer as two integer
 streams: the relative positions of the non-zero weights (gaps, see
-:mod:`.sparse_encodings`) and the codebook index of each of them. Both are skewed (small gaps
+:mod:`.relidx`) and the codebook index of each of them. Both are skewed (small gaps
 and central clusters are common), so the third stage Huffman-codes them.
 
 * :func:`huffman_encode` / :func:`huffman_decode`: one stream of non-negative integers <->
@@ -16,10 +16,10 @@ and central clusters are common), so the third stage Huffman-codes them.
   stream plain bit-packed or Huffman-coded, and keeps the smallest; exact in every case.
   Registered as encoding ``"huffman"`` (smallest of all) and ``"codes"`` (plain packing only,
   i.e. Deep Compression without its Huffman stage). Methods opt in per tensor through
-  ``model.modelpress_encodings`` (see :mod:`.checkpoint`).
+  ``model.modelpress_encodings`` (see :mod:`.encodings`).
 
     >>> import numpy as np
-    >>> from modelpress.export.huffman import huffman_encode, huffman_decode
+    >>> from modelpress.artifact.huffman import huffman_encode, huffman_decode
     >>> s = np.array([0] * 90 + [1] * 6 + [2] * 3 + [3])
     >>> bits, lengths = huffman_encode(s)
     >>> lengths.tolist(), bits.nbytes      # 90 + 12 + 9 + 3 bits instead of 2 bits x 100
@@ -35,8 +35,7 @@ import numpy as np
 import torch
 
 from ..core.errors import DataError, ModelLoadError
-from .checkpoint import register_encoding
-from .sparse_encodings import relative_gaps
+from .relidx import relative_gaps
 
 MAX_CODE_BITS = 15  # code lengths fit a nibble; the decode table has at most 2**15 entries
 GAP_BITS = (2, 3, 4, 5, 6, 7, 8)  # relative-index widths tried by the sparse layout
@@ -257,14 +256,14 @@ def encode_indices(t: torch.Tensor, huffman: bool = True) -> tuple[dict[str, tor
     """Encode a non-negative integer tensor exactly, in the smallest layout found.
 
     Layouts: *dense* (every entry, one stream) or *sparse* (relative gaps with ``gap_bits``-bit
-    fillers, see :func:`~.sparse_encodings.relative_gaps`, + the entries that are not 0, two
+    fillers, see :func:`~.relidx.relative_gaps`, + the entries that are not 0, two
     streams); each stream plain-packed or (when ``huffman``) Huffman-coded. Returns
     ``({"data": uint8}, {"shape": ...})``: the payload starts with a few varints (layout,
     gap bits, entries, and per stream its mode, width or alphabet, and bytes), because JSON
     in the artifact's header would cost more than the streams of a small layer.
 
         >>> import torch
-        >>> from modelpress.export.huffman import encode_indices, decode_indices, describe
+        >>> from modelpress.artifact.huffman import encode_indices, decode_indices, describe
         >>> t = torch.zeros(50, 40, dtype=torch.uint8); t[::7, ::3] = 5
         >>> parts, info = encode_indices(t)
         >>> describe(parts["data"])["layout"], parts["data"].numel() < t.numel() // 10
@@ -363,5 +362,5 @@ def _encoder(huffman: bool):
     return encode
 
 
-register_encoding("huffman", _encoder(True), decode_indices)
-register_encoding("codes", _encoder(False), decode_indices)
+encode_huffman = _encoder(True)
+encode_codes = _encoder(False)

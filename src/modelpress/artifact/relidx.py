@@ -9,11 +9,11 @@ zeros of the paper's Figure 2. Decoding is a cumulative sum and one scatter; it 
 Cost per tensor: ``entries * (element_size + bits/8)`` bytes, against the bitmask's
 ``numel/8 + nnz * element_size``. With fp32 values and 8-bit gaps that is 5 bytes per
 non-zero against ``4 + 1/(8*density)``: the relative index wins above ~87.5% sparsity
-(uniform zeros), the bitmask below it. :func:`~modelpress.export.checkpoint.save_artifact`
+(uniform zeros), the bitmask below it. :func:`~modelpress.artifact.checkpoint.save_artifact`
 tries both and keeps the smaller per tensor, so callers never choose.
 
     >>> import torch
-    >>> from modelpress.export.sparse_encodings import encode_relidx, decode_relidx
+    >>> from modelpress.artifact.relidx import encode_relidx, decode_relidx
     >>> t = torch.zeros(1000); t[[3, 700, 999]] = torch.tensor([1.5, -2.0, 3.0])
     >>> parts, info = encode_relidx(t, bits=8)
     >>> info["count"]  # 3 values + fillers: 696 zeros need 2 (256 positions each), 298 need 1
@@ -27,7 +27,6 @@ import numpy as np
 import torch
 
 from ..core.errors import ModelLoadError
-from .checkpoint import register_encoding
 
 WIDTHS = (4, 8, 16)
 
@@ -107,13 +106,11 @@ def decode_relidx(parts: dict[str, torch.Tensor], info: dict) -> torch.Tensor:
     return out.reshape(info["shape"])
 
 
-def _encode_if_smaller(t: torch.Tensor):
+def encode_relidx_if_smaller(t: torch.Tensor):
+    """:func:`encode_relidx` when it makes ``t`` smaller than its raw bytes, else None."""
     if not t.is_floating_point() or t.numel() < 64:
         return None
     parts, info = encode_relidx(t)
     if encoded_bytes(info["count"], info["bits"], t.element_size()) >= t.numel() * t.element_size():
         return None
     return parts, info
-
-
-register_encoding("relidx", _encode_if_smaller, decode_relidx, auto=True)

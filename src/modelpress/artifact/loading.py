@@ -1,27 +1,54 @@
-"""Turn a model reference into an ``nn.Module``.
+"""Turn a model reference into an ``nn.Module``, and an artifact back into the model it holds.
 
 A reference is one of
 
-* a zoo name: ``lenet5``, ``resnet_small``, ``minilm`` ... (``modelpress list --models``);
+* a modelpress artifact (``.safetensors`` written by modelpress: train, compress, export);
 * ``path/to/file.py:factory``: a function in your file returning an ``nn.Module`` (the file
   is executed: only pass files you trust);
 * a local Hugging Face model directory (``config.json`` + weights; never downloaded);
-* a modelpress artifact (``.safetensors`` written by modelpress: train, compress, export).
+* a name a registered *model source* resolves, e.g. a zoo name: ``lenet5``, ``minilm`` ...
+  (``modelpress list --models``).
 
-Every loaded model carries ``model.zoo_spec`` (how to rebuild its architecture), which
-the artifact writer records so that a compressed model reloads on its own.
+Every loaded model carries ``model.zoo_spec``, its *source record* (``{"zoo": "lenet5",
+"kwargs": {}}``, ``{"hf_dir": ...}``, ``{"factory": ...}``): how to rebuild its architecture.
+The artifact writer stores it, so a compressed model reloads on its own. Sources are a
+registry (:data:`SOURCES`); the zoo plugs in its names there.
 """
 from __future__ import annotations
 
 import copy
 import importlib.util
-import json
 import sys
 from pathlib import Path
+from typing import Any, Callable, NamedTuple
 
 from torch import nn
 
-from .errors import ModelLoadError
+from ..core.errors import ModelLoadError
+from ..core.masks import set_mask
+from ..core.registry import Registry
+from .checkpoint import load_into, load_state
+from .hf import load_hf_dir
+
+
+class ModelSource(NamedTuple):
+    """Where models come from. ``build(record)`` builds the architecture of a source record
+    whose key is the source's name; ``resolve(reference)`` turns a command-line reference into
+    such a record (None: not this source's); ``trained(record, bundle, seed, train)`` returns
+    the model trained on a dataset when the source's models come untrained (the zoo's
+    cached baselines); ``names()`` lists what ``resolve`` accepts, for hints."""
+
+    build: Callable[[dict], nn.Module]
+    resolve: Callable[[str], dict | None] | None = None
+    trained: Callable[..., nn.Module] | None = None
+    names: Callable[[], list[str]] | None = None
+
+
+SOURCES: Registry[ModelSource] = Registry("model source", error=ModelLoadError, plugins=("modelpress.zoo.baselines",))
+
+
+def register_source(name: str, source: ModelSource) -> ModelSource:
+    return SOURCES.register(name, source)
 
 
 def _from_factory(ref: str, kwargs: dict | None = None) -> nn.Module:
@@ -49,46 +76,56 @@ def _from_factory(ref: str, kwargs: dict | None = None) -> nn.Module:
     return model
 
 
-def _from_hf_dir(path: Path) -> nn.Module:
-    from ..zoo.text import SentenceEncoder  # imports transformers (the [nlp] extra)
+def _build_factory(record: dict, trust_remote_code: bool) -> nn.Module:
+    if not trust_remote_code:
+        raise ModelLoadError(f"the artifact is built by running {record['factory']}",
+                             hint="pass --trust-remote-code (trust_remote_code=True) if you trust that file")
+    return _from_factory(record["factory"], record.get("kwargs"))
 
-    try:
-        cfg = json.loads((path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"{path}/config.json is unreadable ({exc})") from None
-    archs = cfg.get("architectures") or []
-    if any(a.endswith("ForSequenceClassification") for a in archs):
-        from ..zoo.hf import HFSequenceClassifier
-        model = HFSequenceClassifier.from_pretrained(path)
-    else:
-        model = SentenceEncoder.from_pretrained(path)
-    model.zoo_spec = {"hf_dir": str(path.resolve())}
-    return model
+
+def _build_hf_dir(record: dict) -> nn.Module:
+    return load_hf_dir(Path(record["hf_dir"]))
+
+
+register_source("hf_dir", ModelSource(build=_build_hf_dir))
 
 
 def build_source(source: dict | None, *, trust_remote_code: bool = False) -> nn.Module:
-    """Build the architecture an artifact's ``source`` names."""
-    if not source:
+    """Build the architecture an artifact's ``source`` record names."""
+    if not source or not isinstance(source, dict):
         raise ModelLoadError("the artifact does not record how to build its architecture",
                              hint="pass the original model: load_artifact(path, base_model=model)")
-    if "zoo" in source:
-        from ..zoo.models import build_model
-        return build_model(source["zoo"], **source.get("kwargs", {}))
-    if "hf_dir" in source:
-        return _from_hf_dir(Path(source["hf_dir"]))
-    if "factory" in source:
-        if not trust_remote_code:
-            raise ModelLoadError(f"the artifact is built by running {source['factory']}",
-                                 hint="pass --trust-remote-code (trust_remote_code=True) if you trust that file")
-        return _from_factory(source["factory"], source.get("kwargs"))
-    raise ModelLoadError(f"unknown model source {sorted(source)} in the artifact")
+    if "factory" in source:  # runs code: never through the registry, always behind the flag
+        return _build_factory(source, trust_remote_code)
+    for key in source:
+        entry = SOURCES.find(key) if isinstance(key, str) else None
+        if entry is not None:
+            return entry.build(source)
+    raise ModelLoadError(f"unknown model source {sorted(map(str, source))} in the artifact",
+                         hint=f"known sources: {', '.join(SOURCES.names())}, factory")
+
+
+def resolve_reference(ref: str) -> tuple[dict, ModelSource] | None:
+    """The source record and source of a name some registered source accepts, or None."""
+    for _, entry in SOURCES.items():
+        record = entry.resolve(ref) if entry.resolve else None
+        if record is not None:
+            return record, entry
+    return None
+
+
+def trained_model(ref: str, bundle: Any, *, seed: int = 0, train: Any = None) -> nn.Module | None:
+    """The model ``ref`` names, trained on ``bundle`` when its source trains models (the zoo's
+    cached baselines on labelled data); None when the source does not."""
+    found = resolve_reference(ref)
+    if found is None or found[1].trained is None:
+        return None
+    return found[1].trained(found[0], bundle, seed=seed, train=train)
 
 
 def load_artifact(path: str | Path, *, base_model: nn.Module | None = None,
                   trust_remote_code: bool = False) -> tuple[nn.Module, dict]:
     """Load a modelpress artifact: ``(model, header)``. The model is in eval mode."""
-    from ..export.checkpoint import load_into, load_state
-
     state, header = load_state(path)
     if base_model is not None:
         model = copy.deepcopy(base_model)
@@ -98,7 +135,6 @@ def load_artifact(path: str | Path, *, base_model: nn.Module | None = None,
     model = load_into(model, state, header, where=str(path))
     if header.get("source"):
         model.zoo_spec = header["source"]
-    from .masks import set_mask
     for name in header.get("meta", {}).get("masked", []):  # keep pruned weights pruned in later training
         module_name, _, pname = name.rpartition(".")
         module = model.get_submodule(module_name)
@@ -135,7 +171,7 @@ def load_model(ref: str | Path, *, trust_remote_code: bool = False) -> nn.Module
     path = Path(ref).expanduser()
     if path.is_dir():
         if (path / "config.json").is_file():
-            return _from_hf_dir(path)
+            return _build_hf_dir({"hf_dir": str(path)})
         raise ModelLoadError(f"{ref} is a directory without config.json",
                              hint="pass a Hugging Face model directory, an artifact file or a zoo name")
     if path.is_file():
@@ -147,11 +183,12 @@ def load_model(ref: str | Path, *, trust_remote_code: bool = False) -> nn.Module
         return load_artifact(path, trust_remote_code=trust_remote_code)[0]
     if ".py:" in ref:
         return _from_factory(ref)
-    from ..zoo.models import build_model, list_models
-    if ref in list_models():
-        return build_model(ref)
+    found = resolve_reference(ref)
+    if found is not None:
+        return found[1].build(found[0])
+    names = [n for _, e in SOURCES.items() if e.names for n in e.names()]
     raise ModelLoadError(f"model {ref!r} is not a file, a directory or a zoo model",
-                         hint=f"zoo models: {', '.join(list_models())}; or path/to/file.py:factory")
+                         hint=f"zoo models: {', '.join(names)}; or path/to/file.py:factory")
 
 
 def _from_torch_file(path: Path, trust_remote_code: bool) -> nn.Module:

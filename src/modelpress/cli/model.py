@@ -1,0 +1,183 @@
+"""Commands on one model: ``train``, ``evaluate``, ``analyze``, ``export``, ``sensitivity``."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Column, Table
+
+from ..core.errors import ModelpressError
+from .common import DATA_HELP, MODEL_HELP, load, load_bundle, out
+
+TRUST = typer.Option(False, "--trust-remote-code", help="allow loading files that can run code")
+
+
+def train(model: str = typer.Argument(..., help="zoo model name or path/file.py:factory"),
+          data: str = typer.Option("mnist5k", "--data", "-d", help=DATA_HELP),
+          epochs: float = typer.Option(6, help="passes over the training split"),
+          lr: float = typer.Option(2e-3, help="learning rate (Adam, cosine decay)"),
+          seed: int = typer.Option(0),
+          output: Optional[Path] = typer.Option(None, "--out", "-o",
+                                                help="artifact path (default: the baseline cache)")):
+    """Train a baseline classifier with a progress bar and save it as an artifact.
+
+    [bold]Examples[/bold]: modelpress train lenet5 --data mnist5k ·
+    modelpress train my.py:build --data digits -o base.safetensors
+    """
+    from ..artifact.checkpoint import save_artifact
+    from ..artifact.loading import load_model
+    from ..core.training import TrainConfig
+    from ..zoo.baselines import get_baseline, train_model
+    from ..zoo.models import list_models
+
+    bundle = load_bundle(data, seed)
+    cfg = TrainConfig(epochs=epochs, lr=lr)
+    if model in list_models() and output is None:
+        m, path = get_baseline(model, bundle, seed=seed, train=cfg, retrain=True)
+    else:
+        m = train_model(load_model(model), bundle, cfg, seed)
+        path = save_artifact(m, output or Path(f"{model.split(':')[-1]}-{data.split(':')[0]}.safetensors"),
+                             meta={"dataset": bundle.name, "seed": seed, "train": cfg.to_dict()})
+    quality = ", ".join(f"{k} {v:.4f}" for k, v in bundle.evaluate(m).items())
+    out.print(f"test {quality}; saved to {path}")
+
+
+def evaluate(model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
+             data: str = typer.Option("mnist5k", "--data", "-d", help=DATA_HELP),
+             reference: Optional[str] = typer.Option(None, help="reference model for embedding fidelity"),
+             trust_remote_code: bool = TRUST):
+    """Report the dataset's quality metrics: accuracy (classification), Spearman + fidelity (graded sentence pairs).
+
+    [bold]Examples[/bold]: modelpress evaluate -m runs/demo/model.safetensors -d mnist5k ·
+    modelpress evaluate -m minilm -d sts ·
+    modelpress evaluate -m runs/m8/model.safetensors -d sts:my_pairs.tsv --reference minilm
+    """
+    bundle = load_bundle(data)
+    m = load(model, bundle, trust_remote_code=trust_remote_code)
+    ref = load(reference, bundle, trust_remote_code=trust_remote_code) if reference else None
+    out.print(json.dumps(bundle.evaluate(m, reference=ref), indent=2))
+
+
+def analyze(model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
+            data: str = typer.Option("mnist5k", "--data", "-d", help="dataset giving the example input"),
+            batch_sizes: str = typer.Option("1,64", help="comma-separated batch sizes for latency"),
+            threads: int = typer.Option(1, help="CPU threads for latency measurement"),
+            onnx: bool = typer.Option(True, help="also measure ONNX Runtime latency"),
+            layers: int = typer.Option(10, help="show the N layers with the most MACs (0: none)"),
+            json_out: Optional[Path] = typer.Option(None, "--json", help="write the report as JSON here"),
+            md_out: Optional[Path] = typer.Option(None, "--markdown", help="write the report as Markdown here"),
+            trust_remote_code: bool = TRUST):
+    """Parameters, MACs per layer, bytes on disk, peak memory and latency (PyTorch and ONNX Runtime).
+
+    [bold]Examples[/bold]: modelpress analyze -m lenet5 ·
+    modelpress analyze -m runs/demo/model.safetensors --json a.json
+    """
+    from ..analysis.analyze import analyze as run_analyze
+    from ..analysis.tables import to_markdown, to_rich_table
+    from ..artifact.checkpoint import artifact_size_of
+    from ..core.io import write_json, write_text
+
+    bundle = load_bundle(data)
+    m = load(model, bundle, trust_remote_code=trust_remote_code)
+    p = Path(model)
+    size = p.stat().st_size if p.is_file() else artifact_size_of(m)
+    bs = tuple(int(b) for b in batch_sizes.split(",") if b.strip())
+    report = run_analyze(m, bundle.example_inputs(1), batch_sizes=bs, threads=threads, onnx=onnx,
+                         artifact_bytes=size)
+    out.print(to_rich_table({model: report}, title=model))
+    if layers and report.macs_by_layer:
+        total = report.macs_total or 1
+        table = Table("layer", Column("MACs", justify="right"), Column("share", justify="right"),
+                      title=f"MACs per layer (top {layers})")
+        for name, macs in sorted(report.macs_by_layer.items(), key=lambda kv: -kv[1])[:layers]:
+            table.add_row(name, f"{macs:,}", f"{100 * macs / total:.1f}%")
+        out.print(table)
+    if json_out:
+        write_json(json_out, report.to_dict())
+    if md_out:
+        write_text(md_out, to_markdown({model: report}))
+
+
+def export(model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
+           dest: Path = typer.Option(..., "--out", "-o", help="output file: .onnx or .safetensors"),
+           data: str = typer.Option("mnist5k", "--data", "-d", help="dataset giving the example input"),
+           fmt: str = typer.Option("auto", "--format", help="auto (from the suffix), onnx or artifact"),
+           check: bool = typer.Option(True, help="run the exported ONNX model in ONNX Runtime and compare"),
+           embedding_bits: int = typer.Option(8, "--embedding-bits",
+                                              help="dynamic int8 models: embedding tables as 8 or 4 bits "
+                                                   "(0 keeps them float)"),
+           trust_remote_code: bool = TRUST):
+    """Export a model for deployment: ONNX (int8 QDQ for statically quantized models, ONNX Runtime
+    dynamic int8 for dynamically quantized ones) or a modelpress artifact.
+
+    The artifact is safetensors + metadata (packed low-bit weights, codebooks, sparse tensors)
+    and reloads in modelpress to the same outputs. ONNX files run in ONNX Runtime.
+    [bold]Examples[/bold]: modelpress export -m runs/q/model.safetensors -o lenet5-int8.onnx ·
+    modelpress export -m runs/p/model.safetensors -o small.safetensors
+    """
+    kind = fmt if fmt != "auto" else ("onnx" if dest.suffix == ".onnx" else "artifact")
+    if kind not in ("onnx", "artifact"):
+        raise ModelpressError(f"--format {fmt!r} is not known", hint="use auto, onnx or artifact")
+    bundle = load_bundle(data)
+    m = load(model, bundle, trust_remote_code=trust_remote_code)
+    if kind == "artifact":
+        from ..artifact.checkpoint import save_artifact
+
+        path = save_artifact(m, dest)
+        out.print(f"wrote {path} ({path.stat().st_size:,} bytes)")
+        return
+    from ..export.deploy import export_deployable
+
+    path, note = export_deployable(m, bundle.example_inputs(1), dest, check=check,
+                                   embedding_bits=embedding_bits or None)
+    out.print(f"wrote {path} ({path.stat().st_size:,} bytes){'; ' + note if note else ''}")
+
+
+def sensitivity(model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
+                data: str = typer.Option("mnist5k", "--data", "-d", help=DATA_HELP),
+                out_dir: Path = typer.Option(Path("sensitivity"), "--out", "-o",
+                                             help="folder for the JSON, PNG and report.html"),
+                sparsities: str = typer.Option("0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9", help="comma-separated"),
+                metric: str = typer.Option("accuracy", help="accuracy or loss"),
+                target: Optional[float] = typer.Option(None, help="also allocate per-layer sparsity for this "
+                                                                   "global target"),
+                trust_remote_code: bool = TRUST):
+    """Per-layer sensitivity: accuracy (or loss) when pruning one layer at a time, as a table and a plot.
+
+    With --target, turns the curves into per-layer sparsities meeting that global target
+    with the least loss (paste them into a recipe's layer_sparsity).
+    [bold]Examples[/bold]: modelpress sensitivity -m lenet5 -o sens ·
+    modelpress sensitivity -m runs/a/model.safetensors --target 0.9
+    """
+    from ..analysis.report_html import write_html_report
+    from ..core.io import write_json
+    from ..pruning.sensitivity import SensitivityConfig, sensitivity_scan
+
+    bundle = load_bundle(data)
+    m = load(model, bundle, trust_remote_code=trust_remote_code)
+    cfg = SensitivityConfig.from_dict({"sparsities": [float(v) for v in sparsities.split(",") if v.strip()],
+                                       "metric": metric}, where="sensitivity")
+    result = sensitivity_scan(m, bundle.test, cfg)
+    out.print(result.to_table())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    doc = result.to_dict()
+    if target is not None:
+        ratios = result.ratios_for_target(target)
+        doc["ratios_for_target"] = {"target": target, "layer_sparsity": ratios}
+        table = Table("layer", Column("sparsity", justify="right"),
+                      title=f"per-layer sparsity for {target:.0%} overall")
+        for name, r in ratios.items():
+            table.add_row(name, f"{r:.3f}")
+        out.print(table)
+    write_json(out_dir / "sensitivity.json", doc)
+    png = result.plot(out_dir / "sensitivity.png")
+    html = write_html_report(out_dir, f"sensitivity of {model} on {data}", [], [], sensitivity=doc)
+    out.print(f"wrote {out_dir / 'sensitivity.json'}, {png} and {html}")
+
+
+def register(app: typer.Typer) -> None:
+    for fn in (train, evaluate, analyze, sensitivity):
+        app.command()(fn)
+    app.command("export")(export)

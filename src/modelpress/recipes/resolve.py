@@ -1,0 +1,71 @@
+"""Turn what a recipe run is given (or what the recipe itself names) into a model and a dataset.
+
+One place for the Python API (:func:`modelpress.compress`), the CLI and search: a recipe's
+``model:`` and ``data:`` fields are the defaults, arguments win; a model reference that names
+an untrained model of a source that trains (a zoo name on labelled data) means its trained
+baseline, trained with the recipe's ``baseline.train`` and cached.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from ..artifact.loading import load_model, trained_model
+from ..core.errors import ConfigError
+from ..core.training import TrainConfig
+from ..tasks.base import DatasetBundle
+from ..tasks.datasets import load_dataset
+from .schema import Recipe
+
+
+@dataclass
+class ResolvedRun:
+    model: nn.Module
+    data: DatasetBundle
+    model_ref: str  # what to call the model in titles ("lenet5", "my.py:build", "<module>")
+
+
+def resolve_data(data: Any, seed: int = 0) -> DatasetBundle:
+    """A :class:`DatasetBundle` from a bundle or a dataset spec."""
+    if isinstance(data, DatasetBundle):
+        return data
+    if isinstance(data, str):
+        return load_dataset(data, seed=seed)
+    raise ConfigError(f"a recipe runs on a dataset with train and test splits; got {type(data).__name__}",
+                      hint="pass a dataset spec (e.g. 'mnist5k', 'imagefolder:DIR') or a DatasetBundle")
+
+
+def resolve_model(ref: str, bundle: DatasetBundle | None = None, *, seed: int = 0, train: TrainConfig | None = None,
+                  trust_remote_code: bool = False) -> nn.Module:
+    """The model ``ref`` names: trained on ``bundle`` when its source trains models, else loaded."""
+    if bundle is not None:
+        trained = trained_model(ref, bundle, seed=seed, train=train)
+        if trained is not None:
+            return trained
+    return load_model(ref, trust_remote_code=trust_remote_code)
+
+
+def resolve_run(recipe: Recipe, model: nn.Module | str | None = None, data: Any = None, *,
+                trust_remote_code: bool = False) -> ResolvedRun:
+    """The model (a copy when a module is given) and dataset of a run of ``recipe``."""
+    data = data if data is not None else recipe.data
+    if data is None:
+        raise ConfigError(f"recipe {recipe.name!r} names no data and none was given",
+                          hint="pass data (a dataset spec such as 'mnist5k', or -d on the command line)")
+    bundle = resolve_data(data, recipe.seed)
+    model = model if model is not None else recipe.model
+    if model is None:
+        raise ConfigError(f"recipe {recipe.name!r} names no model and none was given",
+                          hint="pass a model (a module, zoo name, file.py:fn, HF folder or artifact; -m on the "
+                               "command line)")
+    if isinstance(model, nn.Module):
+        return ResolvedRun(copy.deepcopy(model), bundle, type(model).__name__)
+    if not isinstance(model, str):
+        raise ConfigError(f"a recipe runs on a model or a model reference; got {type(model).__name__}",
+                          hint="pass an nn.Module or a reference such as 'lenet5' or 'my.py:build'")
+    m = resolve_model(model, bundle, seed=recipe.seed, train=recipe.baseline.train,
+                      trust_remote_code=trust_remote_code)
+    return ResolvedRun(m, bundle, model)

@@ -1,0 +1,8 @@
+"""Tasks (what a model is for: loss, quality metric, example inputs) and datasets by name."""
+from .base import DatasetBundle, Task
+from .classification import Classification
+from .datasets import list_datasets, load_dataset, register_dataset
+from .embedding import SentenceEmbedding
+
+__all__ = ["Classification", "DatasetBundle", "SentenceEmbedding", "Task", "list_datasets", "load_dataset",
+           "register_dataset"]
