@@ -105,7 +105,8 @@ def main() -> None:
         print(f"| {r['row']} | {acc} | {delta} | {seeds} | {secs} |")
     print(f"\n{'quick' if args.quick else 'full'} run, {time.perf_counter() - t0:.0f} s, torch {torch.__version__}, "
           f"{os.cpu_count()} CPU cores. Student: LeNet-300-100 at 1/4 width ({n_params:,} parameters); "
-          f"{EPOCHS if not args.quick else 1} epochs; KD T={T:g} (one row T=2), alpha={ALPHA}; teachers are the cached mnist5k baselines (test accuracy shown, one run).")
+          f"{EPOCHS if not args.quick else 1} epochs; KD T={T:g} (one row T=2), alpha={ALPHA}; teachers are the "
+          "cached mnist5k baselines (test accuracy shown, one run).")
 
 
 if __name__ == "__main__":

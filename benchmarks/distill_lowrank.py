@@ -85,7 +85,9 @@ def lowrank_rows(quick: bool) -> list[list[str]]:
         lat = "-" if r["lat"] is None else f"{r['lat'][2]:.2f}"
         kept = "" if "kept" not in r else f" ({r['kept'][0]:.1%} of {r['kept'][1]})"
         out.append(["3", model, method, f"acc {r['acc']:.2%}", "" if r["drop"] is None else f"{-r['drop']:+.2f} pt",
-                    f"{r['params']:,}{kept}", f"{r['macs']:,} MACs" + (f" ({r['mac_x']:.2f}x fewer)" if "mac_x" in r else ""), lat, _yes(target), r.get("note", "")])
+                    f"{r['params']:,}{kept}",
+                    f"{r['macs']:,} MACs" + (f" ({r['mac_x']:.2f}x fewer)" if "mac_x" in r else ""), lat, _yes(target),
+                    r.get("note", "")])
     return out
 
 

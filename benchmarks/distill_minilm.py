@@ -42,15 +42,18 @@ import torch
 
 os.environ.setdefault("MODELPRESS_PROGRESS", "0")
 
+from sentence_grammar import generate_sentences  # noqa: E402
+
 from modelpress import TrainConfig  # noqa: E402
 from modelpress.analysis.latency import compare_latency  # noqa: E402
+from modelpress.artifact.checkpoint import artifact_size_of  # noqa: E402
 from modelpress.distillation.kd import KD, distill_from  # noqa: E402
 from modelpress.distillation.students import bert_student  # noqa: E402
-from modelpress.export.checkpoint import artifact_size_of  # noqa: E402
+from modelpress.tasks import SentenceEmbedding  # noqa: E402
+from modelpress.tasks.embedding import embed_sentences, embedding_quality, pair_sentences, tokenize  # noqa: E402
 from modelpress.zoo.baselines import cache_dir  # noqa: E402
+from modelpress.zoo.corpora import NearCopyFilter, load_sentences, load_sts_pairs  # noqa: E402
 from modelpress.zoo.models import build_model  # noqa: E402
-from modelpress.zoo.text import (NearCopyFilter, embed_sentences, embedding_quality,  # noqa: E402
-                                 generate_sentences, load_sentences, load_sts_pairs, pair_sentences, tokenize)
 
 KEEP = [0, 4, 5]
 N_GENERATED = 20000
@@ -139,7 +142,7 @@ def distilled_student(teacher, quick: bool = False, epochs: float = EPOCHS, lr: 
     t = time.perf_counter()
     torch.manual_seed(0)
     student = distill_from(student, teacher, batches(teacher.tokenizer, sentences, cfg.batch_size, seed=0),
-                           KD(loss="embedding_cosine"), cfg, task="embedding")
+                           KD(loss="embedding_cosine"), cfg, task=SentenceEmbedding())
     info["seconds"] = time.perf_counter() - t
     student.backbone.embeddings.word_embeddings.weight.requires_grad_(True)
     if not quick:

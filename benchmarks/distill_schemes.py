@@ -29,8 +29,8 @@ torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
 from modelpress import QAT, QuantAwareDistillation, SelfDistillation, TrainConfig, distill, quantize  # noqa: E402
 from modelpress.core.data import Data  # noqa: E402
-from modelpress.core.registry import MethodContext  # noqa: E402
 from modelpress.core.training import evaluate_accuracy, fit  # noqa: E402
+from modelpress.engine import MethodInputs, run_method  # noqa: E402
 from modelpress.zoo.baselines import get_baseline  # noqa: E402
 from modelpress.zoo.datasets import load_dataset  # noqa: E402
 from modelpress.zoo.models import build_model  # noqa: E402
@@ -50,10 +50,9 @@ def self_distillation_rows(bundle, quick: bool) -> list[dict]:
         torch.manual_seed(seed)
         plain.append(evaluate_accuracy(fit(copy.deepcopy(init), data, train), bundle.test))
         torch.manual_seed(seed)
-        ctx = MethodContext()
-        model = distill(init, SelfDistillation(T=3.0, alpha=0.5), data, train=train, context=ctx)
+        model, report = run_method(init, SelfDistillation(T=3.0, alpha=0.5), MethodInputs(data=data, train=train))
         selfd.append(evaluate_accuracy(model, bundle.test))
-        exits = ctx.info["exits"]
+        exits = report.info["exits"]
     secs = time.perf_counter() - t0
     mean = lambda xs: statistics.mean(xs)  # noqa: E731
     std = lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0  # noqa: E731
@@ -99,7 +98,8 @@ def main() -> None:
     print("| scheme | model / training | test acc | vs reference | per seed | s |")
     print("|---|---|---|---|---|---|")
     for r in rows(args.quick):
-        acc = f"{r['acc']:.2%}" + (f" +- {r['std'] * 100:.2f}" if r["std"] is not None and len(r["per_seed"]) > 1 else "")
+        spread = r["std"] is not None and len(r["per_seed"]) > 1
+        acc = f"{r['acc']:.2%}" + (f" +- {r['std'] * 100:.2f}" if spread else "")
         ref = "" if r["ref"] is None else f"{(r['acc'] - r['ref']) * 100:+.2f} pt"
         print(f"| {r['task']} | {r['row']} | {acc} | {ref} | {', '.join(f'{a:.2%}' for a in r['per_seed'])} | "
               f"{r['secs']:.0f} |")

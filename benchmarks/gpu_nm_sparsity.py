@@ -88,7 +88,8 @@ def main() -> None:
             print(f"| {name} | {tokens} | cusparselt, searched alg {alg} | {t_dense:.4f} | {t_sparse:.4f} "
                   f"| {t_dense / t_sparse:.2f}x | {err:.1e} | {ok} |")
         except Exception as exc:  # noqa: BLE001
-            print(f"| {name} | {tokens} | cusparselt direct | {t_dense:.4f} | n/a | - | - | {type(exc).__name__}: {exc} |")
+            print(f"| {name} | {tokens} | cusparselt direct | {t_dense:.4f} | n/a | - | - | "
+                  f"{type(exc).__name__}: {exc} |")
 
 
 if __name__ == "__main__":

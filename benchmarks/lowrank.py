@@ -24,7 +24,7 @@ Rows (one table, cached baselines from ``get_baseline(..., load_dataset("mnist5k
 Each factorized model is fine-tuned with ``TrainConfig(epochs=3, lr=1e-3)``, seed 0, through
 ``factorize(..., data, train=...)``. Accuracy is top-1 on the mnist5k test split (1,000
 images) "before ft" (right after factorizing) and "after ft". MACs are per sample
-(``modelpress.analysis.macs``), "params kept" is the share of the parameters of all the dense
+(``modelpress.nn.macs``), "params kept" is the share of the parameters of all the dense
 model's Linear layers (SVD row) or Conv2d layers (Tucker/CP rows) left after factorizing,
 counting the layers left dense, "bytes" is the modelpress artifact on disk, latency is eager
 PyTorch on CPU at batch 64 and 1 thread with ``compare_latency`` (dense and factorized
@@ -48,14 +48,14 @@ os.environ.setdefault("MODELPRESS_PROGRESS", "0")
 
 from modelpress import TrainConfig, factorize  # noqa: E402
 from modelpress.analysis.latency import compare_latency  # noqa: E402
-from modelpress.analysis.macs import count_macs  # noqa: E402
+from modelpress.artifact.checkpoint import save_artifact  # noqa: E402
 from modelpress.core.data import Data  # noqa: E402
-from modelpress.core.registry import MethodContext  # noqa: E402
 from modelpress.core.training import evaluate_accuracy  # noqa: E402
-from modelpress.export.checkpoint import save_artifact  # noqa: E402
+from modelpress.engine import MethodInputs, run_method  # noqa: E402
 from modelpress.lowrank.cp import CP  # noqa: E402
 from modelpress.lowrank.svd import SVD  # noqa: E402
 from modelpress.lowrank.tucker import Tucker  # noqa: E402
+from modelpress.nn.macs import count_macs  # noqa: E402
 from modelpress.zoo.baselines import get_baseline  # noqa: E402
 from modelpress.zoo.datasets import load_dataset  # noqa: E402
 
@@ -104,8 +104,7 @@ def rows(quick: bool = False) -> list[dict]:
             bases[model_name] = get_baseline(model_name, bundle)[0].eval()
             out.append(dense_row(model_name, bases[model_name], bundle, x1))
         base, dense = bases[model_name], next(r for r in out if r["row"] == f"{model_name} dense")
-        ctx = MethodContext()
-        no_ft = factorize(base, cfg, context=ctx).eval()
+        no_ft, report = run_method(base, cfg, MethodInputs())
         before = evaluate_accuracy(no_ft, bundle.test)
         t = time.perf_counter()
         torch.manual_seed(0)
@@ -114,12 +113,13 @@ def rows(quick: bool = False) -> list[dict]:
         seconds = time.perf_counter() - t
         acc = evaluate_accuracy(model, bundle.test)
         cmp = compare_latency(base, model, x64, threads=1, warmup=5, repeats=repeats, min_time_s=min_t)
-        errs = [v["rel_error"] for v in ctx.info["layers"].values()]
+        errs = [v["rel_error"] for v in report.info["layers"].values()]
         note = f"{len(errs)} layers, rel. error {min(errs):.2f}..{max(errs):.2f}" if errs else "no layer factorized"
         if getattr(cfg, "vbmf", False):
-            note += "; ranks (out, in): " + ", ".join(f"{n} {tuple(v['rank'])}" for n, v in ctx.info["layers"].items())
-        if ctx.info["skipped"]:
-            note += f"; dense: {', '.join(ctx.info['skipped'])}"
+            ranks = ", ".join(f"{n} {tuple(v['rank'])}" for n, v in report.info["layers"].items())
+            note += "; ranks (out, in): " + ranks
+        if report.info["skipped"]:
+            note += f"; dense: {', '.join(report.info['skipped'])}"
         out.append({"row": f"{model_name} {label}", "acc_before": before, "acc": acc,
                     "drop": (dense["acc"] - acc) * 100, "params": n_params(model),
                     "macs": count_macs(model, x1).total, "bytes": artifact_bytes(model),

@@ -30,8 +30,9 @@ from distill_minilm import KEEP, distilled_student  # noqa: E402
 from modelpress import quantize  # noqa: E402
 from modelpress.export.deploy import export_deployable  # noqa: E402
 from modelpress.quantization.dynamic import DynamicInt8  # noqa: E402
+from modelpress.tasks.embedding import pair_sentences, tokenize  # noqa: E402
+from modelpress.zoo.corpora import load_sts_pairs  # noqa: E402
 from modelpress.zoo.models import build_model  # noqa: E402
-from modelpress.zoo.text import load_sts_pairs, pair_sentences, tokenize  # noqa: E402
 
 
 def compressed_minilm(quick: bool, workdir: Path, teacher=None) -> dict:
@@ -42,7 +43,8 @@ def compressed_minilm(quick: bool, workdir: Path, teacher=None) -> dict:
     batch = tokenize(teacher.tokenizer, pair_sentences(load_sts_pairs())[:32])
     path, note = export_deployable(q, batch, Path(workdir) / "minilm-L3-int8-emb4.onnx", embedding_bits=4)
     trained = "cached" if info["cached"] else f"distilled in {info['seconds']:.0f} s"
-    return {"name": f"modelpress distill (layers {','.join(map(str, KEEP))}) + quant.dynamic_int8 + 4-bit embeddings, ORT",
+    layers = ",".join(map(str, KEEP))
+    return {"name": f"modelpress distill (layers {layers}) + quant.dynamic_int8 + 4-bit embeddings, ORT",
             "onnx": path,
             "notes": f"3-layer student ({trained}, {info['sentences']:,} unlabeled sentences); {note}"}
 
@@ -52,7 +54,7 @@ def main() -> None:
 
     from modelpress.analysis.latency import compare_latency
     from modelpress.export.onnx import export_onnx
-    from modelpress.zoo.text import embedding_quality
+    from modelpress.tasks.embedding import embedding_quality
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: a 10-step student")

@@ -83,10 +83,10 @@ import quant_dynamic  # noqa: E402
 
 from modelpress import TrainConfig, prune  # noqa: E402
 from modelpress.analysis.latency import compare_latency  # noqa: E402
-from modelpress.analysis.macs import count_macs  # noqa: E402
+from modelpress.artifact.checkpoint import save_artifact  # noqa: E402
 from modelpress.core.training import evaluate_accuracy  # noqa: E402
-from modelpress.export.checkpoint import save_artifact  # noqa: E402
 from modelpress.export.onnx import export_onnx, onnx_inputs, ort_feeds, ort_session  # noqa: E402
+from modelpress.nn.macs import count_macs  # noqa: E402
 from modelpress.zoo.baselines import get_baseline  # noqa: E402
 from modelpress.zoo.datasets import load_dataset  # noqa: E402
 
@@ -466,9 +466,9 @@ def lenet_rows(quick: bool, d: Path) -> list[dict]:
 
 # -- task 2: MiniLM -------------------------------------------------------------------------
 def minilm_rows(quick: bool, d: Path) -> list[dict]:
+    from modelpress.tasks.embedding import embed_sentences, embedding_quality, pair_sentences, tokenize
+    from modelpress.zoo.corpora import load_sentences, load_sts_pairs
     from modelpress.zoo.models import build_model
-    from modelpress.zoo.text import embed_sentences, embedding_quality, load_sentences, load_sts_pairs, \
-        pair_sentences, tokenize
 
     dense = build_model("minilm").eval()
     tok = dense.tokenizer

@@ -40,8 +40,8 @@ import pruning_structured as structured  # noqa: E402
 import pruning_unstructured as unstructured  # noqa: E402
 
 from modelpress import MagnitudePruning, Polynomial, TrainConfig, prune  # noqa: E402
-from modelpress.analysis.macs import count_macs  # noqa: E402
 from modelpress.core.training import evaluate_accuracy  # noqa: E402
+from modelpress.nn.macs import count_macs  # noqa: E402
 from modelpress.zoo.baselines import get_baseline  # noqa: E402
 from modelpress.zoo.datasets import load_dataset  # noqa: E402
 
@@ -56,13 +56,13 @@ def lenet_rows(args) -> list[dict]:
     repeats, min_t = (5, 0.0) if args.quick else (60, 2.0)
     train = TrainConfig(epochs=1 if args.quick else 6, lr=1e-3)
     x1 = x64[:1]
-    rows = [{"task": 1, "row": "LeNet-5 dense", "quality": f"acc {acc0:.2%}", "bytes": unstructured.artifact_bytes(base),
-             "dense_bytes": dense_bytes, "macs": structured.macs(base, x1)}]
+    rows = [{"task": 1, "row": "LeNet-5 dense", "quality": f"acc {acc0:.2%}",
+             "bytes": unstructured.artifact_bytes(base), "dense_bytes": dense_bytes, "macs": structured.macs(base, x1)}]
 
     torch.manual_seed(0)
     t = time.perf_counter()
-    mp = prune(base, MagnitudePruning(sparsity=unstructured.SPARSITY, schedule=Polynomial(end_fraction=0.6, frequency=25)),
-               bundle.train, train=train).eval()
+    agp = Polynomial(end_fraction=0.6, frequency=25)
+    mp = prune(base, MagnitudePruning(sparsity=unstructured.SPARSITY, schedule=agp), bundle.train, train=train).eval()
     mp_s = time.perf_counter() - t
     t = time.perf_counter()
     tm, t_bytes = unstructured.torch_global_unstructured(base, bundle.train, train, seed=0)

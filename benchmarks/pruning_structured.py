@@ -16,7 +16,7 @@ Rows (one table):
   bundled STS pairs and fidelity (mean cosine to the dense model's embeddings).
 
 Accuracy is top-1 on the mnist5k test split (1,000 images): "pruned" right after the cut,
-"ft" after the fine-tune. MACs are counted per sample (``modelpress.analysis.macs``); "size"
+"ft" after the fine-tune. MACs are counted per sample (``modelpress.nn.macs``); "size"
 is the modelpress artifact on disk. Latency is eager PyTorch on CPU at batch 64 (CNNs) or
 32 (MiniLM, sequence length = longest of the first 32 STS sentences), measured with
 ``compare_latency`` (dense and pruned alternate in one process, median of many calls), at
@@ -40,10 +40,10 @@ os.environ.setdefault("MODELPRESS_PROGRESS", "0")
 
 from modelpress import TrainConfig, prune  # noqa: E402
 from modelpress.analysis.latency import compare_latency  # noqa: E402
-from modelpress.analysis.macs import count_macs  # noqa: E402
+from modelpress.artifact.checkpoint import save_artifact  # noqa: E402
 from modelpress.core.data import Data  # noqa: E402
 from modelpress.core.training import evaluate_accuracy, fit  # noqa: E402
-from modelpress.export.checkpoint import save_artifact  # noqa: E402
+from modelpress.nn.macs import count_macs  # noqa: E402
 from modelpress.pruning.heads import HeadPruning  # noqa: E402
 from modelpress.pruning.structured import ChannelPruning  # noqa: E402
 from modelpress.zoo.baselines import get_baseline  # noqa: E402
@@ -153,8 +153,9 @@ def cnn_rows(args) -> list[dict]:
 
 
 def minilm_rows(args) -> list[dict]:
+    from modelpress.tasks.embedding import embedding_quality, pair_sentences, tokenize
+    from modelpress.zoo.corpora import load_sts_pairs
     from modelpress.zoo.models import build_model
-    from modelpress.zoo.text import embedding_quality, load_sts_pairs, pair_sentences, tokenize
 
     dense = build_model("minilm").eval()
     pairs = load_sts_pairs()

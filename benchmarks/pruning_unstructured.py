@@ -42,10 +42,10 @@ from torch.utils.data import Subset
 os.environ.setdefault("MODELPRESS_PROGRESS", "0")
 
 from modelpress import MagnitudePruning, Polynomial, TrainConfig, prune  # noqa: E402
+from modelpress.artifact import checkpoint  # noqa: E402
+from modelpress.artifact.checkpoint import save_artifact  # noqa: E402
 from modelpress.core.masks import strip_masks  # noqa: E402
 from modelpress.core.training import evaluate_accuracy, fit  # noqa: E402
-from modelpress.export import checkpoint  # noqa: E402
-from modelpress.export.checkpoint import save_artifact  # noqa: E402
 from modelpress.pruning.criteria import RandomPruning, SNIPPruning, TaylorPruning  # noqa: E402
 from modelpress.pruning.nm import NMSparsity, verify_nm  # noqa: E402
 from modelpress.pruning.sensitivity import SensitivityConfig, sensitivity_scan  # noqa: E402
@@ -109,13 +109,11 @@ def main() -> None:
         size = size if size is not None else artifact_bytes(model)
         rows.append((name, sparsity_of(model), acc, 100 * (dense_acc - acc), size, dense_bytes / size, seconds, note))
 
-    def run_modelpress(name, cfg, finetune_after=False, note=""):
+    def run_modelpress(name, cfg, note=""):
         torch.manual_seed(seed)
         t0 = time.perf_counter()
+        # one-shot methods are fine-tuned after pruning (the masks keep the zeros)
         model = prune(base, cfg, bundle.train, train=train)
-        if finetune_after:  # one-shot methods: the caller fine-tunes (masks keep the zeros)
-            torch.manual_seed(seed)
-            fit(model, bundle.train, train)
         add(name, model.eval(), time.perf_counter() - t0, note=note)
         return model
 
@@ -125,7 +123,7 @@ def main() -> None:
     rows.append(("dense baseline", 0.0, dense_acc, 0.0, artifact_bytes(base), dense_bytes / artifact_bytes(base),
                  0.0, f"cached: {base_path.name}"))
     run_modelpress("magnitude global AGP", MagnitudePruning(sparsity=SPARSITY, schedule=agp))
-    run_modelpress("magnitude global one-shot", MagnitudePruning(sparsity=SPARSITY), finetune_after=True)
+    run_modelpress("magnitude global one-shot", MagnitudePruning(sparsity=SPARSITY))
 
     t0 = time.perf_counter()
     tmodel, tbytes = torch_global_unstructured(base, bundle.train, train, seed)
@@ -156,7 +154,7 @@ def main() -> None:
     rows[-1] = rows[-1][:6] + (rows[-1][6] + scan_s,) + rows[-1][7:]
     del m
 
-    nm = run_modelpress("2:4 N:M one-shot", NMSparsity(n=2, m=4, incompatible="pad"), finetune_after=True)
+    nm = run_modelpress("2:4 N:M one-shot", NMSparsity(n=2, m=4, incompatible="pad"))
     ok = all(verify_nm(getattr(nm, n).weight, 2, 4) for n in LAYERS)
     rows[-1] = rows[-1][:7] + (f"pattern verified after fine-tune: {ok}; conv2 rows padded 150->152",)
 

@@ -41,11 +41,11 @@ import torch
 os.environ.setdefault("MODELPRESS_PROGRESS", "0")
 
 from modelpress import MagnitudePruning, Polynomial, TrainConfig, prune, quantize  # noqa: E402
-from modelpress.core.loading import load_artifact  # noqa: E402
+from modelpress.artifact.checkpoint import read_header, read_stored, save_artifact  # noqa: E402
+from modelpress.artifact.huffman import describe  # noqa: E402
+from modelpress.artifact.loading import load_artifact  # noqa: E402
 from modelpress.core.masks import strip_masks  # noqa: E402
 from modelpress.core.training import evaluate_accuracy, fit  # noqa: E402
-from modelpress.export.checkpoint import read_header, read_stored, save_artifact  # noqa: E402
-from modelpress.export.huffman import describe  # noqa: E402
 from modelpress.quantization.codebook import PowerOfTwo, WeightSharing, codebook_layers  # noqa: E402
 from modelpress.zoo.baselines import get_baseline  # noqa: E402
 from modelpress.zoo.datasets import load_dataset  # noqa: E402

@@ -50,7 +50,7 @@ warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 from modelpress import quantize  # noqa: E402
 from modelpress.analysis.latency import compare_latency  # noqa: E402
-from modelpress.export.checkpoint import save_artifact  # noqa: E402
+from modelpress.artifact.checkpoint import save_artifact  # noqa: E402
 from modelpress.export.onnx import export_onnx, ort_feeds, ort_session  # noqa: E402
 from modelpress.quantization.dynamic import DynamicInt8  # noqa: E402
 from modelpress.quantization.primitives import sqnr  # noqa: E402
@@ -108,8 +108,9 @@ def meets_target(q: dict, q0: dict) -> bool:
 
 def rows(quick: bool) -> list[dict]:
     """One dict per row: name, spearman, fidelity, bytes, size_kind, lat[(batch, threads)] = (fp32, row, x)."""
+    from modelpress.tasks.embedding import embed_sentences, embedding_quality, pair_sentences, tokenize
+    from modelpress.zoo.corpora import load_sts_pairs
     from modelpress.zoo.models import build_model
-    from modelpress.zoo.text import embed_sentences, embedding_quality, load_sts_pairs, pair_sentences, tokenize
 
     dense = build_model("minilm").eval()
     tok = dense.tokenizer

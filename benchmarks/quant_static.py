@@ -56,8 +56,13 @@ def ort_accuracy(path, x: np.ndarray, y: np.ndarray) -> float:
 
 
 def ort_quantize_static(fp32: Path, dest: Path, calib: list[np.ndarray], method: str, ort_defaults: bool = False):
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     class Reader(CalibrationDataReader):
         def __init__(self):

@@ -37,12 +37,12 @@ import torch
 
 os.environ.setdefault("MODELPRESS_PROGRESS", "0")
 
-from modelpress import TrainConfig, quantize  # noqa: E402
+from modelpress import TrainConfig  # noqa: E402
+from modelpress.artifact.checkpoint import save_artifact  # noqa: E402
+from modelpress.artifact.loading import load_artifact  # noqa: E402
 from modelpress.core.data import Data  # noqa: E402
-from modelpress.core.loading import load_artifact  # noqa: E402
-from modelpress.core.registry import MethodContext  # noqa: E402
 from modelpress.core.training import evaluate_accuracy  # noqa: E402
-from modelpress.export.checkpoint import save_artifact  # noqa: E402
+from modelpress.engine import MethodInputs, run_method  # noqa: E402
 from modelpress.quantization.adaround import AdaRound  # noqa: E402
 from modelpress.quantization.mixed import MixedPrecision  # noqa: E402
 from modelpress.quantization.qat import QAT  # noqa: E402
@@ -99,17 +99,16 @@ def rows(quick: bool) -> list[dict]:
                     "note": f"{fp_bytes:,} B fp32 state_dict"})
         for label, cfg, train in methods(quick):
             torch.manual_seed(0)
-            ctx = MethodContext()
             t = time.perf_counter()
-            q = quantize(base, cfg, calib, train=train, context=ctx).eval()
+            q, report = run_method(base, cfg, MethodInputs(data=calib, train=train))
             seconds = time.perf_counter() - t
             acc = evaluate_accuracy(q, bundle.test)
             size = artifact_bytes_checked(q, x_check)
             note = ""
             if isinstance(cfg, MixedPrecision):
-                note = "bits " + "/".join(str(r["bits"]) for r in ctx.info["layers"])
+                note = "bits " + "/".join(str(r["bits"]) for r in report.info["layers"])
             elif isinstance(cfg, AdaRound):
-                layers = ctx.info["layers"].values()
+                layers = report.info["layers"].values()
                 ratio = sum(r["mse_adaround"] for r in layers) / sum(r["mse_rtn"] for r in layers)
                 note = f"layer output MSE {ratio:.2f}x of RTN"
             out.append({"model": name, "method": label, "accuracy": acc, "drop": (acc0 - acc) * 100,
