@@ -9,7 +9,7 @@ import typer
 
 from .common import DATA_HELP, MODEL_HELP, run_and_print
 
-DEMO_RECIPE = "lenet5-prune"
+DEMO_RECIPE = "resnet-channels-kmeans"
 
 
 def compress(recipe: str = typer.Option(..., "--recipe", "-r", help="recipe YAML file or built-in name"),
@@ -33,10 +33,12 @@ def compress(recipe: str = typer.Option(..., "--recipe", "-r", help="recipe YAML
 
 def demo(run_dir: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="run folder (replaced)"),
          recipe: str = typer.Option(DEMO_RECIPE, help="built-in recipe to run")):
-    """The built-in demo: LeNet-5 on real MNIST digits, pruned 90%, before/after table.
+    """The built-in demo: a small ResNet on real MNIST digits made ~30x smaller and ~2x faster.
 
-    Trains the baseline once (cached), then compresses it with the built-in recipe.
-    [bold]Example[/bold]: modelpress demo
+    Trains the baseline once (cached), removes channels (fewer MACs: faster on every runtime),
+    then shares 4-bit weights (a much smaller file), and prints the before/after table with the
+    reason for each change. About a minute on 2 cores.
+    [bold]Example[/bold]: modelpress demo · modelpress demo --recipe lenet5-prune
     """
     from ..recipes.schema import Recipe
 

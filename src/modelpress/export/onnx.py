@@ -213,7 +213,9 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
         for name in order:
             try:
                 fn = _export_torchscript if name == "torchscript" else _export_dynamo
-                with atomic_path(path) as tmp:  # a failed exporter leaves nothing behind
+                # no_grad: layers that decode stored weights (codebooks, packed bits) then hand the
+                # tracer their decoded weight as a constant, so the runtime does not decode per call
+                with atomic_path(path) as tmp, torch.no_grad():  # a failed exporter leaves nothing behind
                     fn(model, example_inputs, named, out_names, dynamic_axes, opset, str(tmp))
                 return path
             except Exception as exc:  # noqa: BLE001 - each exporter fails in its own ways
