@@ -136,3 +136,20 @@ def test_zoo_and_transformers_stay_out_of_plain_imports():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "False"
+
+
+def test_reading_a_plain_artifact_imports_no_method_package(tmp_path):
+    """Loading imports method modules only when the artifact names a class or rewrite of theirs."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; from modelpress.artifact.checkpoint import save_artifact; "
+            "from modelpress.artifact.loading import load_artifact; "
+            "m = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), "
+            "torch.nn.Linear(4 * 26 * 26, 2)); "
+            f"save_artifact(m, r'{tmp_path / 'a.safetensors'}'); load_artifact(r'{tmp_path / 'a.safetensors'}', "
+            "base_model=m); print(sorted({k.split('.')[1] for k in sys.modules if k.startswith('modelpress.')}))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    loaded = ast.literal_eval(res.stdout.strip())  # the package names the child printed
+    assert not {"pruning", "quantization", "lowrank", "distillation"} & set(loaded), loaded

@@ -297,9 +297,23 @@ def load_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     return state, header
 
 
+def _load_methods_it_names(header: dict) -> None:
+    """Import the method modules when the header names a module class or a replayed rewrite not
+    registered yet (methods register theirs on import); an artifact of plain layers imports none."""
+    records = header.get("structure") if isinstance(header.get("structure"), dict) else {}
+    steps = header.get("replay") if isinstance(header.get("replay"), list) else []
+    classes = {r.get("class") for r in records.values() if isinstance(r, dict)}
+    classes |= {c.get("class") for st in steps if isinstance(st, dict) and isinstance(st.get("before"), dict)
+                for c in st["before"].values() if isinstance(c, dict)}
+    methods = {st.get("method") for st in steps if isinstance(st, dict)}
+    if any(c not in structure.BUILDABLES and c not in structure.ATTRS for c in classes) or \
+            any(m not in structure.REPLAYS for m in methods):
+        load_method_modules()
+
+
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], header: dict, where: str = "") -> nn.Module:
     """Rebuild ``model``'s structure from the header and load ``state`` strictly."""
-    load_method_modules()  # so every module class and replay a method defines is known
+    _load_methods_it_names(header)
     steps = header.get("replay") or []
     current = structure.get_replay(model)
     if steps and not (current and current["steps"] == steps):  # else: the model already has this form
