@@ -7,11 +7,14 @@ import pytest
 import torch
 from tinymodels import TinyMLP
 
+from modelpress.core.compat import prepare_torchvision
+
 os.environ.setdefault("MODELPRESS_PROGRESS", "0")
 # Tiny models train faster on one thread, and a shared CI machine does not oversubscribe;
 # set before torch starts its pools, inherited by the CLI subprocesses.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # torch is imported above: set its pool too
+prepare_torchvision()  # tests import transformers / torchvision themselves: the product's fix first
 
 
 @pytest.fixture(autouse=True)

@@ -153,3 +153,21 @@ def test_reading_a_plain_artifact_imports_no_method_package(tmp_path):
     assert res.returncode == 0, res.stderr
     loaded = ast.literal_eval(res.stdout.strip())  # the package names the child printed
     assert not {"pruning", "quantization", "lowrank", "distillation"} & set(loaded), loaded
+
+
+def test_transformers_imports_next_to_a_torchvision_built_for_another_torch():
+    """pip's torchvision is built for CUDA torch; its ops do not load beside the CPU build, which broke
+    `import torchvision`, timm and transformers' model classes. The product prepares the import itself."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("torchvision") is None:
+        import pytest
+
+        pytest.skip("torchvision is not installed")
+    code = ("from modelpress.artifact.hf import import_transformers; t = import_transformers(); "
+            "t.BertModel(t.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, "
+            "intermediate_size=37)); import torchvision; torchvision.models.resnet18(); print('ok')")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]

@@ -20,13 +20,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.compat import prepare_torchvision
 from ..core.errors import ModelLoadError, UnsupportedError, require
 from ..tasks.embedding import embed_sentences
 
 
 def import_transformers():
-    """``transformers``, offline unless the user set ``HF_HUB_OFFLINE`` themselves."""
+    """``transformers``, offline unless the user set ``HF_HUB_OFFLINE`` themselves (and importable
+    next to a torchvision built for another torch: :func:`~modelpress.core.compat.prepare_torchvision`)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    prepare_torchvision()
     return require("transformers", "nlp")
 
 
