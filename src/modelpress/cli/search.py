@@ -41,8 +41,7 @@ def search(model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
     modelpress search -m resnet_small --budget latency=20 --batch-size 64 --set channels=[0,0.3,0.5]
     --set sparsity=null -o runs/l
     """
-    import yaml
-
+    from ..core.limits import MAX_YAML_BYTES, load_yaml, read_text_capped
     from ..recipes.schema import apply_overrides
     from ..search.space import Budget, SearchSpace
     from ..search.study import run_search
@@ -51,7 +50,7 @@ def search(model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
     if space_file is not None:
         if not space_file.exists():
             raise ModelpressError(f"--space {space_file}: no such file")
-        raw = yaml.safe_load(space_file.read_text()) or {}
+        raw = load_yaml(read_text_capped(space_file, MAX_YAML_BYTES, "search space"), str(space_file)) or {}
     space = SearchSpace.from_dict(apply_overrides(raw, sets), where="search space")
     b = Budget.parse(budget, max_drop=max_drop, runtime=runtime, batch_size=batch_size, threads=threads)
     bundle = load_bundle(data, seed)

@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .errors import ConfigError
+from .limits import short
 
 
 def format_validation_error(err: ValidationError, prefix: str) -> str:
@@ -33,7 +34,7 @@ def format_validation_error(err: ValidationError, prefix: str) -> str:
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
         got = e.get("input")
-        suffix = "" if e["type"] in ("extra_forbidden", "missing") else f" (got {got!r})"
+        suffix = "" if e["type"] in ("extra_forbidden", "missing") else f" (got {short(got)})"
         parts.append(f"{where}: {msg}{suffix}")
     return "; ".join(parts)
 

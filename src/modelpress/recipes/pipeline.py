@@ -25,7 +25,6 @@ are and listed in the stage's info (``unsupported_layers``) and on the log.
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,7 @@ from ..artifact.loading import load_artifact, load_model
 from ..core.data import check_finite_data, check_finite_params, check_model_accepts
 from ..core.errors import ConfigError, ModelpressError, ScopeError
 from ..core.io import kill_point, remove_stale_temps, write_json, write_text
+from ..core.limits import read_json
 from ..core.progress import log
 from ..core.scope import Scope
 from ..distillation.kd import distillation_loss
@@ -187,7 +187,7 @@ def _run_stages(recipe: Recipe, configs: list, model: nn.Module, data: DatasetBu
     base_metrics = out / "baseline.json" if out else None
     if out and base_metrics.exists():
         model, _ = load_artifact(base_path, base_model=model)
-        rows.append(json.loads(base_metrics.read_text()))
+        rows.append(read_json(base_metrics, "run report"))
         log(f"[dim]resuming: baseline loaded from {base_path}[/dim]")
     else:
         if out:
@@ -205,7 +205,7 @@ def _run_stages(recipe: Recipe, configs: list, model: nn.Module, data: DatasetBu
         stage_dir = out / "stages" / f"{i + 1:02d}-{stage.name}" if out else None
         if stage_dir and (stage_dir / "metrics.json").exists():
             model, _ = load_artifact(stage_dir / "model.safetensors", base_model=model)
-            done = json.loads((stage_dir / "metrics.json").read_text())
+            done = read_json(stage_dir / "metrics.json", "stage report")
             rows.append(done["row"])
             infos.append(done["info"])
             log(f"[dim]stage {i + 1}/{len(recipe.stages)} {stage.name}: already done, loaded[/dim]")

@@ -31,6 +31,7 @@ from pydantic import Field, field_validator, model_validator
 
 from ..core.config import MethodConfig, StrictModel
 from ..core.errors import ConfigError
+from ..core.limits import MAX_YAML_BYTES, load_yaml, read_text_capped, short
 from ..core.training import TrainConfig
 from ..distillation.kd import KD
 from ..engine.registry import build_config
@@ -126,7 +127,7 @@ class Recipe(StrictModel):
                 raise ConfigError(f"recipe {str(path_or_name)!r} is neither a file nor a built-in recipe",
                                   hint=f"built-in recipes: {', '.join(builtin_names())}")
         try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+            raw = load_yaml(read_text_capped(path, MAX_YAML_BYTES, "recipe"), path.name)
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             at = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -137,7 +138,7 @@ class Recipe(StrictModel):
         except (ValueError, TypeError, OverflowError, RecursionError) as exc:
             # PyYAML's constructors raise plain errors for values such as the date 2001-02-30
             # or nesting deeper than Python's recursion limit
-            raise ConfigError(f"{path}: a value in the YAML cannot be read ({type(exc).__name__}: {exc})",
+            raise ConfigError(f"{path}: a value in the YAML cannot be read ({type(exc).__name__}: {short(str(exc))})",
                               hint="quote the value to keep it as a string") from None
         raw = apply_overrides(raw, overrides)
         return cls.from_dict(raw, where=path.name)
@@ -162,9 +163,9 @@ def builtin_names() -> list[str]:
     return sorted(p.stem for p in BUILTIN_DIR.glob("*.yaml"))
 
 
-def _parse_value(text: str) -> Any:
+def _parse_value(text: str, where: str = "--set") -> Any:
     try:
-        return yaml.safe_load(text)
+        return load_yaml(text, where)
     except yaml.YAMLError:
         return text
 
@@ -207,9 +208,9 @@ def apply_overrides(raw: Any, overrides: list[str] | tuple[str, ...]) -> Any:
                 target[p] = {}
             target = target[p]
         if isinstance(target, list) and rest[-1].isdigit():
-            target[int(rest[-1])] = _parse_value(value)
+            target[int(rest[-1])] = _parse_value(value, f"--set {key}")
         elif isinstance(target, dict):
-            target[rest[-1]] = _parse_value(value)
+            target[rest[-1]] = _parse_value(value, f"--set {key}")
         else:
             raise ConfigError(f"override {key!r}: cannot set a field inside a {type(target).__name__}")
     return raw

@@ -24,7 +24,6 @@ drop trial with the lowest cost (``result.met_budget`` is False).
 """
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import warnings
@@ -41,6 +40,7 @@ from ..analysis.report_html import pareto_front as front_of
 from ..artifact.checkpoint import artifact_size_of
 from ..core.errors import ConfigError, ModelpressError
 from ..core.io import write_json, write_text
+from ..core.limits import read_json
 from ..core.progress import log
 from ..core.scope import type_matches
 from ..pruning.magnitude import PRUNABLE
@@ -144,7 +144,7 @@ def run_search(model: nn.Module, bundle: DatasetBundle, budget: Budget, space: S
 
     baseline_file = out / "baseline.json"
     if baseline_file.exists():
-        base = json.loads(baseline_file.read_text())
+        base = read_json(baseline_file, "search baseline")
     else:
         base = _baseline(model, bundle, space, eval_spec, seed)
         write_json(baseline_file, base)

@@ -129,9 +129,15 @@ def parse_pairs(text: str, where: str) -> list[tuple[str, str, float]]:
     return pairs
 
 
+MAX_TEXT_BYTES = 256 << 20  # a sentences or graded-pairs file
+
+
 def _read_text(path: str | Path, what: str) -> str:
     path = Path(path).expanduser()
     try:
+        if path.stat().st_size > MAX_TEXT_BYTES:
+            raise DataError(f"{what} file {str(path)!r} is {path.stat().st_size:,} bytes (at most {MAX_TEXT_BYTES:,})",
+                            hint="split it, or sample the sentences you need")
         return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise DataError(f"{what} file {str(path)!r} does not exist", hint="check the path") from None
