@@ -10,7 +10,7 @@ from modelpress.artifact.hf import SentenceEncoder  # noqa: E402
 from modelpress.artifact.loading import load_artifact  # noqa: E402
 from modelpress.core.errors import DataError, ScopeError, UnsupportedError  # noqa: E402
 from modelpress.engine import MethodInputs, run_method  # noqa: E402
-from modelpress.pruning.heads import HeadPruning, find_encoder_layers  # noqa: E402
+from modelpress.pruning.heads import HeadPruning, find_blocks  # noqa: E402
 
 pytestmark = pytest.mark.nlp
 
@@ -31,6 +31,17 @@ def batch():
     return {"input_ids": ids, "attention_mask": mask}
 
 
+def parts(model, block):
+    """The attention module, q/k/v/output projections and FFN layers of a found block."""
+    q, k, v = (model.get_submodule(n) for n, _, _ in block.qkv)
+    return (block.attention, q, k, v, model.get_submodule(block.out_name), model.get_submodule(block.ffn_in[0]),
+            model.get_submodule(block.ffn_out))
+
+
+def head_rows(block, heads):
+    return [h * block.head_dim + i for h in heads for i in range(block.head_dim)]
+
+
 def run(model, cfg, data=None, inplace=False, **kw):
     pruned, report = run_method(model, cfg, MethodInputs(data=data, **kw), inplace=inplace)
     return pruned.eval(), report.info
@@ -40,11 +51,12 @@ def run(model, cfg, data=None, inplace=False, **kw):
 def test_head_and_ffn_counts_are_exact(attn):
     model = tiny_bert(attn)
     pruned, info = run(model, HeadPruning(head_ratio=0.5, ffn_ratio=0.25))
-    for layer in find_encoder_layers(pruned):
-        assert layer.heads == 2 and layer.attention.all_head_size == 16 and layer.head_size == 8
-        assert layer.query.out_features == layer.key.out_features == layer.attn_out.in_features == 16
-        assert layer.ffn_in.out_features == layer.ffn_out.in_features == 48
-        assert layer.attn_out.out_features == 32  # the residual stream keeps its width
+    for block in find_blocks(pruned):
+        attn, q, k, v, out, ffn_in, ffn_out = parts(pruned, block)
+        assert block.heads == attn.num_attention_heads == 2 and attn.all_head_size == 16 and block.head_dim == 8
+        assert q.out_features == k.out_features == out.in_features == 16
+        assert ffn_in.out_features == ffn_out.in_features == 48
+        assert out.out_features == 32  # the residual stream keeps its width
     emb = pruned.backbone.embeddings.word_embeddings.weight
     assert emb.shape == model.backbone.embeddings.word_embeddings.weight.shape
     assert pruned(**batch()).shape == (3, 32)
@@ -58,13 +70,14 @@ def test_pruning_heads_that_were_zero_changes_nothing(attn):
     dead_heads = {0: [1, 3], 1: [0, 2]}
     dead_ffn = {0: list(range(0, 64, 4)), 1: list(range(3, 64, 4))}
     with torch.no_grad():
-        for i, layer in enumerate(find_encoder_layers(model)):
-            rows = layer.head_rows(dead_heads[i])
-            for lin in (layer.query, layer.key, layer.value):
+        for i, block in enumerate(find_blocks(model)):
+            _, q, k, v, out, ffn_in, ffn_out = parts(model, block)
+            rows = head_rows(block, dead_heads[i])
+            for lin in (q, k, v):
                 lin.weight[rows] = 0
-            layer.attn_out.weight[:, rows] = 0
-            layer.ffn_in.weight[dead_ffn[i]] = 0
-            layer.ffn_out.weight[:, dead_ffn[i]] = 0
+            out.weight[:, rows] = 0
+            ffn_in.weight[dead_ffn[i]] = 0
+            ffn_out.weight[:, dead_ffn[i]] = 0
     with torch.no_grad():
         before = model(**batch())
     pruned, _ = run(model, HeadPruning(head_ratio=0.5, ffn_ratio=0.25))
@@ -72,8 +85,8 @@ def test_pruning_heads_that_were_zero_changes_nothing(attn):
         after = pruned(**batch())
     torch.testing.assert_close(after, before, atol=1e-6, rtol=1e-5)
     # and it removed exactly the dead heads: the survivors are the original live heads
-    layer0, orig0 = find_encoder_layers(pruned)[0], find_encoder_layers(model)[0]
-    assert torch.equal(layer0.query.weight, orig0.query.weight[orig0.head_rows([0, 2])])
+    block0, orig0 = find_blocks(pruned)[0], find_blocks(model)[0]
+    assert torch.equal(parts(pruned, block0)[1].weight, parts(model, orig0)[1].weight[head_rows(orig0, [0, 2])])
 
 
 def test_save_load_round_trip_restores_head_counts(tmp_path):
@@ -82,7 +95,7 @@ def test_save_load_round_trip_restores_head_counts(tmp_path):
     path = save_artifact(pruned, tmp_path / "bert.safetensors")
     again, header = load_artifact(path, base_model=tiny_bert())
     assert header["structure"]["backbone.encoder.layer.0.attention.self"]["attrs"]["num_attention_heads"] == 3
-    assert find_encoder_layers(again)[1].attention.num_attention_heads == 3
+    assert find_blocks(again)[1].attention.num_attention_heads == 3
     assert torch.equal(again(**batch()), pruned(**batch()))
 
 
@@ -93,7 +106,7 @@ def test_taylor_with_a_loss_and_scope():
     pruned, info = run(model, HeadPruning(head_ratio=0.5, importance="taylor",
                                           scope=Scope(include=["backbone.encoder.layer.0"])), data, loss_fn=loss)
     assert info["heads"] == {"backbone.encoder.layer.0": [4, 2]}
-    assert find_encoder_layers(pruned)[1].heads == 4
+    assert find_blocks(pruned)[1].heads == 4
     with pytest.raises(DataError, match="loss"):
         prune(model, HeadPruning(importance="taylor"), data)  # unlabelled and no loss_fn
     with pytest.raises(DataError):
@@ -101,7 +114,7 @@ def test_taylor_with_a_loss_and_scope():
 
 
 def test_errors():
-    with pytest.raises(UnsupportedError, match="no BERT-style encoder layer"):
+    with pytest.raises(UnsupportedError, match="no transformer attention"):
         prune(torch.nn.Linear(4, 4), HeadPruning())
     with pytest.raises(ScopeError):
         prune(tiny_bert(), HeadPruning(scope=Scope(include=["layer9"])))
@@ -116,7 +129,7 @@ def test_minilm_from_the_zoo():
     pruned, info = run(model, HeadPruning(head_ratio=0.25, ffn_ratio=0.4), inplace=True)
     assert set(map(tuple, info["heads"].values())) == {(12, 9)}
     assert set(map(tuple, info["ffn"].values())) == {(1536, 922)}
-    layer = find_encoder_layers(pruned)[0]
-    assert layer.query.out_features == 9 * 32 and layer.attention.attention_head_size == 32
+    block = find_blocks(pruned)[0]
+    assert parts(pruned, block)[1].out_features == 9 * 32 and block.attention.attention_head_size == 32
     emb = pruned.encode(["A cat sleeps on the mat.", "Stocks fell sharply today."])
     assert emb.shape == (2, 384) and torch.isfinite(emb).all()

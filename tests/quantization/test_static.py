@@ -214,3 +214,34 @@ def test_artifact_of_a_static_model_reloads_to_identical_outputs(tmp_path):
     assert sum(isinstance(m, FakeQuant) for m in base.modules()) == 0  # the input model is untouched
     onnx_path, note = export_deployable(again, x, tmp_path / "q.onnx")
     assert "int8 QDQ" in note and onnx_path.stat().st_size < path.stat().st_size / 2
+
+
+@pytest.mark.nlp
+def test_models_fx_cannot_trace_are_quantized_layer_by_layer(tmp_path):
+    """Hugging Face models (keyword inputs, Python control flow) defeat torch.fx: each Linear's input
+    and weights are quantized instead; the artifact reloads and the ONNX QDQ file runs in ORT."""
+    pytest.importorskip("transformers")
+    from modelpress.artifact.checkpoint import save_artifact
+    from modelpress.artifact.hf import HFLogits, import_transformers
+    from modelpress.artifact.loading import load_artifact
+    from modelpress.engine import MethodInputs, run_method
+    from modelpress.export.deploy import export_deployable
+
+    t = import_transformers()
+    torch.manual_seed(0)
+    model = HFLogits(t.BertForSequenceClassification(t.BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64))).eval()
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": torch.randint(1, 100, (4, 12), generator=g),
+             "attention_mask": torch.ones(4, 12, dtype=torch.long)} for _ in range(4)]
+    q, report = run_method(model, StaticInt8(), MethodInputs(data=data))
+    assert report.info["capture"].startswith("layers") and len(report.info["quantized_layers"]) == 14
+    x = data[0]
+    with torch.no_grad():
+        assert sqnr(model(**x), q(**x)) > 25
+    path = save_artifact(q, tmp_path / "q.safetensors")
+    again, _ = load_artifact(path, base_model=model)
+    with torch.no_grad():
+        assert torch.equal(again(**x), q(**x))
+    _, note = export_deployable(q, x, tmp_path / "q.onnx")
+    assert note.startswith("int8 QDQ")

@@ -2,16 +2,16 @@
 
 * :class:`SentenceEncoder`: an encoder + mean pooling + L2 normalisation (what
   sentence-transformers does for all-MiniLM-L6-v2); ``model(**tokens) -> [batch, dim]``;
-* :class:`HFSequenceClassifier`: ``AutoModelForSequenceClassification`` returning plain logits.
+* :class:`HFLogits`: a model with a head (classifier, causal or masked LM ...) returning plain logits.
 
 :func:`load_hf_dir` picks one from the folder's ``config.json`` and records the folder as the
-model's source, so an artifact of the compressed model reloads from the same folder.
+model's source, so an artifact of the compressed model reloads from the same folder. A folder
+with a config but no weights gives a randomly initialised model (with a warning).
 Needs the ``[nlp]`` extra (transformers).
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -21,7 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.compat import prepare_torchvision
-from ..core.errors import ModelLoadError, UnsupportedError, require
+from ..core.errors import ConfigError, ModelLoadError, UnsupportedError, require
+from ..core.limits import MAX_YAML_BYTES, read_json
+from ..core.progress import warn_random_init
 from ..tasks.embedding import embed_sentences
 
 
@@ -63,19 +65,15 @@ class SentenceEncoder(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "SentenceEncoder":
         """Load any local HF model folder (config.json + weights + tokenizer files)."""
-        transformers = import_transformers()
         path = Path(path).expanduser()
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{path} is not a Hugging Face model folder (no config.json)",
                                  hint="pass a local folder saved with save_pretrained()")
-        try:
-            with quiet_loading(transformers):
-                backbone = transformers.AutoModel.from_pretrained(path, local_files_only=True)
-            tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-        except (OSError, ValueError, KeyError) as exc:
-            raise ModelLoadError(f"cannot load the Hugging Face model in {path}: {exc}",
-                                 hint="the folder needs config.json, weights and tokenizer files") from exc
-        return cls(backbone, tokenizer)
+        tokenizer = _tokenizer(path)
+        if tokenizer is None:
+            raise ModelLoadError(f"cannot load the tokenizer of the Hugging Face model in {path}",
+                                 hint="the folder needs config.json, weights and tokenizer files")
+        return cls(build_hf(path), tokenizer)
 
     @property
     def dim(self) -> int:
@@ -98,46 +96,79 @@ class SentenceEncoder(nn.Module):
         return embed_sentences(self, self.tokenizer, sentences, batch_size)
 
 
-class HFSequenceClassifier(nn.Module):
-    """Wraps ``AutoModelForSequenceClassification`` so ``model(input_ids=..., attention_mask=...)``
-    returns the logits tensor (what modelpress' losses and metrics expect)."""
+class HFLogits(nn.Module):
+    """Wraps a Hugging Face model with a head (``...ForSequenceClassification``,
+    ``...ForImageClassification``, ``...ForCausalLM``, ``GPT2LMHeadModel`` ...) so that calling it
+    returns the ``logits`` tensor, what modelpress' losses, metrics and exporters expect. The
+    arguments are the model's own: ``input_ids=``/``attention_mask=`` for text, pixel values for
+    images. Caching of past keys and values is off (one forward, not generation)."""
 
     def __init__(self, hf_model: nn.Module, tokenizer=None):
         super().__init__()
         self.hf = hf_model
         self.tokenizer = tokenizer
+        if hasattr(getattr(hf_model, "config", None), "use_cache"):
+            hf_model.config.use_cache = False
 
-    @classmethod
-    def from_pretrained(cls, path: str | Path) -> "HFSequenceClassifier":
-        transformers = import_transformers()
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        return self.hf(*args, **kwargs).logits
+
+
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+
+
+def has_weights(path: Path) -> bool:
+    return any((path / f).is_file() for f in _WEIGHT_FILES)
+
+
+def build_hf(path: str | Path, cls_name: str | None = None) -> nn.Module:
+    """The ``transformers`` model of a local folder: ``cls_name`` (e.g. ``"GPT2LMHeadModel"``) or
+    ``AutoModel``, with the folder's weights, or randomly initialised (one warning line) when the
+    folder holds only a ``config.json``. Nothing is downloaded."""
+    transformers = import_transformers()
+    path = Path(path).expanduser()
+    cls = getattr(transformers, cls_name, None) if cls_name else transformers.AutoModel
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        raise ModelLoadError(f"{path}/config.json names architecture {cls_name!r}, which this transformers "
+                             f"version ({transformers.__version__}) does not have",
+                             hint="upgrade transformers, or fix 'architectures' in config.json")
+    try:
         with quiet_loading(transformers):
-            model = transformers.AutoModelForSequenceClassification.from_pretrained(str(path), local_files_only=True)
-        try:
-            tok = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        except (OSError, ValueError):
-            tok = None
-        return cls(model, tok)
+            if has_weights(path):
+                return cls.from_pretrained(path, local_files_only=True)
+            config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+            warn_random_init(f"{cls.__name__} in {path}", "the folder holds no weights file")
+            return cls.from_config(config) if hasattr(cls, "from_config") else cls._from_config(config)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelLoadError(f"cannot load the Hugging Face model in {path}: {type(exc).__name__}: {exc}",
+                             hint="the folder needs config.json and, for trained weights, model.safetensors") \
+            from None
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        kwargs = {"attention_mask": attention_mask}
-        if token_type_ids is not None:
-            kwargs["token_type_ids"] = token_type_ids
-        return self.hf(input_ids=input_ids, **kwargs).logits
+
+def _tokenizer(path: Path):
+    try:
+        return import_transformers().AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def load_hf_dir(path: str | Path) -> nn.Module:
-    """The model in a local Hugging Face folder: a classifier when ``config.json`` names a
-    ``...ForSequenceClassification`` architecture, else a :class:`SentenceEncoder`."""
+    """The model in a local Hugging Face folder: :class:`HFLogits` around the architecture
+    ``config.json`` names when it has a head (classification, causal or masked LM ...), else a
+    :class:`SentenceEncoder` (mean-pooled embeddings). The folder is the model's source record."""
     path = Path(path).expanduser()
     try:
-        cfg = json.loads((path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"{path}/config.json is unreadable ({exc})") from None
-    archs = cfg.get("architectures") or [] if isinstance(cfg, dict) else []
-    if any(isinstance(a, str) and a.endswith("ForSequenceClassification") for a in archs):
-        model = HFSequenceClassifier.from_pretrained(path)
+        cfg = read_json(path / "config.json", "Hugging Face config", max_bytes=MAX_YAML_BYTES)
+    except (OSError, ConfigError) as exc:
+        raise ModelLoadError(f"{path}/config.json is unreadable ({exc})",
+                             hint="pass a folder saved with save_pretrained()") from None
+    archs = (cfg.get("architectures") or []) if isinstance(cfg, dict) else []
+    head = next((a for a in archs if isinstance(a, str) and (not a.endswith("Model") or a.endswith("HeadModel")
+                                                              or a.endswith("HeadsModel"))), None)
+    if head is not None:
+        model = HFLogits(build_hf(path, head), _tokenizer(path))
     else:
-        model = SentenceEncoder.from_pretrained(path)
+        model = SentenceEncoder(build_hf(path), _tokenizer(path))
     model.zoo_spec = {"hf_dir": str(path.resolve())}
     return model

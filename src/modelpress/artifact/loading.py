@@ -5,7 +5,10 @@ A reference is one of
 * a modelpress artifact (``.safetensors`` written by modelpress: train, compress, export);
 * ``path/to/file.py:factory``: a function in your file returning an ``nn.Module`` (the file
   is executed: only pass files you trust);
-* a local Hugging Face model directory (``config.json`` + weights; never downloaded);
+* a local Hugging Face model directory, ``DIR`` or ``hf:DIR`` (``config.json`` + weights; with no
+  weights file the model is randomly initialised; never downloaded);
+* ``torchvision:NAME`` / ``timm:NAME`` with optional ``?kwarg=value&weights=FILE``
+  (:mod:`.libraries`; random initialisation without a local weights file);
 * a name a registered *model source* resolves, e.g. a zoo name: ``lenet5``, ``minilm`` ...
   (``modelpress list --models``).
 
@@ -26,6 +29,7 @@ from torch import nn
 
 from ..core.errors import ModelLoadError
 from ..core.masks import set_mask
+from ..core.progress import rebuilding_architecture
 from ..core.registry import Registry
 from .checkpoint import load_into, load_state
 from .hf import load_hf_dir
@@ -44,7 +48,8 @@ class ModelSource(NamedTuple):
     names: Callable[[], list[str]] | None = None
 
 
-SOURCES: Registry[ModelSource] = Registry("model source", error=ModelLoadError, plugins=("modelpress.zoo.baselines",))
+SOURCES: Registry[ModelSource] = Registry("model source", error=ModelLoadError,
+                                          plugins=("modelpress.artifact.libraries", "modelpress.zoo.baselines"))
 
 
 def register_source(name: str, source: ModelSource) -> ModelSource:
@@ -87,7 +92,11 @@ def _build_hf_dir(record: dict) -> nn.Module:
     return load_hf_dir(Path(record["hf_dir"]))
 
 
-register_source("hf_dir", ModelSource(build=_build_hf_dir))
+def _hf_reference(ref: str) -> dict | None:
+    return {"hf_dir": str(Path(ref[3:]).expanduser())} if ref.startswith("hf:") else None
+
+
+register_source("hf_dir", ModelSource(build=_build_hf_dir, resolve=_hf_reference))
 
 
 def build_source(source: dict | None, *, trust_remote_code: bool = False) -> nn.Module:
@@ -130,7 +139,8 @@ def load_artifact(path: str | Path, *, base_model: nn.Module | None = None,
     if base_model is not None:
         model = copy.deepcopy(base_model)
     else:
-        model = build_source(header.get("source"), trust_remote_code=trust_remote_code)
+        with rebuilding_architecture():  # the artifact's tensors replace the initial weights
+            model = build_source(header.get("source"), trust_remote_code=trust_remote_code)
     check_architecture(model, header, where=str(path))
     model = load_into(model, state, header, where=str(path))
     if header.get("source"):

@@ -1,6 +1,7 @@
 """Progress bars for long-running work (rich), shared by training, calibration and pipelines."""
 from __future__ import annotations
 
+import contextvars
 import os
 import sys
 from contextlib import contextmanager
@@ -33,3 +34,23 @@ def log(msg: str) -> None:
     """A progress note on stderr (rich markup allowed); MODELPRESS_QUIET=1 silences it."""
     if os.environ.get("MODELPRESS_QUIET", "0") != "1":
         console.print(msg, highlight=False)
+
+
+_rebuilding: contextvars.ContextVar[bool] = contextvars.ContextVar("modelpress_rebuilding", default=False)
+
+
+@contextmanager
+def rebuilding_architecture():
+    """While an artifact's architecture is rebuilt its own tensors replace the initial weights, so
+    :func:`warn_random_init` stays silent."""
+    token = _rebuilding.set(True)
+    try:
+        yield
+    finally:
+        _rebuilding.reset(token)
+
+
+def warn_random_init(what: str, why: str = "no weights file given") -> None:
+    """One warning line: ``what`` starts from random weights (nothing is ever downloaded)."""
+    if not _rebuilding.get():
+        log(f"[yellow]warning:[/yellow] {what}: random initialisation ({why}; nothing is downloaded)")

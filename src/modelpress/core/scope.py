@@ -6,6 +6,9 @@ Each entry is one of
 * a regular expression on module names: ``"re:layer\\.\\d+\\.conv2"`` (full match);
 * a layer type: ``"type:Conv2d"`` (matches subclasses too) or, in Python, the class itself.
 
+A layer type also matches the classes of other libraries registered as that type under another
+name (:func:`register_type_alias`): GPT-2's ``Conv1D`` is a ``Linear`` to every method and scope.
+
 ``include`` empty means "every layer the method supports". An entry that matches no
 layer is an error (a typo must never silently compress nothing)::
 
@@ -18,13 +21,44 @@ layer is an error (a typo must never silently compress nothing)::
 from __future__ import annotations
 
 import re
-from typing import Any, Iterable
+from typing import Any, Iterable, NamedTuple
 
 from pydantic import field_validator
 from torch import nn
 
 from .config import StrictModel
 from .errors import ScopeError
+from .registry import Registry
+
+
+class TypeAlias(NamedTuple):
+    """What a class of another library counts as: ``type_name`` (e.g. ``"Linear"``); ``transposed``:
+    a Linear whose weight is stored ``[in, out]`` (see :mod:`modelpress.nn.layer_kinds`)."""
+
+    type_name: str
+    transposed: bool = False
+
+
+# Qualified class name -> the layer type it is: one place for every method, scope and report.
+TYPE_ALIASES: Registry[TypeAlias] = Registry("layer type alias")
+
+
+def register_type_alias(qualified_name: str, type_name: str, *, transposed: bool = False) -> None:
+    """Let the class ``qualified_name`` (``module.Class``) match the layer type ``type_name``."""
+    TYPE_ALIASES.register(qualified_name, TypeAlias(type_name, transposed))
+
+
+# Hugging Face GPT-2 / GPT / DecisionTransformer ...: a Linear with its weight stored [in, out].
+register_type_alias("transformers.pytorch_utils.Conv1D", "Linear", transposed=True)
+
+
+def type_alias(module: nn.Module) -> TypeAlias | None:
+    """The alias ``module``'s class (or a base class) is registered under, if any."""
+    for c in type(module).__mro__:
+        alias = TYPE_ALIASES.find(f"{c.__module__}.{c.__qualname__}")
+        if alias is not None:
+            return alias
+    return None
 
 
 def _normalise(entry: Any) -> str:
@@ -41,7 +75,11 @@ def _normalise(entry: Any) -> str:
 
 
 def type_matches(module: nn.Module, type_names: Iterable[str]) -> bool:
+    """True when ``module``'s class, a base class or its alias is named in ``type_names``."""
     names = {c.__name__ for c in type(module).__mro__}
+    alias = type_alias(module)
+    if alias is not None:
+        names.add(alias.type_name)
     return any(t in names for t in type_names)
 
 

@@ -22,6 +22,7 @@ from torch import nn
 from ..core.config import MethodConfig
 from ..core.errors import ConfigError, MissingDependencyError
 from ..core.registry import Registry
+from ..core.scope import type_matches
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from .inputs import MethodInputs, MethodResult
@@ -46,6 +47,14 @@ class MethodInfo:
     needs_training: bool = False
     structural: bool = False
     layer_types: tuple[str, ...] = ()
+    requires: Callable[[nn.Module], str | None] | None = None  # why the method cannot apply, or None
+
+    def applicable(self, model: nn.Module) -> str | None:
+        """Why the method cannot apply to ``model`` (no layer of its types, or the structure it
+        needs is missing), or None."""
+        if self.layer_types and not any(type_matches(m, self.layer_types) for m in model.modules()):
+            return f"no layer of the types {', '.join(self.layer_types)}"
+        return self.requires(model) if self.requires is not None else None
 
     def flags(self) -> dict:
         return {"needs_data": self.needs_data, "needs_training": self.needs_training,
@@ -76,15 +85,18 @@ _BY_CONFIG: dict[type, MethodInfo] = {}
 
 def register_method(name: str, config: type[MethodConfig], *, needs_data: bool = False,
                     needs_training: bool = False, structural: bool = False,
-                    layer_types: tuple[str, ...] = ("Linear", "Conv2d")):
-    """Decorator registering ``fn(model, config, inputs) -> MethodResult`` under ``name``."""
+                    layer_types: tuple[str, ...] = ("Linear", "Conv2d"),
+                    requires: Callable[[nn.Module], str | None] | None = None):
+    """Decorator registering ``fn(model, config, inputs) -> MethodResult`` under ``name``.
+    ``requires(model)`` (optional) says why the method cannot apply to a model beyond its layer
+    types (e.g. it needs transformer attention), or None."""
 
     def deco(fn):
         doc = fn.__doc__ or config.__doc__ or ""
         summary = doc.strip().splitlines()[0] if doc.strip() else ""
         info = MethodInfo(name=name, config_cls=config, fn=fn, family=name.split(".")[0], summary=summary,
                           needs_data=needs_data, needs_training=needs_training, structural=structural,
-                          layer_types=tuple(layer_types))
+                          layer_types=tuple(layer_types), requires=requires)
         METHODS.register(name, info)  # the same method imported twice registers an equal info: a no-op
         config.method = name
         _BY_CONFIG[config] = info

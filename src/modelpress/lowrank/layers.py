@@ -26,6 +26,7 @@ from ..core.config import MethodConfig
 from ..core.errors import ConfigError
 from ..core.scope import Scope, first_and_last
 from ..engine import MethodInputs, MethodResult
+from ..nn.layer_kinds import parent_reads_weight
 from ..nn.modules import set_module
 from ..nn.records import buildable
 
@@ -218,13 +219,19 @@ def factorize_layers(model: nn.Module, cfg: Any, inputs: MethodInputs, method: s
     """The one driver of the low-rank methods: every layer of ``layer_types`` in ``cfg.scope``
     (first and last left out with ``cfg.keep_first_last``) is planned by ``plan``; a layer is replaced by
     its factors unless the plan gives a reason not to (or the relative error exceeds
-    ``cfg.max_error``, when the config has one). Reports per layer the rank, the parameters
-    before and after and the relative error; the layers left dense and why."""
+    ``cfg.max_error``, when the config has one). A layer whose parent reads its weight itself
+    (``nn.MultiheadAttention``'s ``out_proj``, ``nn.TransformerEncoderLayer``'s ``linear1``/``linear2``)
+    is left dense: a chain of factors has no single weight to read. Reports per layer the rank,
+    the parameters before and after and the relative error; the layers left dense and why."""
     default_exclude = first_and_last(model, layer_types) if cfg.keep_first_last else []
     layers = cfg.scope.resolve(model, layer_types, default_exclude=default_exclude)
     max_error = getattr(cfg, "max_error", None)
     report, skipped = {}, {}
     for name, layer in layers:
+        read = parent_reads_weight(model, name)
+        if read is not None:
+            skipped[name] = read.reason
+            continue
         step = plan(layer)
         if isinstance(step, str):
             skipped[name] = step

@@ -23,6 +23,7 @@ params before/after and the relative reconstruction error ``||W - W_r||_F / ||W|
     >>> [tuple(l.weight.shape) for l in f[0]]      # 256 -> 42 -> 128: 16,128 of 32,768 weights
     [(42, 256), (128, 42)]
 
+GPT-2's ``Conv1D`` (a Linear storing its weight ``[in, out]``) is factorized as the Linear it is.
 With ``train=TrainConfig(...)`` and data, the factorized model is fine-tuned (``fit``).
 Returns a new model (the verbs copy; see :mod:`modelpress.api`).
 """
@@ -34,6 +35,7 @@ import torch
 from torch import nn
 
 from ..engine import MethodInputs, MethodResult, register_method
+from ..nn.layer_kinds import linear_equivalent
 from .layers import (
     LAYER_TYPES,
     FactorizedLayer,
@@ -53,7 +55,8 @@ class SVD(RankChoice):
 
 
 def layer_matrix(layer: nn.Module) -> torch.Tensor:
-    """The weight of a Linear or 1x1 conv as an (out, in) matrix."""
+    """The weight of a Linear-kind layer or 1x1 conv as an (out, in) matrix."""
+    layer = linear_equivalent(layer)
     return layer.weight.detach().reshape(layer.weight.shape[0], -1)
 
 
@@ -107,6 +110,7 @@ def svd(model: nn.Module, cfg: SVD, inputs: MethodInputs) -> MethodResult:
     """Truncated SVD of Linear / 1x1 conv weights into two thinner layers (rank by ratio, energy or budget)."""
 
     def plan(layer: nn.Module):
+        layer = linear_equivalent(layer)  # GPT-2's Conv1D: a copy as nn.Linear (replaced only if factorized)
         reason = unsupported(layer)
         if reason is not None:
             return reason

@@ -60,6 +60,24 @@ def register_attrs(class_name: str, attrs: tuple[str, ...] | list[str]) -> None:
     ATTRS.register(class_name, tuple(attrs))
 
 
+# Integer attributes any module may have changed by a structural method and restored on load
+# (head counts and widths of attention modules); see mark_int_attrs.
+GENERIC_INT_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head", "all_head_size", "split_size",
+                     "inner_dim", "num_key_value_heads", "num_kv_heads", "num_key_value_groups")
+_MARK = "_modelpress_int_attrs"
+
+
+def mark_int_attrs(module: nn.Module, names: list[str] | tuple[str, ...]) -> None:
+    """Record ``names`` (of :data:`GENERIC_INT_ATTRS`) of ``module`` in artifacts, so a method's
+    change of them (e.g. a head count) is restored on load, whatever the module's class."""
+    names = tuple(dict.fromkeys([*getattr(module, _MARK, ()), *names]))
+    bad = [n for n in names if n not in GENERIC_INT_ATTRS]
+    if bad:
+        raise ValueError(f"mark_int_attrs: {bad} are not restorable attributes ({', '.join(GENERIC_INT_ATTRS)})")
+    if names:
+        setattr(module, _MARK, names)
+
+
 _HF_ATTENTION_ATTRS = ("num_attention_heads", "attention_head_size", "all_head_size")
 for _name in ("BertSelfAttention", "BertSdpaSelfAttention", "RobertaSelfAttention", "RobertaSdpaSelfAttention",
               "XLMRobertaSelfAttention", "XLMRobertaSdpaSelfAttention", "CamembertSelfAttention",
@@ -111,8 +129,9 @@ def describe(model: nn.Module) -> dict[str, dict]:
         entry = BUILDABLES.find(cls_name)
         if name and entry and type(m) is entry.cls:
             out[name] = {"class": cls_name, "args": entry.spec(m)}
-        elif name and cls_name in ATTRS:
-            attrs = {a: getattr(m, a) for a in ATTRS.get(cls_name) if isinstance(getattr(m, a, None), int)}
+        elif name and (cls_name in ATTRS or getattr(m, _MARK, None)):
+            names = ATTRS.get(cls_name) if cls_name in ATTRS else getattr(m, _MARK)
+            attrs = {a: getattr(m, a) for a in names if isinstance(getattr(m, a, None), int)}
             out[name] = {"class": cls_name, "attrs": attrs}
     return out
 
@@ -124,11 +143,15 @@ def _restore_attrs(model: nn.Module, name: str, rec: dict) -> None:
         found = "nothing" if current is None else type(current).__name__
         raise ModelLoadError(f"checkpoint expects a {cls_name} at {name!r}, the model has {found}",
                              hint="the checkpoint was saved from a different architecture")
-    for attr, value in (rec.get("attrs") or {}).items():
-        if attr not in ATTRS.get(cls_name) or not isinstance(value, int) or isinstance(value, bool):
+    allowed = ATTRS.get(cls_name) if cls_name in ATTRS else GENERIC_INT_ATTRS
+    attrs = rec.get("attrs") or {}
+    for attr, value in attrs.items():
+        if attr not in allowed or not isinstance(value, int) or isinstance(value, bool):
             raise ModelLoadError(f"checkpoint sets {cls_name}.{attr} = {value!r} at {name!r}, "
                                  "which modelpress does not restore (corrupt or foreign file)")
         setattr(current, attr, value)
+    if cls_name not in ATTRS:
+        mark_int_attrs(current, list(attrs))  # saved again, the model records them again
 
 
 def rebuild(model: nn.Module, records: dict[str, dict]) -> nn.Module:
@@ -137,7 +160,7 @@ def rebuild(model: nn.Module, records: dict[str, dict]) -> nn.Module:
     for name in sorted(records, key=lambda n: (n.count("."), n)):
         rec = records[name]
         cls_name = rec.get("class")
-        if "attrs" in rec and cls_name in ATTRS:
+        if "attrs" in rec:
             _restore_attrs(model, name, rec)
             continue
         entry = BUILDABLES.find(cls_name)

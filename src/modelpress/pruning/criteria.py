@@ -37,7 +37,7 @@ from torch import nn
 
 from ..engine import MethodInputs, MethodResult, register_method
 from .importance import random_scores, snip_scores, taylor_scores
-from .magnitude import PRUNABLE, UnstructuredPruning, run_unstructured
+from .magnitude import WEIGHT_PRUNABLE, UnstructuredPruning, run_unstructured
 
 __all__ = ["RandomPruning", "SNIPPruning", "TaylorPruning", "random_scores", "snip_scores", "taylor_scores"]
 
@@ -61,20 +61,20 @@ class SNIPPruning(UnstructuredPruning):
 
 
 # -- registered methods ----------------------------------------------------------------
-@register_method("prune.random", RandomPruning, layer_types=PRUNABLE)
+@register_method("prune.random", RandomPruning, layer_types=WEIGHT_PRUNABLE)
 def random_prune(model: nn.Module, cfg: RandomPruning, inputs: MethodInputs) -> MethodResult:
     """Unstructured random pruning (seeded baseline), global or per layer, one-shot or scheduled."""
     return run_unstructured(model, cfg, inputs, lambda layers: random_scores(layers, cfg.seed))
 
 
-@register_method("prune.taylor", TaylorPruning, needs_data=True, layer_types=PRUNABLE)
+@register_method("prune.taylor", TaylorPruning, needs_data=True, layer_types=WEIGHT_PRUNABLE)
 def taylor_prune(model: nn.Module, cfg: TaylorPruning, inputs: MethodInputs) -> MethodResult:
     """Unstructured first-order Taylor pruning |w * dL/dw| accumulated over batches."""
     return run_unstructured(model, cfg, inputs, lambda layers: taylor_scores(
         model, layers, inputs.data, loss_fn=inputs.loss_fn, batches=cfg.batches))
 
 
-@register_method("prune.snip", SNIPPruning, needs_data=True, layer_types=PRUNABLE)
+@register_method("prune.snip", SNIPPruning, needs_data=True, layer_types=WEIGHT_PRUNABLE)
 def snip_prune(model: nn.Module, cfg: SNIPPruning, inputs: MethodInputs) -> MethodResult:
     """SNIP: prune by connection sensitivity |w * dL/dw|, typically at initialisation."""
     return run_unstructured(model, cfg, inputs, lambda layers: snip_scores(

@@ -35,7 +35,7 @@ from ..core.scope import Scope
 from ..core.training import TrainConfig, fit
 from ..engine import MethodInputs, MethodResult, register_method
 from .importance import check_criterion, weight_importance
-from .magnitude import UnstructuredPruning, prune_to, select_layers
+from .magnitude import WEIGHT_PRUNABLE, UnstructuredPruning, prune_to, select_layers
 
 
 class IterativePruning(MethodConfig):
@@ -104,8 +104,7 @@ def iterative_prune(model: nn.Module, cfg: IterativePruning, data: Any = None, t
     return records
 
 
-@register_method("prune.iterative", IterativePruning, needs_training=True,
-                 layer_types=("Linear", "Conv2d", "Conv1d"))
+@register_method("prune.iterative", IterativePruning, needs_training=True, layer_types=WEIGHT_PRUNABLE)
 def iterative_prune_method(model: nn.Module, cfg: IterativePruning, inputs: MethodInputs) -> MethodResult:
     """Iterative pruning: prune to each sparsity step, fine-tune after each (masks enforced)."""
     train = cfg.finetune or inputs.train

@@ -13,6 +13,11 @@ across all selected layers (one threshold, Han et al.'s Deep Compression); ``"la
 prunes each layer to the target. The number of pruned weights is exact:
 ``round(sparsity * n)``.
 
+Layers are ``Linear`` (GPT-2's ``Conv1D`` included), ``Conv1d``/``Conv2d`` and the recurrent
+``LSTM``/``GRU``/``RNN``: each weight matrix of a recurrent layer is ranked like a layer of its
+own, named ``lstm.weight_ih_l0``, ``lstm.weight_hh_l0_reverse`` ... (in reports and in
+``layer_sparsity``); biases are never pruned.
+
     >>> import torch
     >>> from modelpress import prune
     >>> from modelpress.pruning.magnitude import MagnitudePruning
@@ -35,16 +40,19 @@ from torch import nn
 
 from ..core.config import MethodConfig
 from ..core.errors import ScopeError
-from ..core.masks import get_mask, set_mask
 from ..core.scope import Scope, first_and_last
 from ..core.training import total_steps
 from ..engine import MethodInputs, MethodResult, register_method
+from ..nn.layer_kinds import RECURRENT, WeightRef, weight_refs
 from .importance import magnitude_scores
 from .schedules import OneShot, Schedule
 
 PRUNABLE = ("Linear", "Conv2d", "Conv1d")
+WEIGHT_PRUNABLE = (*PRUNABLE, *RECURRENT)  # what unstructured and N:M pruning mask, weight by weight
 
-Layers = list[tuple[str, nn.Module]]
+# (name, weight matrix): one per Linear/conv, one per weight matrix of a recurrent layer. A
+# WeightRef reads like a layer (``ref.weight``), so a scorer written for layers scores it as is.
+Layers = list[tuple[str, WeightRef]]
 Scorer = Callable[[Layers], dict[str, torch.Tensor]]
 
 
@@ -75,9 +83,10 @@ class MagnitudePruning(UnstructuredPruning):
 
 
 def select_layers(model: nn.Module, cfg: UnstructuredPruning) -> Layers:
-    """The prunable layers in the config's scope (first/last left out unless included by name)."""
-    default_exclude = first_and_last(model, PRUNABLE) if cfg.keep_first_last else []
-    layers = cfg.scope.resolve(model, PRUNABLE, default_exclude=default_exclude)
+    """The weight matrices of the prunable layers in the config's scope (first/last left out unless
+    included by name)."""
+    default_exclude = first_and_last(model, WEIGHT_PRUNABLE) if cfg.keep_first_last else []
+    layers = weight_refs(cfg.scope.resolve(model, WEIGHT_PRUNABLE, default_exclude=default_exclude))
     names = {n for n, _ in layers}
     for name in cfg.layer_sparsity:
         if name not in names:
@@ -95,10 +104,10 @@ def _mask_smallest(scores: torch.Tensor, k: int) -> torch.Tensor:
     return mask
 
 
-def _with_pruned_lowest(module: nn.Module, score: torch.Tensor) -> torch.Tensor:
+def _with_pruned_lowest(ref: WeightRef, score: torch.Tensor) -> torch.Tensor:
     # Weights already masked rank below everything, so a growing target (schedules,
     # iterative steps) never revives them, even when a criterion scores other weights 0 too.
-    mask = get_mask(module, "weight")
+    mask = ref.mask()
     score = score.detach().float()
     return score if mask is None else score.masked_fill(mask == 0, float("-inf"))
 
@@ -122,14 +131,14 @@ def prune_to(layers: Layers, cfg: UnstructuredPruning, sparsity: float,
         offset = 0
         for _, m in glob:
             n = m.weight.numel()
-            set_mask(m, "weight", flat[offset:offset + n].reshape(m.weight.shape))
+            m.set_mask(flat[offset:offset + n].reshape(m.weight.shape))
             offset += n
     else:
         overrides.update({n: sparsity for n, _ in glob})
     for n, m in layers:
         if n in overrides:
             s = scores[n].reshape(-1)
-            set_mask(m, "weight", _mask_smallest(s, int(round(overrides[n] * s.numel()))).reshape(m.weight.shape))
+            m.set_mask(_mask_smallest(s, int(round(overrides[n] * s.numel()))).reshape(m.weight.shape))
     return {n: float((m.weight == 0).float().mean()) for n, m in layers}
 
 
@@ -165,7 +174,7 @@ def run_unstructured(model: nn.Module, cfg: UnstructuredPruning, inputs: MethodI
     return MethodResult(model, info, trained=True)
 
 
-@register_method("prune.magnitude", MagnitudePruning, layer_types=PRUNABLE)
+@register_method("prune.magnitude", MagnitudePruning, layer_types=WEIGHT_PRUNABLE)
 def magnitude_prune(model: nn.Module, cfg: MagnitudePruning, inputs: MethodInputs) -> MethodResult:
     """Unstructured magnitude pruning (L1/L2, global or per layer), one-shot or scheduled."""
     return run_unstructured(model, cfg, inputs, lambda layers: magnitude_scores(layers, cfg.norm))

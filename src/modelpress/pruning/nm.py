@@ -6,7 +6,10 @@ Groups run along the *input* (reduction) dimension, the layout sparse tensor cor
 * ``Linear`` ``(out, in)``: groups of M consecutive input features of each output row;
 * ``Conv2d`` ``(out, in, kh, kw)``: each filter is flattened channels-last, ``(kh, kw, in)``,
   as NVIDIA's ASP does, so when ``in % M == 0`` a group is M consecutive input channels at
-  one kernel position (otherwise groups continue across kernel positions); ``Conv1d`` alike.
+  one kernel position (otherwise groups continue across kernel positions); ``Conv1d`` alike;
+* GPT-2's ``Conv1D`` stores its weight ``(in, out)``: groups run along its dim 0, the inputs;
+* ``LSTM`` / ``GRU`` / ``RNN``: every weight matrix ``(gates * hidden, in)`` on its own, named
+  ``lstm.weight_ih_l0`` ... in the report.
 
 In each group the N largest ``|w|`` stay; the others are zeroed and masked, so fine-tuning
 keeps the pattern. A layer whose reduction length ``in*kh*kw`` is not divisible by M
@@ -34,10 +37,10 @@ from torch import nn
 
 from ..core.config import MethodConfig
 from ..core.errors import UnsupportedError
-from ..core.masks import get_mask, set_mask
 from ..core.scope import Scope, first_and_last
 from ..engine import MethodInputs, MethodResult, register_method
-from .magnitude import PRUNABLE
+from ..nn.layer_kinds import weight_refs
+from .magnitude import WEIGHT_PRUNABLE
 
 
 class NMSparsity(MethodConfig):
@@ -102,36 +105,36 @@ def verify_nm(weight: torch.Tensor, n: int, m: int) -> bool:
     return bool((nonzero.sum(-1) <= n).all())
 
 
-@register_method("prune.nm", NMSparsity, layer_types=PRUNABLE)
+@register_method("prune.nm", NMSparsity, layer_types=WEIGHT_PRUNABLE)
 def nm_prune(model: nn.Module, cfg: NMSparsity, inputs: MethodInputs) -> MethodResult:
     """N:M semi-structured sparsity (2:4, 1:4, 4:8 ...) along the input dimension, masked."""
-    default_exclude = first_and_last(model, PRUNABLE) if cfg.keep_first_last else []
-    layers = cfg.scope.resolve(model, PRUNABLE, default_exclude=default_exclude)
+    default_exclude = first_and_last(model, WEIGHT_PRUNABLE) if cfg.keep_first_last else []
+    layers = weight_refs(cfg.scope.resolve(model, WEIGHT_PRUNABLE, default_exclude=default_exclude))
     skipped = {}
     if cfg.incompatible != "pad":  # check every layer before touching any
-        for name, mod in layers:
-            k = reduction_length(mod.weight)
+        for name, ref in layers:
+            k = reduction_length(ref.out_in())
             if k % cfg.m == 0:
                 continue
-            if cfg.incompatible == "skip" and name not in cfg.scope.include:
+            if cfg.incompatible == "skip" and ref.owner not in cfg.scope.include:
                 skipped[name] = f"input dimension {k} is not divisible by m={cfg.m}"
                 continue
             raise UnsupportedError(
                 f"layer {name!r}: input dimension {k} (in_channels*kernel) is not divisible by m={cfg.m}",
-                hint=f"exclude it with Scope(exclude=[{name!r}]) or set incompatible='pad' to zero-pad it")
+                hint=f"exclude it with Scope(exclude=[{ref.owner!r}]) or set incompatible='pad' to zero-pad it")
         layers = [(n, m) for n, m in layers if n not in skipped]
         if not layers:
             raise UnsupportedError(f"no selected layer has an input dimension divisible by m={cfg.m}",
                                    hint="use incompatible='pad' or a smaller m")
     with torch.no_grad():
-        for name, mod in layers:
-            scores = mod.weight.detach().abs()
-            old = get_mask(mod, "weight")
+        for name, ref in layers:
+            scores = ref.weight.detach().abs()
+            old = ref.mask()
             if old is not None:  # weights pruned earlier stay pruned
                 scores = scores.masked_fill(old == 0, -1.0)
-            mask = nm_mask(mod.weight, cfg.n, cfg.m, scores)
-            set_mask(mod, "weight", mask if old is None else mask * old)
-    info = {"layer_sparsity": {n: float((mod.weight == 0).float().mean()) for n, mod in layers},
+            mask = ref.from_out_in(nm_mask(ref.out_in(), cfg.n, cfg.m, ref.out_in(scores)))  # groups along inputs
+            ref.set_mask(mask if old is None else mask * old)
+    info = {"layer_sparsity": {n: float((ref.weight == 0).float().mean()) for n, ref in layers},
             "pattern": f"{cfg.n}:{cfg.m}"}
     if skipped:
         info["skipped"] = skipped

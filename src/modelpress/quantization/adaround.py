@@ -18,7 +18,9 @@ layers already quantized and its targets from the float model, so each layer als
 compensates the error it receives. ``bias_correction=True`` then adds
 ``E[W x] - E[Q(W) x_q]`` (per output channel, over the calibration data) to the bias, which
 removes the mean shift quantization leaves; ``iterations=0`` gives round-to-nearest with bias
-correction only.
+correction only. A layer that never runs as a module because its parent reads its weight
+(``nn.MultiheadAttention``'s ``out_proj``) has no inputs to learn from: it is rounded to nearest
+and listed in ``info["round_to_nearest"]``. GPT-2's ``Conv1D`` is quantized as a Linear.
 
     >>> import torch
     >>> from modelpress.engine import MethodInputs, run_method
@@ -50,10 +52,11 @@ from ..core.data import as_data, call_model, check_finite
 from ..core.errors import DataError
 from ..core.scope import Scope
 from ..engine import MethodInputs, MethodResult, register_method
+from ..nn.layer_kinds import parent_reads_weight
 from ..nn.modules import set_module
 from .modules import QUANTIZABLE, quantize_layer
 from .primitives import QuantizedTensor, QuantSpec, broadcast_params, qparams
-from .weight_only import layer_spec, select_layers, weight_ranges
+from .weight_only import layer_spec, quantize_weight, select_layers, weight_ranges
 
 ZETA, GAMMA = 1.1, -0.1  # stretch of the rectified sigmoid (AdaRound paper, eq. 23)
 
@@ -226,11 +229,17 @@ def adaround(model: nn.Module, cfg: AdaRound, inputs: MethodInputs) -> MethodRes
     model.eval()
     reference = copy.deepcopy(model)  # float model: the targets
     ref_modules = dict(reference.named_modules())
-    report = {}
+    report, nearest = {}, {}
     for name, layer in select_layers(model, cfg.scope, cfg.keep_first_last):
+        spec = layer_spec(layer, cfg.bits, cfg.granularity, cfg.group_size, cfg.symmetric)
+        read = parent_reads_weight(model, name)
+        if read is not None and not read.calls_layer:  # no inputs to capture: round to nearest
+            nearest[name] = read.reason
+            set_module(model, name, quantize_layer(layer, spec, qt=quantize_weight(layer.weight, spec,
+                                                                                  cfg.range_search)))
+            continue
         x_q = capture(model, layer, batches, "input")
         y = capture(reference, ref_modules[name], batches, "output")
-        spec = layer_spec(layer, cfg.bits, cfg.granularity, cfg.group_size, cfg.symmetric)
         lo, hi = weight_ranges(layer.weight, spec, cfg.range_search)
         scale, zero = qparams(lo, hi, spec)
         scale, zero = scale.to(layer.weight.device), zero.to(layer.weight.device)
@@ -249,4 +258,8 @@ def adaround(model: nn.Module, cfg: AdaRound, inputs: MethodInputs) -> MethodRes
             rep["mse_corrected"] = output_mse(layer, x_q, y, w_q, bias)
         report[name] = rep
         set_module(model, name, quantize_layer(layer, spec, qt=qt, bias=bias))
-    return MethodResult(model, {"layers": report})
+    info = {"layers": report}
+    if nearest:
+        info["round_to_nearest"] = nearest
+        inputs.log(f"quant.adaround: rounded to nearest (their inputs cannot be captured): {', '.join(nearest)}")
+    return MethodResult(model, info)

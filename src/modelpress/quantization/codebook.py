@@ -25,6 +25,9 @@ low-precision quantization.
 The result is a model whose selected layers are :class:`CodebookLinear` / :class:`CodebookConv2d`:
 ``codebook`` (float16 by default), ``indices`` (uint8, the weight's shape) and ``bias``; their
 state_dict holds ``table`` (codebook then bias, one tensor: less artifact header) and ``indices``.
+To the code around them they look like the layers they replaced: ``weight`` is the decoded weight
+in the layer's compute dtype (float32 unless the original layer was another; not the codebook's
+storage dtype), so a parent reading ``out_proj.weight`` or a fused fast path computes as before.
 Artifacts store the indices with the ``huffman`` encoding (:mod:`modelpress.artifact.huffman`):
 the non-zero positions as relative gaps plus their codes, Huffman-coded when that is smaller.
 Every verb returns a new model; the input is not modified.
@@ -59,6 +62,7 @@ from ..core.config import MethodConfig
 from ..core.errors import ConfigError, ScopeError
 from ..core.scope import Scope, _normalise, first_and_last
 from ..engine import MethodInputs, MethodResult, register_method
+from ..nn.layer_kinds import plain_linears
 from ..nn.modules import set_module
 from ..nn.records import buildable
 from .primitives import sqnr
@@ -66,6 +70,12 @@ from .primitives import sqnr
 LAYER_TYPES = ("Linear", "Conv2d")
 StorageDtype = Literal["float16", "float32"]
 _TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+# dtypes a codebook layer may compute in (the original layer's); float32 is not recorded in artifacts
+_COMPUTE_DTYPES = {**_TORCH_DTYPES, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 # -- layers --------------------------------------------------------------------------
@@ -78,44 +88,62 @@ class _CodebookWeight(nn.Module):
 
     weight_shape: tuple[int, ...]
 
-    def _init_storage(self, levels: int, zero_code: bool, bias: bool, dtype: str) -> None:
+    def _init_storage(self, levels: int, zero_code: bool, bias: bool, dtype: str, compute_dtype: str) -> None:
         if not 0 <= levels + int(zero_code) <= 256:
             raise ConfigError(f"a codebook layer holds at most 256 codes (got {levels} levels"
                               f"{' + the zero code' if zero_code else ''})", hint="use bits <= 8")
         if dtype not in _TORCH_DTYPES:
             raise ConfigError(f"codebook dtype must be one of {sorted(_TORCH_DTYPES)} (got {dtype!r})")
+        if compute_dtype not in _COMPUTE_DTYPES:
+            raise ConfigError(f"codebook compute_dtype must be one of {sorted(_COMPUTE_DTYPES)} "
+                              f"(got {compute_dtype!r})")
         self.zero_code = zero_code
         self.codebook = nn.Parameter(torch.zeros(levels, dtype=_TORCH_DTYPES[dtype]))
         self.register_buffer("indices", torch.zeros(self.weight_shape, dtype=torch.uint8))
-        self.bias = nn.Parameter(torch.zeros(self.weight_shape[0], dtype=_TORCH_DTYPES[dtype])) if bias else None
+        # The bias is saved in the codebook's dtype (see _save_to_state_dict) but held in the compute
+        # dtype, as a parent reading ``layer.bias`` expects (its values are those of the stored dtype).
+        self.bias = nn.Parameter(torch.zeros(self.weight_shape[0], dtype=_COMPUTE_DTYPES[compute_dtype])) \
+            if bias else None
+        # An empty, unsaved buffer whose dtype is the compute dtype: model.half() / .to(dtype) cast it.
+        self.register_buffer("_compute", torch.empty(0, dtype=_COMPUTE_DTYPES[compute_dtype]), persistent=False)
 
     @property
     def levels(self) -> int:
         return self.codebook.numel()
 
     @property
-    def weight(self) -> torch.Tensor:
-        """The shared float weight (differentiable w.r.t. the codebook)."""
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of :attr:`weight`: the original layer's, whatever the codebook is stored in."""
+        return self._compute.dtype
+
+    def decoded_weight(self) -> torch.Tensor:
+        """``codebook[indices]`` in the codebook's storage dtype (differentiable w.r.t. the codebook)."""
         table = self.codebook
         if self.zero_code:
             table = torch.cat([table.new_zeros(1), table])
         return table[self.indices.long()]
 
-    def _weight_bias(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    @property
+    def weight(self) -> torch.Tensor:
+        """The shared weight in :attr:`compute_dtype` (differentiable w.r.t. the codebook while it
+        trains, decoded once for inference), for code that reads ``layer.weight``."""
+        return self._weight_bias(self.compute_dtype, self.codebook.device)[0]
+
+    def _weight_bias(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
         # Inference decodes once and reuses the float weight until the codebook or the indices
         # change (a training step or a load bumps their version or replaces them): decoding on
         # every call made a shared-weight model slower than the float one at small batches.
         training = torch.is_grad_enabled() and (self.codebook.requires_grad or
                                                 (self.bias is not None and self.bias.requires_grad))
         key = (id(self.codebook), self.codebook._version, id(self.indices), self.indices._version,
-               None if self.bias is None else (id(self.bias), self.bias._version), x.dtype, x.device)
-        cached = getattr(self, "_decoded", None)
+               None if self.bias is None else (id(self.bias), self.bias._version), dtype, device)
+        cached = self.__dict__.get("_decoded")
         if not training and cached is not None and cached[0] == key:
             return cached[1], cached[2]
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        weight = self.weight.to(x.dtype)
+        bias = None if self.bias is None else self.bias.to(device=device, dtype=dtype)
+        weight = self.decoded_weight().to(device=device, dtype=dtype)
         if not training:
-            self._decoded = (key, weight, bias)
+            self.__dict__["_decoded"] = (key, weight, bias)
         return weight, bias
 
     def _storage_spec(self) -> dict:
@@ -126,6 +154,8 @@ class _CodebookWeight(nn.Module):
             spec["bias"] = False
         if not self.zero_code:
             spec["zero_code"] = False
+        if self.compute_dtype != torch.float32:
+            spec["compute_dtype"] = _dtype_name(self.compute_dtype)
         return spec
 
     # Serialized form: one tensor ``table`` = codebook levels followed by the bias (torch's own
@@ -152,7 +182,7 @@ class _CodebookWeight(nn.Module):
                 device = self.codebook.device
                 self.codebook = nn.Parameter(table[:levels].clone().to(device))
                 if self.bias is not None:
-                    self.bias = nn.Parameter(table[levels:].clone().to(device))
+                    self.bias = nn.Parameter(table[levels:].clone().to(device=device, dtype=self.compute_dtype))
             local[prefix + "codebook"] = self.codebook.detach()
             if self.bias is not None:
                 local[prefix + "bias"] = self.bias.detach()
@@ -169,14 +199,14 @@ class CodebookLinear(_CodebookWeight):
     """``nn.Linear`` whose weight is ``codebook[indices]`` (uint8 indices, shared float levels)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, levels: int = 0,
-                 zero_code: bool = True, dtype: str = "float16"):
+                 zero_code: bool = True, dtype: str = "float16", compute_dtype: str = "float32"):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight_shape = (out_features, in_features)
-        self._init_storage(levels, zero_code, bias, dtype)
+        self._init_storage(levels, zero_code, bias, dtype, compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, *self._weight_bias(x))
+        return F.linear(x, *self._weight_bias(x.dtype, x.device))
 
     def spec(self) -> dict:  # recorded in artifacts (see modelpress.nn.records)
         return {"in_features": self.in_features, "out_features": self.out_features, **self._storage_spec()}
@@ -195,7 +225,7 @@ class CodebookConv2d(_CodebookWeight):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", levels: int = 0,
-                 zero_code: bool = True, dtype: str = "float16"):
+                 zero_code: bool = True, dtype: str = "float16", compute_dtype: str = "float32"):
         super().__init__()
         ref = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, False,
                         padding_mode, device="meta")  # validates and normalises the geometry
@@ -204,10 +234,10 @@ class CodebookConv2d(_CodebookWeight):
         self.padding, self.padding_mode = ref.padding, padding_mode
         self._reversed_padding_repeated_twice = ref._reversed_padding_repeated_twice
         self.weight_shape = tuple(ref.weight.shape)
-        self._init_storage(levels, zero_code, bias, dtype)
+        self._init_storage(levels, zero_code, bias, dtype, compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = self._weight_bias(x)
+        weight, bias = self._weight_bias(x.dtype, x.device)
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             return F.conv2d(x, weight, bias, self.stride, 0, self.dilation, self.groups)
@@ -228,13 +258,15 @@ class CodebookConv2d(_CodebookWeight):
 
 
 def empty_codebook_layer(layer: nn.Module, levels: int, zero_code: bool, dtype: str) -> _CodebookWeight:
-    """A codebook layer with ``layer``'s geometry (codebook and indices still zero)."""
+    """A codebook layer with ``layer``'s geometry and compute dtype (codebook and indices still zero)."""
     bias = layer.bias is not None
+    compute = _dtype_name(layer.weight.dtype)
     if isinstance(layer, nn.Linear):
-        return CodebookLinear(layer.in_features, layer.out_features, bias, levels, zero_code, dtype)
+        return CodebookLinear(layer.in_features, layer.out_features, bias, levels, zero_code, dtype, compute)
     if isinstance(layer, nn.Conv2d):
         return CodebookConv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
-                              layer.dilation, layer.groups, bias, layer.padding_mode, levels, zero_code, dtype)
+                              layer.dilation, layer.groups, bias, layer.padding_mode, levels, zero_code, dtype,
+                              compute)
     raise ScopeError(f"{type(layer).__name__} cannot hold a codebook", hint="quantize Linear or Conv2d layers")
 
 
@@ -406,7 +438,7 @@ class PowerOfTwo(_CodebookConfig):
 # -- methods ---------------------------------------------------------------------------
 def _resolve_layers(model: nn.Module, cfg: _CodebookConfig) -> list[tuple[str, nn.Module]]:
     keep = first_and_last(model, LAYER_TYPES) if getattr(cfg, "keep_first_last", False) else []
-    layers = cfg.scope.resolve(model, LAYER_TYPES, default_exclude=keep)
+    layers = plain_linears(model, cfg.scope.resolve(model, LAYER_TYPES, default_exclude=keep))
     for key in cfg.layer_bits:  # a 'type:' rule may match nothing (e.g. the conv default on an MLP)
         if not key.startswith("type:") and not any(Scope._match(key, n, m) for n, m in layers):
             raise ScopeError(f"layer_bits names {key!r}, which matches no selected layer",
@@ -430,11 +462,12 @@ def _replace(model: nn.Module, cfg: _CodebookConfig, cluster) -> dict:
 
 
 def _finalize(model: nn.Module, dtype: str) -> nn.Module:
-    """Cast codebooks and biases to the storage dtype (what the artifact holds)."""
+    """Cast codebooks to the storage dtype and round biases to it (what the artifact holds); biases
+    stay in the compute dtype."""
     for _, q in codebook_layers(model):
         q.codebook.data = q.codebook.data.to(_TORCH_DTYPES[dtype])
         if q.bias is not None:
-            q.bias.data = q.bias.data.to(_TORCH_DTYPES[dtype])
+            q.bias.data = q.bias.data.to(_TORCH_DTYPES[dtype]).to(q.compute_dtype)
     return model
 
 

@@ -52,7 +52,10 @@ the layers that could not pack their weight. For an int8 ONNX model, export the 
 and use ONNX Runtime's ``quantize_dynamic`` (compared in the benchmark).
 
 Linear subclasses whose owners read ``.weight`` directly (``nn.MultiheadAttention``'s
-``out_proj``) are left in float and listed in ``info["skipped"]``. Returns a new model
+``out_proj``) are left in float and listed in ``info["skipped"]``. GPT-2's ``Conv1D`` is a Linear
+here. ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` store their weight matrices as int8 (one scale per
+row, :class:`~.rnn.QuantRNN`) and compute in float from them: there is no int8 recurrent kernel
+to call, so they are listed in ``info["fallback"]``. Returns a new model
 (the verbs copy; see :mod:`modelpress.api`); the result is for inference.
 """
 from __future__ import annotations
@@ -70,9 +73,11 @@ from ..core.config import MethodConfig, StrictModel
 from ..core.errors import ScopeError
 from ..core.scope import Scope, first_and_last
 from ..engine import MethodInputs, MethodResult, register_method
+from ..nn.layer_kinds import RECURRENT, linear_equivalent, parent_reads_weight
 from ..nn.modules import set_module
 from ..nn.records import buildable
 from .primitives import QuantSpec, quantize_tensor, sqnr
+from .rnn import QuantRNN, rnn_weight_sqnr, unsupported_rnn
 
 LAYER_TYPES = ("Linear",)
 _TINY = torch.finfo(torch.float32).tiny
@@ -296,12 +301,20 @@ class DynamicInt8Linear(nn.Module):
 
 
 def _skip_reason(model: nn.Module, name: str, module: nn.Module) -> str | None:
-    parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-    if isinstance(parent, nn.MultiheadAttention):
-        return "nn.MultiheadAttention reads its out_proj weight directly"
-    if type(module).forward is not nn.Linear.forward:
+    read = parent_reads_weight(model, name)
+    if read is not None and not read.calls_layer:  # the int8 kernel would never run
+        return read.reason
+    if isinstance(module, nn.Linear) and type(module).forward is not nn.Linear.forward:
         return f"{type(module).__name__} overrides Linear.forward"
+    if isinstance(module, nn.RNNBase):
+        return unsupported_rnn(module)
     return None
+
+
+def _int8_rnn(layer: nn.RNNBase, cfg: "DynamicInt8") -> tuple[QuantRNN, dict]:
+    q = QuantRNN.from_rnn(layer, bits=8, granularity=cfg.granularity)
+    params = sum(getattr(layer, n).numel() for n in q.weight_names)
+    return q, {"params": params, "kernel": "reference", "weight_sqnr_db": round(rnn_weight_sqnr(layer, q), 2)}
 
 
 @buildable
@@ -354,17 +367,24 @@ class Int8Embedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, int8 rows"
 
 
-@register_method("quant.dynamic_int8", DynamicInt8, layer_types=(*LAYER_TYPES, "Embedding"))
+@register_method("quant.dynamic_int8", DynamicInt8, layer_types=(*LAYER_TYPES, *RECURRENT, "Embedding"))
 def dynamic_int8(model: nn.Module, cfg: DynamicInt8, inputs: MethodInputs) -> MethodResult:
     """Dynamic int8: Linear weights to int8, activations quantized per call (fbgemm int8 GEMM)."""
-    default_exclude = first_and_last(model, LAYER_TYPES) if cfg.keep_first_last else []
-    layers = cfg.scope.resolve(model, LAYER_TYPES, default_exclude=default_exclude)
+    types = (*LAYER_TYPES, *RECURRENT)
+    default_exclude = first_and_last(model, types) if cfg.keep_first_last else []
+    layers = cfg.scope.resolve(model, types, default_exclude=default_exclude)
     report, skipped, fallback = {}, {}, {}
     for name, layer in layers:
         reason = _skip_reason(model, name, layer)
         if reason:
             skipped[name] = reason
             continue
+        if isinstance(layer, nn.RNNBase):
+            q, report[name] = _int8_rnn(layer, cfg)
+            fallback[name] = "no int8 recurrent kernel: int8 weights, float compute"
+            set_module(model, name, q)
+            continue
+        layer = linear_equivalent(layer)  # GPT-2's Conv1D: the same map as an nn.Linear
         q = DynamicInt8Linear.from_linear(layer, cfg.granularity, cfg.activations, cfg.advanced.reduce_range,
                                           cfg.advanced.kernel)
         if q.kernel == "reference":
@@ -373,7 +393,7 @@ def dynamic_int8(model: nn.Module, cfg: DynamicInt8, inputs: MethodInputs) -> Me
                         "weight_sqnr_db": round(sqnr(layer.weight.detach().float().cpu(), q.dequantized_weight()), 2)}
         set_module(model, name, q)
     if not report:
-        raise ScopeError(f"quant.dynamic_int8: none of the {len(layers)} selected Linear layers can be replaced "
+        raise ScopeError(f"quant.dynamic_int8: none of the {len(layers)} selected layers can be replaced "
                          f"({'; '.join(f'{n}: {r}' for n, r in list(skipped.items())[:3])})",
                          hint="select plain nn.Linear layers with Scope(include=...)")
     embeddings = {}

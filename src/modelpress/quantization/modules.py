@@ -15,6 +15,12 @@ attribute (rebuilt whenever a buffer changes, e.g. after ``load_state_dict``), s
 calls cost what a float layer costs. Both classes are ``@buildable``: an artifact written by
 :func:`~modelpress.artifact.checkpoint.save_artifact` reloads bit-exactly.
 
+A packed layer still looks like the layer it replaced to the code around it: ``weight`` is that
+cached float weight (``nn.MultiheadAttention`` passes ``out_proj.weight`` to its functional form,
+``nn.TransformerEncoderLayer``'s fast path hands ``linear1.weight`` to a fused kernel, Hugging
+Face models read ``weight.dtype``), next to ``bias``, ``in_features`` / ``out_features`` or the
+conv geometry. Nothing of it is saved: the state_dict holds the packed buffers only.
+
     >>> import torch
     >>> from torch import nn
     >>> from modelpress.quantization.modules import quantize_layer
@@ -146,6 +152,11 @@ class _PackedWeight(nn.Module):
             self._cache_key = key
         return self._cache
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The float weight the layer computes with (:meth:`dequantized_weight`, cached, not saved)."""
+        return self.dequantized_weight()
+
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_bits is None:
             return x
@@ -195,6 +206,7 @@ class QuantConv2d(_PackedWeight):
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         self.kernel_size, self.stride, self.dilation = pair(kernel_size), pair(stride), pair(dilation)
         self.padding = padding if isinstance(padding, str) else pair(padding)
+        self.padding_mode = "zeros"  # what an nn.Conv2d has; only zero padding is packed
         self.weight_shape = (out_channels, in_channels // groups, *self.kernel_size)
         self._init_storage(bits, granularity, group_size, symmetric, bias, act_bits)
 
@@ -259,6 +271,8 @@ def quantized_layers(model: nn.Module) -> list[tuple[str, QuantLinear | QuantCon
 def packed_weight_bytes(model: nn.Module) -> int:
     """Bytes of every packed layer's weight storage (integers + scales + zero points)."""
     total = 0
-    for _, m in quantized_layers(model):
+    for m in model.modules():
+        if not isinstance(m, _PackedWeight):  # packed layers and the matrices of packed recurrent layers
+            continue
         total += m.qweight.numel() + m.scale.numel() * 4 + (m.zero.numel() * 4 if not m.qspec.symmetric else 0)
     return total

@@ -19,6 +19,12 @@ Three steps, each usable on its own:
 Training uses the caller's ``TrainConfig`` through :func:`~modelpress.core.training.fit`.
 Without one, the method only calibrates the ranges and converts (post-training quantization).
 
+A layer whose parent reads its weight itself (``nn.MultiheadAttention``'s ``out_proj``,
+``nn.TransformerEncoderLayer``'s ``linear1``/``linear2`` on its inference fast path, see
+:mod:`modelpress.nn.layer_kinds`) would skip the input quantizer there, so it is quantized
+weight-only (its input stays float), in training and after conversion alike;
+``info["float_activations"]`` lists those layers. GPT-2's ``Conv1D`` is quantized as a Linear.
+
     >>> import torch
     >>> from modelpress import quantize, TrainConfig
     >>> from modelpress.quantization.qat import QAT
@@ -48,6 +54,7 @@ from ..core.config import MethodConfig
 from ..core.data import as_data, call_model
 from ..core.scope import Scope
 from ..engine import MethodInputs, MethodResult, register_method
+from ..nn.layer_kinds import parent_reads_weight
 from ..nn.modules import set_module
 from .modules import QUANTIZABLE, QuantConv2d, QuantLinear, quantize_layer
 from .primitives import (
@@ -115,6 +122,15 @@ class FakeQuantLayer(nn.Module):
         lo, hi = weight_ranges(self.layer.weight, self.wspec, self.scale_init)
         self.w_scale.copy_(qparams(lo, hi, self.wspec)[0])
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The fake-quantized weight, for a parent that reads ``layer.weight`` instead of calling the layer."""
+        return self.quantized_weight()
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.layer.bias
+
     def freeze(self) -> None:
         """Stop observing: ranges stay as observed; with LSQ the scales train from here."""
         self.observing = False
@@ -176,11 +192,22 @@ class FakeQuantLayer(nn.Module):
         return packed
 
 
+def float_activation_layers(model: nn.Module, names: list[str], cfg: QAT) -> dict[str, str]:
+    """``{name: reason}`` of the layers among ``names`` quantized weight-only although ``cfg.act_bits``
+    is set: their parent reads their weight itself, so an input quantizer would not always run."""
+    if cfg.act_bits is None:
+        return {}
+    reads = {n: parent_reads_weight(model, n) for n in names}
+    return {n: r.reason for n, r in reads.items() if r is not None}
+
+
 def prepare_qat(model: nn.Module, cfg: QAT) -> list[tuple[str, FakeQuantLayer]]:
     """Wrap the selected layers of ``model`` (in place) in :class:`FakeQuantLayer`; returns the wrappers."""
     wrapped = []
-    for name, layer in select_layers(model, cfg.scope, cfg.keep_first_last):
-        fq = FakeQuantLayer(layer, cfg)
+    layers = select_layers(model, cfg.scope, cfg.keep_first_last)
+    weight_only = float_activation_layers(model, [n for n, _ in layers], cfg)
+    for name, layer in layers:
+        fq = FakeQuantLayer(layer, cfg.model_copy(update={"act_bits": None}) if name in weight_only else cfg)
         set_module(model, name, fq)
         wrapped.append((name, fq))
     return wrapped
@@ -251,8 +278,12 @@ def qat(model: nn.Module, cfg: QAT, inputs: MethodInputs) -> MethodResult:
         inputs.log("quant.qat: no TrainConfig given, so the ranges are calibrated and the weights are not trained")
     freeze_observers(model)
     info = {"layers": {
-        name: {"params": fq.layer.weight.numel(), "weight_bits": cfg.weight_bits, "act_bits": cfg.act_bits,
+        name: {"params": fq.layer.weight.numel(), "weight_bits": cfg.weight_bits, "act_bits": fq.act_bits,
                "act_range": ([round(float(fq.act_lo), 4), round(float(fq.act_hi), 4)]
-                             if cfg.act_bits is not None else None)}
+                             if fq.act_bits is not None else None)}
         for name, fq in wrapped}, "observers_frozen_at": cb.observers_frozen_at, "bn_frozen_at": cb.bn_frozen_at}
+    float_acts = float_activation_layers(model, [n for n, _ in wrapped], cfg)
+    if float_acts:
+        info["float_activations"] = float_acts
+        inputs.log(f"quant.qat: inputs left float (weights quantized): {', '.join(float_acts)}")
     return MethodResult(convert_qat(model), info, trained=inputs.can_train)

@@ -37,6 +37,7 @@ as an ONNX QDQ model for ONNX Runtime. ``quantize`` returns a new model; the inp
 """
 from __future__ import annotations
 
+import copy
 import operator
 from typing import Literal
 
@@ -50,6 +51,7 @@ from ..core.data import as_data, check_finite, check_model_accepts
 from ..core.errors import DataError, UnsupportedError
 from ..core.scope import Scope
 from ..engine import MethodInputs, MethodResult, register_method
+from ..nn.layer_kinds import is_transposed_linear, parent_reads_weight, plain_linears
 from ..nn.modules import set_module
 from ..nn.records import mark_replay, register_replay
 from .fold import fold_batchnorm
@@ -311,24 +313,32 @@ class _Inserter:
         self.gm.recompile()
 
 
-def prepare_static(model: nn.Module, cfg: StaticInt8) -> tuple[fx.GraphModule, dict]:
-    """Fold BN, insert FakeQuant / QuantizedLayer (observers armed); returns the model and a report."""
+def prepare_static(model: nn.Module, cfg: StaticInt8) -> tuple[nn.Module, dict]:
+    """Fold BN, insert FakeQuant / QuantizedLayer (observers armed); returns the model and a report.
+
+    A model torch.fx can trace gets quantizers on the graph's activation edges (step 2 of the module
+    docstring); any other model (Hugging Face transformers: keyword inputs, Python control flow) is
+    quantized layer by layer: each selected layer's input and weights (``report["capture"]`` says
+    which happened)."""
     report: dict = {}
     if cfg.fold_bn:
         res = fold_batchnorm(model)
         model = res.model
         report.update(folded_bn=res.folded, kept_bn=res.kept, fold_note=res.note)
     model = model.eval()
-    layers = [n for n, _ in cfg.scope.resolve(model, LAYER_TYPES)]
+    selected = cfg.scope.resolve(model, LAYER_TYPES)
+    if any(is_transposed_linear(m) for _, m in selected):  # GPT-2's Conv1D: quantized as the nn.Linear it is
+        model = copy.deepcopy(model)
+        selected = plain_linears(model, cfg.scope.resolve(model, LAYER_TYPES))
+    layers = [n for n, _ in selected]
+    options = {"percentile": cfg.percentile} if cfg.observer == "percentile" else {}
     try:
         gm = fx.symbolic_trace(model)
     except Exception as exc:  # noqa: BLE001 - fx raises many types on dynamic control flow
-        first = (str(exc).splitlines() or [""])[0][:200]
-        raise UnsupportedError(f"quant.static_int8: torch.fx cannot trace {type(model).__name__} "
-                               f"({type(exc).__name__}: {first})",
-                               hint="static int8 needs an fx-traceable forward (no control flow on tensor "
-                                    "values); try weight-only quantization instead") from None
-    options = {"percentile": cfg.percentile} if cfg.observer == "percentile" else {}
+        first = (str(exc).splitlines() or [""])[0][:120]
+        report["capture"] = f"layers (torch.fx cannot trace {type(model).__name__}: {type(exc).__name__}: {first})"
+        return _prepare_layers(model, layers, cfg, options, report), report
+    report["capture"] = "graph"
     ins = _Inserter(gm, set(layers), cfg.activation_spec(), cfg.observer, options)
     ins.run()
     for name in layers:
@@ -341,6 +351,39 @@ def prepare_static(model: nn.Module, cfg: StaticInt8) -> tuple[fx.GraphModule, d
         if isinstance(m, FakeQuant):
             m.calibrating = True
     return gm, report
+
+
+class InputQuantizedLayer(nn.Module):
+    """A layer whose input is quantized in front of it: what :func:`prepare_static` builds, layer by
+    layer, when the model cannot be traced as a graph (``input_quant`` then ``quantized``)."""
+
+    def __init__(self, input_quant: FakeQuant, quantized: QuantizedLayer):
+        super().__init__()
+        self.input_quant, self.quantized = input_quant, quantized
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quantized(self.input_quant(x))
+
+
+def _prepare_layers(model: nn.Module, layers: list[str], cfg: StaticInt8, options: dict, report: dict) -> nn.Module:
+    """Quantize each selected layer's input and weights, without a graph: works on any model (dict
+    inputs, Python control flow) at the cost of the graph mode's output and residual quantizers."""
+    model = copy.deepcopy(model)  # like fx.symbolic_trace, leave the caller's modules alone
+    done, skipped = [], {}
+    for name in layers:
+        read = parent_reads_weight(model, name)
+        if read is not None:  # its parent would bypass the input quantizer (or read a wrapper's weight)
+            skipped[name] = read.reason
+            continue
+        fq = FakeQuant(cfg.activation_spec(), cfg.observer, options)
+        ql = QuantizedLayer(model.get_submodule(name), cfg.weight_spec(), cfg.weight_observer, f"{name}.input_quant")
+        set_module(model, name, InputQuantizedLayer(fq, ql))
+        fq.calibrating = True
+        done.append(name)
+    report["quantized_layers"], report["activation_quantizers"] = done, len(done)
+    if skipped:
+        report["skipped"] = skipped
+    return model
 
 
 @torch.no_grad()

@@ -3,6 +3,9 @@
 Every selected ``Linear``/``Conv2d`` becomes a packed :class:`~.modules.QuantLinear` /
 :class:`~.modules.QuantConv2d`: weights stored as ``bits``-bit integers (2..8) with one fp32
 scale per tensor, output channel or group of ``group_size`` inputs; activations stay float.
+GPT-2's ``Conv1D`` is a Linear here (quantized per output channel, like any Linear), and every
+``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` becomes a :class:`~.rnn.QuantRNN` holding each of its weight
+matrices the same way (a subclass with a forward of its own is left in float: ``info["skipped"]``).
 No data is needed. ``range_search="mse"`` shrinks each row's range to the clipping that
 minimises the weight's squared error (a grid search), which matters at 2..4 bits.
 
@@ -30,9 +33,13 @@ from torch import nn
 from ..core.config import MethodConfig
 from ..core.scope import Scope, first_and_last
 from ..engine import MethodInputs, MethodResult, register_method
+from ..nn.layer_kinds import RECURRENT, plain_linears
 from ..nn.modules import set_module
 from .modules import QUANTIZABLE, quantize_layer, weight_spec
 from .primitives import QuantizedTensor, QuantSpec, _grouped, minmax, quantize_tensor, sqnr
+from .rnn import QuantRNN, rnn_weight_sqnr, unsupported_rnn
+
+LAYER_TYPES = (*QUANTIZABLE, *RECURRENT)
 
 RangeSearch = Literal["minmax", "mse"]
 
@@ -92,18 +99,40 @@ def quantize_weight(w: torch.Tensor, spec: QuantSpec, search: RangeSearch = "min
     return quantize_tensor(w.detach().float().cpu(), spec, lo, hi)
 
 
-def select_layers(model: nn.Module, scope: Scope, keep_first_last: bool) -> list[tuple[str, nn.Module]]:
-    """The Linear/Conv2d layers in ``scope`` (first and last left out when ``keep_first_last``)."""
-    default_exclude = first_and_last(model, QUANTIZABLE) if keep_first_last else []
-    return scope.resolve(model, QUANTIZABLE, default_exclude=default_exclude)
+def select_layers(model: nn.Module, scope: Scope, keep_first_last: bool,
+                  layer_types: tuple[str, ...] = QUANTIZABLE) -> list[tuple[str, nn.Module]]:
+    """The layers of ``layer_types`` in ``scope`` (first and last left out when ``keep_first_last``),
+    for methods that replace every one of them: a GPT-2 ``Conv1D`` among them is replaced in
+    ``model`` by the equivalent ``nn.Linear`` first (see :mod:`modelpress.nn.layer_kinds`)."""
+    default_exclude = first_and_last(model, layer_types) if keep_first_last else []
+    return plain_linears(model, scope.resolve(model, layer_types, default_exclude=default_exclude))
 
 
-@register_method("quant.weight_only", WeightOnly, layer_types=QUANTIZABLE)
+def quantize_rnn(layer: nn.RNNBase, cfg: WeightOnly) -> tuple[QuantRNN, dict]:
+    """The packed copy of a recurrent layer and its report row (SQNR over all its matrices)."""
+    q = QuantRNN.from_rnn(layer, cfg.bits, cfg.granularity, cfg.group_size, cfg.symmetric,
+                          quantize=lambda w, spec: quantize_weight(w, spec, cfg.range_search))
+    params = sum(getattr(layer, n).numel() for n in q.weight_names)
+    return q, {"params": params, "bits": cfg.bits, "granularity": q.qspec.granularity,
+               "sqnr_db": round(rnn_weight_sqnr(layer, q), 2)}
+
+
+@register_method("quant.weight_only", WeightOnly, layer_types=LAYER_TYPES)
 def weight_only(model: nn.Module, cfg: WeightOnly, inputs: MethodInputs) -> MethodResult:
     """Weight-only round-to-nearest quantization into packed int2..int8 layers (no data needed)."""
-    layers = select_layers(model, cfg.scope, cfg.keep_first_last)
-    report, fallback = {}, []
+    layers = select_layers(model, cfg.scope, cfg.keep_first_last, LAYER_TYPES)
+    report, fallback, skipped = {}, [], {}
     for name, layer in layers:
+        if isinstance(layer, nn.RNNBase):
+            reason = unsupported_rnn(layer)
+            if reason:
+                skipped[name] = reason
+                continue
+            q, report[name] = quantize_rnn(layer, cfg)
+            if q.qspec.granularity != cfg.granularity:
+                fallback.append(name)
+            set_module(model, name, q)
+            continue
         spec = layer_spec(layer, cfg.bits, cfg.granularity, cfg.group_size, cfg.symmetric)
         if spec.granularity != cfg.granularity:
             fallback.append(name)
@@ -114,4 +143,8 @@ def weight_only(model: nn.Module, cfg: WeightOnly, inputs: MethodInputs) -> Meth
     if fallback:
         inputs.log(f"quant.weight_only: group_size {cfg.group_size} does not divide the inputs of "
                    f"{', '.join(fallback)}; those layers use per-channel scales")
-    return MethodResult(model, {"layers": report, "fallback": fallback})
+    info = {"layers": report, "fallback": fallback}
+    if skipped:
+        info["skipped"] = skipped
+        inputs.log(f"quant.weight_only: left in float: {', '.join(f'{n} ({r})' for n, r in skipped.items())}")
+    return MethodResult(model, info)
