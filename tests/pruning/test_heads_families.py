@@ -80,3 +80,18 @@ def test_torch_multihead_attention_is_refused_with_a_reason():
     layer = torch.nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=64, batch_first=True)
     with pytest.raises(UnsupportedError, match="no transformer attention"):
         run_method(layer, HeadPruning(), MethodInputs(data=[torch.randn(2, 5, 32)]))
+
+
+def test_timm_vision_transformer_fused_qkv(tmp_path):
+    """timm's Attention: one fused qkv Linear, head count and width (attn_dim) read in forward."""
+    pytest.importorskip("timm")
+    from modelpress.artifact.loading import load_model
+
+    model = load_model("timm:vit_tiny_patch16_224?img_size=32&patch_size=8").eval()
+    x = torch.randn(2, 3, 32, 32)
+    pruned, report = run_method(model, HeadPruning(head_ratio=0.34, ffn_ratio=0.25), MethodInputs(data=[x]))
+    assert set(map(tuple, report.info["heads"].values())) == {(3, 2)}
+    assert report.info["check_max_abs_diff"] < 1e-4
+    assert pruned.blocks[0].attn.attn_dim == 128 and pruned.blocks[0].attn.qkv.out_features == 3 * 128
+    again, _ = load_artifact(save_artifact(pruned, tmp_path / "v.safetensors"))
+    torch.testing.assert_close(call(again, x), call(pruned, x), rtol=0, atol=1e-6)

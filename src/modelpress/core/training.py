@@ -98,11 +98,24 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+def class_cross_entropy(logits: Any, target: torch.Tensor, where: str = "classification training") -> torch.Tensor:
+    """Cross-entropy of ``[batch, classes]`` logits against class indices; any other output (a language
+    model's ``[batch, tokens, vocab]``, an embedding ...) is a DataError saying so, not a shape crash."""
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or target.dim() != 1 \
+            or logits.shape[0] != target.shape[0]:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise DataError(f"{where}: the model outputs {shape}, the labels are {tuple(target.shape)}; cross-entropy "
+                        "needs [batch, classes] logits and one class per sample",
+                        hint="for a language model or an encoder pass loss_fn=... (e.g. distillation_loss(model)) "
+                             "or a task whose loss fits its outputs")
+    return F.cross_entropy(logits, target)
+
+
 def classification_loss(model: nn.Module, inputs: Any, target: torch.Tensor | None) -> torch.Tensor:
     if target is None:
         raise DataError("classification training needs labelled batches (inputs, target)",
                         hint="pass (inputs, target) batches or give a loss_fn")
-    return F.cross_entropy(call_model(model, inputs), target)
+    return class_cross_entropy(call_model(model, inputs), target)
 
 
 LossFn = Callable[[nn.Module, Any, Any], torch.Tensor]

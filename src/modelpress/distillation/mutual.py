@@ -25,14 +25,13 @@ import copy
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
 from ..core.config import MethodConfig
 from ..core.data import as_data, call_model
 from ..core.errors import DataError
-from ..core.training import TrainConfig, fit
+from ..core.training import TrainConfig, class_cross_entropy, fit
 from ..engine import MethodInputs, MethodResult, register_method
 from .losses import kd_loss
 
@@ -83,7 +82,7 @@ def mutual_loss(pair: _Pair, inputs: Any, target: torch.Tensor | None, T: float,
     if a.shape != b.shape:
         raise DataError(f"distill.mutual: the students' outputs differ in shape ({tuple(a.shape)} vs {tuple(b.shape)})",
                         hint="both must predict the same classes")
-    ce = F.cross_entropy(a, target) + F.cross_entropy(b, target)
+    ce = class_cross_entropy(a, target, "distill.mutual") + class_cross_entropy(b, target, "distill.mutual")
     return ce + weight * (kd_loss(a, b.detach(), T) + kd_loss(b, a.detach(), T))
 
 

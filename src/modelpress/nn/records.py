@@ -62,7 +62,7 @@ def register_attrs(class_name: str, attrs: tuple[str, ...] | list[str]) -> None:
 
 # Integer attributes any module may have changed by a structural method and restored on load
 # (head counts and widths of attention modules); see mark_int_attrs.
-GENERIC_INT_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head", "all_head_size", "split_size",
+GENERIC_INT_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head", "all_head_size", "split_size", "attn_dim",
                      "inner_dim", "num_key_value_heads", "num_kv_heads", "num_key_value_groups")
 _MARK = "_modelpress_int_attrs"
 

@@ -64,7 +64,7 @@ from .importance import gradient_batches, normalised_mean
 
 HEAD_SIZE_ATTRS = ("head_dim", "attention_head_size", "dim_per_head")
 HEAD_COUNT_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head")
-WIDTH_ATTRS = ("all_head_size", "split_size", "inner_dim")  # heads x head size
+WIDTH_ATTRS = ("all_head_size", "split_size", "inner_dim", "attn_dim")  # heads x head size
 KV_COUNT_ATTRS = ("num_key_value_heads", "num_kv_heads")
 
 
