@@ -114,9 +114,6 @@ class Block:
     ffn_in: list[str] = field(default_factory=list)   # hidden -> intermediate (1, or gate + up)
     ffn_out: str | None = None                        # intermediate -> hidden
 
-    def module(self, model: nn.Module, name: str) -> nn.Module:
-        return model.get_submodule(name)
-
     @property
     def group_size(self) -> int:
         return self.heads // self.kv_heads
