@@ -66,6 +66,21 @@ def call_model(model: nn.Module, inputs: Any) -> Any:
     return model(inputs)
 
 
+def output_tensor(out: Any) -> torch.Tensor:
+    """The main tensor of a model's output: a tensor, ``.logits`` (Hugging Face outputs), the first
+    element of a tuple/list, or ``.last_hidden_state``."""
+    if hasattr(out, "logits") and isinstance(out.logits, torch.Tensor):
+        return out.logits
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (list, tuple)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    if isinstance(getattr(out, "last_hidden_state", None), torch.Tensor):
+        return out.last_hidden_state
+    raise DataError(f"cannot take a tensor from a model output of type {type(out).__name__}",
+                    hint="wrap the model so it returns a tensor (logits or embeddings)")
+
+
 def batch_size_of(inputs: Any) -> int:
     if isinstance(inputs, dict):
         return int(next(iter(inputs.values())).shape[0])

@@ -46,7 +46,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from ..core.config import MethodConfig
-from ..core.data import call_model, split_batch
+from ..core.data import call_model, output_tensor, split_batch
 from ..core.errors import ConfigError, DataError
 from ..core.training import TrainConfig
 from ..engine import MethodInputs, MethodResult, register_method, run_method
@@ -187,9 +187,7 @@ class _StudentWithAdapters(nn.Module):
 
 def _output(out: Any) -> torch.Tensor:
     """Logits / embeddings from a model output (tensor, tuple, or an object with ``.logits``)."""
-    if hasattr(out, "logits"):
-        return out.logits
-    return _first_tensor(out)
+    return output_tensor(out)
 
 
 # -- the method -------------------------------------------------------------------------

@@ -52,7 +52,7 @@ from pydantic import Field
 from torch import nn
 
 from ..core.config import MethodConfig
-from ..core.data import call_model, slice_inputs
+from ..core.data import call_model, output_tensor, slice_inputs
 from ..core.errors import DataError, ScopeError, UnsupportedError
 from ..core.scope import Scope
 from ..engine import MethodInputs, MethodResult, register_method
@@ -403,14 +403,6 @@ def _zero_removed(reference: nn.Module, b: Block, drop_q: list[int], ffn: list[i
             _rows(reference.get_submodule(b.ffn_out))[:, ffn] = 0
 
 
-def _first_tensor(out):
-    if isinstance(out, torch.Tensor):
-        return out
-    values = out.values() if isinstance(out, dict) else out if isinstance(out, (list, tuple)) else \
-        [getattr(out, "logits", None), getattr(out, "last_hidden_state", None)]
-    return next((_first_tensor(v) for v in values if v is not None), None)
-
-
 def _verify(pruned: nn.Module, reference: nn.Module, inputs: MethodInputs) -> tuple[float, float]:
     """``(max abs difference, max abs output)`` of the pruned model against the reference with the
     cut parts zeroed, on two samples of the data."""
@@ -419,7 +411,7 @@ def _verify(pruned: nn.Module, reference: nn.Module, inputs: MethodInputs) -> tu
     pruned.eval(), reference.eval()
     try:
         with torch.no_grad():
-            a, b = _first_tensor(call_model(pruned, sample)), _first_tensor(call_model(reference, sample))
+            a, b = output_tensor(call_model(pruned, sample)), output_tensor(call_model(reference, sample))
     except (RuntimeError, ValueError, IndexError, TypeError) as exc:
         raise UnsupportedError(f"prune.heads on {type(pruned).__name__}: the pruned model no longer runs "
                                f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})",
@@ -427,7 +419,7 @@ def _verify(pruned: nn.Module, reference: nn.Module, inputs: MethodInputs) -> tu
                                     "blocks with scope, or report the model") from None
     finally:
         pruned.train(was_training)
-    if a is None or b is None or a.shape != b.shape:
+    if a.shape != b.shape:
         return float("inf"), 1.0
     return float((a.float() - b.float()).abs().max()), float(b.abs().max())
 
