@@ -68,9 +68,10 @@ def atomic_path(path: str | os.PathLike):
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
-    os.close(fd)
-    try:
+    tmp = None
+    try:  # created inside the try: a Ctrl-C right after mkstemp still removes it
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+        os.close(fd)
         yield Path(tmp)
         os.chmod(tmp, _final_mode(path))
         with open(tmp, "rb+") as fh:  # make the bytes durable before the rename
@@ -78,10 +79,11 @@ def atomic_path(path: str | os.PathLike):
         kill_point(f"rename:{path.name}")
         os.replace(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
         raise
 
 

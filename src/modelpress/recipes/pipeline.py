@@ -173,7 +173,8 @@ def run_recipe(recipe: Recipe, model: nn.Module, data: DatasetBundle, out: str |
     try:
         return _run_stages(recipe, configs, model, data, out)
     except KeyboardInterrupt:
-        if out:
+        if out:  # a second signal can land inside atomic_path's own cleanup: sweep once more
+            remove_stale_temps(out)
             log(f"[yellow]interrupted[/yellow]: finished stages are saved in {out}; "
                 "the same command resumes after the last one")
         raise
