@@ -52,10 +52,7 @@ METHODS = ("prune.magnitude", "prune.channels", "prune.heads", "prune.taylor", "
 # above the tensor's sizes) needs > 13 GB and > 9 minutes; benchmarks/coverage.py shows it.
 TOO_SLOW = {("lowrank.cp", "torchvision:resnet18")}
 
-KNOWN_RAW: dict[tuple[str, str], str] = {
-    ("lowrank.cp", "hf:vit"): "the factorized patch embedding has no .weight, which HF ViT's embeddings read: "
-                              "the result raises AttributeError when called",
-}
+KNOWN_RAW: dict[tuple[str, str], str] = {}
 
 LIBRARY = {"torchvision": "torchvision", "timm": "timm", "hf": "transformers", "nn": None}
 

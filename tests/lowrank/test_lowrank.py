@@ -273,3 +273,25 @@ def test_configs_round_trip():
     for cfg in (SVD(param_ratio=0.4, scope={"exclude": ["fc"]}), Tucker(energy=0.9), Tucker(vbmf=True),
                 CP(rank=8, max_error=0.4)):
         assert type(cfg).from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("cfg", [CP(rank=4), Tucker(rank_ratio=0.5), SVD(rank_ratio=0.5)], ids=["cp", "tucker", "svd"])
+def test_factorized_layer_exposes_the_dense_weight_model_code_reads(cfg):
+    """Model code that reads ``layer.weight`` (HF ViT reads the patch projection's dtype) gets the
+    dense weight the factors multiply out to: same shape, and a conv/linear with it gives the same output."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1, stride=2), nn.ReLU(),
+                          nn.Conv2d(16, 16, 3, padding=2, dilation=2), nn.Flatten(), nn.Linear(256, 10))
+    out, _ = run_method(model, cfg)
+    factorized = [(n, m) for n, m in out.named_modules() if isinstance(m, FactorizedLayer)]
+    assert factorized
+    for name, layer in factorized:
+        orig = model.get_submodule(name)
+        assert layer.weight.shape == orig.weight.shape and layer.weight.dtype == orig.weight.dtype
+        if layer.weight.dim() == 4:
+            x = torch.randn(2, orig.in_channels, 8, 8)
+            dense = F.conv2d(x, layer.weight, layer.bias, orig.stride, orig.padding, orig.dilation)
+        else:
+            x = torch.randn(2, orig.in_features)
+            dense = F.linear(x, layer.weight, layer.bias)
+        torch.testing.assert_close(layer(x), dense, atol=1e-5, rtol=1e-5)

@@ -66,6 +66,32 @@ class FactorizedLayer(nn.Sequential):
         super().__init__(*factors)
         self.method = method
 
+    # Model code sometimes reads a layer's weight instead of calling it (Hugging Face ViT reads
+    # the patch projection's ``weight.dtype``): the factorized layer answers with the dense weight
+    # its factors multiply out to, computed on each read and stored nowhere.
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense weight of the layer the factors replace (``[out, in]`` or ``[out, in, kh, kw]``)."""
+        factors = list(self)
+        if all(isinstance(f, nn.Linear) for f in factors):
+            w = factors[0].weight
+            for f in factors[1:]:
+                w = f.weight @ w
+            return w
+        w = _full_kernel(factors[0])
+        for f in factors[1:]:
+            nxt = _full_kernel(f)
+            o, m, kh, kw = nxt.shape
+            _, i, ph, pw = w.shape
+            if min(kh, ph) > 1 or min(kw, pw) > 1:  # not built by modelpress' factorizations
+                raise ConfigError("FactorizedLayer.weight: two factors span the same spatial axis")
+            w = torch.einsum("omyx,mipq->oiypxq", nxt, w).reshape(o, i, kh * ph, kw * pw)
+        return w
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self[-1].bias
+
     def spec(self) -> dict:  # recorded in artifacts; the factors are recorded as children
         return {"method": self.method}
 
@@ -75,6 +101,20 @@ class FactorizedLayer(nn.Sequential):
 
     def extra_repr(self) -> str:
         return f"method={self.method!r}"
+
+
+def _full_kernel(conv: nn.Module) -> torch.Tensor:
+    """A conv factor's weight as a dense ``[out, in, kh, kw]`` kernel (a grouped one block-diagonal)."""
+    w = conv.weight
+    groups = getattr(conv, "groups", 1)
+    if groups == 1:
+        return w
+    out, cin_g = w.shape[0], w.shape[1]
+    cout_g = out // groups
+    full = w.new_zeros(out, cin_g * groups, *w.shape[2:])
+    for g in range(groups):
+        full[g * cout_g:(g + 1) * cout_g, g * cin_g:(g + 1) * cin_g] = w[g * cout_g:(g + 1) * cout_g]
+    return full
 
 
 def n_params(module: nn.Module) -> int:

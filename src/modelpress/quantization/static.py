@@ -179,6 +179,16 @@ class QuantizedLayer(nn.Module):
         self.register_buffer("w_zero", zero.reshape(-1))
         self.register_buffer("bias_q", None)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The float weight being quantized, for model code that reads ``layer.weight`` (its dtype,
+        device or shape: Hugging Face ViT reads the patch projection's ``weight.dtype``)."""
+        return self.layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.layer.bias
+
     def set_input_scale(self, in_scale: torch.Tensor) -> None:
         bias = self.layer.bias
         if bias is None:
@@ -360,6 +370,14 @@ class InputQuantizedLayer(nn.Module):
     def __init__(self, input_quant: FakeQuant, quantized: QuantizedLayer):
         super().__init__()
         self.input_quant, self.quantized = input_quant, quantized
+
+    @property
+    def weight(self) -> torch.Tensor:  # what model code reading layer.weight expects
+        return self.quantized.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.quantized.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.quantized(self.input_quant(x))
