@@ -190,13 +190,21 @@ def test_view_mixing_channels_and_hard_coded_flatten_are_skipped():
     assert "hard-codes 4608" in {s["layer"]: s["reason"] for s in graph.skipped}["conv2"]
 
 
-def test_layernorm_over_channels_is_a_boundary():
+def test_layernorm_over_the_channels_is_pruned_with_them():
+    """A LayerNorm over the channel dim alone loses the channels its producer loses (width pruning of
+    transformers); one normalising the channels together with other dims stays a boundary."""
     model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.Flatten(), nn.Linear(8 * 26 * 26, 16), nn.LayerNorm(16),
                           nn.Linear(16, 2))
     graph = build_channel_graph(model, X)
-    skipped = {s["layer"]: s["reason"] for s in graph.skipped}
-    assert "LayerNorm" in skipped["2"] and "0" not in skipped
-    assert groups_by_producer(graph)[("2",)].prunable_count() == 0
+    group = groups_by_producer(graph)[("2",)]
+    assert group.prunable_count() == 16 and {m.name: m.kind for m in group.members}["3"] == "ln"
+    group.prune(range(0, 16, 2))
+    assert model[3].normalized_shape == (8,) and model[3].weight.shape == (8,) and model[4].in_features == 8
+    assert model(X).shape == (X.shape[0], 2)
+
+    whole = nn.Sequential(nn.Conv2d(1, 8, 3), nn.LayerNorm([8, 26, 26]), nn.Flatten(), nn.Linear(8 * 26 * 26, 2))
+    skipped = {s["layer"]: s["reason"] for s in build_channel_graph(whole, X).skipped}
+    assert "normalises over the channels and other dims together" in skipped["0"]
 
 
 def grouped_net(groups):

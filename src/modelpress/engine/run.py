@@ -44,8 +44,9 @@ def stage_seed(seed: int, stage: int = 0) -> int:
 
 
 def unsupported_layers(model: nn.Module, layer_types: tuple[str, ...]) -> dict[str, str]:
-    """``{name: type}`` of the layers holding weights (a parameter of 2+ dims of their own,
-    e.g. Embedding, LSTM, MultiheadAttention) of a type not in ``layer_types`` and not inside
+    """``{name: type}`` of the layers holding weights (a parameter of their own with 2+ dims longer
+    than 1, e.g. Embedding, LSTM, MultiheadAttention; a layer scale ``[C, 1, 1]`` or a class token
+    ``[1, 1, C]`` is a vector) of a type not in ``layer_types`` and not inside
     a layer of those types: a method for ``layer_types`` leaves them as they are. A method
     without layer types (it trains the whole model) leaves nothing out."""
     if not layer_types:
@@ -55,7 +56,7 @@ def unsupported_layers(model: nn.Module, layer_types: tuple[str, ...]) -> dict[s
     for name, m in model.named_modules():
         if not name or type_matches(m, layer_types) or any(name.startswith(f"{s}.") for s in supported):
             continue
-        if any(p.dim() >= 2 for p in m.parameters(recurse=False)):
+        if any(sum(n > 1 for n in p.shape) >= 2 for p in m.parameters(recurse=False)):
             out[name] = type(m).__name__
     return out
 

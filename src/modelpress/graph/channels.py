@@ -14,8 +14,15 @@ around without knowing about layers:
 * ``cat`` along the channel dim: the slot lists are concatenated (offsets come for free);
 * ``flatten``/``view``/``reshape``: worked out from the recorded shapes; a flatten repeats
   each slot ``H*W`` times, so a following Linear loses ``H*W`` inputs per pruned channel;
+* a LayerNorm (or RMSNorm) over the channel dim alone: its scale and shift lose the same
+  channels (the statistics are then taken over the channels that remain, as in width
+  pruning of transformers);
+* a parameter of the model combined with the channels (ConvNeXt's layer scale ``gamma * x``,
+  a class token concatenated along the tokens, a position embedding added): the parameter
+  is sliced along its channel dim (axis kind ``param:NAME:DIM`` of the module owning it);
+* stochastic depth / drop path (identity at inference, a per-sample mask in training): pass;
 * anything else that touches a tracked value (an unknown function, a view mixing channels,
-  a LayerNorm over channels, ``torch.roll`` ...) *marks* the value's slots as unprunable,
+  ``torch.roll`` ...) *marks* the value's slots as unprunable,
   with a reason naming the op and its source line. Values that reach the model output are
   marked too, so output features are never removed.
 
@@ -122,6 +129,10 @@ _PASS_FUNCTIONS = {torch.relu, torch.relu_, F.relu, F.relu_, F.relu6, F.leaky_re
                    F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
                    F.interpolate, F.pad, torch.clamp, torch.clip, torch.abs, torch.neg, operator.neg, torch.exp,
                    torch.sqrt}
+# functions of other libraries, by module prefix and name (imported by no one here)
+_PASS_NAMED = {("torchvision.ops", "stochastic_depth"), ("timm.layers", "drop_path"), ("timm.models", "drop_path")}
+# methods that keep a parameter a parameter (same values, maybe broadcast to a bigger shape)
+_PARAM_METHODS = {"expand", "expand_as", "to", "type_as", "contiguous", "float", "half", "double", "clone"}
 _PASS_METHODS = {"relu", "relu_", "sigmoid", "tanh", "contiguous", "clone", "detach", "float", "half",
                  "double", "to", "type_as", "abs", "neg", "clamp", "clamp_", "clip", "exp", "sqrt"}
 _ELEMENTWISE_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd,
@@ -133,6 +144,20 @@ _RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsquee
 _REDUCE_METHODS = {"mean", "sum", "amax", "amin"}
 _REDUCE_FUNCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin}
 _METADATA_METHODS = {"size", "dim", "numel", "stride", "is_contiguous", "element_size", "get_device"}
+
+
+def _named_pass(fn) -> bool:
+    mod, name = getattr(fn, "__module__", None) or "", getattr(fn, "__name__", "")
+    return any(mod.startswith(prefix) and name == n for prefix, n in _PASS_NAMED)
+
+
+@dataclass
+class ParamRef:
+    """A graph value that is a parameter (or buffer) of the model, maybe broadcast: ``owner.attr``."""
+
+    owner: str
+    attr: str
+    shape: tuple  # the parameter's own shape (the value's may have more leading dims)
 
 
 def _prod(xs) -> int:
@@ -165,8 +190,10 @@ class _Walker:
 
     def __init__(self, gm: fx.GraphModule):
         self.gm = gm
+        self.root: nn.Module = gm.meta.get("root", gm)  # the traced model (gm holds copies of get_attr owners)
         self.res = ChannelAnalysis()
         self.values: dict[fx.Node, Value | None] = {}
+        self.params: dict[fx.Node, ParamRef] = {}  # values that are model parameters
 
     # -- helpers -----------------------------------------------------------------------
     def value(self, a) -> Value | None:
@@ -193,6 +220,15 @@ class _Walker:
             self.res.record_axis(name, "out", slots)
         return self.res.spaces[self.res.producer_space[name]].slots
 
+    def param_axis(self, a, r: int, slots: list[int]) -> bool:
+        """If ``a`` is a parameter whose size at channel position ``r`` (counted from the right)
+        equals ``len(slots)``, record it as an axis carrying ``slots``; True when recorded."""
+        ref = self.params.get(a) if isinstance(a, fx.Node) else None
+        if ref is None or len(ref.shape) < r or ref.shape[len(ref.shape) - r] != len(slots):
+            return False
+        self.res.record_axis(ref.owner, f"param:{ref.attr}:{len(ref.shape) - r}", slots)
+        return True
+
     def passthrough(self, node: fx.Node, x: Value | None, module=None) -> Value | None:
         out = node.meta.get("shape")
         first = _first_input(node)
@@ -206,8 +242,11 @@ class _Walker:
     # -- dispatch ------------------------------------------------------------------------
     def run(self) -> ChannelAnalysis:
         for node in self.gm.graph.nodes:
-            if node.op in ("placeholder", "get_attr"):
+            if node.op == "placeholder":
                 self.values[node] = None
+            elif node.op == "get_attr":
+                self.values[node] = None
+                self.get_attr(node)
             elif node.op == "output":
                 self.res.mark(self.tracked_inputs(node), "feeds the model output")
             elif node.op == "call_module":
@@ -217,6 +256,16 @@ class _Walker:
             else:
                 self.values[node] = self.call_function(node)
         return self.res
+
+    def get_attr(self, node: fx.Node) -> None:
+        owner, _, attr = node.target.rpartition(".")
+        try:
+            module = self.root.get_submodule(owner)
+        except AttributeError:
+            return
+        t = getattr(module, attr, None)
+        if isinstance(t, torch.Tensor) and (attr in module._parameters or attr in module._buffers):
+            self.params[node] = ParamRef(owner, attr, tuple(t.shape))
 
     def call_module(self, node: fx.Node, m: nn.Module) -> Value | None:
         x = self.value(_first_input(node))
@@ -232,12 +281,16 @@ class _Walker:
                 return self.unknown(node, m, f"BatchNorm '{name}' does not normalise the channel dim")
             self.res.record_axis(name, "norm", x.slots)
             return Value(1, list(x.slots))
-        if isinstance(m, nn.LayerNorm):
+        if isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
             shape = node.meta.get("shape") or ()
-            if x is not None and x.cdim >= len(shape) - len(m.normalized_shape):
-                self.res.mark([x], self.reason(f"LayerNorm '{name}' normalises over the channels "
-                                               "(kept as a boundary)", node))
-            return x and Value(x.cdim, list(x.slots))
+            if x is None:
+                return None
+            if len(m.normalized_shape) == 1 and x.cdim == len(shape) - 1:  # over the channels alone
+                self.res.record_axis(name, "ln", x.slots)
+            elif x.cdim >= len(shape) - len(m.normalized_shape):
+                self.res.mark([x], self.reason(f"{type(m).__name__} '{name}' normalises over the channels "
+                                               "and other dims together", node))
+            return Value(x.cdim, list(x.slots))
         if isinstance(m, (nn.Flatten, nn.Unflatten)):
             return self.reshape(node, x)
         if isinstance(m, (nn.Softmax, nn.LogSoftmax)):
@@ -285,8 +338,12 @@ class _Walker:
 
     def call_method(self, node: fx.Node) -> Value | None:
         name = node.target
-        x = self.value(_first_input(node))
+        first = _first_input(node)
+        x = self.value(first)
         if name in _METADATA_METHODS:
+            return None
+        if name in _PARAM_METHODS and first in self.params:
+            self.params[node] = self.params[first]
             return None
         if name in _PASS_METHODS:
             return self.passthrough(node, x)
@@ -314,8 +371,10 @@ class _Walker:
         if fn is operator.getitem:
             return self.unknown(node, why="indexing or slicing a tensor is not supported by structured "
                                           "pruning") if x is not None else None
-        if fn in _PASS_FUNCTIONS:
+        if fn in _PASS_FUNCTIONS or _named_pass(fn):
             return self.passthrough(node, x)
+        if fn in (F.layer_norm, F.rms_norm):
+            return self.functional_norm(node, x)
         if fn in _ELEMENTWISE_FUNCTIONS:
             return self.elementwise(node)
         if fn in (torch.cat, torch.concat):
@@ -353,7 +412,8 @@ class _Walker:
             return self.unknown(node, why=f"{_op_name(node)} broadcasts one channel over {size}")
         for a in operands:
             shape = a.meta.get("shape")
-            if self.values.get(a) is None and shape is not None and len(shape) >= r and shape[len(shape) - r] > 1:
+            if self.values.get(a) is None and shape is not None and len(shape) >= r and shape[len(shape) - r] > 1 \
+                    and not self.param_axis(a, r, full[0].slots):
                 self.res.mark(all_vals, self.reason(f"{_op_name(node)} combines the channels with a tensor "
                                                     "structured pruning cannot follow", node))
         for v in full[1:]:
@@ -378,7 +438,9 @@ class _Walker:
             for v in tracked[1:]:
                 for a, b in zip(tracked[0].slots, v.slots):
                     self.res.uf.union(a, b)
-            if len(tracked) != len(vals):
+            r = len(out) - cdim
+            followed = all(v is not None or self.param_axis(t, r, tracked[0].slots) for t, v in zip(tensors, vals))
+            if not followed:
                 self.res.mark(tracked, self.reason("torch.cat with a tensor structured pruning cannot follow", node))
             return Value(cdim, list(tracked[0].slots))
         slots: list[int] = []
@@ -438,6 +500,26 @@ class _Walker:
             return self.unknown(node, why=f"{_op_name(node)} reduces over the channel dim")
         cdim = x.cdim if keepdim else x.cdim - sum(d < x.cdim for d in dims)
         return Value(cdim, list(x.slots))
+
+    def functional_norm(self, node: fx.Node, x: Value | None) -> Value | None:
+        """``F.layer_norm`` / ``F.rms_norm`` (e.g. inside a LayerNorm2d): over the channels alone,
+        with its weight and bias parameters of the model, the parameters lose the channels."""
+        if x is None:
+            return None
+        ndim = len(node.meta.get("shape") or ())
+        shape = _arg(node, 1, "normalized_shape")
+        norm_dims = len(shape) if isinstance(shape, (list, tuple)) else 1
+        if x.cdim < ndim - norm_dims:
+            return Value(x.cdim, list(x.slots))  # normalises other dims: channels pass
+        params = [_arg(node, 2, "weight"), _arg(node, 3, "bias") if node.target is F.layer_norm else None]
+        params = [p for p in params if p is not None]
+        owners = {self.params[p].owner for p in params if p in self.params}
+        if norm_dims != 1 or x.cdim != ndim - 1 or not params or len(owners) != 1 or \
+                not isinstance(self.root.get_submodule(owners.pop()), (nn.LayerNorm, nn.RMSNorm)) or \
+                not all(self.param_axis(p, 1, x.slots) for p in params):
+            return self.unknown(node, why=f"{_op_name(node)} normalises over the channels with sizes "
+                                          "structured pruning cannot change")
+        return Value(x.cdim, list(x.slots))
 
     def softmax(self, node: fx.Node, x: Value | None, dim) -> Value | None:
         if x is None:

@@ -53,6 +53,8 @@ class Axis:
 
     @property
     def label(self) -> str:
+        if self.kind.startswith("param:"):
+            return ".".join(filter(None, (self.name, self.kind.split(":")[1])))
         return f"{self.name}.{self.kind}" if self.kind in ("out", "in") else self.name
 
     @property

@@ -11,7 +11,11 @@ Axis kinds:
 * ``out``  Conv/Linear output channels (weight dim 0 and bias);
 * ``in``   Conv/Linear input channels (weight dim 1);
 * ``dw``   depthwise conv: its channels pass through, weight dim 0 + bias + ``groups``;
-* ``norm`` BatchNorm: affine weight/bias and running statistics.
+* ``norm`` BatchNorm: affine weight/bias and running statistics;
+* ``ln``   LayerNorm/RMSNorm over the channels: weight, bias and ``normalized_shape``;
+* ``param:NAME:DIM`` a parameter (or buffer) ``NAME`` the module owns directly, sliced along
+  ``DIM`` (ConvNeXt's layer scale, a class token); recorded with
+  :func:`~modelpress.nn.records.mark_resized` so that an artifact reloads it at its new shape.
 
 A *grouped* conv (``1 < groups``, not depthwise) keeps its ``groups``: its weight is
 ``[out_channels, in_channels // groups, ...]``, conv group ``j`` owning output channels
@@ -31,7 +35,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-AXIS_KINDS = ("out", "in", "dw", "norm")
+from ..nn.records import mark_resized
+
+AXIS_KINDS = ("out", "in", "dw", "norm", "ln", "param:NAME:DIM")
+
+
+def param_kind(kind: str) -> tuple[str, int] | None:
+    """``(name, dim)`` of a ``param:NAME:DIM`` axis kind, else None."""
+    if not kind.startswith("param:"):
+        return None
+    name, _, dim = kind[len("param:"):].rpartition(":")
+    return name, int(dim)
 
 
 def _replace_param(module: nn.Module, name: str, dim: int, keep: torch.Tensor) -> None:
@@ -130,6 +144,16 @@ def prune_axis(module: nn.Module, kind: str, keep: torch.Tensor | list[int]) -> 
         for name in ("weight", "bias", "running_mean", "running_var"):
             _replace_param(module, name, 0, keep)
         module.num_features = n
+    elif kind == "ln":
+        for name in ("weight", "bias"):
+            _replace_param(module, name, 0, keep)
+        module.normalized_shape = (n,)
+    elif param_kind(kind):
+        name, dim = param_kind(kind)
+        _replace_param(module, name, dim, keep)
+        if isinstance(module, (nn.LayerNorm, nn.RMSNorm)) and name in ("weight", "bias"):
+            module.normalized_shape = (n,)  # a LayerNorm subclass normalising through F.layer_norm
+        mark_resized(module, name)
     else:
         raise ValueError(f"unknown axis kind {kind!r}; expected one of {AXIS_KINDS}")
 
@@ -157,10 +181,14 @@ def axis_rows(module: nn.Module, kind: str) -> torch.Tensor:
         return w.reshape(w.shape[0], -1)
     if kind == "in":
         return _input_rows(module, module.weight.detach())
-    if kind == "norm":
+    if kind in ("norm", "ln"):
         w = getattr(module, "weight", None)
-        n = module.num_features
+        n = module.num_features if kind == "norm" else module.normalized_shape[0]
         return (w.detach() if w is not None else torch.ones(n)).reshape(n, 1)
+    if param_kind(kind):
+        name, dim = param_kind(kind)
+        p = getattr(module, name).detach().movedim(dim, 0)
+        return p.reshape(p.shape[0], -1)
     raise ValueError(f"unknown axis kind {kind!r}")
 
 

@@ -91,6 +91,8 @@ def trace_with_shapes(model: nn.Module, example_inputs: Any) -> fx.GraphModule:
             hint="structural pruning needs an fx-traceable forward (no Python control flow on tensor "
                  "values); for Hugging Face transformer encoders use prune.heads") from None
     gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
+    # get_attr owners are plain Modules in gm (only called modules are shared): keep the model
+    gm.meta["root"] = model
     was_training = model.training
     model.eval()
     try:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Callable, NamedTuple
 
+import torch
 from torch import nn
 
 from ..core.errors import ModelLoadError
@@ -85,6 +86,41 @@ for _name in ("BertSelfAttention", "BertSdpaSelfAttention", "RobertaSelfAttentio
     register_attrs(_name, _HF_ATTENTION_ATTRS)  # changed by prune.heads
 
 
+# Parameters a structural method resized on a module that is not rebuilt from a record (a
+# ConvNeXt block's layer scale, a LayerNorm2d's weight): the artifact records their shapes and
+# loading gives the module parameters of those shapes before the state dict fills them.
+_RESIZED = "_modelpress_resized"
+
+
+def mark_resized(module: nn.Module, name: str) -> None:
+    """Record the shape of ``module``'s own parameter (or buffer) ``name`` in artifacts."""
+    setattr(module, _RESIZED, tuple(dict.fromkeys([*getattr(module, _RESIZED, ()), name])))
+
+
+def _resized_shapes(module: nn.Module) -> dict[str, list[int]]:
+    return {n: list(getattr(module, n).shape) for n in getattr(module, _RESIZED, ())
+            if isinstance(getattr(module, n, None), torch.Tensor)}
+
+
+def _restore_shapes(module: nn.Module, name: str, shapes: dict) -> None:
+    for attr, shape in shapes.items():
+        current = getattr(module, attr, None)
+        own = attr in module._parameters or attr in module._buffers
+        if not own or not isinstance(current, torch.Tensor) or not isinstance(shape, list) or \
+                len(shape) != current.dim() or \
+                not all(isinstance(n, int) and 0 <= n <= m for n, m in zip(shape, current.shape)):
+            raise ModelLoadError(f"checkpoint resizes {type(module).__name__}.{attr} at {name!r} to {shape!r}, "
+                                 "which does not fit the model (corrupt or foreign file)")
+        new = current.detach().new_empty(shape)
+        if attr in module._parameters:
+            module._parameters[attr] = nn.Parameter(new, requires_grad=current.requires_grad)
+        else:
+            module._buffers[attr] = new
+        if isinstance(module, (nn.LayerNorm, nn.RMSNorm)) and attr in ("weight", "bias"):
+            module.normalized_shape = tuple(shape)
+        mark_resized(module, attr)
+
+
 def _pair(v):
     return list(v) if isinstance(v, (tuple, list)) else v
 
@@ -129,10 +165,15 @@ def describe(model: nn.Module) -> dict[str, dict]:
         entry = BUILDABLES.find(cls_name)
         if name and entry and type(m) is entry.cls:
             out[name] = {"class": cls_name, "args": entry.spec(m)}
-        elif name and (cls_name in ATTRS or getattr(m, _MARK, None)):
+            continue
+        rec = {}
+        if name and (cls_name in ATTRS or getattr(m, _MARK, None)):
             names = ATTRS.get(cls_name) if cls_name in ATTRS else getattr(m, _MARK)
-            attrs = {a: getattr(m, a) for a in names if isinstance(getattr(m, a, None), int)}
-            out[name] = {"class": cls_name, "attrs": attrs}
+            rec["attrs"] = {a: getattr(m, a) for a in names if isinstance(getattr(m, a, None), int)}
+        if _resized_shapes(m):  # the root module too (a class token of the whole model)
+            rec["shapes"] = _resized_shapes(m)
+        if rec:
+            out[name] = {"class": cls_name, **rec}
     return out
 
 
@@ -143,6 +184,7 @@ def _restore_attrs(model: nn.Module, name: str, rec: dict) -> None:
         found = "nothing" if current is None else type(current).__name__
         raise ModelLoadError(f"checkpoint expects a {cls_name} at {name!r}, the model has {found}",
                              hint="the checkpoint was saved from a different architecture")
+    _restore_shapes(current, name, rec.get("shapes") or {})
     allowed = ATTRS.get(cls_name) if cls_name in ATTRS else GENERIC_INT_ATTRS
     attrs = rec.get("attrs") or {}
     for attr, value in attrs.items():
@@ -150,7 +192,7 @@ def _restore_attrs(model: nn.Module, name: str, rec: dict) -> None:
             raise ModelLoadError(f"checkpoint sets {cls_name}.{attr} = {value!r} at {name!r}, "
                                  "which modelpress does not restore (corrupt or foreign file)")
         setattr(current, attr, value)
-    if cls_name not in ATTRS:
+    if cls_name not in ATTRS and attrs:
         mark_int_attrs(current, list(attrs))  # saved again, the model records them again
 
 
@@ -160,7 +202,7 @@ def rebuild(model: nn.Module, records: dict[str, dict]) -> nn.Module:
     for name in sorted(records, key=lambda n: (n.count("."), n)):
         rec = records[name]
         cls_name = rec.get("class")
-        if "attrs" in rec:
+        if "attrs" in rec or "shapes" in rec:
             _restore_attrs(model, name, rec)
             continue
         entry = BUILDABLES.find(cls_name)

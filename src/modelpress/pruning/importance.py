@@ -256,8 +256,8 @@ class Taylor(Importance):
                                       inputs.batches, "taylor importance"):
             for gi, (g, ms) in enumerate(zip(groups, members)):
                 for mi, m in enumerate(ms):
-                    if id(m.module) not in where:
-                        continue
+                    if id(m.module) not in where or m.kind.startswith("param:"):
+                        continue  # gradients are of module.weight, not of a parameter axis
                     wg = axis_grad_rows(m.module, m.kind, grads[where[id(m.module)]])
                     acc[gi][mi] += _per_channel(m, wg.sum(1), len(g))[0].abs()
         return [normalised_mean(list(zip(a, c)), len(g)) for g, a, c in zip(groups, acc, covered)]

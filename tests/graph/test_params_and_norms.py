@@ -1,0 +1,133 @@
+"""Channels that reach parameters of the model and LayerNorms: ConvNeXt's layer scale and
+LayerNorm2d, a class token and a position embedding, stochastic depth (issue 15)."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modelpress.artifact.checkpoint import save_artifact
+from modelpress.artifact.loading import load_artifact
+from modelpress.core.compat import prepare_torchvision
+from modelpress.engine import run_method
+from modelpress.graph import build_channel_graph
+from modelpress.pruning.structured import ChannelPruning
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """torchvision's and timm's form: channels-first input, F.layer_norm over the channels."""
+
+    def forward(self, x):
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class Block(nn.Module):
+    """A ConvNeXt block: depthwise conv, LayerNorm over channels-last, MLP, layer scale, residual."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.dw = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.norm = nn.LayerNorm(dim)
+        self.fc1, self.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+        self.layer_scale = nn.Parameter(torch.rand(dim, 1, 1) + 0.5)
+
+    def forward(self, x):
+        y = self.dw(x).permute(0, 2, 3, 1)
+        y = self.fc2(F.gelu(self.fc1(self.norm(y)))).permute(0, 3, 1, 2)
+        return x + self.layer_scale * y
+
+
+class TinyConvNeXt(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 4, stride=4), LayerNorm2d(16))
+        self.stage1 = nn.Sequential(Block(16), Block(16))
+        self.down = nn.Sequential(LayerNorm2d(16), nn.Conv2d(16, 32, 2, stride=2))
+        self.stage2 = Block(32)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.LayerNorm(32), nn.Linear(32, 10))
+
+    def forward(self, x):
+        return self.head(self.stage2(self.down(self.stage1(self.stem(x)))))
+
+
+class TinyViT(nn.Module):
+    """Patch embedding, a class token concatenated along the tokens, a position embedding, an MLP
+    block and mean pooling: the channels reach three parameters of the root module."""
+
+    def __init__(self, dim=16):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 8, stride=8)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
+        self.pos = nn.Parameter(torch.randn(1, 17, dim))
+        self.norm = nn.LayerNorm(dim)
+        self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
+        x = x + self.fc2(F.gelu(self.fc1(self.norm(x))))
+        return self.head(x.mean(dim=1))
+
+
+X = torch.randn(2, 3, 32, 32)
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_convnext_layer_scale_and_layernorm2d_join_the_residual_stream_group():
+    model = TinyConvNeXt().eval()
+    graph = build_channel_graph(model, X)
+    assert graph.skipped == [{"layer": "head.3", "reason": "feeds the model output"}]
+    stream = next(g for g in graph.groups if "stem.0" in g.producers)
+    labels = {m.axis.label: m.kind for m in stream.members}
+    assert labels["stage1.0.layer_scale"] == "param:layer_scale:0"
+    assert labels["stem.1.weight"] == "param:weight:0" and labels["stem.1.bias"] == "param:bias:0"
+    assert labels["stage1.0.norm"] == "ln" and "down.0.weight" in labels
+    assert stream.prunable_count() == 16
+
+
+@pytest.mark.parametrize("model_cls", [TinyConvNeXt, TinyViT])
+def test_pruned_parameters_and_norms_run_and_reload(model_cls, tmp_path):
+    torch.manual_seed(0)
+    model = model_cls().eval()
+    small, report = run_method(model, ChannelPruning(ratio=0.5, input_shape=[1, 3, 32, 32]))
+    kept = n_params(small) / n_params(model)
+    assert kept < 0.5, kept  # every width halves (inputs, outputs and token counts stay)
+    with torch.no_grad():
+        out = small(X)
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+    path = save_artifact(small, tmp_path / "m.safetensors")
+    again, _ = load_artifact(path, base_model=model)
+    with torch.no_grad():
+        torch.testing.assert_close(again(X), out)
+    assert n_params(again) == n_params(small)
+
+
+def test_vit_class_token_and_position_embedding_are_sliced():
+    model = TinyViT().eval()
+    small, _ = run_method(model, ChannelPruning(ratio=0.25, input_shape=[1, 3, 32, 32]))
+    assert small.cls_token.shape == (1, 1, 12) and small.pos.shape == (1, 17, 12)
+    assert small.norm.normalized_shape == (12,) and small.fc1.out_features == 24
+
+
+def test_stochastic_depth_passes_the_channels():
+    prepare_torchvision()  # the CPU torch here cannot load torchvision's compiled ops (see README)
+    tv_ops = pytest.importorskip("torchvision.ops")
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 2)
+
+        def forward(self, x):
+            x = self.a(x)
+            x = x + tv_ops.stochastic_depth(self.b(x), 0.1, "row", self.training)
+            return self.head(x.mean((2, 3)))
+
+    graph = build_channel_graph(Net().eval(), X)
+    assert graph.skipped == [{"layer": "head", "reason": "feeds the model output"}]
+    assert [g.prunable_count() for g in graph.groups if "a" in g.producers] == [8]
