@@ -50,7 +50,10 @@ def _packed_weights(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
             if "bias" not in module._parameters and isinstance(bias, torch.Tensor):
                 yield "bias", bias.detach()  # int8 layers keep their bias as a buffer
             return
-        if isinstance(getattr(type(module), "weight", None), property):  # e.g. codebook layers
+        # e.g. codebook layers; not a wrapper whose weight is computed from its children's
+        # parameters, counted there (FactorizedLayer, static int8's QuantizedLayer)
+        if isinstance(getattr(type(module), "weight", None), property) and \
+                not any(True for child in module.children() for _ in child.parameters()):
             yield "weight", module.weight.detach()
             return
     if not type(module).__module__.startswith("torch.ao.nn.quantized"):
