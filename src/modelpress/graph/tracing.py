@@ -22,6 +22,7 @@ import torch
 from torch import fx, nn
 
 from ..core.errors import UnsupportedError
+from ..nn.attention import Attention
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 
@@ -72,6 +73,13 @@ def _positional(gm: fx.GraphModule, inputs: Any) -> list:
     return args + [p.args[0] if p.args else None for p in placeholders[len(args):]]
 
 
+class _Tracer(fx.Tracer):
+    """fx's tracer, keeping modelpress' own layers with rules of their own (Attention) whole."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, Attention) or super().is_leaf_module(m, qualname)
+
+
 def trace_with_shapes(model: nn.Module, example_inputs: Any) -> fx.GraphModule:
     """Symbolically trace ``model`` and annotate every node with its output shape.
 
@@ -80,7 +88,7 @@ def trace_with_shapes(model: nn.Module, example_inputs: Any) -> fx.GraphModule:
     flag is restored. Raises :class:`UnsupportedError` naming the source line that cannot be
     traced (data-dependent control flow, calls fx cannot follow).
     """
-    tracer = fx.Tracer()
+    tracer = _Tracer()
     tracer.record_stack_traces = True  # lets a skipped layer's reason name its source line
     try:
         graph = tracer.trace(model)
