@@ -21,6 +21,8 @@ around without knowing about layers:
   a class token concatenated along the tokens, a position embedding added): the parameter
   is sliced along its channel dim (axis kind ``param:NAME:DIM`` of the module owning it);
 * stochastic depth / drop path (identity at inference, a per-sample mask in training): pass;
+* a mean over the channel dim alone, kept as a size-1 dim (an RMSNorm's statistic): untracked,
+  taken over the channels that remain;
 * anything else that touches a tracked value (an unknown function, a view mixing channels,
   ``torch.roll`` ...) *marks* the value's slots as unprunable,
   with a reason naming the op and its source line. Values that reach the model output are
@@ -40,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ..nn.attention import Attention
 from .tracing import node_location
 
 
@@ -91,6 +94,12 @@ class ChannelAnalysis:
     axes: dict[tuple[str, str], list[int]] = field(default_factory=dict)  # (module, kind) -> slot per position
     marks: dict[int, str] = field(default_factory=dict)                  # slot -> why it cannot be pruned
     producer_space: dict[str, int] = field(default_factory=dict)
+    # Conv/Linear layer -> output positions per sample (H*W for a conv, tokens for a Linear): its
+    # MACs are that times its weight's size, whatever width pruning leaves
+    sites: dict[str, int] = field(default_factory=dict)
+    # modules fx kept whole that the rules do not know (nn.TransformerEncoder ...): another
+    # capture (torch.export) may see inside them
+    opaque: list[str] = field(default_factory=list)
 
     def new_space(self, producer: str | None, size: int) -> list[int]:
         slots = [self.uf.add() for _ in range(size)]
@@ -146,6 +155,11 @@ _REDUCE_FUNCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin}
 _METADATA_METHODS = {"size", "dim", "numel", "stride", "is_contiguous", "element_size", "get_device"}
 
 
+def _reduce_name(node: fx.Node) -> str:  # "mean" for Tensor.mean, torch.mean, aten.mean.dim
+    t = node.target
+    return t if isinstance(t, str) else getattr(t, "__name__", "").split(".")[0]
+
+
 def _named_pass(fn) -> bool:
     mod, name = getattr(fn, "__module__", None) or "", getattr(fn, "__name__", "")
     return any(mod.startswith(prefix) and name == n for prefix, n in _PASS_NAMED)
@@ -180,6 +194,8 @@ def _op_name(node: fx.Node, module: nn.Module | None = None) -> str:
     if node.op == "call_method":
         return f"Tensor.{node.target}"
     fn = node.target
+    if hasattr(fn, "overloadpacket"):  # an ATen op of an exported graph
+        return f"aten.{fn.overloadpacket.__name__}"
     mod = getattr(fn, "__module__", None) or ""
     mod = "torch" if mod.startswith("torch") and mod != "torch.nn.functional" else mod
     return f"{mod + '.' if mod and mod not in ('_operator', 'builtins') else ''}{getattr(fn, '__name__', str(fn))}"
@@ -194,6 +210,7 @@ class _Walker:
         self.res = ChannelAnalysis()
         self.values: dict[fx.Node, Value | None] = {}
         self.params: dict[fx.Node, ParamRef] = {}  # values that are model parameters
+        self.tuples: dict[fx.Node, list[Value | None]] = {}  # outputs of layers returning tuples
 
     # -- helpers -----------------------------------------------------------------------
     def value(self, a) -> Value | None:
@@ -201,7 +218,12 @@ class _Walker:
 
     def tracked_inputs(self, node: fx.Node) -> list[Value]:
         found: list[Value] = []
-        fx.node.map_arg((node.args, node.kwargs), lambda a: found.append(self.values.get(a)))
+
+        def add(a):
+            found.append(self.values.get(a))
+            found.extend(self.tuples.get(a, ()))
+
+        fx.node.map_arg((node.args, node.kwargs), add)
         return [v for v in found if v is not None]
 
     def reason(self, what: str, node: fx.Node) -> str:
@@ -213,11 +235,11 @@ class _Walker:
         self.res.mark(self.tracked_inputs(node), self.reason(what, node))
         return None
 
-    def producer(self, name: str, size: int) -> list[int]:
+    def producer(self, name: str, size: int, kind: str = "out") -> list[int]:
         if name not in self.res.producer_space:
             slots = self.res.new_space(name, size)
             self.res.producer_space[name] = self.res.slot_space[slots[0]]
-            self.res.record_axis(name, "out", slots)
+            self.res.record_axis(name, kind, slots)
         return self.res.spaces[self.res.producer_space[name]].slots
 
     def param_axis(self, a, r: int, slots: list[int]) -> bool:
@@ -271,9 +293,14 @@ class _Walker:
         x = self.value(_first_input(node))
         name = node.target
         if isinstance(m, nn.modules.conv._ConvNd) and not m.transposed:
-            return self.conv(node, m, x)
+            return self.conv(node, m, x, name)
         if isinstance(m, nn.Linear):
-            return self.linear(node, m, x)
+            return self.linear(node, m, x, name)
+        if isinstance(m, Attention):
+            return self.attention(node, m, name)
+        if isinstance(m, nn.Embedding):  # the embedding dim is a new space of channels
+            out = node.meta.get("shape") or (m.embedding_dim,)
+            return Value(len(out) - 1, self.producer(name, m.embedding_dim, kind="emb"))
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             if x is None:
                 return None
@@ -301,10 +328,14 @@ class _Walker:
             return self.passthrough(node, x, m)
         if isinstance(m, _PASS_MODULES):
             return self.passthrough(node, x, m)
+        if x is not None and next(m.parameters(), None) is not None:
+            self.res.opaque.append(name)
         return self.unknown(node, m)
 
-    def conv(self, node: fx.Node, m: nn.modules.conv._ConvNd, x: Value | None) -> Value | None:
-        name = node.target
+    def conv(self, node: fx.Node, m: nn.modules.conv._ConvNd, x: Value | None, name: str) -> Value | None:
+        out = node.meta.get("shape")
+        if out:
+            self.res.sites[name] = self.res.sites.get(name, 0) + _prod(out[2:])
         if 1 < m.groups == m.in_channels == m.out_channels:  # depthwise: channel i only feeds channel i
             if x is None:
                 return None
@@ -326,15 +357,45 @@ class _Walker:
                 self.res.record_axis(name, "in", x.slots)
         return Value(1, self.producer(name, m.out_channels))
 
-    def linear(self, node: fx.Node, m: nn.Linear, x: Value | None) -> Value | None:
+    def linear(self, node: fx.Node, m: nn.Linear, x: Value | None, name: str) -> Value | None:
         src = _first_input(node).meta.get("shape") or ()
         if x is not None:
             if x.cdim == len(src) - 1 and len(x.slots) == m.in_features:
-                self.res.record_axis(node.target, "in", x.slots)
+                self.res.record_axis(name, "in", x.slots)
             else:
-                self.unknown(node, m, f"Linear '{node.target}' reads features that are not the channel dim")
+                self.unknown(node, m, f"Linear '{name}' reads features that are not the channel dim")
         out = node.meta.get("shape") or (m.out_features,)
-        return Value(len(out) - 1, self.producer(node.target, m.out_features))
+        self.res.sites[name] = self.res.sites.get(name, 0) + _prod(out[1:-1])
+        return Value(len(out) - 1, self.producer(name, m.out_features))
+
+    def attention(self, node: fx.Node, m: Attention, name: str) -> None:
+        """modelpress' :class:`~modelpress.nn.attention.Attention` as one layer: its query, key and
+        value projections read the channels of their inputs; its output projection makes new ones.
+        (Its heads are ``prune.heads``' to cut.)"""
+        sources = [_arg(node, i, k) for i, k in enumerate(("query", "key", "value"))]
+        for proj, src in zip(("q_proj", "k_proj", "v_proj"), sources):
+            v, shape = self.value(src), src.meta.get("shape") if isinstance(src, fx.Node) else None
+            layer = getattr(m, proj)
+            if shape:
+                batch = shape[0] if m.batch_first or len(shape) == 2 else shape[1]
+                tokens = _prod(shape[:-1]) // (batch if len(shape) == 3 else 1)
+                self.res.sites[f"{name}.{proj}"] = self.res.sites.get(f"{name}.{proj}", 0) + tokens
+                if proj == "q_proj":
+                    self.res.sites[f"{name}.out_proj"] = self.res.sites.get(f"{name}.out_proj", 0) + tokens
+            if v is None:
+                continue
+            if shape and v.cdim == len(shape) - 1 and len(v.slots) == layer.in_features:
+                self.res.record_axis(f"{name}.{proj}", "in", v.slots)
+            else:
+                self.res.mark([v], self.reason(f"Attention '{name}' reads features that are not the channel dim",
+                                               node))
+        masks = [v for k, v in node.kwargs.items() if k not in ("query", "key", "value")]
+        self.res.mark([self.value(a) for a in list(node.args[3:]) + masks], self.reason(
+            f"Attention '{name}' reads a mask made from the channels", node))
+        q_shape = sources[0].meta.get("shape") if isinstance(sources[0], fx.Node) else None
+        out = Value(len(q_shape or (0,)) - 1, self.producer(f"{name}.out_proj", m.out_proj.out_features))
+        self.tuples[node] = [out, None]
+        return None
 
     def call_method(self, node: fx.Node) -> Value | None:
         name = node.target
@@ -369,12 +430,15 @@ class _Walker:
         if fn is getattr:  # x.shape, x.dtype ...: metadata, not data
             return None
         if fn is operator.getitem:
-            return self.unknown(node, why="indexing or slicing a tensor is not supported by structured "
-                                          "pruning") if x is not None else None
+            first = _first_input(node)
+            if first in self.tuples and isinstance(node.args[1], int):  # one output of a layer returning a tuple
+                items = self.tuples[first]
+                return items[node.args[1]] if -len(items) <= node.args[1] < len(items) else None
+            return self.index(node, x, node.args[1]) if x is not None else None
         if fn in _PASS_FUNCTIONS or _named_pass(fn):
             return self.passthrough(node, x)
         if fn in (F.layer_norm, F.rms_norm):
-            return self.functional_norm(node, x)
+            return self.functional_norm(node, x, has_bias=fn is F.layer_norm)
         if fn in _ELEMENTWISE_FUNCTIONS:
             return self.elementwise(node)
         if fn in (torch.cat, torch.concat):
@@ -468,11 +532,55 @@ class _Walker:
             if stride <= inner and inner % stride == 0 and out[k] * stride == channels * inner:
                 if shape_args is not None and len(shape_args) == len(out):
                     arg = shape_args[k]
-                    if isinstance(arg, int) and arg != -1:
+                    if isinstance(arg, int) and arg != -1 and not (out[k] == channels and
+                                                                   self.width_attr(node, arg, x.slots)):
                         return self.unknown(node, why=f"{_op_name(node)} hard-codes {arg} as the size of "
                                                       "the channel dim (use -1 or x.size(...))")
                 return Value(k, [x.slots[(p * stride) // inner] for p in range(out[k])])
         return self.unknown(node, why=f"{_op_name(node)} from {tuple(src)} to {tuple(out)} mixes the channel dim")
+
+    def width_attr(self, node: fx.Node, size: int, slots: list[int]) -> bool:
+        """A view whose channel size comes from an int attribute of the module running it
+        (torchvision's ViT: ``x.reshape(n, self.hidden_dim, -1)``): when exactly one attribute of
+        that module holds ``size``, record it as an axis (kind ``attr:NAME``) set to the new width."""
+        stack = node.meta.get("nn_module_stack") or {}
+        owner = next(reversed(stack.values()))[0] if stack else ""
+        try:
+            module = self.root.get_submodule(owner)
+        except AttributeError:
+            return False
+        names = [a for a, v in vars(module).items()
+                 if not a.startswith("_") and type(v) is int and v == size]
+        if len(names) != 1:
+            return False
+        self.res.record_axis(owner, f"attr:{names[0]}", slots)
+        return True
+
+    def index(self, node: fx.Node, x: Value, idx) -> Value | None:
+        """``x[...]`` with ints, slices, None and Ellipsis: the channel dim moves, or must be ``:``."""
+        src = _first_input(node).meta.get("shape")
+        items = list(idx) if isinstance(idx, tuple) else [idx]
+        if src is None or any(not (i is None or i is Ellipsis or isinstance(i, (int, slice))) for i in items):
+            return self.unknown(node, why="indexing a tensor with tensors is not supported by structured pruning")
+        given = sum(1 for i in items if i is not None and i is not Ellipsis)
+        full: list = []
+        for i in items:
+            full += [slice(None)] * (len(src) - given) if i is Ellipsis else [i]
+        full += [slice(None)] * (len(src) - sum(1 for i in full if i is not None))
+        d_in = d_out = 0
+        cdim = None
+        for i in full:
+            if i is None:
+                d_out += 1
+                continue
+            if d_in == x.cdim:
+                if i != slice(None):
+                    return self.unknown(node, why="indexing or slicing the channel dim is not supported "
+                                                  "by structured pruning")
+                cdim = d_out
+            d_in += 1
+            d_out += not isinstance(i, int)
+        return Value(cdim, list(x.slots)) if cdim is not None else self.unknown(node)
 
     def permute(self, node: fx.Node, x: Value | None, name: str) -> Value | None:
         if x is None:
@@ -496,12 +604,14 @@ class _Walker:
         if dims is None:
             return self.unknown(node, why=f"{_op_name(node)} reduces over the channel dim")
         dims = [d % len(src) for d in (dims if isinstance(dims, (list, tuple)) else [dims])]
+        if dims == [x.cdim] and keepdim and _reduce_name(node) == "mean":
+            return None  # a statistic over the channels (an RMSNorm's): taken over those that remain
         if x.cdim in dims:
             return self.unknown(node, why=f"{_op_name(node)} reduces over the channel dim")
         cdim = x.cdim if keepdim else x.cdim - sum(d < x.cdim for d in dims)
         return Value(cdim, list(x.slots))
 
-    def functional_norm(self, node: fx.Node, x: Value | None) -> Value | None:
+    def functional_norm(self, node: fx.Node, x: Value | None, has_bias: bool) -> Value | None:
         """``F.layer_norm`` / ``F.rms_norm`` (e.g. inside a LayerNorm2d): over the channels alone,
         with its weight and bias parameters of the model, the parameters lose the channels."""
         if x is None:
@@ -511,7 +621,7 @@ class _Walker:
         norm_dims = len(shape) if isinstance(shape, (list, tuple)) else 1
         if x.cdim < ndim - norm_dims:
             return Value(x.cdim, list(x.slots))  # normalises other dims: channels pass
-        params = [_arg(node, 2, "weight"), _arg(node, 3, "bias") if node.target is F.layer_norm else None]
+        params = [_arg(node, 2, "weight"), _arg(node, 3, "bias") if has_bias else None]
         params = [p for p in params if p is not None]
         owners = {self.params[p].owner for p in params if p in self.params}
         if norm_dims != 1 or x.cdim != ndim - 1 or not params or len(owners) != 1 or \

@@ -37,6 +37,7 @@ import torch
 from torch import fx, nn
 
 from ..core.errors import UnsupportedError
+from .aten import analyze_exported, export_with_shapes
 from .channels import ChannelAnalysis, UnionFind, analyze_channels
 from .surgery import conv_groups, group_counts, prune_axis
 from .tracing import trace_with_shapes
@@ -53,7 +54,7 @@ class Axis:
 
     @property
     def label(self) -> str:
-        if self.kind.startswith("param:"):
+        if self.kind.startswith(("param:", "attr:")):
             return ".".join(filter(None, (self.name, self.kind.split(":")[1])))
         return f"{self.name}.{self.kind}" if self.kind in ("out", "in") else self.name
 
@@ -252,12 +253,15 @@ class ChannelGraph:
     def __init__(self, model: nn.Module, analysis: ChannelAnalysis, gm: fx.GraphModule | None = None):
         self.model = model
         self.gm = gm  # the traced graph (node.meta["shape"] holds the example shapes)
+        self.capture = "fx"  # or "export" (see build_channel_graph)
+        self.sites = analysis.sites  # Conv/Linear layer -> output positions per sample
         self._uf: UnionFind = analysis.uf
         modules = dict(model.named_modules())
         self.version = 0  # bumped by every cut, so cached member positions are refreshed
         self.axes = [Axis(name, kind, modules[name], [self.find(s) for s in slots])
                      for (name, kind), slots in analysis.axes.items()]
         self.marked: dict[int, str] = {}
+        self.ties: list[tuple[nn.Module, list[nn.Module]]] = []  # tied embedding -> output layers
         for slot, reason in analysis.marks.items():
             self.marked.setdefault(self.find(slot), reason)
         self._mark_shared_parameters(modules)
@@ -269,17 +273,37 @@ class ChannelGraph:
         return self._uf.find(slot)
 
     def _mark_shared_parameters(self, modules: dict[str, nn.Module]) -> None:
-        # A weight tied to another layer would be sliced under that layer's feet.
+        # A weight tied to another layer would be sliced under that layer's feet, except tied
+        # input and output embeddings cut along the hidden width at the same channels: both
+        # axes slice the weight's dim 1 the same way, and the tie is restored after each cut.
         owners: dict[int, list[str]] = {}
         for name, m in modules.items():
             for p in m.parameters(recurse=False):
                 owners.setdefault(id(p), []).append(name)
+        by_name = {(a.name, a.kind): a for a in self.axes}
         for axis in self.axes:
             for p in axis.module.parameters(recurse=False):
                 others = [o for o in owners.get(id(p), []) if o != axis.name]
-                if others:
-                    for root in axis.positions:
-                        self.marked.setdefault(root, f"'{axis.name}' shares parameters with '{others[0]}'")
+                if not others:
+                    continue
+                if self._tied_embedding(axis, others, modules, by_name):
+                    continue
+                for root in axis.positions:
+                    self.marked.setdefault(root, f"'{axis.name}' shares parameters with '{others[0]}'")
+
+    def _tied_embedding(self, axis: Axis, others: list[str], modules: dict[str, nn.Module], by_name: dict) -> bool:
+        """True for an Embedding's ``emb`` axis tied to Linear output layers' ``in`` axes (or the
+        reverse) carrying the same channels; the ties are kept in :attr:`ties`."""
+        names = [axis.name, *others]
+        embs = [n for n in names if isinstance(modules[n], nn.Embedding)]
+        if len(embs) != 1 or not all(isinstance(modules[n], nn.Linear) for n in names if n != embs[0]):
+            return False
+        emb = by_name.get((embs[0], "emb"))
+        heads = [by_name.get((n, "in")) for n in names if n != embs[0]]
+        if emb is None or any(h is None or h.positions != emb.positions for h in heads):
+            return False
+        self.ties.append((modules[embs[0]], [modules[n] for n in names if n != embs[0]]))
+        return True
 
     def _build_groups(self, analysis: ChannelAnalysis) -> list[Group]:
         # Spaces linked by any union (a residual add, a shared consumer) form one group.
@@ -339,6 +363,9 @@ class ChannelGraph:
         for axis, keep in plans:
             prune_axis(axis.module, axis.kind, keep)
             axis.positions = [axis.positions[i] for i in keep]
+        for emb, heads in self.ties:  # each side got its own sliced copy: share one again
+            for head in heads:
+                head.weight = emb.weight
         self.version += 1
 
     def __repr__(self) -> str:
@@ -348,8 +375,37 @@ class ChannelGraph:
 def build_channel_graph(model: nn.Module, example_inputs: Any) -> ChannelGraph:
     """Trace ``model`` on ``example_inputs`` and find its pruning groups.
 
-    The model is not modified until a group is pruned. Raises
-    :class:`~modelpress.core.errors.UnsupportedError` when the model cannot be traced.
+    The graph comes from torch.fx symbolic tracing (module-level, and it sees widths that the
+    code hard-codes) or, for a model fx cannot trace (keyword inputs, ``ModelOutput``s, Python
+    control flow: Hugging Face transformers), from ``torch.export`` (:mod:`.aten`).
+    ``graph.capture`` says which. The model is not modified until a group is pruned. Raises
+    :class:`~modelpress.core.errors.UnsupportedError` when neither can record the model.
     """
-    gm = trace_with_shapes(model, example_inputs)
-    return ChannelGraph(model, analyze_channels(gm), gm)
+    try:
+        gm = trace_with_shapes(model, example_inputs)
+    except UnsupportedError as fx_error:
+        try:
+            return _exported_graph(model, example_inputs)
+        except UnsupportedError as export_error:
+            raise UnsupportedError(f"{fx_error}; and {export_error}", hint=export_error.hint) from None
+    analysis = analyze_channels(gm)
+    graph = ChannelGraph(model, analysis, gm)
+    if analysis.opaque:  # fx kept layers whole (nn.TransformerEncoder ...): export sees inside them
+        try:
+            exported = _exported_graph(model, example_inputs)
+        except UnsupportedError:
+            return graph
+        if _prunable(exported) > _prunable(graph):
+            return exported
+    return graph
+
+
+def _exported_graph(model: nn.Module, example_inputs: Any) -> ChannelGraph:
+    gm = export_with_shapes(model, example_inputs)
+    graph = ChannelGraph(model, analyze_exported(gm), gm)
+    graph.capture = "export"
+    return graph
+
+
+def _prunable(graph: ChannelGraph) -> int:
+    return sum(g.prunable_count() for g in graph.groups if g.producers)

@@ -13,6 +13,8 @@ Axis kinds:
 * ``dw``   depthwise conv: its channels pass through, weight dim 0 + bias + ``groups``;
 * ``norm`` BatchNorm: affine weight/bias and running statistics;
 * ``ln``   LayerNorm/RMSNorm over the channels: weight, bias and ``normalized_shape``;
+* ``emb``  Embedding: the embedding dim (weight dim 1) and ``embedding_dim``;
+* ``attr:NAME`` an int attribute the module's forward uses as this width (set to the new count);
 * ``param:NAME:DIM`` a parameter (or buffer) ``NAME`` the module owns directly, sliced along
   ``DIM`` (ConvNeXt's layer scale, a class token); recorded with
   :func:`~modelpress.nn.records.mark_resized` so that an artifact reloads it at its new shape.
@@ -37,7 +39,7 @@ from torch import nn
 
 from ..nn.records import mark_resized
 
-AXIS_KINDS = ("out", "in", "dw", "norm", "ln", "param:NAME:DIM")
+AXIS_KINDS = ("out", "in", "dw", "norm", "ln", "emb", "attr:NAME", "param:NAME:DIM")
 
 
 def param_kind(kind: str) -> tuple[str, int] | None:
@@ -144,10 +146,16 @@ def prune_axis(module: nn.Module, kind: str, keep: torch.Tensor | list[int]) -> 
         for name in ("weight", "bias", "running_mean", "running_var"):
             _replace_param(module, name, 0, keep)
         module.num_features = n
+    elif kind == "emb":
+        _replace_param(module, "weight", 1, keep)
+        module.embedding_dim = n
     elif kind == "ln":
         for name in ("weight", "bias"):
             _replace_param(module, name, 0, keep)
         module.normalized_shape = (n,)
+    elif kind.startswith("attr:"):  # an int attribute the module's forward reads as the width
+        setattr(module, kind[len("attr:"):], n)
+        mark_resized(module, kind[len("attr:"):])
     elif param_kind(kind):
         name, dim = param_kind(kind)
         _replace_param(module, name, dim, keep)
@@ -181,6 +189,8 @@ def axis_rows(module: nn.Module, kind: str) -> torch.Tensor:
         return w.reshape(w.shape[0], -1)
     if kind == "in":
         return _input_rows(module, module.weight.detach())
+    if kind == "emb":
+        return module.weight.detach().t()
     if kind in ("norm", "ln"):
         w = getattr(module, "weight", None)
         n = module.num_features if kind == "norm" else module.normalized_shape[0]
@@ -192,6 +202,11 @@ def axis_rows(module: nn.Module, kind: str) -> torch.Tensor:
     raise ValueError(f"unknown axis kind {kind!r}")
 
 
+def has_rows(kind: str) -> bool:
+    """Whether an axis of this kind holds weights (an ``attr:`` axis is a count, scored by the others)."""
+    return not kind.startswith("attr:")
+
+
 def axis_grad_rows(module: nn.Module, kind: str, grad: torch.Tensor) -> torch.Tensor:
     """``weight * grad`` (``grad``: of the loss w.r.t. the weight) arranged like :func:`axis_rows`."""
     wg = module.weight.detach() * grad.detach()
@@ -199,4 +214,6 @@ def axis_grad_rows(module: nn.Module, kind: str, grad: torch.Tensor) -> torch.Te
         return wg.reshape(wg.shape[0], -1)
     if kind == "in":
         return _input_rows(module, wg)
+    if kind == "emb":
+        return wg.t()
     return wg.reshape(-1, 1)

@@ -93,18 +93,33 @@ _RESIZED = "_modelpress_resized"
 
 
 def mark_resized(module: nn.Module, name: str) -> None:
-    """Record the shape of ``module``'s own parameter (or buffer) ``name`` in artifacts."""
+    """Record the shape of ``module``'s own parameter (or buffer) ``name``, or the value of its int
+    attribute ``name``, in artifacts."""
     setattr(module, _RESIZED, tuple(dict.fromkeys([*getattr(module, _RESIZED, ()), name])))
 
 
-def _resized_shapes(module: nn.Module) -> dict[str, list[int]]:
-    return {n: list(getattr(module, n).shape) for n in getattr(module, _RESIZED, ())
-            if isinstance(getattr(module, n, None), torch.Tensor)}
+def _resized_shapes(module: nn.Module) -> dict[str, list[int] | int]:
+    """Shapes of the marked tensors, and values of marked int attributes (a width a forward reads)."""
+    out: dict[str, list[int] | int] = {}
+    for n in getattr(module, _RESIZED, ()):
+        v = getattr(module, n, None)
+        if isinstance(v, torch.Tensor):
+            out[n] = list(v.shape)
+        elif type(v) is int:
+            out[n] = v
+    return out
 
 
 def _restore_shapes(module: nn.Module, name: str, shapes: dict) -> None:
     for attr, shape in shapes.items():
         current = getattr(module, attr, None)
+        if type(shape) is int:  # a width attribute: only an existing int, only made smaller
+            if type(current) is not int or not 0 < shape <= current:
+                raise ModelLoadError(f"checkpoint sets {type(module).__name__}.{attr} = {shape!r} at {name!r}, "
+                                     "which does not fit the model (corrupt or foreign file)")
+            setattr(module, attr, shape)
+            mark_resized(module, attr)
+            continue
         own = attr in module._parameters or attr in module._buffers
         if not own or not isinstance(current, torch.Tensor) or not isinstance(shape, list) or \
                 len(shape) != current.dim() or \

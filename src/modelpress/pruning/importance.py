@@ -52,7 +52,7 @@ from ..core.errors import ConfigError, DataError, UnsupportedError
 from ..core.registry import Registry
 from ..core.training import classification_loss
 from ..graph.groups import Group, Member
-from ..graph.surgery import axis_grad_rows, axis_rows
+from ..graph.surgery import axis_grad_rows, axis_rows, has_rows
 
 Layers = list[tuple[str, nn.Module]]
 
@@ -196,6 +196,8 @@ def _group_magnitude(group: Group, p: int) -> torch.Tensor:
     n = len(group)
     parts = []
     for m in group.members:
+        if not has_rows(m.kind):
+            continue
         rows = axis_rows(m.module, m.kind)
         per_pos = rows.abs().sum(1) if p == 1 else rows.pow(2).sum(1)
         scores, covered = _per_channel(m, per_pos, n)
@@ -256,7 +258,7 @@ class Taylor(Importance):
                                       inputs.batches, "taylor importance"):
             for gi, (g, ms) in enumerate(zip(groups, members)):
                 for mi, m in enumerate(ms):
-                    if id(m.module) not in where or m.kind.startswith("param:"):
+                    if id(m.module) not in where or m.kind.startswith("param:") or not has_rows(m.kind):
                         continue  # gradients are of module.weight, not of a parameter axis
                     wg = axis_grad_rows(m.module, m.kind, grads[where[id(m.module)]])
                     acc[gi][mi] += _per_channel(m, wg.sum(1), len(g))[0].abs()
