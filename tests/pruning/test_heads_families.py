@@ -1,6 +1,6 @@
 """prune.heads on the attention of many transformer families (found by structure, not names),
-grouped-query attention in both modes, and a clean refusal where it cannot cut (Swin's per-head
-bias, torch.nn.MultiheadAttention)."""
+grouped-query attention in both modes, Swin's per-head relative position bias, and a clean
+refusal where it cannot cut (torchvision's Swin); torch.nn.MultiheadAttention through\nmodelpress's Attention."""
 import pytest
 import torch
 
@@ -69,17 +69,44 @@ def test_heads_and_ffn_are_cut_exactly_and_reload(family, kv_heads, tmp_path):
     torch.testing.assert_close(call(again, x), after, rtol=0, atol=1e-6)
 
 
-def test_per_head_tensors_are_refused_not_cut_wrong():
+def test_swin_relative_position_bias_loses_the_removed_heads(tmp_path):
+    """Swin's per-head tensors (the relative position bias table, [(2W-1)^2, heads]) are cut with the
+    heads; the check against the zeroed original and the reload hold."""
     model = HFLogits(t.SwinForImageClassification(t.SwinConfig(
-        image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 4], window_size=4)))
-    with pytest.raises(UnsupportedError, match="relative_position_bias_table"):
-        run_method(model, HeadPruning(head_ratio=0.5), MethodInputs(data=[IMAGE]))
+        image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 4], window_size=4))).eval()
+    pruned, report = run_method(model, HeadPruning(head_ratio=0.5), MethodInputs(data=[IMAGE]))
+    attn = pruned.hf.swin.encoder.layers[1].blocks[0].attention
+    table = next(p for n, p in attn.named_parameters() if n.endswith("relative_position_bias_table"))
+    assert attn.num_attention_heads == 2 and table.shape == (49, 2)
+    assert report.info["check_max_abs_diff"] < 1e-4
+    again, _ = load_artifact(save_artifact(pruned, tmp_path / "s.safetensors"), base_model=model)
+    torch.testing.assert_close(call(again, IMAGE), call(pruned, IMAGE), rtol=0, atol=1e-6)
 
 
-def test_torch_multihead_attention_is_refused_with_a_reason():
-    layer = torch.nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=64, batch_first=True)
-    with pytest.raises(UnsupportedError, match="no transformer attention"):
-        run_method(layer, HeadPruning(), MethodInputs(data=[torch.randn(2, 5, 32)]))
+def test_torchvision_swin_is_refused_not_cut_wrong():
+    """torchvision's shifted_window_attention computes the head size as C // num_heads."""
+    pytest.importorskip("torchvision")
+    from modelpress.artifact.loading import load_model
+
+    model = load_model("torchvision:swin_t?num_classes=10").eval()
+    with pytest.raises(UnsupportedError, match="derives the head size from the input width"):
+        run_method(model, HeadPruning(head_ratio=0.5), MethodInputs(data=[torch.randn(1, 3, 32, 32)]))
+
+
+def test_torch_multihead_attention_heads_are_cut_and_reload(tmp_path):
+    """nn.MultiheadAttention packs q, k and v in one in_proj_weight: prune.heads swaps in the
+    equivalent modelpress Attention (separate projections), cuts heads there, and the artifact reloads
+    onto a fresh torch layer. The input layer keeps its MultiheadAttention."""
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=64, batch_first=True).eval()
+    x = torch.randn(2, 5, 32)
+    pruned, report = run_method(layer, HeadPruning(head_ratio=0.25), MethodInputs(data=[x]))
+    assert report.info["heads"] == {"": [4, 3]}
+    assert pruned.self_attn.num_heads == 3 and pruned.self_attn.q_proj.out_features == 24
+    assert pruned.self_attn.out_proj.in_features == 24 and pruned(x).shape == x.shape
+    assert isinstance(layer.self_attn, torch.nn.MultiheadAttention) and layer.self_attn.num_heads == 4
+    again, _ = load_artifact(save_artifact(pruned, tmp_path / "m.safetensors"), base_model=layer)
+    torch.testing.assert_close(again(x), pruned(x))
 
 
 def test_timm_vision_transformer_fused_qkv(tmp_path):

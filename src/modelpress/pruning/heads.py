@@ -57,9 +57,10 @@ from ..core.errors import DataError, ScopeError, UnsupportedError
 from ..core.scope import Scope
 from ..engine import MethodInputs, MethodResult, register_method
 from ..graph.surgery import prune_axis
+from ..nn.attention import convert_multihead_attention
 from ..nn.layer_kinds import is_transposed_linear, linear_equivalent
 from ..nn.modules import set_module
-from ..nn.records import mark_int_attrs
+from ..nn.records import mark_int_attrs, mark_resized
 from .importance import gradient_batches, normalised_mean
 
 HEAD_SIZE_ATTRS = ("head_dim", "attention_head_size", "dim_per_head")
@@ -170,17 +171,25 @@ def _find_ffn(model: nn.Module, root: str, hidden: int, taken: set[str]) -> tupl
     return found[0] if len(found) == 1 else None
 
 
-def _per_head_tensors(attn: nn.Module, heads: int) -> list[str]:
-    """The attention module's own tensors with a dimension of one entry per head (e.g. Swin's
-    relative position bias table): removing heads would have to cut them too."""
+def _per_head_tensors(attn: nn.Module, heads: int) -> list[tuple[str, int]]:
+    """The attention module's own tensors with a dimension of one entry per head (Swin's relative
+    position bias table ``[(2W-1)^2, heads]``, a per-head logit scale): ``(name, dim)``, with dim -1
+    when more than one dim has that size (which one holds the heads is then unknown)."""
     found = []
     for mname, m in attn.named_modules():
         if _is_linear(m):
             continue  # the projections: their head rows and columns are what is cut
         for tname, t in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
-            if t.dim() >= 1 and heads in t.shape and heads > 1:
-                found.append(f"{mname}.{tname}" if mname else tname)
+            dims = [d for d, n in enumerate(t.shape) if n == heads]
+            if dims and heads > 1:
+                found.append((f"{mname}.{tname}" if mname else tname, dims[0] if len(dims) == 1 else -1))
     return found
+
+
+# attention whose forward derives the head size from its input width (C // num_heads): removing
+# heads would change the head size instead of the head count
+_WIDTH_BOUND = {"ShiftedWindowAttention": "torchvision's shifted_window_attention",
+                "ShiftedWindowAttentionV2": "torchvision's shifted_window_attention"}
 
 
 def find_blocks(model: nn.Module, skipped: dict[str, str] | None = None) -> list[Block]:
@@ -203,9 +212,14 @@ def find_blocks(model: nn.Module, skipped: dict[str, str] | None = None) -> list
         if out is None or out in used:
             continue
         per_head = _per_head_tensors(attn, q_width // head_dim)
-        if per_head:
+        unclear = [n for n, d in per_head if d < 0]
+        why = (f"{_WIDTH_BOUND[type(attn).__name__]} derives the head size from the input width"
+               if type(attn).__name__ in _WIDTH_BOUND else
+               f"per-head tensors {', '.join(unclear)} have several dims of the head count's size" if unclear else
+               "per-head tensors with grouped-query attention" if per_head and qkv[1][2] != q_width else None)
+        if why:
             if skipped is not None:
-                skipped[name] = f"per-head tensors {', '.join(per_head)} (e.g. a relative position bias) are not cut"
+                skipped[name] = why
             continue
         hidden = _dims(model.get_submodule(out))[1]
         taken = {n for n, _, _ in qkv} | {out}
@@ -232,8 +246,10 @@ def select_blocks(model: nn.Module, cfg: HeadPruning, skipped: dict[str, str] | 
             f"Linear projections split into heads, and an output projection){f' ({why})' if why else ''}",
             hint="prune.heads is for transformer blocks; use prune.channels for CNNs and MLPs")
     types = tuple(sorted({type(model.get_submodule(b.name) if b.name else model).__name__ for b in blocks}))
-    chosen = {n for n, _ in cfg.scope.resolve(model, types)}
-    blocks = [b for b in blocks if b.name in chosen]
+    if all(b.name for b in blocks) or cfg.scope.include or cfg.scope.exclude:
+        chosen = {n for n, _ in cfg.scope.resolve(model, types)}
+        blocks = [b for b in blocks if b.name in chosen]
+    # else: the model is itself the one block (a bare nn.TransformerEncoderLayer); the default scope keeps it
     if not blocks:
         raise ScopeError("the scope selects no transformer block", hint=f"blocks are of type {', '.join(types)}")
     return blocks
@@ -355,6 +371,16 @@ def prune_heads(model: nn.Module, b: Block, drop_q: list[int], drop_kv: list[int
     for name, keep in keep_by_module.items():
         prune_axis(_linear_for_edit(model, name), "out", keep)
     prune_axis(_linear_for_edit(model, b.out_name), "in", rows["q"])
+    for tname, dim in _per_head_tensors(b.attention, b.heads):  # e.g. Swin's relative position bias
+        owner, _, attr = tname.rpartition(".")
+        module = b.attention.get_submodule(owner) if owner else b.attention
+        t = getattr(module, attr)
+        new = t.detach().index_select(dim, torch.tensor(keep_q, device=t.device)).clone()
+        if attr in module._parameters:
+            module._parameters[attr] = nn.Parameter(new, requires_grad=t.requires_grad)
+        else:
+            module._buffers[attr] = new
+        mark_resized(module, attr)
     _update_counts(b, len(keep_q), len(keep_kv))
 
 
@@ -425,15 +451,20 @@ def _verify(pruned: nn.Module, reference: nn.Module, inputs: MethodInputs) -> tu
 
 
 def _needs_attention(model: nn.Module) -> str | None:
-    return None if find_blocks(model) else "no transformer attention with Linear query/key/value projections"
+    if find_blocks(model) or any(type(m) is nn.MultiheadAttention for m in model.modules()):
+        return None
+    return "no transformer attention with Linear query/key/value projections"
 
 
 @register_method("prune.heads", HeadPruning, structural=True, layer_types=("Linear",), requires=_needs_attention)
 def head_prune(model: nn.Module, cfg: HeadPruning, inputs: MethodInputs) -> MethodResult:
     """Remove attention heads and FFN neurons of transformer blocks (any attention: MHA, GQA, fused qkv)."""
     skipped: dict[str, str] = {}
-    blocks = select_blocks(model, cfg, skipped)
     params0 = sum(p.numel() for p in model.parameters())
+    # nn.MultiheadAttention packs its projections and ties its head size to its width: the
+    # equivalent modelpress Attention has separate projections whose heads can go
+    convert_multihead_attention(model)
+    blocks = select_blocks(model, cfg, skipped)
     scores = block_importance(model, blocks, cfg, inputs)
     reference = copy.deepcopy(model) if inputs.data is not None else None
     heads, ffn = {}, {}

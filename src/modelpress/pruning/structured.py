@@ -29,6 +29,7 @@ To look at the groups before cutting, use :func:`iter_groups`.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Iterator, Literal
 
@@ -42,10 +43,13 @@ from ..core.errors import DataError, ScopeError, UnsupportedError
 from ..core.scope import Scope
 from ..engine import MethodInputs, MethodResult, register_method
 from ..graph import ChannelGraph, Group, build_channel_graph
+from ..nn.attention import convert_multihead_attention
+from ..nn.layer_kinds import is_transposed_linear, plain_linears
 from ..nn.macs import count_macs as mac_report
+from .heads import HeadPruning, find_blocks, head_prune
 from .importance import channel_importance, check_criterion
 
-PRUNABLE = ("Conv2d", "Conv1d", "Linear")
+PRUNABLE = ("Conv2d", "Conv1d", "Linear", "Embedding")
 
 
 class ChannelPruningAdvanced(StrictModel):
@@ -73,6 +77,8 @@ class ChannelPruning(MethodConfig):
                                                          "(e.g. 8 for SIMD-friendly widths)")
     input_shape: list[int] | None = Field(None, description="example input shape, e.g. [1, 1, 28, 28], "
                                                             "used when no data is given")
+    heads: bool = Field(True, description="also remove ``ratio`` of the heads of every transformer attention "
+                                          "(prune.heads' rules; with ratio, not target_macs_reduction)")
     advanced: ChannelPruningAdvanced = Field(default_factory=ChannelPruningAdvanced)
 
     @field_validator("importance")
@@ -104,16 +110,8 @@ def layer_macs(graph: ChannelGraph):
     Spatial sizes do not change when channels are removed, so the traced output shapes
     plus the current weight sizes give the exact conv/linear MACs without a forward pass.
     """
-    sites = []
-    for node in graph.gm.graph.nodes:
-        if node.op != "call_module" or not node.meta.get("shape"):
-            continue
-        m = graph.gm.get_submodule(node.target)
-        out = node.meta["shape"]
-        if isinstance(m, nn.modules.conv._ConvNd):
-            sites.append((m, math.prod(out[2:])))
-        elif isinstance(m, nn.Linear):
-            sites.append((m, math.prod(out[1:-1])))
+    modules = dict(graph.model.named_modules())
+    sites = [(modules[name], per) for name, per in graph.sites.items()]
     return lambda: sum(per * m.weight.numel() for m, per in sites)
 
 
@@ -321,6 +319,18 @@ def _prune_to_macs(model, graph, groups, cfg: ChannelPruning, inputs: MethodInpu
     return fraction
 
 
+def _prune_heads(model: nn.Module, cfg: ChannelPruning, inputs: MethodInputs) -> dict:
+    """The attention heads: the same fraction, as prune.heads removes them (the channel graph
+    keeps an attention's inner width whole, since its heads must stay equally wide)."""
+    heads_cfg = HeadPruning(head_ratio=cfg.ratio, ffn_ratio=0.0, scope=cfg.scope)
+    try:
+        result = head_prune(model, heads_cfg, dataclasses.replace(inputs, train=None))
+    except UnsupportedError as err:  # e.g. an attention whose head counts cannot follow
+        inputs.log(f"prune.channels: attention heads left as they are ({err})")
+        return {"skipped": str(err)}
+    return result.info["heads"]
+
+
 @register_method("prune.channels", ChannelPruning, structural=True, layer_types=PRUNABLE)
 def channel_prune(model: nn.Module, cfg: ChannelPruning, inputs: MethodInputs) -> MethodResult:
     """Structured channel pruning: remove whole filters/neurons by coupled group."""
@@ -330,13 +340,19 @@ def channel_prune(model: nn.Module, cfg: ChannelPruning, inputs: MethodInputs) -
     example = example_inputs(cfg, inputs.data)
     mac_input = slice_inputs(example, 1)
     macs0, params0 = count_macs(model, mac_input), count_parameters(model)
+    # GPT-2's Conv1D (a Linear storing [in, out]) becomes the nn.Linear it computes, which the
+    # graph rules and the surgery know; the artifact records it as a Linear
+    plain_linears(model, [(n, m) for n, m in model.named_modules() if is_transposed_linear(m)])
+    # nn.MultiheadAttention ties its inner width to its input width: its exact equivalent with
+    # separate projections lets the hidden width around it go
+    convert_multihead_attention(model)
     with torch.no_grad():
         was_training = model.training
         model.eval()
         out_shape = call_model(model, example).shape
         model.train(was_training)
     graph = build_channel_graph(model, example)
-    info: dict[str, Any] = {"skipped": graph.skipped}
+    info: dict[str, Any] = {"skipped": graph.skipped, "capture": graph.capture}
     groups = select_groups(model, graph, cfg)
     sizes = [(list(g.producers), len(g)) for g in groups]
     if cfg.target_macs_reduction is None:
@@ -345,11 +361,21 @@ def channel_prune(model: nn.Module, cfg: ChannelPruning, inputs: MethodInputs) -
             g.prune()
     else:
         info["ratio"] = _prune_to_macs(model, graph, groups, cfg, inputs, macs0)
+    if cfg.heads and cfg.target_macs_reduction is None and cfg.ratio and find_blocks(model):
+        info["heads"] = _prune_heads(model, cfg, inputs)
     with torch.no_grad():
         was_training = model.training
         model.eval()
-        new_shape = call_model(model, example).shape
-        model.train(was_training)
+        try:
+            new_shape = call_model(model, example).shape
+        except Exception as exc:  # a width the model's code hard-codes, which a recorded graph cannot show
+            raise UnsupportedError(
+                f"the pruned {type(model).__name__} no longer runs ({type(exc).__name__}: "
+                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); its code likely hard-codes a "
+                f"width (graph captured with {graph.capture})",
+                hint="exclude the layers around it with scope, or prune attention with prune.heads") from None
+        finally:
+            model.train(was_training)
     if new_shape != out_shape:  # a guard: the output layer is never in a prunable group
         raise UnsupportedError(f"structured pruning changed the output shape {tuple(out_shape)} -> "
                                f"{tuple(new_shape)}; please report this model")
