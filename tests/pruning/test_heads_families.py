@@ -1,13 +1,12 @@
 """prune.heads on the attention of many transformer families (found by structure, not names),
-grouped-query attention in both modes, Swin's per-head relative position bias, and a clean
-refusal where it cannot cut (torchvision's Swin); torch.nn.MultiheadAttention through\nmodelpress's Attention."""
+grouped-query attention in both modes, Swin's per-head relative position bias, and torchvision's
+Swin and torch.nn.MultiheadAttention through modelpress's WindowAttention and Attention."""
 import pytest
 import torch
 
 from modelpress.artifact.checkpoint import save_artifact
 from modelpress.artifact.hf import HFLogits, import_transformers
 from modelpress.artifact.loading import load_artifact
-from modelpress.core.errors import UnsupportedError
 from modelpress.engine import MethodInputs, run_method
 from modelpress.pruning.heads import HeadPruning, find_blocks
 
@@ -83,14 +82,16 @@ def test_swin_relative_position_bias_loses_the_removed_heads(tmp_path):
     torch.testing.assert_close(call(again, IMAGE), call(pruned, IMAGE), rtol=0, atol=1e-6)
 
 
-def test_torchvision_swin_is_refused_not_cut_wrong():
-    """torchvision's shifted_window_attention computes the head size as C // num_heads."""
+def test_torchvision_swin_heads_are_cut_through_window_attention():
+    """torchvision's shifted_window_attention computes the head size as C // num_heads: prune.heads
+    swaps in modelpress's WindowAttention (a stored head size), then cuts heads exactly."""
     pytest.importorskip("torchvision")
     from modelpress.artifact.loading import load_model
 
     model = load_model("torchvision:swin_t?num_classes=10").eval()
-    with pytest.raises(UnsupportedError, match="derives the head size from the input width"):
-        run_method(model, HeadPruning(head_ratio=0.5), MethodInputs(data=[torch.randn(1, 3, 32, 32)]))
+    pruned, report = run_method(model, HeadPruning(head_ratio=0.5), MethodInputs(data=[torch.randn(1, 3, 32, 32)]))
+    assert report.info["heads"]["features.7.1"] == [24, 12] and report.info["check_max_abs_diff"] < 1e-4
+    assert pruned.features[7][1].attn.relative_position_bias_table.shape == (169, 12)
 
 
 def test_torch_multihead_attention_heads_are_cut_and_reload(tmp_path):

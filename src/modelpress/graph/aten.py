@@ -65,6 +65,9 @@ _RESHAPE = {aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unsqu
 _REDUCE = {aten.mean, aten.sum, aten.amax, aten.amin}
 _METADATA = {aten.sym_size, aten.sym_numel, aten.sym_stride, aten._assert_tensor_metadata, aten.dim,
              aten.size, aten.stride}
+# a new tensor that takes only its dtype/device (and for *_like its shape) from the input
+_FRESH = {aten.new_zeros, aten.new_ones, aten.new_empty, aten.new_full, aten.zeros_like, aten.ones_like,
+          aten.empty_like, aten.full_like}
 _PARAM_KEEP = {aten.expand, aten.to, aten._to_copy, aten.alias, aten.clone, aten.contiguous, aten.detach,
                aten.lift_fresh_copy, aten.type_as}
 
@@ -152,7 +155,7 @@ class _AtenWalker(_Walker):
                 (self.unknown(node) if self.tracked_inputs(node) else None)
         first = _first_input(node)
         x = self.value(first)
-        if op in _METADATA:
+        if op in _METADATA or op in _FRESH:
             return None
         if op in _PARAM_KEEP and first in self.params:
             self.params[node] = self.params[first]
@@ -175,6 +178,10 @@ class _AtenWalker(_Walker):
             return self.select(node, x)
         if op in (aten.cat, aten.concat):
             return self.cat(node)
+        if op in (aten.pad, aten.constant_pad_nd):
+            return self.pad(node, x)
+        if op is aten.roll:
+            return self.roll(node, x)
         if op in _REDUCE:
             return self.reduce(node, x)
         if op in (aten.softmax, aten._softmax, aten.log_softmax, aten._log_softmax):
@@ -234,6 +241,28 @@ class _AtenWalker(_Walker):
         out = node.meta.get("shape")
         if dim == x.cdim and (out is None or out[dim] != src[dim]):
             return self.unknown(node, why="slicing the channel dim is not supported by structured pruning")
+        return Value(x.cdim, list(x.slots))
+
+    def pad(self, node: fx.Node, x: Value | None) -> Value | None:
+        """Padding of other dims (Swin pads the map to whole windows) keeps the channels."""
+        if x is None:
+            return None
+        rank = len(_first_input(node).meta.get("shape") or ())
+        widths = list(_arg(node, 1, "pad") or ())
+        at = 2 * (rank - 1 - x.cdim)  # pairs from the last dim backwards
+        if rank == 0 or any(widths[at:at + 2]):
+            return self.unknown(node, why="padding the channel dim is not supported by structured pruning")
+        return Value(x.cdim, list(x.slots))
+
+    def roll(self, node: fx.Node, x: Value | None) -> Value | None:
+        """A cyclic shift of other dims (Swin's shifted windows) keeps the channels."""
+        if x is None:
+            return None
+        rank = len(_first_input(node).meta.get("shape") or ())
+        dims = _arg(node, 2, "dims") or ()
+        dims = [dims] if isinstance(dims, int) else list(dims)
+        if rank == 0 or not dims or x.cdim in [d % rank for d in dims]:  # no dims: rolls the flattened tensor
+            return self.unknown(node, why="rolling the channel dim is not supported by structured pruning")
         return Value(x.cdim, list(x.slots))
 
     def select(self, node: fx.Node, x: Value | None) -> Value | None:

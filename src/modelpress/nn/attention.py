@@ -27,6 +27,7 @@ from torch import nn
 from ..core.errors import UnsupportedError
 from .modules import set_module
 from .records import buildable
+from .window_attention import convert_window_attention
 
 
 @buildable
@@ -173,3 +174,10 @@ def convert_multihead_attention(model: nn.Module) -> list[str]:
             set_module(model, name, from_multihead_attention(m))
             done.append(name)
     return done
+
+
+def make_attention_prunable(model: nn.Module) -> list[str]:
+    """Replace (in place) the attention whose head size is tied to its input width by the exact
+    equivalents with a stored head size: ``nn.MultiheadAttention`` by :class:`Attention`,
+    torchvision's Swin attention by :class:`~.window_attention.WindowAttention`; returns their names."""
+    return convert_multihead_attention(model) + convert_window_attention(model)

@@ -57,7 +57,7 @@ from ..core.errors import DataError, ScopeError, UnsupportedError
 from ..core.scope import Scope
 from ..engine import MethodInputs, MethodResult, register_method
 from ..graph.surgery import prune_axis
-from ..nn.attention import convert_multihead_attention
+from ..nn.attention import make_attention_prunable
 from ..nn.layer_kinds import is_transposed_linear, linear_equivalent
 from ..nn.modules import set_module
 from ..nn.records import mark_int_attrs, mark_resized
@@ -175,6 +175,9 @@ def _per_head_tensors(attn: nn.Module, heads: int) -> list[tuple[str, int]]:
     """The attention module's own tensors with a dimension of one entry per head (Swin's relative
     position bias table ``[(2W-1)^2, heads]``, a per-head logit scale): ``(name, dim)``, with dim -1
     when more than one dim has that size (which one holds the heads is then unknown)."""
+    declared = getattr(attn, "per_head_dims", None)  # a module that says which (WindowAttention)
+    if isinstance(declared, dict):
+        return [(n, d) for n, d in declared.items() if isinstance(getattr(attn, n, None), torch.Tensor)]
     found = []
     for mname, m in attn.named_modules():
         if _is_linear(m):
@@ -461,9 +464,9 @@ def head_prune(model: nn.Module, cfg: HeadPruning, inputs: MethodInputs) -> Meth
     """Remove attention heads and FFN neurons of transformer blocks (any attention: MHA, GQA, fused qkv)."""
     skipped: dict[str, str] = {}
     params0 = sum(p.numel() for p in model.parameters())
-    # nn.MultiheadAttention packs its projections and ties its head size to its width: the
-    # equivalent modelpress Attention has separate projections whose heads can go
-    convert_multihead_attention(model)
+    # nn.MultiheadAttention and torchvision's Swin tie their head size to their input width: their
+    # exact equivalents with a stored head size have heads that can go
+    make_attention_prunable(model)
     blocks = select_blocks(model, cfg, skipped)
     scores = block_importance(model, blocks, cfg, inputs)
     reference = copy.deepcopy(model) if inputs.data is not None else None

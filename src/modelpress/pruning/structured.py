@@ -29,6 +29,7 @@ To look at the groups before cutting, use :func:`iter_groups`.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from typing import Any, Iterator, Literal
@@ -43,7 +44,7 @@ from ..core.errors import DataError, ScopeError, UnsupportedError
 from ..core.scope import Scope
 from ..engine import MethodInputs, MethodResult, register_method
 from ..graph import ChannelGraph, Group, build_channel_graph
-from ..nn.attention import convert_multihead_attention
+from ..nn.attention import make_attention_prunable
 from ..nn.layer_kinds import is_transposed_linear, plain_linears
 from ..nn.macs import count_macs as mac_report
 from .heads import HeadPruning, find_blocks, head_prune
@@ -319,16 +320,18 @@ def _prune_to_macs(model, graph, groups, cfg: ChannelPruning, inputs: MethodInpu
     return fraction
 
 
-def _prune_heads(model: nn.Module, cfg: ChannelPruning, inputs: MethodInputs) -> dict:
+def _prune_heads(model: nn.Module, cfg: ChannelPruning, inputs: MethodInputs) -> tuple[nn.Module, dict]:
     """The attention heads: the same fraction, as prune.heads removes them (the channel graph
-    keeps an attention's inner width whole, since its heads must stay equally wide)."""
+    keeps an attention's inner width whole, since its heads must stay equally wide). Tried on a
+    copy: where the heads cannot go (MaxViT reshapes its heads back to its input width) the model
+    is returned as it was, and the report says why."""
     heads_cfg = HeadPruning(head_ratio=cfg.ratio, ffn_ratio=0.0, scope=cfg.scope)
     try:
-        result = head_prune(model, heads_cfg, dataclasses.replace(inputs, train=None))
+        result = head_prune(copy.deepcopy(model), heads_cfg, dataclasses.replace(inputs, train=None))
     except UnsupportedError as err:  # e.g. an attention whose head counts cannot follow
         inputs.log(f"prune.channels: attention heads left as they are ({err})")
-        return {"skipped": str(err)}
-    return result.info["heads"]
+        return model, {"skipped": str(err)}
+    return result.model, result.info["heads"]
 
 
 @register_method("prune.channels", ChannelPruning, structural=True, layer_types=PRUNABLE)
@@ -343,9 +346,9 @@ def channel_prune(model: nn.Module, cfg: ChannelPruning, inputs: MethodInputs) -
     # GPT-2's Conv1D (a Linear storing [in, out]) becomes the nn.Linear it computes, which the
     # graph rules and the surgery know; the artifact records it as a Linear
     plain_linears(model, [(n, m) for n, m in model.named_modules() if is_transposed_linear(m)])
-    # nn.MultiheadAttention ties its inner width to its input width: its exact equivalent with
-    # separate projections lets the hidden width around it go
-    convert_multihead_attention(model)
+    # nn.MultiheadAttention and torchvision's Swin tie their inner width to their input width: their
+    # exact equivalents (modelpress Attention, WindowAttention) let the hidden width around them go
+    make_attention_prunable(model)
     with torch.no_grad():
         was_training = model.training
         model.eval()
@@ -362,7 +365,7 @@ def channel_prune(model: nn.Module, cfg: ChannelPruning, inputs: MethodInputs) -
     else:
         info["ratio"] = _prune_to_macs(model, graph, groups, cfg, inputs, macs0)
     if cfg.heads and cfg.target_macs_reduction is None and cfg.ratio and find_blocks(model):
-        info["heads"] = _prune_heads(model, cfg, inputs)
+        model, info["heads"] = _prune_heads(model, cfg, inputs)
     with torch.no_grad():
         was_training = model.training
         model.eval()
