@@ -130,3 +130,43 @@ def test_a_width_hard_coded_in_untraceable_code_fails_loudly():
     with pytest.raises(UnsupportedError, match="no longer runs.*hard-codes a width.*export"):
         run_method(model, ChannelPruning(ratio=0.5, input_shape=[2, 8]))
     assert model.a.out_features == 16  # the input model is untouched
+
+
+class WidthBoundAttention(nn.Module):
+    """MaxViT-style: the heads are reshaped back to a width read off the input (``b, n, d = x.shape``)."""
+
+    def __init__(self, d=16, heads=4):
+        super().__init__()
+        self.num_heads, self.head_dim = heads, d // heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = (p(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2) for p in (self.q, self.k, self.v))
+        return self.o((q @ k.transpose(-2, -1)).softmax(-1).matmul(v).transpose(1, 2).reshape(b, n, d))
+
+
+class WidthBound(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.attn = nn.Linear(8, 16), WidthBoundAttention()
+        self.up, self.down, self.head = nn.Linear(16, 32), nn.Linear(32, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.embed(x)
+        h = h + self.attn(h)
+        h = h + self.down(torch.relu(self.up(h)))
+        return self.head(h.mean(1))
+
+
+def test_a_width_read_off_another_tensor_keeps_those_channels():
+    """The residual width sizes the attention's output view: it stays (with the reason), the FFN
+    goes, and the heads, which cannot go either, are left with the reason instead of breaking the model."""
+    torch.manual_seed(0)
+    model, x = WidthBound().eval(), torch.randn(2, 5, 8)
+    pruned, report = run_method(model, ChannelPruning(ratio=0.5), MethodInputs(data=[x]))
+    assert report.info["capture"] == "fx"
+    assert pruned.embed.out_features == 16 and pruned.up.out_features == 16
+    assert any("sizes a view of another tensor" in s["reason"] for s in report.info["skipped"])
+    assert "no longer runs" in report.info["heads"]["skipped"] and pruned.attn.q.out_features == 16
+    assert pruned(x).shape == (2, 3)

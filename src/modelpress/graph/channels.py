@@ -416,7 +416,7 @@ class _Walker:
                 rest = node.args[1:]
                 shape_args = list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else list(rest)
             return self.reshape(node, x, shape_args)
-        if name in ("permute", "transpose"):
+        if name in ("permute", "transpose", "swapaxes", "swapdims"):
             return self.permute(node, x, name)
         if name in _REDUCE_METHODS:
             return self.reduce(node, x)
@@ -446,7 +446,7 @@ class _Walker:
         if fn in _RESHAPE_FUNCTIONS:
             shape_args = list(_arg(node, 1, "shape")) if fn is torch.reshape else None
             return self.reshape(node, x, shape_args)
-        if fn in (torch.permute, torch.transpose):
+        if fn in (torch.permute, torch.transpose, torch.swapaxes, torch.swapdims):
             return self.permute(node, x, fn.__name__)
         if fn in _REDUCE_FUNCTIONS:
             return self.reduce(node, x)
@@ -518,8 +518,36 @@ class _Walker:
                 slots += v.slots
         return Value(cdim, slots)
 
+    def _size_of(self, a) -> tuple[fx.Node, int] | None:
+        """``(tensor, dim)`` when the graph value ``a`` is a size read off a tensor (``x.shape[i]``, ``x.size(i)``)."""
+        if not isinstance(a, fx.Node):
+            return None
+        if a.op == "call_method" and a.target == "size" and len(a.args) == 2 and isinstance(a.args[1], int):
+            return a.args[0], a.args[1]
+        if a.op == "call_function" and a.target is operator.getitem and isinstance(a.args[1], int):
+            holder = a.args[0]
+            if isinstance(holder, fx.Node) and (holder.op == "call_function" and holder.target is getattr
+                                                and holder.args[1] == "shape" or holder.op == "call_method"
+                                                and holder.target == "size" and len(holder.args) == 1):
+                return holder.args[0], a.args[1]
+        return None
+
+    def sized_by_channels(self, node: fx.Node, x: Value | None, shape_args: list) -> None:
+        """A view whose size is read off another tensor's channel dim (MaxViT: ``B, G, P, D =
+        x.shape`` ... ``out.reshape(B, G, P, D)``) ties that tensor's width to a width the graph does
+        not follow: those channels stay."""
+        for a in shape_args:
+            src = self._size_of(a)
+            v = self.values.get(src[0]) if src else None
+            rank = len(src[0].meta.get("shape") or ()) if src else 0
+            if v is None or not rank or src[1] % rank != v.cdim or (x is not None and set(v.slots) == set(x.slots)):
+                continue
+            self.res.mark([v], self.reason(f"its width sizes a view of another tensor ({_op_name(node)})", node))
+
     def reshape(self, node: fx.Node, x: Value | None, shape_args: list | None = None) -> Value | None:
         """Channel mapping of any view-like op, from the shapes before and after."""
+        if shape_args:
+            self.sized_by_channels(node, x, shape_args)
         if x is None:
             return None
         src, out = _first_input(node).meta.get("shape"), node.meta.get("shape")
@@ -591,7 +619,9 @@ class _Walker:
             dims = list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else list(rest)
             dims = [d % ndim for d in dims]
             return Value(dims.index(x.cdim), list(x.slots))
-        a, b = (d % ndim for d in (_arg(node, 1, "dim0"), _arg(node, 2, "dim1")))
+        first, second = ("dim0", "dim1") if name == "transpose" else ("axis0", "axis1") if name == "swapaxes" \
+            else ("dim0", "dim1")
+        a, b = (d % ndim for d in (_arg(node, 1, first), _arg(node, 2, second)))
         cdim = b if x.cdim == a else a if x.cdim == b else x.cdim
         return Value(cdim, list(x.slots))
 
