@@ -348,7 +348,8 @@ def count_params_meta(spec: ModelSpec, workdir: Path) -> int | None:
 
 def catalog(families=FAMILIES, *, quick: bool = False, workdir: Path | None = None,
             max_params: float | None = None, models: str = "*") -> list[ModelSpec]:
-    """The models of the matrix, filtered by ``models`` (a glob on the row label) and ``max_params``."""
+    """The models of the matrix, filtered by ``models`` (globs on the row label, comma-separated)
+    and ``max_params``."""
     prepare_torchvision()
     specs: list[ModelSpec] = []
     if "torchvision" in families:
@@ -364,7 +365,8 @@ def catalog(families=FAMILIES, *, quick: bool = False, workdir: Path | None = No
         specs += [s for s in hf_specs() if not quick or s.ref in QUICK["hf"]]
     if "nn" in families:
         specs += [s for s in nn_specs() if not quick or s.name.split(":")[1] in QUICK["nn"]]
-    specs = [s for s in specs if fnmatch.fnmatchcase(s.name, models)]
+    globs = [g.strip() for g in models.split(",") if g.strip()]
+    specs = [s for s in specs if any(fnmatch.fnmatchcase(s.name, g) for g in globs)]
     workdir = workdir or Path(tempfile.mkdtemp(prefix="coverage-"))
     counted = [ModelSpec(**{**asdict(s), "params": count_params_meta(s, workdir)}) for s in specs]
     return [s for s in counted if max_params is None or s.params is None or s.params <= max_params]
@@ -850,7 +852,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--families", default=",".join(FAMILIES), help="comma-separated: " + ", ".join(FAMILIES))
     p.add_argument("--methods", default="*", help="globs on method names, comma-separated ('baseline' included)")
-    p.add_argument("--models", default="*", help="glob on row labels, e.g. 'timm:vit*' or 'hf:*'")
+    p.add_argument("--models", default="*", help="globs on row labels, comma-separated, e.g. 'timm:vit*,hf:*'")
     p.add_argument("--max-params", type=float, default=150e6, help="skip larger models (default 150e6)")
     p.add_argument("--timeout", type=float, default=600, help="seconds per (method, model) (default 600)")
     p.add_argument("--max-rss", type=float, default=8, help="GB of memory per run before it is killed (default 8)")
