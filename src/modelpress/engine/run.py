@@ -61,6 +61,19 @@ def unsupported_layers(model: nn.Module, layer_types: tuple[str, ...]) -> dict[s
     return out
 
 
+def _own_shapes(module: nn.Module | None) -> dict[str, tuple[int, ...]]:
+    if module is None:
+        return {}
+    return {n: tuple(p.shape) for n, p in module.named_parameters(recurse=False)}
+
+
+def _submodule(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
 def run_method(model: nn.Module, config: MethodConfig, inputs: MethodInputs | None = None, *,
                seed: int | None = None, stage: int = 0, inplace: bool = False) -> tuple[nn.Module, MethodReport]:
     """Run the method ``config`` belongs to on ``model``: ``(compressed model, report)``.
@@ -80,9 +93,7 @@ def run_method(model: nn.Module, config: MethodConfig, inputs: MethodInputs | No
     if sample is not None:  # a wrong input shape fails here in one line, not deep in the method
         check_model_accepts(model, sample, f"{info.name} data")
     skipped = unsupported_layers(model, info.layer_types)
-    if skipped:
-        inputs.log(f"  {info.name} handles {', '.join(info.layer_types)}; left as they are: "
-                   + ", ".join(f"{n} ({t})" for n, t in skipped.items()))
+    shapes = {n: _own_shapes(model.get_submodule(n)) for n in skipped} if info.structural else {}
     if seed is not None:
         torch.manual_seed(stage_seed(seed, stage))
     original = model
@@ -99,6 +110,12 @@ def run_method(model: nn.Module, config: MethodConfig, inputs: MethodInputs | No
         inputs.fit(result.model, f"{info.name.split('.')[-1]}: fine-tune")
         fine_tuned = True
     out = result.model.eval()
+    # a structural method may still have cut such a layer through its parameters (a position
+    # embedding, an attention it swapped for an equivalent): those were not left as they are
+    skipped = {n: t for n, t in skipped.items() if n not in shapes or _own_shapes(_submodule(out, n)) == shapes[n]}
+    if skipped:
+        inputs.log(f"  {info.name} handles {', '.join(info.layer_types)}; left as they are: "
+                   + ", ".join(f"{n} ({t})" for n, t in skipped.items()))
     try:
         check_finite_params(out, f"{info.name} result")
     except DataError as err:  # say what to do about a run that diverged

@@ -2,9 +2,17 @@
 
 The model is traced into pruning groups (:mod:`modelpress.graph`): a conv's output channels,
 its BatchNorm, the next layers' input channels, everything tied by a residual add or a
-concat, depthwise convs in between, the inputs of a Linear after a flatten. Channels are
-scored per group (:mod:`.importance`), the lowest-scoring ones are cut, and the pruned model
-is smaller and faster on any hardware: no masks, no sparse kernels.
+concat, depthwise convs in between, the inputs of a Linear after a flatten; in transformers the
+hidden width of the residual stream (embeddings, LayerNorm/RMSNorm, every projection reading or
+writing it, a tied output embedding, class tokens and position embeddings) and the FFN neurons.
+The graph comes from torch.fx, or from ``torch.export`` where fx cannot trace the model (Hugging
+Face models: keyword inputs, data-dependent branches) or keeps layers opaque
+(``nn.TransformerEncoder``); ``info["capture"]`` says which. Attention heads go at the same ratio
+(``heads=True``, through :mod:`.heads`); ``nn.MultiheadAttention`` and torchvision's Swin attention,
+whose head size is tied to their width, are first swapped for exact equivalents with a stored head
+size (:mod:`modelpress.nn.attention`). Channels are scored per group (:mod:`.importance`), the
+lowest-scoring ones are cut, and the pruned model is smaller and faster on any hardware: no
+masks, no sparse kernels.
 
 * ``ratio``: fraction of each group's channels removed (``ranking="layer"``), or of all
   channels of the selected groups (``ranking="global"``); ``floor(ratio * n + 0.5)``.
