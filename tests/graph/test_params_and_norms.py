@@ -8,7 +8,7 @@ from torch import nn
 from modelpress.artifact.checkpoint import save_artifact
 from modelpress.artifact.loading import load_artifact
 from modelpress.core.compat import prepare_torchvision
-from modelpress.engine import run_method
+from modelpress.engine import MethodInputs, run_method
 from modelpress.graph import build_channel_graph
 from modelpress.pruning.structured import ChannelPruning
 
@@ -131,3 +131,53 @@ def test_stochastic_depth_passes_the_channels():
     graph = build_channel_graph(Net().eval(), X)
     assert graph.skipped == [{"layer": "head", "reason": "feeds the model output"}]
     assert [g.prunable_count() for g in graph.groups if "a" in g.producers] == [8]
+
+
+class TimmLinear(nn.Linear):
+    """timm's form: a Linear subclass computing through F.linear (not a module fx keeps whole)."""
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """timm's form: F.batch_norm on its own statistics, then an activation channel by channel."""
+
+    def __init__(self, n):
+        super().__init__(n)
+        self.act = nn.SiLU()
+
+    def forward(self, x):
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.1, self.eps)
+        return self.act(x)
+
+
+class TimmStyle(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 16, 3, padding=1), BatchNormAct2d(16)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.gamma = nn.Parameter(torch.rand(16) + 0.5)  # layer scale kept as [C], viewed as [1, C, 1, 1]
+        self.fc, self.head = TimmLinear(16, 32), TimmLinear(32, 5)
+
+    def forward(self, x):
+        x = self.bn1(self.conv1(x))
+        x = x + self.conv2(x).mul(self.gamma.reshape(1, -1, 1, 1))
+        return self.head(torch.relu(self.fc(x.mean((2, 3)))))
+
+
+def test_timm_style_subclasses_and_a_reshaped_layer_scale_are_pruned_and_reload(tmp_path):
+    torch.manual_seed(0)
+    model, x = TimmStyle().eval(), torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        model.bn1.running_mean.uniform_(-1, 1)
+    pruned, report = run_method(model, ChannelPruning(ratio=0.5), MethodInputs(data=[x]))
+    assert [s["reason"] for s in report.info["skipped"]] == ["feeds the model output"]
+    assert pruned.bn1.num_features == 8 and pruned.bn1.running_mean.shape == (8,) and pruned.gamma.shape == (8,)
+    assert pruned.fc.in_features == 8 and pruned.fc.out_features == 16 and pruned.head.in_features == 16
+    with torch.no_grad():
+        out = pruned(x)
+    again, _ = load_artifact(save_artifact(pruned, tmp_path / "t.safetensors"), base_model=model)
+    assert type(again.bn1) is BatchNormAct2d and again.bn1.num_features == 8
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), out)

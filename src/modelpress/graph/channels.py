@@ -172,6 +172,19 @@ class ParamRef:
     owner: str
     attr: str
     shape: tuple  # the parameter's own shape (the value's may have more leading dims)
+    view: tuple | None = None  # a view of it with size-1 dims added or dropped (layer scale as [1, C, 1, 1])
+    dims: tuple | None = None  # for each dim of ``view``, the parameter's dim it is (None: an added 1)
+
+    def reshaped(self, shape) -> ParamRef | None:
+        """This parameter viewed as ``shape`` when that only adds or drops size-1 dims, else None."""
+        own = [(d, n) for d, n in enumerate(self.shape) if n != 1]
+        new = [(d, n) for d, n in enumerate(shape) if n != 1]
+        if self.view is not None or [n for _, n in own] != [n for _, n in new]:
+            return None
+        dims = [None] * len(shape)
+        for (pd, _), (vd, _) in zip(own, new):
+            dims[vd] = pd
+        return ParamRef(self.owner, self.attr, self.shape, tuple(shape), tuple(dims))
 
 
 def _prod(xs) -> int:
@@ -246,6 +259,12 @@ class _Walker:
         """If ``a`` is a parameter whose size at channel position ``r`` (counted from the right)
         equals ``len(slots)``, record it as an axis carrying ``slots``; True when recorded."""
         ref = self.params.get(a) if isinstance(a, fx.Node) else None
+        if ref is not None and ref.view is not None:  # a reshaped parameter: back to its own dim
+            vd = len(ref.view) - r
+            if vd < 0 or ref.view[vd] != len(slots) or ref.dims[vd] is None:
+                return False
+            self.res.record_axis(ref.owner, f"param:{ref.attr}:{ref.dims[vd]}", slots)
+            return True
         if ref is None or len(ref.shape) < r or ref.shape[len(ref.shape) - r] != len(slots):
             return False
         self.res.record_axis(ref.owner, f"param:{ref.attr}:{len(ref.shape) - r}", slots)
@@ -405,6 +424,11 @@ class _Walker:
             return None
         if name in _PARAM_METHODS and first in self.params:
             self.params[node] = self.params[first]
+            return None
+        if name in ("reshape", "view") and first in self.params:  # gamma.reshape(1, -1, 1, 1)
+            view = self.params[first].reshaped(node.meta.get("shape") or ())
+            if view is not None:
+                self.params[node] = view
             return None
         if name in _PASS_METHODS:
             return self.passthrough(node, x)

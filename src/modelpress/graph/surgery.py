@@ -37,7 +37,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..nn.records import mark_resized
+from ..nn.records import is_rebuilt, mark_resized
 
 AXIS_KINDS = ("out", "in", "dw", "norm", "ln", "emb", "attr:NAME", "param:NAME:DIM")
 
@@ -114,7 +114,30 @@ def _conv_or_linear(module: nn.Module) -> str:
 
 
 def prune_axis(module: nn.Module, kind: str, keep: torch.Tensor | list[int]) -> None:
-    """Keep only the positions ``keep`` of ``module`` along the axis ``kind`` (in place)."""
+    """Keep only the positions ``keep`` of ``module`` along the axis ``kind`` (in place). A module
+    artifacts do not rebuild from its arguments (a subclass: timm's Linear, BatchNormAct2d) has
+    what changed recorded by shape, so it reloads."""
+    before = None if is_rebuilt(module) else _sizes(module)
+    _prune_axis(module, kind, keep)
+    if before is not None:
+        after = _sizes(module)
+        for name, size in after.items():
+            if before.get(name) != size:
+                mark_resized(module, name)
+
+
+_WIDTHS = ("in_features", "out_features", "in_channels", "out_channels", "groups", "num_features",
+           "embedding_dim")
+
+
+def _sizes(module: nn.Module) -> dict:
+    sizes = {n: tuple(t.shape) for n, t in [*module.named_parameters(recurse=False),
+                                            *module.named_buffers(recurse=False)]}
+    sizes.update({a: getattr(module, a) for a in _WIDTHS if type(getattr(module, a, None)) is int})
+    return sizes
+
+
+def _prune_axis(module: nn.Module, kind: str, keep: torch.Tensor | list[int]) -> None:
     keep = torch.as_tensor(keep, dtype=torch.long)
     if keep.numel() == 0:
         raise ValueError(f"cannot remove every channel of a {type(module).__name__} ({kind} axis)")

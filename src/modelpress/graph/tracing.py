@@ -73,11 +73,17 @@ def _positional(gm: fx.GraphModule, inputs: Any) -> list:
     return args + [p.args[0] if p.args else None for p in placeholders[len(args):]]
 
 
+_LEAVES = (Attention, nn.Linear, nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm)
+
+
 class _Tracer(fx.Tracer):
-    """fx's tracer, keeping modelpress' own layers with rules of their own (Attention) whole."""
+    """fx's tracer, keeping layers with rules of their own whole: modelpress' Attention, and every
+    Linear, Conv and BatchNorm, subclasses included (timm's Linear, Conv2dSame and BatchNormAct2d
+    compute what their base class does through F.linear / F.conv2d / F.batch_norm on their own
+    parameters, plus padding or a channel-wise activation)."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, Attention) or super().is_leaf_module(m, qualname)
+        return isinstance(m, _LEAVES) or super().is_leaf_module(m, qualname)
 
 
 def trace_with_shapes(model: nn.Module, example_inputs: Any) -> fx.GraphModule:

@@ -47,6 +47,13 @@ def register_buildable(cls: type, spec: Callable[[nn.Module], dict] | None = Non
     return cls
 
 
+def is_rebuilt(module: nn.Module) -> bool:
+    """Whether artifacts record ``module`` by its constructor arguments (its exact class is
+    buildable), so a resized one is rebuilt at its new size on load."""
+    entry = BUILDABLES.find(type(module).__name__)
+    return entry is not None and type(module) is entry.cls
+
+
 def buildable(cls):
     """Class decorator form of :func:`register_buildable` (uses ``spec``/``from_spec``)."""
     return register_buildable(cls)
