@@ -73,7 +73,8 @@ def _positional(gm: fx.GraphModule, inputs: Any) -> list:
     return args + [p.args[0] if p.args else None for p in placeholders[len(args):]]
 
 
-_LEAVES = (Attention, nn.Linear, nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm)
+_LAYERS = (nn.Linear, nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm)
+_BASE_TENSORS = {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
 
 
 class _Tracer(fx.Tracer):
@@ -83,7 +84,17 @@ class _Tracer(fx.Tracer):
     parameters, plus padding or a channel-wise activation)."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, _LEAVES) or super().is_leaf_module(m, qualname)
+        return isinstance(m, Attention) or _plain_layer(m) or super().is_leaf_module(m, qualname)
+
+
+def _plain_layer(m: nn.Module) -> bool:
+    """A Linear/Conv/BatchNorm (or subclass) holding only its base class's tensors: the channel
+    rules and the surgery of the base class apply (a subclass with tensors of its own, e.g.
+    per-channel quantization scales, is traced through instead)."""
+    if not isinstance(m, _LAYERS):
+        return False
+    own = {n for n, _ in m.named_parameters(recurse=False)} | {n for n, _ in m.named_buffers(recurse=False)}
+    return own <= _BASE_TENSORS and not any(True for c in m.children() for _ in c.parameters())
 
 
 def trace_with_shapes(model: nn.Module, example_inputs: Any) -> fx.GraphModule:
