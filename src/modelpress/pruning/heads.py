@@ -60,7 +60,8 @@ from ..graph.surgery import prune_axis
 from ..nn.attention import make_attention_prunable
 from ..nn.layer_kinds import is_transposed_linear, linear_equivalent
 from ..nn.modules import set_module
-from ..nn.records import mark_int_attrs, mark_resized
+from ..nn.records import mark_int_attrs
+from ..nn.window_attention import is_torchvision_window_attention
 from .importance import gradient_batches, normalised_mean
 
 HEAD_SIZE_ATTRS = ("head_dim", "attention_head_size", "dim_per_head")
@@ -376,14 +377,7 @@ def prune_heads(model: nn.Module, b: Block, drop_q: list[int], drop_kv: list[int
     prune_axis(_linear_for_edit(model, b.out_name), "in", rows["q"])
     for tname, dim in _per_head_tensors(b.attention, b.heads):  # e.g. Swin's relative position bias
         owner, _, attr = tname.rpartition(".")
-        module = b.attention.get_submodule(owner) if owner else b.attention
-        t = getattr(module, attr)
-        new = t.detach().index_select(dim, torch.tensor(keep_q, device=t.device)).clone()
-        if attr in module._parameters:
-            module._parameters[attr] = nn.Parameter(new, requires_grad=t.requires_grad)
-        else:
-            module._buffers[attr] = new
-        mark_resized(module, attr)
+        prune_axis(b.attention.get_submodule(owner) if owner else b.attention, f"param:{attr}:{dim}", keep_q)
     _update_counts(b, len(keep_q), len(keep_kv))
 
 
@@ -454,7 +448,8 @@ def _verify(pruned: nn.Module, reference: nn.Module, inputs: MethodInputs) -> tu
 
 
 def _needs_attention(model: nn.Module) -> str | None:
-    if find_blocks(model) or any(type(m) is nn.MultiheadAttention for m in model.modules()):
+    if find_blocks(model) or any(type(m) is nn.MultiheadAttention or is_torchvision_window_attention(m)
+                                 for m in model.modules()):
         return None
     return "no transformer attention with Linear query/key/value projections"
 
