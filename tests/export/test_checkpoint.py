@@ -77,3 +77,21 @@ def test_missing_source_needs_base_model(tmp_path, tiny_mlp):
     path = save_artifact(tiny_mlp, tmp_path / "m.safetensors")
     with pytest.raises(ModelLoadError, match="does not record how to build"):
         load_artifact(path)
+
+
+class _Versioned(torch.nn.Linear):
+    """Like torchvision's MNASNet: loading reads the module's version from the state-dict metadata."""
+
+    _version = 2
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
+        if local_metadata.get("version") != 2:
+            raise ValueError("version should be set to 1 or 2 instead of None")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
+
+
+def test_modules_reading_their_state_dict_version_load(tmp_path):
+    model = torch.nn.Sequential(_Versioned(4, 3))
+    path = save_artifact(model, tmp_path / "v.safetensors")
+    again, _ = load_artifact(path, base_model=torch.nn.Sequential(_Versioned(4, 3)))
+    torch.testing.assert_close(again[0].weight, model[0].weight)

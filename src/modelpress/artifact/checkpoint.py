@@ -37,6 +37,7 @@ import json
 import math
 import os
 import zlib
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -326,6 +327,11 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], header: dict, wh
               if isinstance(info, dict) and info.get("kind") in ENCODINGS and info["kind"] not in auto}
     if chosen:
         model.modelpress_encodings = {**getattr(model, "modelpress_encodings", {}), **chosen}
+    # A safetensors file holds no state-dict metadata; modules that read their version from it
+    # while loading (torchvision's MNASNet raises without one) get the current modules' versions,
+    # those of the very classes the tensors were saved from.
+    state = OrderedDict(state)
+    state._metadata = getattr(model.state_dict(), "_metadata", None)  # type: ignore[attr-defined]
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:
