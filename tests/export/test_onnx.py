@@ -92,6 +92,21 @@ def test_check_onnx_catches_a_mismatch(tmp_path):
         check_onnx(path, model, torch.randn(3, 4))
 
 
+def test_check_onnx_relative_tolerance_follows_the_output_scale(tmp_path):
+    # random-init Inception v3 outputs ~1e12: float32 sums in another order differ by ~1e2 there
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 4))
+    with torch.no_grad():
+        for layer in model:
+            layer.weight.mul_(1e6)
+    x = torch.randn(3, 64)
+    path = export_onnx(model, x, tmp_path / "m.onnx")
+    assert check_onnx(path, model, x, atol=1e-4, relative=True) > 1e-4  # passes, though above atol
+    with torch.no_grad():
+        model[1].bias += 1e-3 * model(x).abs().max()  # a real miss is still one at that scale
+    with pytest.raises(OnnxMismatchError, match="differs"):
+        check_onnx(path, model, x, atol=1e-4, relative=True)
+
+
 class FailsInForward(nn.Module):
     def forward(self, x):
         raise RuntimeError("boom")

@@ -181,13 +181,127 @@ class Shuffle(nn.Module):
         return self.fc(x.view(-1, 8 * 24 * 24) if self.hard else x.view(x.size(0), -1))
 
 
+class GroupMix(nn.Module):
+    """A view into (groups, channels per group) followed by a sum over the groups: channels mix."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3)
+        self.conv2 = nn.Conv2d(4, 4, 3)
+
+    def forward(self, x):
+        x = self.conv1(x)
+        b, c, h, w = x.shape
+        return self.conv2(x.view(b, 2, c // 2, h, w).sum(1))
+
+
 def test_view_mixing_channels_and_hard_coded_flatten_are_skipped():
+    graph = build_channel_graph(GroupMix(), X)
+    skipped = {s["layer"]: s["reason"] for s in graph.skipped}
+    assert "reads channels viewed as (groups, channels per group)" in skipped["conv1"]
     graph = build_channel_graph(Shuffle(), X)
     skipped = {s["layer"]: s["reason"] for s in graph.skipped}
-    assert "mixes the channel dim" in skipped["conv1"]
-    assert "conv2" not in skipped  # x.view(x.size(0), -1) is a plain flatten
+    assert "conv1" not in skipped and "conv2" not in skipped  # x.view(x.size(0), -1) is a plain flatten
     graph = build_channel_graph(Shuffle(hard_coded_flatten=True), X)
     assert "hard-codes 4608" in {s["layer"]: s["reason"] for s in graph.skipped}["conv2"]
+
+
+def test_channel_shuffle_ties_channel_j_of_every_group_and_removal_is_exact():
+    model = Shuffle()
+    graph = build_channel_graph(model, X)
+    (group,) = [g for g in graph.groups if g.producers == ["conv1"]]
+    assert len(group) == 4  # 8 channels in 2 rows: column j of both rows goes together
+    conv2_in = next(m for m in group.members if m.axis.label == "conv2.in")
+    assert conv2_in.positions[1] == [2, 3]  # after the shuffle, channels 1 and 5 sit at 2 and 3
+    assert_removal_is_exact(Shuffle(), X, pick=lambda g: [1, 2])
+    model = Shuffle()
+    assert_removal_is_exact(model, X, pick=lambda g: [1, 2])
+    assert (model.conv1.out_channels, model.conv2.in_channels) == (4, 4)
+
+
+class ShuffleUnit(nn.Module):
+    """ShuffleNetV2's two blocks: split in halves, one branch, concatenate, shuffle; and the
+    downsampling block with two branches on the whole input."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.left = nn.Sequential(nn.Conv2d(8, 8, 3, 2, 1, groups=8), nn.BatchNorm2d(8), nn.Conv2d(8, 6, 1))
+        self.right = nn.Sequential(nn.Conv2d(8, 6, 1), nn.ReLU(), nn.Conv2d(6, 6, 3, 2, 1, groups=6),
+                                   nn.BatchNorm2d(6), nn.Conv2d(6, 6, 1))
+        self.branch = nn.Sequential(nn.Conv2d(6, 4, 1), nn.ReLU(), nn.Conv2d(4, 6, 1))
+        self.head = nn.Conv2d(12, 5, 1)
+
+    @staticmethod
+    def shuffle(x, groups=2):
+        b, c, h, w = x.size()
+        x = x.view(b, groups, c // groups, h, w)
+        x = torch.transpose(x, 1, 2).contiguous()
+        return x.view(b, -1, h, w)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = self.shuffle(torch.cat((self.left(x), self.right(x)), dim=1))
+        x1, x2 = x.chunk(2, dim=1)
+        x = self.shuffle(torch.cat((x1, self.branch(x2)), dim=1))
+        return self.head(x).mean((2, 3))
+
+
+def test_shufflenet_split_concat_and_shuffle_prune_exactly():
+    model = ShuffleUnit()
+    graph = build_channel_graph(model, X)
+    assert graph.skipped == [{"layer": "head", "reason": "feeds the model output"}]
+    assert_removal_is_exact(model, X, pick=lambda g: [0, 2])
+    # the stage's 12 channels are 3 channels of 4 (the shuffle pairs left j with right j, the halves
+    # position j with j + 6); two went
+    assert (model.left[2].out_channels, model.right[4].out_channels, model.head.in_channels) == (2, 2, 4)
+    assert model.branch[2].out_channels == 2 and model.branch[0].in_channels == 2
+
+
+class Chunks(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3)
+        self.how = how
+
+    def forward(self, x):
+        x = self.conv(x)
+        a, b = x.split(4, dim=1) if self.how == "split" else x.chunk(2, dim=1)
+        return a * b
+
+
+def test_chunk_keeps_its_pieces_equal_and_a_fixed_split_is_skipped():
+    graph = build_channel_graph(Chunks("chunk"), X)
+    assert len(next(g for g in graph.groups if g.producers == ["conv"])) == 4
+    graph = build_channel_graph(Chunks("split"), X)
+    assert "cuts the channel dim into pieces of fixed size" in graph.skipped[0]["reason"]
+
+
+class WithAuxiliary(nn.Module):
+    """GoogLeNet's form: an auxiliary classifier that runs only in training reads a conv's channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3)
+        self.aux = nn.Sequential(nn.Conv2d(8, 4, 1), nn.Flatten(), nn.Linear(4 * 26 * 26, 3))
+        self.out = nn.Conv2d(8, 3, 26)
+
+    def forward(self, x):
+        x = self.conv(x)
+        y = self.out(x).flatten(1)
+        return (y, self.aux(x)) if self.training else y
+
+
+def test_layers_that_run_only_in_training_are_cut_with_their_inputs():
+    model = WithAuxiliary().eval()
+    graph = build_channel_graph(model, X)
+    assert not model.training  # traced in training mode, given back as it came
+    (group,) = [g for g in graph.groups if g.producers == ["conv"]]
+    group.prune([0, 1, 2])
+    assert model.aux[0].in_channels == 5 == model.out.in_channels
+    model.train()
+    y, aux = model(X)
+    assert y.shape == (2, 3) and aux.shape == (2, 3)
 
 
 def test_layernorm_over_the_channels_is_pruned_with_them():

@@ -62,6 +62,7 @@ _SCALAR_PASS = {aten.pow}  # x ** 2 and friends: elementwise on one tensor
 _ELEMENTWISE = {aten.add, aten.sub, aten.mul, aten.div, aten.maximum, aten.minimum, aten.add_, aten.mul_,
                 aten.sub_, aten.div_, aten.rsub}
 _RESHAPE = {aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unsqueeze, aten.squeeze}
+_KEEPS_SPLIT = {*_RESHAPE, aten.permute, aten.transpose, aten.clone, aten.contiguous}
 _REDUCE = {aten.mean, aten.sum, aten.amax, aten.amin}
 _METADATA = {aten.sym_size, aten.sym_numel, aten.sym_stride, aten._assert_tensor_metadata, aten.dim,
              aten.size, aten.stride}
@@ -168,6 +169,8 @@ class _AtenWalker(_Walker):
             return self.reshape(node, x)
         if op in (aten.permute, aten.transpose):
             return self.permute(node, x, op.__name__)
+        if op in (aten.chunk, aten.split):
+            return self.pieces(node, x, op.__name__)
         if op is aten.t:
             return x and Value(1 - x.cdim, list(x.slots))
         if op is aten.expand:
@@ -205,6 +208,9 @@ class _AtenWalker(_Walker):
         if not self.tracked_inputs(node):
             return None
         return self.unknown(node)
+
+    def keeps_split(self, node: fx.Node) -> bool:
+        return _packet(node) in _KEEPS_SPLIT
 
     # -- rules of their own --------------------------------------------------------------
     def foreign_weight(self, node: fx.Node) -> None:

@@ -14,6 +14,12 @@ around without knowing about layers:
 * ``cat`` along the channel dim: the slot lists are concatenated (offsets come for free);
 * ``flatten``/``view``/``reshape``: worked out from the recorded shapes; a flatten repeats
   each slot ``H*W`` times, so a following Linear loses ``H*W`` inputs per pruned channel;
+* a channel shuffle (ShuffleNet: ``view(b, g, c // g, h, w)``, ``transpose(1, 2)``, ``view(b, c, h, w)``):
+  the view into ``g`` rows ties channel ``j`` of every row together (the rows must lose the same
+  channels for the shuffle to stay a shuffle), the transpose permutes the slots, the view back
+  merges them; any other op on the two-dim channel block marks it;
+* ``chunk`` along the channel dim: the pieces stay equally wide, so position ``j`` of every piece
+  is one channel;
 * a LayerNorm (or RMSNorm) over the channel dim alone: its scale and shift lose the same
   channels (the statistics are then taken over the channels that remain, as in width
   pruning of transformers);
@@ -74,6 +80,14 @@ class Value:
 
     cdim: int
     slots: list[int]
+    # the channel block viewed as two dims (cdim, cdim + 1) of these sizes (a channel shuffle's
+    # view(b, groups, c // groups, h, w)); ``slots`` are in that layout, row-major
+    split: tuple[int, int] | None = None
+
+
+def _transposed(slots: list[int], rows: int, cols: int) -> list[int]:
+    """Slots of a ``rows x cols`` block (row-major) after swapping its two dims."""
+    return [slots[r * cols + j] for j in range(cols) for r in range(rows)]
 
 
 @dataclass
@@ -153,6 +167,7 @@ _RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsquee
 _REDUCE_METHODS = {"mean", "sum", "amax", "amin"}
 _REDUCE_FUNCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin}
 _METADATA_METHODS = {"size", "dim", "numel", "stride", "is_contiguous", "element_size", "get_device"}
+_SPLIT_METHODS = {"view", "reshape", "flatten", "transpose", "permute", "swapaxes", "swapdims", "contiguous", "clone"}
 
 
 def _reduce_name(node: fx.Node) -> str:  # "mean" for Tensor.mean, torch.mean, aten.mean.dim
@@ -276,9 +291,10 @@ class _Walker:
         src = first.meta.get("shape") if isinstance(first, fx.Node) else None
         if x is None:
             return None
-        if out is None or src is None or len(out) != len(src) or out[x.cdim] != len(x.slots):
+        width = tuple(out[x.cdim:x.cdim + 2]) if x.split and out else (out[x.cdim],) if out else None
+        if out is None or src is None or len(out) != len(src) or width != (x.split or (len(x.slots),)):
             return self.unknown(node, module, f"{_op_name(node, module)} changes the channel dim")
-        return Value(x.cdim, list(x.slots))
+        return Value(x.cdim, list(x.slots), x.split)
 
     # -- dispatch ------------------------------------------------------------------------
     def run(self) -> ChannelAnalysis:
@@ -292,11 +308,21 @@ class _Walker:
                 self.res.mark(self.tracked_inputs(node), "feeds the model output")
             elif node.op == "call_module":
                 self.values[node] = self.call_module(node, self.gm.get_submodule(node.target))
+            elif any(v.split for v in self.tracked_inputs(node)) and not self.keeps_split(node):
+                self.values[node] = self.unknown(node, why=f"{_op_name(node)} reads channels viewed as "
+                                                           "(groups, channels per group)")
             elif node.op == "call_method":
                 self.values[node] = self.call_method(node)
             else:
                 self.values[node] = self.call_function(node)
         return self.res
+
+    def keeps_split(self, node: fx.Node) -> bool:
+        """Ops that may read a channel block viewed as two dims (see :attr:`Value.split`)."""
+        if node.op == "call_method":
+            return node.target in _SPLIT_METHODS
+        return node.target in (torch.transpose, torch.permute, torch.swapaxes, torch.swapdims, torch.reshape,
+                               torch.flatten)
 
     def get_attr(self, node: fx.Node) -> None:
         owner, _, attr = node.target.rpartition(".")
@@ -442,6 +468,8 @@ class _Walker:
             return self.reshape(node, x, shape_args)
         if name in ("permute", "transpose", "swapaxes", "swapdims"):
             return self.permute(node, x, name)
+        if name in ("chunk", "split"):
+            return self.pieces(node, x, name)
         if name in _REDUCE_METHODS:
             return self.reduce(node, x)
         if name in ("softmax", "log_softmax"):
@@ -472,6 +500,8 @@ class _Walker:
             return self.reshape(node, x, shape_args)
         if fn in (torch.permute, torch.transpose, torch.swapaxes, torch.swapdims):
             return self.permute(node, x, fn.__name__)
+        if fn in (torch.chunk, torch.split):
+            return self.pieces(node, x, "chunk" if fn is torch.chunk else "split")
         if fn in _REDUCE_FUNCTIONS:
             return self.reduce(node, x)
         if fn in (torch.softmax, F.softmax, F.log_softmax, torch.log_softmax):
@@ -577,6 +607,8 @@ class _Walker:
         src, out = _first_input(node).meta.get("shape"), node.meta.get("shape")
         if src is None or out is None:
             return self.unknown(node)
+        if x.split:
+            return self.merge_split(node, x, src, out, shape_args)
         channels, inner = src[x.cdim], _prod(src[x.cdim + 1:])
         for k in range(len(out)):
             stride = _prod(out[k + 1:])
@@ -589,6 +621,31 @@ class _Walker:
                         return self.unknown(node, why=f"{_op_name(node)} hard-codes {arg} as the size of "
                                                       "the channel dim (use -1 or x.size(...))")
                 return Value(k, [x.slots[(p * stride) // inner] for p in range(out[k])])
+        for k in range(len(out) - 1):  # the channels as (rows, columns): a channel shuffle's first view
+            rows, cols = out[k], out[k + 1]
+            if rows > 1 and cols > 1 and rows * cols == channels and _prod(out[k + 2:]) == inner \
+                    and _prod(out[:k]) == _prod(src[:x.cdim]):
+                if shape_args is not None and len(shape_args) == len(out) and isinstance(shape_args[k + 1], int) \
+                        and shape_args[k + 1] != -1:
+                    break
+                for r in range(1, rows):  # every row must lose the same columns
+                    for j in range(cols):
+                        self.res.uf.union(x.slots[j], x.slots[r * cols + j])
+                return Value(k, list(x.slots), (rows, cols))
+        return self.unknown(node, why=f"{_op_name(node)} from {tuple(src)} to {tuple(out)} mixes the channel dim")
+
+    def merge_split(self, node: fx.Node, x: Value, src, out, shape_args: list | None) -> Value | None:
+        """A view of a (rows, columns) channel block back into one channel dim."""
+        before, after = _prod(src[:x.cdim]), _prod(src[x.cdim + 2:])
+        width = x.split[0] * x.split[1]
+        for k in range(len(out)):
+            if out[k] == width and _prod(out[:k]) == before and _prod(out[k + 1:]) == after:
+                if shape_args is not None and len(shape_args) == len(out) and isinstance(shape_args[k], int) \
+                        and shape_args[k] != -1:
+                    break
+                return Value(k, list(x.slots))
+        if tuple(out) == tuple(src):
+            return Value(x.cdim, list(x.slots), x.split)
         return self.unknown(node, why=f"{_op_name(node)} from {tuple(src)} to {tuple(out)} mixes the channel dim")
 
     def width_attr(self, node: fx.Node, size: int, slots: list[int]) -> bool:
@@ -642,12 +699,48 @@ class _Walker:
         if name == "permute":
             dims = list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else list(rest)
             dims = [d % ndim for d in dims]
-            return Value(dims.index(x.cdim), list(x.slots))
-        first, second = ("dim0", "dim1") if name == "transpose" else ("axis0", "axis1") if name == "swapaxes" \
-            else ("dim0", "dim1")
-        a, b = (d % ndim for d in (_arg(node, 1, first), _arg(node, 2, second)))
-        cdim = b if x.cdim == a else a if x.cdim == b else x.cdim
-        return Value(cdim, list(x.slots))
+        else:
+            first, second = ("axis0", "axis1") if name == "swapaxes" else ("dim0", "dim1")
+            a, b = (d % ndim for d in (_arg(node, 1, first), _arg(node, 2, second)))
+            dims = list(range(ndim))
+            dims[a], dims[b] = b, a
+        if x.split:
+            at, rows, cols = dims.index(x.cdim), *x.split
+            if dims.index(x.cdim + 1) == at + 1:
+                return Value(at, list(x.slots), x.split)
+            if at > 0 and dims.index(x.cdim + 1) == at - 1:  # the shuffle: rows and columns swap
+                return Value(at - 1, _transposed(x.slots, rows, cols), (cols, rows))
+            return self.unknown(node, why=f"{_op_name(node)} separates channels viewed as (groups, channels "
+                                          "per group), as attention heads are")
+        return Value(dims.index(x.cdim), list(x.slots))
+
+    def pieces(self, node: fx.Node, x: Value | None, how: str) -> None:
+        """``chunk`` / ``split``: a tuple of pieces (read by ``getitem``). Cut along the channel
+        dim, the pieces must stay equally wide: position ``j`` of every piece is one channel, and
+        only ``chunk`` (whose sizes follow the width) is followed there."""
+        src = _first_input(node).meta.get("shape")
+        if x is None or not src:
+            return None
+        dim = _arg(node, 2, "dim", 0) % len(src)
+        size = _arg(node, 1, "chunks" if how == "chunk" else "split_size_or_sections")
+        if how == "chunk" and isinstance(size, int) and size > 0:
+            step = -(-src[dim] // size)
+        elif how == "split" and isinstance(size, int) and size > 0:
+            step = size
+        else:
+            return self.unknown(node, why=f"{_op_name(node)} into sizes structured pruning cannot follow")
+        count = -(-src[dim] // step)
+        if dim != x.cdim:
+            self.tuples[node] = [Value(x.cdim, list(x.slots)) for _ in range(count)]
+            return None
+        if how != "chunk" or src[dim] % size:
+            return self.unknown(node, why=f"{_op_name(node)} cuts the channel dim into pieces of fixed size "
+                                          "(chunk keeps them equal)")
+        for k in range(1, count):
+            for j in range(step):
+                self.res.uf.union(x.slots[j], x.slots[k * step + j])
+        self.tuples[node] = [Value(x.cdim, x.slots[k * step:(k + 1) * step]) for k in range(count)]
+        return None
 
     def reduce(self, node: fx.Node, x: Value | None) -> Value | None:
         if x is None:

@@ -97,6 +97,33 @@ def _plain_layer(m: nn.Module) -> bool:
     return own <= _BASE_TENSORS and not any(True for c in m.children() for _ in c.parameters())
 
 
+def _trace(model: nn.Module) -> tuple[fx.Tracer, fx.Graph]:
+    tracer = _Tracer()
+    tracer.record_stack_traces = True  # lets a skipped layer's reason name its source line
+    try:
+        return tracer, tracer.trace(model)
+    except Exception as exc:  # fx raises TraceError, TypeError, ... depending on the construct
+        raise UnsupportedError(
+            f"cannot trace {type(model).__name__} with torch.fx at {_user_frame(exc)}: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+            hint="structural pruning needs an fx-traceable forward (no Python control flow on tensor "
+                 "values); for Hugging Face transformer encoders use prune.heads") from None
+
+
+def _unreached(model: nn.Module, graph: fx.Graph) -> list[str]:
+    """Modules with parameters of their own that ``graph`` neither calls nor reads from."""
+    reached = {n.target for n in graph.nodes if n.op == "call_module"}
+    reached |= {n.target.rpartition(".")[0] for n in graph.nodes if n.op == "get_attr"}
+    out = []
+    for name, m in model.named_modules():
+        if next(m.parameters(recurse=False), None) is None:
+            continue
+        parts = name.split(".")
+        if not any(".".join(parts[:i]) in reached for i in range(1, len(parts) + 1)):
+            out.append(name)
+    return out
+
+
 def trace_with_shapes(model: nn.Module, example_inputs: Any) -> fx.GraphModule:
     """Symbolically trace ``model`` and annotate every node with its output shape.
 
@@ -105,16 +132,18 @@ def trace_with_shapes(model: nn.Module, example_inputs: Any) -> fx.GraphModule:
     flag is restored. Raises :class:`UnsupportedError` naming the source line that cannot be
     traced (data-dependent control flow, calls fx cannot follow).
     """
-    tracer = _Tracer()
-    tracer.record_stack_traces = True  # lets a skipped layer's reason name its source line
-    try:
-        graph = tracer.trace(model)
-    except Exception as exc:  # fx raises TraceError, TypeError, ... depending on the construct
-        raise UnsupportedError(
-            f"cannot trace {type(model).__name__} with torch.fx at {_user_frame(exc)}: "
-            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
-            hint="structural pruning needs an fx-traceable forward (no Python control flow on tensor "
-                 "values); for Hugging Face transformer encoders use prune.heads") from None
+    tracer, graph = _trace(model)
+    if not model.training and _unreached(model, graph):
+        # Layers that run only in training (GoogLeNet's and Inception's auxiliary classifiers)
+        # read channels too: a cut that missed them would break fine-tuning. Trace the training
+        # forward instead when it reaches more of them.
+        model.train()
+        try:
+            tracer, graph = min([(tracer, graph), _trace(model)], key=lambda tg: len(_unreached(model, tg[1])))
+        except UnsupportedError:
+            pass
+        finally:
+            model.eval()
     gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
     # get_attr owners are plain Modules in gm (only called modules are shared): keep the model
     gm.meta["root"] = model
