@@ -48,3 +48,19 @@ def test_scope_round_trips_types_as_strings():
     s = Scope(include=[nn.Conv2d, "re:x"])
     assert s.to_dict() == {"include": ["type:Conv2d", "re:x"], "exclude": []}
     assert Scope.from_dict(s.to_dict()) == s
+
+
+def test_a_recurrent_stack_first_is_not_left_out_and_an_empty_default_scope_says_why():
+    class Recurrent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.LSTM(4, 4)
+            self.head = nn.Linear(4, 2)
+
+    model = Recurrent()
+    types = ("Linear", "RNNBase")
+    assert first_and_last(model, types) == ["head"]
+    assert [n for n, _ in Scope().resolve(model, types, default_exclude=first_and_last(model, types))] == ["rnn"]
+    with pytest.raises(ScopeError, match=r"left out by default: head") as err:
+        Scope().resolve(model, ("Linear",), default_exclude=first_and_last(model, ("Linear",)))
+    assert "keep_first_last" in err.value.hint

@@ -172,16 +172,18 @@ def test_fallback_for_grad_and_other_dtypes():
     assert out64.dtype == torch.float64 and sqnr(model(x), out64.float()) > 30
 
 
-def test_multihead_attention_out_proj_is_left_in_float():
+def test_multihead_attention_projections_are_quantized_through_its_linear_equivalent():
     layer = nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=64, dropout=0.0).eval()
     x = torch.randn(10, 3, 32)
     q, info = run(layer, DynamicInt8())
-    assert "self_attn.out_proj" in info["skipped"]
-    assert sorted(info["layers"]) == ["linear1", "linear2"]
+    assert not info["skipped"]
+    assert sorted(info["layers"]) == ["linear1", "linear2", "self_attn.k_proj", "self_attn.out_proj",
+                                      "self_attn.q_proj", "self_attn.v_proj"]
+    assert isinstance(layer.self_attn, nn.MultiheadAttention)  # the input model is untouched
     with torch.no_grad():
         assert sqnr(layer(x), q(x)) > 30
-    with pytest.raises(ScopeError, match="none of the 1 selected"):
-        quantize(layer, DynamicInt8(scope=Scope(include=["self_attn.out_proj"])))
+    only = quantize(layer, DynamicInt8(scope=Scope(include=["self_attn.out_proj"])))
+    assert isinstance(only.self_attn.out_proj, DynamicInt8Linear) and isinstance(only.linear1, nn.Linear)
 
 
 @pytest.mark.nlp

@@ -9,6 +9,8 @@ that reloads to the same outputs) or refuses with a ModelpressError, never anoth
 """
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from tinymodels import TinyEncoder, TinyRNN, layer_kind_cases, tiny_gpt2
@@ -20,8 +22,10 @@ from modelpress.core.errors import ModelpressError
 from modelpress.core.scope import Scope, type_matches
 from modelpress.core.training import TrainConfig
 from modelpress.engine import MethodInputs, list_methods, run_method
+from modelpress.export.deploy import export_deployable
 from modelpress.lowrank.layers import FactorizedLayer
 from modelpress.lowrank.svd import SVD
+from modelpress.nn.attention import convert_multihead_attention
 from modelpress.nn.layer_kinds import linear_equivalent
 from modelpress.quantization.adaround import AdaRound
 from modelpress.quantization.codebook import CodebookLinear, WeightSharing
@@ -80,8 +84,11 @@ def test_method_runs_or_refuses_on_layer_kind(info, case, tmp_path):
         else:
             assert report.unsupported_layers["rnn"] == case.upper()
 
-    # the layers the method reports are really replaced
-    modules = dict(model.named_modules())
+    # the layers the method reports are really replaced (nn.MultiheadAttention first becomes its
+    # equivalent with four Linear projections, which the method then handles too)
+    converted = copy.deepcopy(model)
+    convert_multihead_attention(converted)
+    modules = dict(converted.named_modules())
     if info.name == "quant.static_int8":
         done = report.info["quantized_layers"]
     elif info.name == "quant.mixed_precision":
@@ -214,36 +221,37 @@ def test_codebook_layers_expose_weight_and_bias_in_the_compute_dtype(tmp_path):
     assert again[0].weight.dtype == torch.float64 and torch.equal(again(x), qd(x))
 
 
-def test_adaround_rounds_layers_it_cannot_observe_to_nearest():
+ATTENTION = {f"enc.self_attn.{p}_proj" for p in ("q", "k", "v", "out")}
+
+
+def test_adaround_learns_the_rounding_of_every_attention_projection():
     torch.manual_seed(0)
     model = TinyEncoder().eval()
     batches = CASES["encoder"][1]
     q, report = run_method(model, AdaRound(bits=4, iterations=20), MethodInputs(data=batches))
-    assert "MultiheadAttention" in report.info["round_to_nearest"]["enc.self_attn.out_proj"]
+    assert not report.info.get("round_to_nearest")  # nn.MultiheadAttention became four Linears it calls
     assert isinstance(q.enc.self_attn.out_proj, QuantLinear)
-    assert {"proj", "enc.linear1", "enc.linear2", "head"} <= set(report.info["layers"])  # learned rounding
+    assert {"proj", "enc.linear1", "enc.linear2", "head"} | ATTENTION <= set(report.info["layers"])
 
 
-def test_qat_keeps_inputs_float_where_the_parent_reads_the_weight():
+def test_qat_quantizes_the_inputs_of_the_encoder_layers_too():
     torch.manual_seed(0)
     model = TinyEncoder()
     batches = CASES["encoder"][1]
     q, report = run_method(model, QAT(weight_bits=4, act_bits=8, observer_steps=1),
                            MethodInputs(data=batches, train=TrainConfig(epochs=2, lr=1e-3, batch_size=8)))
-    assert set(report.info["float_activations"]) == {"enc.self_attn.out_proj", "enc.linear1", "enc.linear2"}
-    assert q.enc.linear1.act_bits is None and q.proj.act_bits == 8 and q.head.act_bits == 8
+    assert not report.info.get("float_activations")  # no fused fast path reads the weights any more
+    assert q.enc.linear1.act_bits == 8 and q.enc.self_attn.q_proj.act_bits == 8 and q.head.act_bits == 8
     fast, slow = _fast_and_slow(q, torch.randn(4, 6, 16))
     assert torch.allclose(fast, slow, atol=1e-5)  # the deployed model computes what was trained
 
 
-def test_svd_leaves_layers_whose_parent_reads_the_weight_dense():
+def test_svd_factorizes_the_encoder_layers_and_attention_projections():
     torch.manual_seed(0)
     model = TinyEncoder().eval()
     f, report = run_method(model, SVD(param_ratio=0.5), MethodInputs())
-    skipped = report.info["skipped"]
-    assert "never calls out_proj" in skipped["enc.self_attn.out_proj"]
-    assert "fast path reads linear1.weight" in skipped["enc.linear1"]
-    assert isinstance(f.enc.linear2, nn.Linear) and isinstance(f.proj, FactorizedLayer)
+    assert not report.info["skipped"]
+    assert all(isinstance(f.get_submodule(n), FactorizedLayer) for n in ATTENTION | {"enc.linear1", "proj"})
     fast, slow = _fast_and_slow(f, torch.randn(4, 6, 16))
     assert torch.allclose(fast, slow, atol=1e-5)
 
@@ -279,6 +287,23 @@ def test_quant_rnn_matches_the_float_layer_and_reloads(kind, bits, floor, tmp_pa
     assert torch.equal(_outputs(again, x)[0], out[0])
     seqs = nn.utils.rnn.pack_padded_sequence(x, torch.tensor([5, 3, 2]), batch_first=True)
     assert torch.allclose(_outputs(q, seqs)[0].data, _outputs(model, seqs)[0].data, atol=0.5)
+    if bits == 8 and kind == "lstm_proj":  # torch writes an ONNX LSTM without the projection
+        with pytest.raises(ModelpressError, match="ONNX Runtime cannot run the exported graph"):
+            export_deployable(q, x, tmp_path / "rnn.onnx")
+        assert not list(tmp_path.glob("*.onnx"))
+    elif bits == 8:  # ONNX: the float recurrent op on the dequantized weights, checked in ONNX Runtime
+        path, note = export_deployable(q, x, tmp_path / "rnn.onnx")
+        assert path.exists() and note.startswith("fp32")
+
+
+def test_encoder_quantized_everywhere_exports_to_onnx(tmp_path):
+    torch.manual_seed(0)
+    build, batches, _ = CASES["encoder"]
+    x = batches[0][0]
+    for config in (WeightOnly(bits=4), QAT(weight_bits=4, act_bits=8, observer_steps=1)):
+        q, _ = run_method(build().eval(), config, MethodInputs(data=batches))
+        path, note = export_deployable(q, x, tmp_path / "enc.onnx")
+        assert path.exists() and "max abs diff" in note
 
 
 def test_dynamic_int8_stores_recurrent_weights_as_int8():

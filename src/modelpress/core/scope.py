@@ -144,12 +144,20 @@ class Scope(StrictModel):
                 continue
             selected.append((n, m))
         if not selected:
-            raise ScopeError(f"the scope selects no {'/'.join(layer_types)} layer of {type(model).__name__}",
-                             hint="widen Scope(include=...) or remove exclusions")
+            left_out = sorted(set(default_exclude) & {n for n, m in named if type_matches(m, layer_types)})
+            raise ScopeError(f"the scope selects no {'/'.join(layer_types)} layer of {type(model).__name__}"
+                             + (f" (left out by default: {', '.join(left_out)})" if left_out else ""),
+                             hint="set keep_first_last: false, or include those layers by name" if left_out
+                             else "widen Scope(include=...) or remove exclusions")
         return selected
 
 
 def first_and_last(model: nn.Module, layer_types: Iterable[str] = ("Linear", "Conv2d")) -> list[str]:
-    """Names of the first and last layers of the given types (kept dense/fp32 by default)."""
-    names = [n for n, m in model.named_modules() if n and type_matches(m, layer_types)]
-    return sorted({names[0], names[-1]}) if names else []
+    """Names of the first and last layers of the given types (kept dense/fp32 by default). A
+    recurrent stack (nn.LSTM / nn.GRU) first is the model's body, not a stem reading raw input:
+    it is not left out."""
+    named = [(n, m) for n, m in model.named_modules() if n and type_matches(m, layer_types)]
+    if not named:
+        return []
+    first = [] if isinstance(named[0][1], nn.RNNBase) else [named[0][0]]
+    return sorted({*first, named[-1][0]})

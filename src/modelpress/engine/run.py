@@ -34,6 +34,7 @@ from ..core.config import MethodConfig
 from ..core.data import check_finite_params, check_model_accepts, first_inputs_if_reusable
 from ..core.errors import DataError
 from ..core.scope import type_matches
+from ..nn.attention import convert_multihead_attention
 from .inputs import MethodInputs, MethodReport, MethodResult
 from .registry import get_method
 
@@ -92,12 +93,18 @@ def run_method(model: nn.Module, config: MethodConfig, inputs: MethodInputs | No
     sample = first_inputs_if_reusable(inputs.data)
     if sample is not None:  # a wrong input shape fails here in one line, not deep in the method
         check_model_accepts(model, sample, f"{info.name} data")
-    skipped = unsupported_layers(model, info.layer_types)
-    shapes = {n: _own_shapes(model.get_submodule(n)) for n in skipped} if info.structural else {}
     if seed is not None:
         torch.manual_seed(stage_seed(seed, stage))
     original = model
     target = model if inplace else copy.deepcopy(model)
+    if "Linear" in info.layer_types:
+        # nn.MultiheadAttention computes its projections from packed parameters, no Linear a method
+        # could prune or quantize (and nn.TransformerEncoderLayer's fused inference path reads the
+        # weights of replaced Linears directly, skipping their forward): its exact equivalent with
+        # four Linear projections takes its place
+        convert_multihead_attention(target)
+    skipped = unsupported_layers(target, info.layer_types)
+    shapes = {n: _own_shapes(target.get_submodule(n)) for n in skipped} if info.structural else {}
     if inputs.loss_fn is None and inputs.train is not None and not inputs.task.labelled:
         # no labels: the compressed model learns the original's outputs
         reference = copy.deepcopy(original) if inplace else original

@@ -26,6 +26,7 @@ from ..core.registry import Registry
 from ..nn.modules import set_module
 from ..quantization.dynamic import DynamicInt8Linear, Int8Embedding
 from ..quantization.primitives import sqnr
+from ..quantization.rnn import QuantRNN
 from ..quantization.static import FakeQuant
 from .onnx import OnnxMismatchError, check_onnx, export_onnx, ort_feeds, ort_session
 from .onnx_dynamic import quantize_onnx_dynamic
@@ -56,8 +57,9 @@ def exporter_for(model: nn.Module) -> Exporter | None:
 
 
 def float_copy(model: nn.Module) -> nn.Module:
-    """A copy of a dynamically quantized model with plain ``nn.Linear`` / ``nn.Embedding`` layers
-    holding the dequantized weights (what ONNX Runtime's quantizer starts from)."""
+    """A copy of a dynamically quantized model with plain ``nn.Linear`` / ``nn.Embedding`` /
+    ``nn.LSTM`` (GRU, RNN) layers holding the dequantized weights (what ONNX Runtime's quantizer
+    starts from, and what exporters can trace)."""
     out = copy.deepcopy(model)
     for name, m in list(out.named_modules()):
         if isinstance(m, DynamicInt8Linear):
@@ -66,6 +68,9 @@ def float_copy(model: nn.Module) -> nn.Module:
         elif isinstance(m, Int8Embedding):
             w = m.dequantized_weight()
             new = nn.Embedding(w.shape[0], w.shape[1], padding_idx=getattr(m, "padding_idx", None))
+        elif isinstance(m, QuantRNN):  # an LSTM/GRU with packed weights: the float recurrent op
+            set_module(out, name, m.to_float())
+            continue
         else:
             continue
         with torch.no_grad():
@@ -90,7 +95,8 @@ def export_deployable(model: nn.Module, example_inputs: Any, path: str | os.Path
     exporter = exporter_for(model)
     try:
         if exporter is None:
-            export_onnx(model, example_inputs, tmp)
+            packed_rnn = any(isinstance(m, QuantRNN) for m in model.modules())
+            export_onnx(float_copy(model) if packed_rnn else model, example_inputs, tmp)
             note = "fp32"
             if check:
                 if _quantizes_activations(model):  # rounding of an activation may land one step apart

@@ -272,7 +272,13 @@ def check_onnx(path: str | os.PathLike, model: nn.Module, inputs: Any, atol: flo
     by far more than 1e-4) or output shapes differ.
     """
     session = ort_session(path, threads=None)
-    got = session.run(None, ort_feeds(session, inputs))
+    try:
+        got = session.run(None, ort_feeds(session, inputs))
+    except Exception as exc:  # onnxruntime raises its own Fail/RuntimeException/InvalidArgument types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise OnnxMismatchError(f"{path}: ONNX Runtime cannot run the exported graph: {first}",
+                                hint="the exporter wrote an op ONNX Runtime rejects (e.g. an LSTM with "
+                                     "proj_size); keep that layer out of the export or report it") from None
     with _eval(model), torch.no_grad():
         ref = [t.detach().cpu().numpy() for _, t in _flatten_outputs(call_model(model, inputs))]
     if len(got) != len(ref):

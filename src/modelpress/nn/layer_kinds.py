@@ -153,6 +153,8 @@ def parent_reads_weight(model: nn.Module, name: str) -> WeightRead | None:
     parent = get_module(model, parent_name) if parent_name else model
     if parent is None:
         return None
+    if isinstance(parent, nn.TransformerEncoderLayer) and getattr(parent.self_attn, "in_proj_bias", None) is None:
+        return None  # its fast path needs packed attention with a bias (modelpress' Attention has none)
     for c in type(parent).__mro__:
         read = WEIGHT_READERS.get(c.__name__, {}).get(child)
         if read is not None:

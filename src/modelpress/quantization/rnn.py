@@ -128,6 +128,20 @@ class QuantRNN(nn.Module):
                 return packed[name].dequantized_weight()
             raise
 
+    @torch.no_grad()
+    def to_float(self) -> nn.RNNBase:
+        """The plain ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` holding the dequantized weights: what this
+        layer computes, in the form ONNX exporters know (they cannot trace ``functional_call``)."""
+        device = next(iter(self.packed.values())).dequantized_weight().device
+        rnn = _float_twin(self.mode, input_size=self.input_size, hidden_size=self.hidden_size,
+                          num_layers=self.num_layers, bias=self.bias, batch_first=self.batch_first,
+                          dropout=self.dropout, bidirectional=self.bidirectional,
+                          proj_size=self.proj_size).to_empty(device=device)
+        for name in rnn._flat_weights_names:
+            source = self.packed[name].dequantized_weight() if name in self.packed else getattr(self, name)
+            getattr(rnn, name).copy_(source)
+        return rnn.train(self.training)
+
     def forward(self, input, hx=None):
         tensors = {name: m.dequantized_weight() for name, m in self.packed.items()}
         tensors.update(self.named_parameters(recurse=False))
