@@ -13,7 +13,7 @@ from torch import nn
 
 from modelpress import KD, Evaluation, TrainConfig, distill_from
 from modelpress.core.errors import DataError
-from modelpress.core.training import fit
+from modelpress.core.training import class_cross_entropy, evaluate_accuracy, fit
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -100,3 +100,21 @@ def test_torchrun_two_processes_train_like_one_process_on_the_combined_batches(t
         assert torch.equal(r0[k], r1[k]), k
         torch.testing.assert_close(r0[k], v, rtol=1e-5, atol=1e-6)
     assert not torch.equal(r0["0.weight"], _mlp().state_dict()["0.weight"])  # it trained
+
+
+def test_per_position_labels_train_and_score_a_language_model_output():
+    logits = torch.randn(2, 5, 7)
+    target = torch.randint(0, 7, (2, 5))
+    target[1, 3:] = -100  # padding
+    kept = target != -100
+    expected = torch.nn.functional.cross_entropy(logits[kept], target[kept])
+    torch.testing.assert_close(class_cross_entropy(logits, target), expected)
+    with pytest.raises(DataError, match="one class per sample"):
+        class_cross_entropy(logits, target[:, :4])
+
+    class Fixed(nn.Module):
+        def forward(self, x):
+            return logits
+
+    acc = evaluate_accuracy(Fixed(), [(torch.zeros(2), target)])
+    assert acc == pytest.approx(float((logits.argmax(-1) == target)[kept].float().mean()))

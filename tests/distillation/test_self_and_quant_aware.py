@@ -116,3 +116,35 @@ def test_relational_term_is_zero_for_identical_outputs_and_positive_otherwise():
     assert with_rkd(other, x, y).item() > kd_only(other, x, y).item()
     with pytest.raises(ConfigError, match="teacher is the model being trained"):
         kd_only(teacher, x, y)
+
+
+class FeaturesNet(nn.Module):
+    """torchvision's EfficientNet/MobileNet form: one `features` Sequential, then pool and classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(*[nn.Sequential(nn.Conv2d(3 if i == 0 else 8, 8, 3, padding=1), nn.ReLU())
+                                        for i in range(4)])
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.features(x)).flatten(1))
+
+
+def test_auto_exits_look_inside_the_block_list_when_the_top_level_has_none():
+    x = torch.randn(2, 3, 8, 8)
+    assert auto_exits(FeaturesNet(), x, 3) == ["features.0", "features.1", "features.2"]
+
+    class TokenLogits(nn.Module):  # a language model's [batch, tokens, vocab]: no classification exits
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
+
+        def forward(self, x):
+            for b in self.blocks:
+                x = b(x)
+            return x
+
+    with pytest.raises(DataError, match=r"expects classifier logits \(B, classes\)"):
+        auto_exits(TokenLogits(), torch.randn(2, 6, 4), 3)

@@ -28,7 +28,7 @@ from modelpress.lowrank.svd import SVD
 from modelpress.nn.attention import convert_multihead_attention
 from modelpress.nn.layer_kinds import linear_equivalent
 from modelpress.quantization.adaround import AdaRound
-from modelpress.quantization.codebook import CodebookLinear, WeightSharing
+from modelpress.quantization.codebook import CodebookLinear, PowerOfTwo, WeightSharing
 from modelpress.quantization.dynamic import DynamicInt8
 from modelpress.quantization.modules import QuantConv2d, QuantLinear
 from modelpress.quantization.primitives import QuantSpec, quantize_tensor, sqnr
@@ -294,6 +294,17 @@ def test_quant_rnn_matches_the_float_layer_and_reloads(kind, bits, floor, tmp_pa
     elif bits == 8:  # ONNX: the float recurrent op on the dequantized weights, checked in ONNX Runtime
         path, note = export_deployable(q, x, tmp_path / "rnn.onnx")
         assert path.exists() and note.startswith("fp32")
+
+
+@pytest.mark.nlp
+@pytest.mark.parametrize("config", [WeightSharing(iters=3), PowerOfTwo()], ids=["kmeans", "log2"])
+def test_codebook_layers_inside_gpt2_export_to_onnx(config, tmp_path):
+    # their bias lives in the codebook table, not the state dict: the tracer took it for a constant
+    # that required grad ("Cannot insert a Tensor that requires grad as a constant")
+    build, batches, _ = CASES["gpt2"]
+    q, _ = run_method(build().eval(), config, MethodInputs(data=batches))
+    path, note = export_deployable(q, batches[0][0], tmp_path / "gpt2.onnx")
+    assert path.exists() and "max abs diff" in note
 
 
 def test_encoder_quantized_everywhere_exports_to_onnx(tmp_path):

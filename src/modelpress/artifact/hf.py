@@ -12,6 +12,7 @@ Needs the ``[nlp]`` extra (transformers).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -111,7 +112,20 @@ class HFLogits(nn.Module):
             hf_model.config.use_cache = False
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
+        ids = args[0] if args else kwargs.get("input_ids")
+        if isinstance(ids, torch.Tensor) and not ids.is_floating_point() and "attention_mask" not in kwargs \
+                and len(args) < 2 and _takes_attention_mask(self.hf):
+            # token ids alone: every position attends (what a missing mask means). Said explicitly,
+            # transformers skips its packed-sequence detection (torch.diff), which ONNX cannot export
+            kwargs["attention_mask"] = torch.ones_like(ids)
         return self.hf(*args, **kwargs).logits
+
+
+def _takes_attention_mask(model: nn.Module) -> bool:
+    try:
+        return "attention_mask" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",

@@ -99,13 +99,18 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 def class_cross_entropy(logits: Any, target: torch.Tensor, where: str = "classification training") -> torch.Tensor:
-    """Cross-entropy of ``[batch, classes]`` logits against class indices; any other output (a language
-    model's ``[batch, tokens, vocab]``, an embedding ...) is a DataError saying so, not a shape crash."""
+    """Cross-entropy of ``[batch, classes]`` logits against class indices, or of ``[batch, positions,
+    classes]`` logits against one class per position (token classification; a language model's next
+    tokens, already aligned with the positions; -100 marks positions without a label). Any other
+    output (an embedding, mismatched shapes ...) is a DataError saying so, not a shape crash."""
+    if isinstance(logits, torch.Tensor) and logits.dim() >= 3 and target.dim() == logits.dim() - 1 \
+            and tuple(target.shape) == tuple(logits.shape[:-1]) and not target.is_floating_point():
+        return F.cross_entropy(logits.flatten(0, -2), target.flatten(), ignore_index=-100)
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or target.dim() != 1 \
             or logits.shape[0] != target.shape[0]:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise DataError(f"{where}: the model outputs {shape}, the labels are {tuple(target.shape)}; cross-entropy "
-                        "needs [batch, classes] logits and one class per sample",
+                        "needs [batch, classes] logits and one class per sample (or one per position)",
                         hint="for a language model or an encoder pass loss_fn=... (e.g. distillation_loss(model)) "
                              "or a task whose loss fits its outputs")
     return F.cross_entropy(logits, target)
@@ -291,8 +296,14 @@ def predict(model: nn.Module, data: Any) -> tuple[torch.Tensor, torch.Tensor | N
 
 
 def evaluate_accuracy(model: nn.Module, data: Any) -> float:
-    """Top-1 accuracy in [0, 1] of a classifier on labelled ``data``."""
+    """Top-1 accuracy in [0, 1] of a classifier on labelled ``data`` (per position for ``[batch,
+    positions, classes]`` logits with one label per position; -100 marks positions without one)."""
     logits, target = predict(model, data)
     if target is None:
         raise DataError("accuracy needs labelled data (inputs, target)")
-    return float((logits.argmax(dim=1) == target).float().mean())
+    pred = logits.argmax(dim=-1)
+    if pred.shape != target.shape:
+        raise DataError(f"accuracy: the model outputs {tuple(logits.shape)}, the labels are {tuple(target.shape)}",
+                        hint="labels hold one class per sample, or per position of [batch, positions, classes]")
+    valid = target != -100
+    return float((pred == target)[valid].float().mean())

@@ -150,16 +150,21 @@ def _first_tensor(out: Any) -> torch.Tensor:
 class _FeatureTaps:
     """Forward hooks storing the outputs of named layers (removed by :meth:`remove`)."""
 
-    def __init__(self, model: nn.Module, names: Sequence[str], role: str):
+    def __init__(self, model: nn.Module, names: Sequence[str], role: str, strict: bool = True):
         self.features: dict[str, torch.Tensor] = {}
         self.handles = []
+        self.strict = strict  # False: a layer whose output holds no feature tensor is just not recorded
         for name in names:
             layer = _find_layer(model, name, role)
             self.handles.append(layer.register_forward_hook(self._hook(name)))
 
     def _hook(self, name: str):
         def hook(module, args, out):
-            self.features[name] = _first_tensor(out)
+            try:
+                self.features[name] = _first_tensor(out)
+            except DataError:
+                if self.strict:
+                    raise
         return hook
 
     def take(self, name: str, role: str) -> torch.Tensor:

@@ -93,9 +93,10 @@ class _WithExits(nn.Module):
         return self.model(*args, **kwargs)
 
 
-def _probe(model: nn.Module, inputs: Any, names: list[str]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def _probe(model: nn.Module, inputs: Any, names: list[str],
+           strict: bool = True) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Outputs of ``names`` and of the model on one batch (eval mode, no grad)."""
-    taps = _FeatureTaps(model, names, "model")
+    taps = _FeatureTaps(model, names, "model", strict=strict)
     was_training = model.training
     model.eval()
     try:
@@ -107,13 +108,34 @@ def _probe(model: nn.Module, inputs: Any, names: list[str]) -> tuple[dict[str, t
     return taps.features, out
 
 
+def _block_list(model: nn.Module) -> list[str]:
+    """The children of the longest ``nn.Sequential`` / ``nn.ModuleList`` of blocks with parameters
+    (torchvision's ``features``, timm's ``blocks``, a transformer's ``encoder.layer``), or []."""
+    best: list[str] = []
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Sequential, nn.ModuleList)):
+            kids = [".".join(filter(None, (name, n))) for n, c in m.named_children()
+                    if any(True for _ in c.parameters())]
+            if len(kids) >= 2 and len(kids) > len(best):
+                best = kids
+    return best
+
+
 def auto_exits(model: nn.Module, inputs: Any, num_exits: int) -> list[str]:
-    """Up to ``num_exits`` top-level blocks (evenly spaced) whose output is a feature, not the logits."""
-    children = [n for n, c in model.named_children() if any(True for _ in c.parameters())]
-    feats, out = _probe(model, inputs, children)
-    candidates = [n for n in children if n in feats and feats[n].dim() in (2, 3, 4)
-                  and feats[n].shape[0] == out.shape[0] and not (feats[n].dim() == 2 and feats[n].shape == out.shape)]
-    candidates = candidates[:-1]  # the block feeding the classifier adds nothing over the final output
+    """Up to ``num_exits`` blocks (evenly spaced) whose output is a feature, not the logits: the
+    top-level blocks (ResNet's layer1..layer4), else the blocks of the model's longest block list."""
+    candidates: list[str] = []
+    for names in ([n for n, c in model.named_children() if any(True for _ in c.parameters())], _block_list(model)):
+        feats, out = _probe(model, inputs, names, strict=False)
+        if out.dim() != 2:
+            raise DataError(f"distill.self expects classifier logits (B, classes), the model returned "
+                            f"{tuple(out.shape)}", hint="self-distillation trains classification exits")
+        candidates = [n for n in names if n in feats and feats[n].dim() in (2, 3, 4)
+                      and feats[n].shape[0] == out.shape[0]
+                      and not (feats[n].dim() == 2 and feats[n].shape == out.shape)]
+        candidates = candidates[:-1]  # the block feeding the classifier adds nothing over the final output
+        if candidates:
+            break
     if not candidates:
         raise ConfigError("distill.self: found no layer to attach an exit head to",
                           hint="name the layers with SelfDistillation(exits=['layer1', ...])")

@@ -143,7 +143,9 @@ class _CodebookWeight(nn.Module):
         bias = None if self.bias is None else self.bias.to(device=device, dtype=dtype)
         weight = self.decoded_weight().to(device=device, dtype=dtype)
         if not training:
-            self.__dict__["_decoded"] = (key, weight, bias)
+            # the bias is cached detached: it lives in the codebook table, not in the state dict, so
+            # an exporter's tracer takes it for a constant, which must not require grad
+            self.__dict__["_decoded"] = (key, weight, None if bias is None else bias.detach())
         return weight, bias
 
     def _storage_spec(self) -> dict:
