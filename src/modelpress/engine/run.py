@@ -34,7 +34,7 @@ from ..core.config import MethodConfig
 from ..core.data import check_finite_params, check_model_accepts, first_inputs_if_reusable
 from ..core.errors import DataError
 from ..core.scope import type_matches
-from ..nn.attention import convert_multihead_attention
+from ..nn.attention import convert_attention
 from .inputs import MethodInputs, MethodReport, MethodResult
 from .registry import get_method
 
@@ -101,8 +101,9 @@ def run_method(model: nn.Module, config: MethodConfig, inputs: MethodInputs | No
         # nn.MultiheadAttention computes its projections from packed parameters, no Linear a method
         # could prune or quantize (and nn.TransformerEncoderLayer's fused inference path reads the
         # weights of replaced Linears directly, skipping their forward): its exact equivalent with
-        # four Linear projections takes its place
-        convert_multihead_attention(target)
+        # four Linear projections takes its place; torchvision's Swin attention (F.linear on its
+        # layers' weights) likewise becomes WindowAttention, which calls them
+        convert_attention(target)
     skipped = unsupported_layers(target, info.layer_types)
     shapes = {n: _own_shapes(target.get_submodule(n)) for n in skipped} if info.structural else {}
     if inputs.loss_fn is None and inputs.train is not None and not inputs.task.labelled:

@@ -176,8 +176,10 @@ def convert_multihead_attention(model: nn.Module) -> list[str]:
     return done
 
 
-def make_attention_prunable(model: nn.Module) -> list[str]:
-    """Replace (in place) the attention whose head size is tied to its input width by the exact
-    equivalents with a stored head size: ``nn.MultiheadAttention`` by :class:`Attention`,
+def convert_attention(model: nn.Module) -> list[str]:
+    """Replace (in place) the attention whose head size is tied to its input width, and whose
+    projections are packed parameters or read with F.linear, by the exact equivalents with a stored
+    head size and Linear projections they call (so heads can be cut, and projections pruned or
+    quantized like any Linear): ``nn.MultiheadAttention`` by :class:`Attention`,
     torchvision's Swin attention by :class:`~.window_attention.WindowAttention`; returns their names."""
     return convert_multihead_attention(model) + convert_window_attention(model)

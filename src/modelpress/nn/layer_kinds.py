@@ -141,10 +141,23 @@ class WeightRead(NamedTuple):
 WEIGHT_READERS: dict[str, dict[str, WeightRead]] = {
     "MultiheadAttention": {"out_proj": WeightRead(
         "nn.MultiheadAttention reads out_proj.weight itself and never calls out_proj", False)},
+    "WindowAttention": {"qkv": WeightRead(
+        "Swin V2 window attention computes qkv with F.linear (no key bias) and never calls qkv", False)},
     "TransformerEncoderLayer": {child: WeightRead(
         f"nn.TransformerEncoderLayer's inference fast path reads {child}.weight itself", True)
         for child in ("linear1", "linear2")},
 }
+
+
+# subclasses whose forward computes what their base class's does (timm's Linear adds only a
+# TorchScript branch): methods may replace them like their base class
+SAME_FORWARD = {"timm.layers.linear.Linear"}
+
+
+def overrides_forward(module: nn.Module, base: type[nn.Module]) -> bool:
+    """True when ``module``'s class changes what ``base.forward`` computes (see :data:`SAME_FORWARD`)."""
+    cls = type(module)
+    return cls.forward is not base.forward and f"{cls.__module__}.{cls.__qualname__}" not in SAME_FORWARD
 
 
 def parent_reads_weight(model: nn.Module, name: str) -> WeightRead | None:
@@ -155,6 +168,9 @@ def parent_reads_weight(model: nn.Module, name: str) -> WeightRead | None:
         return None
     if isinstance(parent, nn.TransformerEncoderLayer) and getattr(parent.self_attn, "in_proj_bias", None) is None:
         return None  # its fast path needs packed attention with a bias (modelpress' Attention has none)
+    if type(parent).__name__ == "WindowAttention" and not (getattr(parent, "v2", False) and child == "qkv"
+                                                           and parent.qkv.bias is not None):
+        return None  # V1 calls its qkv; V2 computes it with F.linear to leave out the key bias
     for c in type(parent).__mro__:
         read = WEIGHT_READERS.get(c.__name__, {}).get(child)
         if read is not None:

@@ -57,7 +57,7 @@ from ..core.errors import DataError, ScopeError, UnsupportedError
 from ..core.scope import Scope
 from ..engine import MethodInputs, MethodResult, register_method
 from ..graph.surgery import prune_axis
-from ..nn.attention import make_attention_prunable
+from ..nn.attention import convert_attention
 from ..nn.layer_kinds import is_transposed_linear, linear_equivalent
 from ..nn.modules import set_module
 from ..nn.records import mark_int_attrs
@@ -461,7 +461,7 @@ def head_prune(model: nn.Module, cfg: HeadPruning, inputs: MethodInputs) -> Meth
     params0 = sum(p.numel() for p in model.parameters())
     # nn.MultiheadAttention and torchvision's Swin tie their head size to their input width: their
     # exact equivalents with a stored head size have heads that can go
-    make_attention_prunable(model)
+    convert_attention(model)
     blocks = select_blocks(model, cfg, skipped)
     scores = block_importance(model, blocks, cfg, inputs)
     reference = copy.deepcopy(model) if inputs.data is not None else None

@@ -52,7 +52,7 @@ from ..core.errors import DataError, ScopeError, UnsupportedError
 from ..core.scope import Scope
 from ..engine import MethodInputs, MethodResult, register_method
 from ..graph import ChannelGraph, Group, build_channel_graph
-from ..nn.attention import make_attention_prunable
+from ..nn.attention import convert_attention
 from ..nn.layer_kinds import is_transposed_linear, plain_linears
 from ..nn.macs import count_macs as mac_report
 from .heads import HeadPruning, find_blocks, head_prune
@@ -356,7 +356,7 @@ def channel_prune(model: nn.Module, cfg: ChannelPruning, inputs: MethodInputs) -
     plain_linears(model, [(n, m) for n, m in model.named_modules() if is_transposed_linear(m)])
     # nn.MultiheadAttention and torchvision's Swin tie their inner width to their input width: their
     # exact equivalents (modelpress Attention, WindowAttention) let the hidden width around them go
-    make_attention_prunable(model)
+    convert_attention(model)
     with torch.no_grad():
         was_training = model.training
         model.eval()

@@ -73,7 +73,7 @@ from ..core.config import MethodConfig, StrictModel
 from ..core.errors import ScopeError
 from ..core.scope import Scope, first_and_last
 from ..engine import MethodInputs, MethodResult, register_method
-from ..nn.layer_kinds import RECURRENT, linear_equivalent, parent_reads_weight
+from ..nn.layer_kinds import RECURRENT, linear_equivalent, overrides_forward, parent_reads_weight
 from ..nn.modules import set_module
 from ..nn.records import buildable
 from .primitives import QuantSpec, quantize_tensor, sqnr
@@ -304,7 +304,7 @@ def _skip_reason(model: nn.Module, name: str, module: nn.Module) -> str | None:
     read = parent_reads_weight(model, name)
     if read is not None and not read.calls_layer:  # the int8 kernel would never run
         return read.reason
-    if isinstance(module, nn.Linear) and type(module).forward is not nn.Linear.forward:
+    if isinstance(module, nn.Linear) and overrides_forward(module, nn.Linear):
         return f"{type(module).__name__} overrides Linear.forward"
     if isinstance(module, nn.RNNBase):
         return unsupported_rnn(module)
