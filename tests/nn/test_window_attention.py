@@ -101,3 +101,42 @@ def test_timm_linear_is_a_linear_to_dynamic_int8():
     model = torch.nn.Sequential(layers.Linear(8, 8), torch.nn.ReLU(), layers.Linear(8, 4)).eval()
     q, report = run_method(model, DynamicInt8(), MethodInputs())
     assert isinstance(q[0], DynamicInt8Linear) and isinstance(q[2], DynamicInt8Linear)
+
+
+def tiny_maxvit():
+    prepare_torchvision()
+    maxvit = pytest.importorskip("torchvision.models.maxvit")
+    torch.manual_seed(0)
+    model = maxvit.MaxVit(input_size=(32, 32), stem_channels=8, partition_size=2, block_channels=[16, 32],
+                          block_layers=[1, 1], head_dim=8, stochastic_depth_prob=0.0, num_classes=10).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "relative_position_bias_table" in name:
+                p.add_(torch.randn_like(p) * 0.5)
+    return model
+
+
+def test_maxvit_partition_attention_converts_exactly_and_prunes_like_a_cnn(tmp_path):
+    from modelpress.nn.window_attention import PartitionAttention
+
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    model = tiny_maxvit()
+    with torch.no_grad():
+        ref = model(x)
+        names = convert_window_attention(model)
+        torch.testing.assert_close(model(x), ref, atol=1e-6, rtol=1e-6)
+    assert len(names) == 4 and all(isinstance(model.get_submodule(n), PartitionAttention) for n in names)
+
+    model = tiny_maxvit()
+    batches = [(x, torch.zeros(2, dtype=torch.long))]
+    pruned, report = run_method(model, ChannelPruning(ratio=0.5), MethodInputs(data=batches))
+    attn = pruned.get_submodule(names[0])
+    assert attn.num_heads == 1 and attn.to_qkv.in_features < 16  # heads and the residual width went
+    n_params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert n_params(pruned) < 0.45 * n_params(model)
+    with torch.no_grad():
+        out = pruned(x)
+    assert out.shape == ref.shape
+    again, _ = load_artifact(save_artifact(pruned, tmp_path / "maxvit.safetensors"), base_model=tiny_maxvit())
+    with torch.no_grad():
+        assert torch.equal(again(x), out)

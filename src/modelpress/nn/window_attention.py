@@ -11,6 +11,10 @@ exactly (weights and buffers copied). The per-head tensors (the bias table ``[(2
 V2's ``logit_scale`` ``[heads, 1, 1]`` and ``cpb_out`` ``[heads, hidden]``, the MLP's last layer kept
 as a tensor so it is not taken for a projection) are what ``prune.heads`` slices with the heads.
 
+MaxViT's block and grid attention (torchvision's ``RelativePositionalMultiHeadAttention``) reshapes
+its heads back to the input width ``D`` the same way; :class:`PartitionAttention` is its drop-in with
+the inner width ``heads x head_dim`` (:func:`from_torchvision_partition_attention`).
+
     >>> import torch
     >>> attn = WindowAttention(16, num_heads=2, head_dim=8, window_size=(4, 4), shift_size=(2, 2))
     >>> attn(torch.randn(1, 6, 6, 16)).shape  # padded to 8 x 8 inside, cut back
@@ -28,6 +32,7 @@ from .modules import set_module
 from .records import buildable
 
 _TORCHVISION = ("ShiftedWindowAttention", "ShiftedWindowAttentionV2")
+_TORCHVISION_PARTITION = "RelativePositionalMultiHeadAttention"  # MaxViT
 
 
 def relative_position_index(window: tuple[int, int]) -> torch.Tensor:
@@ -183,12 +188,71 @@ def from_torchvision_window_attention(m: nn.Module) -> WindowAttention:
     return attn.to(device=m.qkv.weight.device, dtype=m.qkv.weight.dtype)
 
 
+@buildable
+class PartitionAttention(nn.Module):
+    """Multi-head self-attention inside each partition of ``[B, G, P, D]`` (``G`` windows or grid
+    cells of ``P`` positions) with a relative position bias: MaxViT's, with a stored head size and
+    its own inner width (see the module docstring). ``scale`` multiplies the keys (MaxViT uses
+    ``D ** -0.5`` of the width it was built with, kept as a number when the width is pruned)."""
+
+    per_head_dims = {"relative_position_bias_table": 1}
+
+    def __init__(self, dim: int, num_heads: int, head_dim: int, max_seq_len: int, scale: float,
+                 out_dim: int | None = None):
+        super().__init__()
+        self.num_heads, self.head_dim, self.max_seq_len, self.scale = num_heads, head_dim, max_seq_len, float(scale)
+        size = math.isqrt(max_seq_len)
+        self.to_qkv = nn.Linear(dim, 3 * num_heads * head_dim)
+        self.merge = nn.Linear(num_heads * head_dim, out_dim or dim)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * size - 1) ** 2, num_heads))
+        self.register_buffer("relative_position_index", relative_position_index((size, size)))
+
+    def spec(self) -> dict:
+        return {"dim": self.to_qkv.in_features, "num_heads": self.num_heads, "head_dim": self.head_dim,
+                "max_seq_len": self.max_seq_len, "scale": self.scale, "out_dim": self.merge.out_features}
+
+    @classmethod
+    def from_spec(cls, args: dict) -> "PartitionAttention":
+        return cls(**args)
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, head_dim={self.head_dim}, max_seq_len={self.max_seq_len}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, g, p, _ = x.shape
+        h, dh = self.num_heads, self.head_dim
+        qkv = self.to_qkv(x).chunk(3, dim=-1)  # indexed, not unpacked: torch.fx can trace it
+        q, k, v = (qkv[i].reshape(b, g, p, h, dh).transpose(2, 3) for i in range(3))
+        n = self.max_seq_len
+        bias = self.relative_position_bias_table[self.relative_position_index].view(n, n, -1).permute(2, 0, 1)
+        attn = F.softmax(q @ (k * self.scale).transpose(-2, -1) + bias.unsqueeze(0), dim=-1)
+        return self.merge((attn @ v).transpose(2, 3).reshape(b, g, p, h * dh))
+
+
+@torch.no_grad()
+def from_torchvision_partition_attention(m: nn.Module) -> PartitionAttention:
+    """A :class:`PartitionAttention` computing what torchvision's MaxViT attention ``m`` computes."""
+    attn = PartitionAttention(m.to_qkv.in_features, m.n_heads, m.head_dim, m.max_seq_len, m.scale_factor,
+                              m.merge.out_features)
+    attn.to_qkv.load_state_dict(m.to_qkv.state_dict())
+    attn.merge.load_state_dict(m.merge.state_dict())
+    attn.relative_position_bias_table.copy_(m.relative_position_bias_table)
+    attn.relative_position_index.copy_(m.relative_position_index.flatten())
+    attn.train(m.training)
+    return attn.to(device=m.to_qkv.weight.device, dtype=m.to_qkv.weight.dtype)
+
+
 def convert_window_attention(model: nn.Module) -> list[str]:
-    """Replace every torchvision shifted-window attention of ``model`` (in place) by its
-    :class:`WindowAttention`; returns their names."""
+    """Replace every torchvision shifted-window attention (Swin) and partition attention (MaxViT) of
+    ``model`` (in place) by its :class:`WindowAttention` / :class:`PartitionAttention`; returns their names."""
     done = []
     for name, m in list(model.named_modules()):
-        if name and is_torchvision_window_attention(m):
+        if not name or not type(m).__module__.startswith("torchvision."):
+            continue
+        if is_torchvision_window_attention(m):
             set_module(model, name, from_torchvision_window_attention(m))
+            done.append(name)
+        elif type(m).__name__ == _TORCHVISION_PARTITION:
+            set_module(model, name, from_torchvision_partition_attention(m))
             done.append(name)
     return done
