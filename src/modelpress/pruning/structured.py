@@ -372,8 +372,12 @@ def channel_prune(model: nn.Module, cfg: ChannelPruning, inputs: MethodInputs) -
             g.prune()
     else:
         info["ratio"] = _prune_to_macs(model, graph, groups, cfg, inputs, macs0)
-    if cfg.heads and cfg.target_macs_reduction is None and cfg.ratio and find_blocks(model):
+    blocks = find_blocks(model) if cfg.heads and cfg.target_macs_reduction is None and cfg.ratio else []
+    if blocks:
         model, info["heads"] = _prune_heads(model, cfg, inputs)
+        if "skipped" not in info["heads"]:  # their outputs are whole heads, and heads went: not left intact
+            by_heads = {n for b in blocks for n, _, _ in b.qkv}
+            info["skipped"] = [s for s in info["skipped"] if s["layer"] not in by_heads]
     with torch.no_grad():
         was_training = model.training
         model.eval()
@@ -396,7 +400,7 @@ def channel_prune(model: nn.Module, cfg: ChannelPruning, inputs: MethodInputs) -
         "params": [params0, params1], "macs": [macs0, macs1], "macs_reduction": 1 - macs1 / macs0,
     })
     inputs.log(f"prune.channels: params {params0:,} -> {params1:,}, MACs {macs0:,} -> {macs1:,}; "
-               f"{len(graph.skipped)} layer(s) left intact")
+               f"{len(info['skipped'])} layer(s) left intact")
     return MethodResult(model, info)
 
 
