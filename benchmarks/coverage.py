@@ -44,6 +44,7 @@ Usage::
     python benchmarks/coverage.py --quick --timeout 180 --markdown benchmarks/results/coverage.md
     python benchmarks/coverage.py --families hf,nn --methods 'prune.*'
     python benchmarks/coverage.py --models 'timm:vit*' --methods quant.static_int8 --redo raw,timeout
+    python benchmarks/coverage.py --report a.jsonl,b.jsonl --markdown m.md  # runs split across processes
 
 Models are randomly initialised (nothing is downloaded). Data are random: 4 batches of 4
 (images at ``--image-size`` px, or the model's native size when it does not run there; 16
@@ -866,7 +867,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--redo", default="", help="statuses to run again although in --results, e.g. raw,timeout")
     p.add_argument("--markdown", type=Path, help="write the summary and the table to this file")
     p.add_argument("--list", action="store_true", help="print the models (with parameter counts) and exit")
+    p.add_argument("--report", default="", help="comma-separated result files: print (and --markdown) the table "
+                                                "of every row in them, run nothing (runs split across processes)")
     args = p.parse_args(argv)
+    command = "python benchmarks/coverage.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.report:
+        done = {}
+        for f in filter(None, args.report.split(",")):
+            done.update(load_results(Path(f)))
+        rows = [done[k] for k in sorted(done, key=lambda k: (FAMILIES.index(done[k]["family"]), k[1], k[0]))]
+        return _write_report(rows, command.strip(), args.markdown)
 
     families = [f.strip() for f in args.families.split(",") if f.strip()]
     unknown = set(families) - set(FAMILIES)
@@ -919,12 +929,15 @@ def main(argv: list[str] | None = None) -> int:
     keep = {(m, s.name) for m, s in jobs}
     rows = [done[k] for k in sorted(done, key=lambda k: (FAMILIES.index(done[k]["family"]), k[1], k[0]))
             if k in keep]
-    command = "python benchmarks/coverage.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = report(rows, command.strip())
+    return _write_report(rows, command.strip(), args.markdown)
+
+
+def _write_report(rows: list[dict], command: str, markdown: Path | None) -> int:
+    text = report(rows, command)
     print(text)
-    if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(f"# Coverage matrix: every method x real architectures\n\n{text}")
+    if markdown:
+        markdown.parent.mkdir(parents=True, exist_ok=True)
+        markdown.write_text(f"# Coverage matrix: every method x real architectures\n\n{text}")
     return 0
 
 

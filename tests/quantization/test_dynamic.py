@@ -234,3 +234,12 @@ def test_embedding_tables_are_stored_as_int8_rows(tmp_path):
     assert torch.equal(again(ids), q(ids))
     kept = quantize(model, DynamicInt8(embeddings=False))
     assert type(kept.emb) is nn.Embedding
+
+
+def test_inputs_too_small_for_the_int8_kernel_take_the_float_path():
+    torch.manual_seed(0)
+    q = DynamicInt8Linear.from_linear(nn.Linear(64, 8, bias=False))
+    for scale in (1.0, 1e-4, 1e-9):  # the fbgemm kernel returned zeros below ~1e-5
+        x = torch.randn(4, 64) * scale
+        with torch.no_grad():
+            assert sqnr(x @ q.dequantized_weight().t(), q(x)) > 30
