@@ -93,6 +93,18 @@ def test_quantization_calls_the_converted_projections(v2):
         assert sqnr(model(X), q(X)) > 25
 
 
+@pytest.mark.parametrize("v2", [False, True])
+def test_static_int8_through_the_converted_attention_reloads(v2, tmp_path):
+    from modelpress.quantization.static import StaticInt8
+
+    model = tiny_swin(v2)
+    q, _ = run_method(model, StaticInt8(), MethodInputs(data=[(X, torch.zeros(2, dtype=torch.long))]))
+    # its spec read qkv.in_features, which the quantized wrapper does not have (a raw AttributeError)
+    again, _ = load_artifact(save_artifact(q, tmp_path / "q.safetensors"), base_model=tiny_swin(v2))
+    with torch.no_grad():
+        torch.testing.assert_close(again(X), q(X))
+
+
 def test_timm_linear_is_a_linear_to_dynamic_int8():
     prepare_torchvision()
     layers = pytest.importorskip("timm.layers")

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.errors import UnsupportedError
-from .modules import set_module
+from .modules import linear_features, set_module
 from .records import buildable
 from .window_attention import convert_window_attention
 
@@ -59,9 +59,10 @@ class Attention(nn.Module):
         return torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
 
     def spec(self) -> dict:
-        return {"embed_dim": self.q_proj.in_features, "num_heads": self.num_heads, "head_dim": self.head_dim,
-                "kdim": self.k_proj.in_features, "vdim": self.v_proj.in_features,
-                "out_dim": self.out_proj.out_features, "bias": self.q_proj.bias is not None,
+        # read through linear_features: after quantization the projections may be wrappers
+        return {"embed_dim": linear_features(self.q_proj)[0], "num_heads": self.num_heads, "head_dim": self.head_dim,
+                "kdim": linear_features(self.k_proj)[0], "vdim": linear_features(self.v_proj)[0],
+                "out_dim": linear_features(self.out_proj)[1], "bias": self.q_proj.bias is not None,
                 "batch_first": self.batch_first, "dropout": self.dropout}
 
     @classmethod

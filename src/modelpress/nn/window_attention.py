@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .modules import set_module
+from .modules import linear_features, set_module
 from .records import buildable
 
 _TORCHVISION = ("ShiftedWindowAttention", "ShiftedWindowAttentionV2")
@@ -80,8 +80,10 @@ class WindowAttention(nn.Module):
         self.register_buffer("relative_position_index", relative_position_index((w0, w1)))
 
     def spec(self) -> dict:
-        return {"dim": self.qkv.in_features, "num_heads": self.num_heads, "head_dim": self.head_dim,
-                "window_size": self.window_size, "shift_size": self.shift_size, "out_dim": self.proj.out_features,
+        # read through linear_features: after quantization the projections may be wrappers
+        return {"dim": linear_features(self.qkv)[0], "num_heads": self.num_heads, "head_dim": self.head_dim,
+                "window_size": self.window_size, "shift_size": self.shift_size,
+                "out_dim": linear_features(self.proj)[1],
                 "qkv_bias": self.qkv.bias is not None, "proj_bias": self.proj.bias is not None,
                 "attention_dropout": self.attention_dropout, "dropout": self.dropout, "v2": self.v2,
                 "cpb_hidden": self.cpb_out.shape[1] if self.v2 else 512}
@@ -208,8 +210,8 @@ class PartitionAttention(nn.Module):
         self.register_buffer("relative_position_index", relative_position_index((size, size)))
 
     def spec(self) -> dict:
-        return {"dim": self.to_qkv.in_features, "num_heads": self.num_heads, "head_dim": self.head_dim,
-                "max_seq_len": self.max_seq_len, "scale": self.scale, "out_dim": self.merge.out_features}
+        return {"dim": linear_features(self.to_qkv)[0], "num_heads": self.num_heads, "head_dim": self.head_dim,
+                "max_seq_len": self.max_seq_len, "scale": self.scale, "out_dim": linear_features(self.merge)[1]}
 
     @classmethod
     def from_spec(cls, args: dict) -> "PartitionAttention":
