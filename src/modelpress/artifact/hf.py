@@ -113,8 +113,10 @@ class HFLogits(nn.Module):
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
         ids = args[0] if args else kwargs.get("input_ids")
+        if "_takes_mask" not in self.__dict__:  # looked up once, not on every call
+            self.__dict__["_takes_mask"] = _takes_attention_mask(self.hf)
         if isinstance(ids, torch.Tensor) and not ids.is_floating_point() and "attention_mask" not in kwargs \
-                and len(args) < 2 and _takes_attention_mask(self.hf):
+                and len(args) < 2 and self.__dict__["_takes_mask"]:
             # token ids alone: every position attends (what a missing mask means). Said explicitly,
             # transformers skips its packed-sequence detection (torch.diff), which ONNX cannot export
             kwargs["attention_mask"] = torch.ones_like(ids)

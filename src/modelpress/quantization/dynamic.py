@@ -280,7 +280,8 @@ class DynamicInt8Linear(nn.Module):
         if packed is None:
             return self._reference_forward(x)
         if self.activations == "tensor":
-            if max(float(x.amax()), -float(x.amin())) < _SMALL_RANGE:
+            lo, hi = torch.aminmax(x)  # one pass
+            if max(float(hi), -float(lo)) < _SMALL_RANGE:
                 return self._reference_forward(x)  # the kernel's activation scale cannot go that small
             return torch.ops.quantized.linear_dynamic(x, packed, self.reduce_range == "activations")
         # Per-row scales through a per-tensor kernel: rows scaled to |max| = 1, output rows scaled back.
