@@ -245,3 +245,19 @@ def test_models_fx_cannot_trace_are_quantized_layer_by_layer(tmp_path):
         assert torch.equal(again(**x), q(**x))
     _, note = export_deployable(q, x, tmp_path / "q.onnx")
     assert note.startswith("int8 QDQ")
+
+
+def test_timm_vit_flag_inputs_are_baked_in_and_the_int8_graph_exports(tmp_path):
+    from modelpress.core.compat import prepare_torchvision
+    from modelpress.export.deploy import export_deployable
+
+    prepare_torchvision()
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=5).eval()
+    x = torch.randn(2, 3, 32, 32)
+    q, report = run_method(model, StaticInt8(), MethodInputs(data=[(x, torch.zeros(2, dtype=torch.long))]))
+    assert report.info["capture"] == "graph"
+    assert "is_causal" not in [n.name for n in q.graph.nodes if n.op == "placeholder"]  # now a constant
+    path, note = export_deployable(q, x, tmp_path / "vit.onnx")  # was: is_causal must be bool, not Tensor
+    assert path.exists() and note.startswith("int8 QDQ")

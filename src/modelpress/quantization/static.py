@@ -349,6 +349,7 @@ def prepare_static(model: nn.Module, cfg: StaticInt8) -> tuple[nn.Module, dict]:
         report["capture"] = f"layers (torch.fx cannot trace {type(model).__name__}: {type(exc).__name__}: {first})"
         return _prepare_layers(model, layers, cfg, options, report), report
     report["capture"] = "graph"
+    _bake_flag_inputs(gm)
     ins = _Inserter(gm, set(layers), cfg.activation_spec(), cfg.observer, options)
     ins.run()
     for name in layers:
@@ -381,6 +382,20 @@ class InputQuantizedLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.quantized(self.input_quant(x))
+
+
+def _bake_flag_inputs(gm: fx.GraphModule) -> None:
+    """Graph inputs with a bool default (timm's ``forward(x, attn_mask=None, is_causal=False)``)
+    become that constant: as inputs they reached the ONNX exporter's tracer as tensors
+    (scaled_dot_product_attention's ``is_causal`` then failed)."""
+    for node in list(gm.graph.nodes):
+        if node.op == "placeholder" and node.args and isinstance(node.args[0], bool):
+            value = node.args[0]
+            for user in list(node.users):
+                user.args = fx.node.map_arg(user.args, lambda a, n=node, v=value: v if a is n else a)
+                user.kwargs = fx.node.map_arg(user.kwargs, lambda a, n=node, v=value: v if a is n else a)
+            gm.graph.erase_node(node)
+    gm.recompile()
 
 
 def _prepare_layers(model: nn.Module, layers: list[str], cfg: StaticInt8, options: dict, report: dict) -> nn.Module:
