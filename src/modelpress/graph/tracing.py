@@ -133,13 +133,16 @@ def trace_with_shapes(model: nn.Module, example_inputs: Any) -> fx.GraphModule:
     traced (data-dependent control flow, calls fx cannot follow).
     """
     tracer, graph = _trace(model)
-    if not model.training and _unreached(model, graph):
+    unreached = _unreached(model, graph) if not model.training else []
+    if unreached:
         # Layers that run only in training (GoogLeNet's and Inception's auxiliary classifiers)
         # read channels too: a cut that missed them would break fine-tuning. Trace the training
         # forward instead when it reaches more of them.
         model.train()
         try:
-            tracer, graph = min([(tracer, graph), _trace(model)], key=lambda tg: len(_unreached(model, tg[1])))
+            train_tracer, train_graph = _trace(model)
+            if len(_unreached(model, train_graph)) < len(unreached):
+                tracer, graph = train_tracer, train_graph
         except UnsupportedError:
             pass
         finally:

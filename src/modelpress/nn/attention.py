@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.errors import UnsupportedError
-from .modules import linear_features, set_module
+from .layer_kinds import linear_features
+from .modules import set_module
 from .records import buildable
 from .window_attention import convert_window_attention
 

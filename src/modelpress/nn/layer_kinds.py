@@ -116,6 +116,16 @@ class WeightRef:
         return t.t() if self.transposed else t
 
 
+def linear_features(layer: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of a Linear, GPT-2's Conv1D (weight ``[in, out]``), or a layer
+    standing in for a Linear (quantized, factorized ...: every replacement exposes the ``weight`` it
+    computes with, ``[out, in]``)."""
+    if isinstance(layer, nn.Linear):
+        return layer.in_features, layer.out_features
+    rows, cols = (int(n) for n in layer.weight.shape[:2])
+    return (rows, cols) if is_transposed_linear(layer) else (cols, rows)
+
+
 def weight_refs(layers: list[tuple[str, nn.Module]]) -> list[tuple[str, WeightRef]]:
     """``(name, WeightRef)`` of every weight matrix of ``layers``: ``name`` for a layer with one
     ``weight``, ``name.weight_ih_l0`` ... for a recurrent layer."""

@@ -33,11 +33,3 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     else:
         setattr(parent, child, module)
 
-
-def linear_features(layer: nn.Module) -> tuple[int, int]:
-    """``(in_features, out_features)`` of a Linear, or of a layer standing in for one (quantized,
-    factorized ...: every replacement exposes the ``weight`` it computes with, ``[out, in]``)."""
-    if isinstance(layer, nn.Linear):
-        return layer.in_features, layer.out_features
-    out_features, in_features = layer.weight.shape[:2]
-    return int(in_features), int(out_features)

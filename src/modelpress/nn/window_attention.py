@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .modules import linear_features, set_module
+from .layer_kinds import linear_features
+from .modules import set_module
 from .records import buildable
 
 _TORCHVISION = ("ShiftedWindowAttention", "ShiftedWindowAttentionV2")

@@ -58,7 +58,7 @@ from ..core.scope import Scope
 from ..engine import MethodInputs, MethodResult, register_method
 from ..graph.surgery import prune_axis
 from ..nn.attention import convert_attention
-from ..nn.layer_kinds import is_transposed_linear, linear_equivalent
+from ..nn.layer_kinds import is_transposed_linear, linear_equivalent, linear_features
 from ..nn.modules import set_module
 from ..nn.records import mark_int_attrs
 from ..nn.window_attention import is_torchvision_window_attention
@@ -87,11 +87,6 @@ class HeadPruning(MethodConfig):
 # -- linear maps: nn.Linear and transformers' Conv1D (a Linear storing its weight transposed) -------
 def _is_linear(m: nn.Module) -> bool:
     return isinstance(m, nn.Linear) or is_transposed_linear(m)
-
-
-def _dims(m: nn.Module) -> tuple[int, int]:
-    """``(in, out)`` features of a linear map."""
-    return (m.in_features, m.out_features) if isinstance(m, nn.Linear) else tuple(m.weight.shape)
 
 
 def _rows(m: nn.Module, w: torch.Tensor | None = None) -> torch.Tensor:
@@ -136,14 +131,15 @@ def _head_dim(attn: nn.Module, q_width: int) -> int | None:
 def _projections(name: str, attn: nn.Module):
     """``(qkv, rest)``: the query/key/value slices among ``attn``'s linear children, and the others."""
     linears = [(f"{name}.{n}" if name else n, m) for n, m in attn.named_children() if _is_linear(m)]
-    if len(linears) >= 3 and all(_dims(m)[0] == _dims(linears[0][1])[0] for _, m in linears[:3]):
+    if len(linears) >= 3 and all(linear_features(m)[0] == linear_features(linears[0][1])[0] for _, m in linears[:3]):
         (qn, q), (kn, k), (vn, v) = linears[:3]
-        if _dims(k)[1] == _dims(v)[1] and _dims(q)[1] % _dims(k)[1] == 0:
-            return [(qn, 0, _dims(q)[1]), (kn, 0, _dims(k)[1]), (vn, 0, _dims(v)[1])], linears[3:]
+        q_out, k_out, v_out = (linear_features(m)[1] for m in (q, k, v))
+        if k_out == v_out and q_out % k_out == 0:
+            return [(qn, 0, q_out), (kn, 0, k_out), (vn, 0, v_out)], linears[3:]
     if len(linears) >= 2:  # one fused projection (q, k, v stacked) read back by the output projection
         (fn, fused), rest = linears[0], linears[1:]
-        third = _dims(fused)[1] // 3
-        if _dims(fused)[1] == 3 * third and any(_dims(m)[0] == third for _, m in rest):
+        third = linear_features(fused)[1] // 3
+        if linear_features(fused)[1] == 3 * third and any(linear_features(m)[0] == third for _, m in rest):
             return [(fn, 0, third), (fn, third, third), (fn, 2 * third, third)], rest
     return None, []
 
@@ -163,7 +159,7 @@ def _find_ffn(model: nn.Module, root: str, hidden: int, taken: set[str]) -> tupl
     candidates = [(n, m) for n, m in _linear_descendants(model, root) if n not in taken]
     by_width: dict[int, tuple[list[str], list[str]]] = {}
     for n, m in candidates:
-        d_in, d_out = _dims(m)
+        d_in, d_out = linear_features(m)
         if d_in == hidden and d_out != hidden:
             by_width.setdefault(d_out, ([], []))[0].append(n)
         elif d_out == hidden and d_in != hidden:
@@ -208,11 +204,11 @@ def find_blocks(model: nn.Module, skipped: dict[str, str] | None = None) -> list
         head_dim = _head_dim(attn, q_width)
         if head_dim is None or qkv[1][2] % head_dim:
             continue
-        out = next((n for n, m in rest if _dims(m)[0] == q_width), None)
+        out = next((n for n, m in rest if linear_features(m)[0] == q_width), None)
         if out is None:  # BERT-style: the output projection sits beside the attention module
             proj = {n for n, _, _ in qkv}
             out = next((n for n, m in _linear_descendants(model, _parent(name))
-                        if n not in proj and not n.startswith(f"{name}.") and _dims(m)[0] == q_width), None)
+                        if n not in proj and not n.startswith(f"{name}.") and linear_features(m)[0] == q_width), None)
         if out is None or out in used:
             continue
         per_head = _per_head_tensors(attn, q_width // head_dim)
@@ -225,7 +221,7 @@ def find_blocks(model: nn.Module, skipped: dict[str, str] | None = None) -> list
             if skipped is not None:
                 skipped[name] = why
             continue
-        hidden = _dims(model.get_submodule(out))[1]
+        hidden = linear_features(model.get_submodule(out))[1]
         taken = {n for n, _, _ in qkv} | {out}
         block, ffn, root = _parent(name), None, _parent(name)
         for _ in range(3):  # the nearest enclosing module holding exactly one FFN
@@ -408,7 +404,7 @@ def prune_ffn(model: nn.Module, b: Block, neurons: list[int]) -> None:
     if not neurons or not b.ffn_out:
         return
     drop = set(neurons)
-    width = _dims(model.get_submodule(b.ffn_out))[0]
+    width = linear_features(model.get_submodule(b.ffn_out))[0]
     keep = [i for i in range(width) if i not in drop]
     for name in b.ffn_in:
         prune_axis(_linear_for_edit(model, name), "out", keep)
@@ -479,7 +475,7 @@ def head_prune(model: nn.Module, cfg: HeadPruning, inputs: MethodInputs) -> Meth
             floor = max(1, math.ceil(cfg.min_heads / (b.group_size if unit == "group" else 1)))
             removed = _lowest(unit_scores, _count(cfg.head_ratio, n_units, floor))
         drop_q, drop_kv = _removed_heads(b, unit, removed)
-        f0 = _dims(model.get_submodule(b.ffn_out))[0] if b.ffn_out else 0
+        f0 = linear_features(model.get_submodule(b.ffn_out))[0] if b.ffn_out else 0
         drop_ffn = _lowest(ffn_scores, _count(cfg.ffn_ratio, f0, 1)) if ffn_scores is not None else []
         if reference is not None:
             _zero_removed(reference, b, drop_q, drop_ffn)
@@ -489,7 +485,7 @@ def head_prune(model: nn.Module, cfg: HeadPruning, inputs: MethodInputs) -> Meth
         if kv0 != h0:
             heads[b.name] += [kv0, b.kv_heads]
         if b.ffn_out:
-            ffn[b.name] = [f0, _dims(model.get_submodule(b.ffn_out))[0]]
+            ffn[b.name] = [f0, linear_features(model.get_submodule(b.ffn_out))[0]]
     info = {"heads": heads, "ffn": ffn}
     if skipped:
         info["skipped"] = skipped
