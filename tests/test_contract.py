@@ -19,9 +19,9 @@ from modelpress.zoo.models import build_model
 
 ZOO = ["lenet5", "lenet300", "resnet_small", "mobilenetv2_small"]
 METHODS = [m for m in list_methods() if m.family != "distill"]  # distillers need a teacher: see tests/distillation
-# Defaults, except where a default costs minutes on the tiny zoo: CP's 100 ALS iterations take
-# ~60 s on resnet_small (tensorly's khatri_rao); the contract is about behaviour, and
-# tests/lowrank + benchmarks/lowrank.py check CP's quality at its defaults.
+# Defaults, except where a default costs seconds the contract does not need: CP's 100 ALS
+# sweeps take ~6 s on resnet_small; tests/lowrank and benchmarks/lowrank.py check CP's quality
+# at its defaults.
 FAST = {"lowrank.cp": {"n_iter_max": 10}}
 
 

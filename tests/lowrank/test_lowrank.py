@@ -157,6 +157,32 @@ def test_svd_param_ratio_reports_ranks_params_and_macs():
     assert count_macs(f, x).total == 13 * (64 + 48) + 11 * (48 + 48) + 4 * (48 + 10) < count_macs(m, x).total
 
 
+@pytest.mark.parametrize("shape,rank", [((24, 16, 3, 3), 12), ((24, 16, 3, 3), 40), ((16, 8, 5, 3), 30)],
+                         ids=["below-dims", "past-both-channel-counts", "5x3"])
+def test_cp_als_fits_as_well_as_tensorly_parafac(shape, rank):
+    """Our CP-ALS (no Khatri-Rao matrix) reaches tensorly's parafac error at the same rank, including
+    ranks past both channel counts (the default rank of a wide conv is)."""
+    from tensorly.decomposition import parafac
+
+    from modelpress.lowrank.cp import cp_factors
+
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    ours = cp_factors(w, rank)
+    lam, theirs = parafac(w.double().numpy(), rank=rank, init="svd", n_iter_max=100, tol=1e-8,
+                          normalize_factors=True, random_state=0)
+    theirs = [torch.from_numpy(f.copy()) for f in theirs]
+    theirs[0] = theirs[0] * torch.from_numpy(lam.copy())[None, :]
+
+    def error(factors):
+        return float((w.double() - torch.einsum("or,ir,hr,wr->oihw", *factors)).norm() / w.double().norm())
+
+    assert [tuple(f.shape) for f in ours] == [(s, rank) for s in shape]
+    assert all(torch.isfinite(f).all() for f in ours)
+    assert error(ours) <= error(theirs) + 0.01
+    norms = torch.stack([f.norm(dim=0) for f in ours])  # weight spread evenly over the four factors
+    assert torch.allclose(norms, norms[0].expand_as(norms), rtol=1e-4)
+
+
 def test_tucker_and_cp_report_exact_params_and_macs():
     torch.manual_seed(0)
     m = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, stride=2, padding=1))

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..core.config import MethodConfig
 from ..core.errors import ConfigError
+from ..core.progress import progress_bar
 from ..core.scope import Scope, first_and_last
 from ..engine import MethodInputs, MethodResult
 from ..nn.layer_kinds import parent_reads_weight
@@ -267,23 +268,30 @@ def factorize_layers(model: nn.Module, cfg: Any, inputs: MethodInputs, method: s
     layers = cfg.scope.resolve(model, layer_types, default_exclude=default_exclude)
     max_error = getattr(cfg, "max_error", None)
     report, skipped = {}, {}
-    for name, layer in layers:
+
+    def factorize_one(name: str, layer: nn.Module) -> None:
         read = parent_reads_weight(model, name)
         if read is not None:
             skipped[name] = read.reason
-            continue
+            return
         step = plan(layer)
         if isinstance(step, str):
             skipped[name] = step
-            continue
+            return
         rank, factorize = step
         new, err = factorize()
         if max_error is not None and err > max_error:
             skipped[name] = f"relative error {err:.3f} at rank {rank} exceeds max_error={max_error}"
-            continue
+            return
         report[name] = {"rank": rank, "params_before": n_params(layer), "params_after": n_params(new),
                         "rel_error": err}
         set_module(model, name, new)
+
+    with progress_bar(f"lowrank.{method}", total=len(layers)) as advance:
+        for name, layer in layers:
+            advance(0, note=name)
+            factorize_one(name, layer)
+            advance()
     if skipped:
         inputs.log(f"lowrank.{method}: left dense: {', '.join(f'{n} ({r})' for n, r in skipped.items())}")
     return MethodResult(model, {"layers": report, "skipped": skipped})
