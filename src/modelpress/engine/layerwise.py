@@ -1,0 +1,233 @@
+"""Layer-by-layer calibration: the driver of the one-shot methods that compress each layer from
+statistics of its own inputs (``quant.gptq``, ``prune.sparsegpt``, ``prune.wanda``).
+
+:func:`calibrate_layerwise` visits the selected layers in the order the model calls them, in
+groups of layers that read the same input tensor (an attention block's q, k and v; a gated MLP's
+gate and up). For each group it runs the calibration batches through the model *as already
+compressed*, so every layer sees the outputs of its compressed predecessors (GPTQ's sequential
+mode), hands each input of each layer of the group to that layer's observer as rows
+``(tokens, features)``, and stops the forward pass as soon as the group has run (layers after it
+are not needed yet). Then the method compresses the group in place and the next group is
+observed. Memory: the calibration inputs, one batch's activations and one group's statistics
+(e.g. one Hessian per layer of the group); nothing is kept per layer of the whole model.
+
+Rows come from a ``Linear``'s (or GPT-2 ``Conv1D``'s) input flattened over every dimension but the last, and from a
+``Conv2d``'s input unfolded into patches (``in * kh * kw`` features, the layout of its
+weight's inputs). When the inputs are a dict with an ``attention_mask`` (Hugging Face), rows of
+padded positions are left out. A layer the calibration data never reaches is reported, not
+compressed; a layer the model calls more than once per forward (shared weights) is observed over
+all its calls.
+
+The statistics an observer keeps are the method's business: :class:`Hessian` (``X^T X`` summed,
+GPTQ / SparseGPT) and :class:`InputNorms` (per-feature sum of squares, Wanda) live here because
+several methods share them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.data import as_data, call_model, check_finite, to_device
+from ..core.errors import DataError, UnsupportedError
+from ..core.progress import progress_bar
+from ..nn.layer_kinds import is_transposed_linear, linear_features
+
+
+class Observer(Protocol):
+    def observe(self, rows: torch.Tensor) -> None:
+        """Take one batch of a layer's inputs as ``(rows, features)``."""
+
+
+class Hessian:
+    """``H = 2/n * sum x x^T`` over every input row ``x`` of a layer (float64 accumulation on the
+    layer's device), the proxy Hessian of the layer's squared output error (GPTQ, SparseGPT)."""
+
+    def __init__(self, features: int, device: torch.device | str = "cpu"):
+        self.sum = torch.zeros(features, features, dtype=torch.float64, device=device)
+        self.rows = 0
+
+    def observe(self, rows: torch.Tensor) -> None:
+        r = rows.to(self.sum.device, torch.float64)
+        self.sum.addmm_(r.t(), r)
+        self.rows += r.shape[0]
+
+    @property
+    def matrix(self) -> torch.Tensor:
+        return self.sum * (2.0 / max(self.rows, 1))
+
+
+class InputNorms:
+    """Per-feature L2 norm of a layer's inputs over all rows (Wanda's ``||X_j||``)."""
+
+    def __init__(self, features: int, device: torch.device | str = "cpu"):
+        self.sq = torch.zeros(features, dtype=torch.float64, device=device)
+        self.rows = 0
+
+    def observe(self, rows: torch.Tensor) -> None:
+        self.sq += rows.to(self.sq.device, torch.float64).pow(2).sum(0)
+        self.rows += rows.shape[0]
+
+    @property
+    def norms(self) -> torch.Tensor:
+        return self.sq.sqrt()
+
+
+def input_features(layer: nn.Module) -> int:
+    """Features per input row of ``layer`` (its weight's inputs: ``in * kh * kw`` for a conv)."""
+    if isinstance(layer, nn.Conv2d):
+        return int(layer.weight[0].numel())
+    return linear_features(layer)[0]
+
+
+def layer_rows(layer: nn.Module, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``layer``'s input ``x`` as ``(rows, features)`` in the order of its weight's inputs."""
+    if isinstance(layer, nn.Conv2d):
+        patches = F.unfold(x, layer.kernel_size, dilation=layer.dilation, padding=layer.padding,
+                           stride=layer.stride)                      # (N, C*kh*kw, L)
+        return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+    if token_mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(token_mask.shape):
+        return x[token_mask.bool()]
+    return x.reshape(-1, x.shape[-1])
+
+
+def check_layer(layer: nn.Module) -> str | None:
+    """Why ``layer`` cannot be calibrated layer by layer, or None."""
+    if isinstance(layer, nn.Conv2d):
+        if layer.groups != 1:
+            return f"grouped conv (groups={layer.groups})"
+        if isinstance(layer.padding, str) or layer.padding_mode != "zeros":
+            return "conv padding other than explicit zeros"
+        return None
+    if isinstance(layer, nn.Linear) or is_transposed_linear(layer):
+        return None
+    return f"{type(layer).__name__} is not a Linear or Conv2d"
+
+
+class _GroupDone(Exception):
+    """Raised by a hook once every layer of the observed group has run: the rest of the forward
+    pass is not needed."""
+
+
+@dataclass
+class Group:
+    """Layers that read the same input, in call order; ``once``: each is called once per forward."""
+
+    names: list[str]
+    once: bool
+
+
+def calibration_inputs(data: Any, batches: int, where: str) -> list[Any]:
+    """Up to ``batches`` batches of model inputs from ``data`` (checked: present, finite)."""
+    if data is None:
+        raise DataError(f"{where} calibrates on data and got none",
+                        hint="pass calibration batches (e.g. -d with a few hundred samples, or data=... in Python)")
+    out = []
+    for inputs in as_data(data).inputs():
+        check_finite(inputs, f"{where} calibration")
+        out.append(inputs)
+        if len(out) >= batches:
+            break
+    if not out:
+        raise DataError(f"{where}: the calibration data is empty (no batch)",
+                        hint="pass calibration batches, e.g. a few hundred training samples")
+    return out
+
+
+def _token_mask(inputs: Any) -> torch.Tensor | None:
+    mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
+    return mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+
+def call_groups(model: nn.Module, layers: dict[str, nn.Module], inputs: Any) -> tuple[list[Group], list[str]]:
+    """Groups of ``layers`` in the order ``model`` calls them on ``inputs``, and the layers not called.
+
+    Consecutive calls reading the same tensor form one group; a layer called more than once per
+    forward is a group of its own (observed over the whole forward).
+    """
+    calls: list[tuple[str, Any]] = []   # (layer, its input), inputs held so no id is reused
+    counts: dict[str, int] = {}
+
+    def hook(name):
+        def fn(_module, args):
+            counts[name] = counts.get(name, 0) + 1
+            if counts[name] == 1:
+                calls.append((name, args[0] if args else None))
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
+    try:
+        with torch.no_grad():
+            call_model(model, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[Group] = []
+    previous = None
+    for name, x in calls:
+        single = counts[name] == 1
+        if groups and x is previous and single and groups[-1].once:
+            groups[-1].names.append(name)
+        else:
+            groups.append(Group([name], single))
+        previous = x
+    unreached = [n for n in layers if n not in counts]
+    return groups, unreached
+
+
+@torch.no_grad()
+def calibrate_layerwise(model: nn.Module, layers: Iterable[tuple[str, nn.Module]], batches: list[Any],
+                        make_observer: Callable[[str, nn.Module], Observer],
+                        compress: Callable[[str, nn.Module, Observer], None], description: str) -> list[str]:
+    """Observe and compress ``layers`` group by group (see the module docstring); returns the names
+    of the layers the calibration data did not reach (left as they are)."""
+    layers = dict(layers)
+    if not layers:
+        raise UnsupportedError(f"{description}: no layer to calibrate", hint="widen the scope")
+    first = next(iter(layers.values())).weight
+    batches = [to_device(b, first.device) for b in batches]  # the data go where the model is
+    was_training = model.training
+    model.eval()
+    try:
+        groups, unreached = call_groups(model, layers, batches[0])
+        with progress_bar(description, total=len(groups)) as advance:
+            for group in groups:
+                advance(0, note=group.names[0])
+                observers = {n: make_observer(n, layers[n]) for n in group.names}
+                _observe(model, {n: layers[n] for n in group.names}, observers, batches, group.once)
+                for n in group.names:
+                    compress(n, layers[n], observers[n])
+                advance()
+    finally:
+        model.train(was_training)
+    return unreached
+
+
+def _observe(model: nn.Module, layers: dict[str, nn.Module], observers: dict[str, Observer],
+             batches: list[Any], stop_early: bool) -> None:
+    seen: set[str] = set()
+    state: dict[str, torch.Tensor | None] = {"mask": None}
+
+    def hook(name, layer):
+        def fn(_module, args):
+            observers[name].observe(layer_rows(layer, args[0], state["mask"]).detach())
+            seen.add(name)
+            if stop_early and len(seen) == len(layers):
+                raise _GroupDone
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(n, m)) for n, m in layers.items()]
+    try:
+        for inputs in batches:
+            seen.clear()
+            state["mask"] = _token_mask(inputs)
+            try:
+                call_model(model, inputs)
+            except _GroupDone:
+                pass
+    finally:
+        for h in handles:
+            h.remove()

@@ -1,0 +1,119 @@
+"""What the one-shot pruning methods calibrated on data share (``prune.wanda``, ``prune.sparsegpt``).
+
+Both prune each ``Linear`` (GPT-2's ``Conv1D`` included) and ``Conv2d`` layer from statistics of
+its own inputs, layer by layer in the order the model calls them, each layer seeing its pruned
+predecessors' outputs (:mod:`modelpress.engine.layerwise`), with no retraining. The target is
+either ``sparsity`` (the fraction of each layer's weights set to zero) or an N:M ``pattern``
+(``"2:4"``: at most 2 non-zeros in every 4 consecutive inputs, along the inputs as
+``prune.nm`` lays them out: channels-last for a conv). Pruned weights carry masks like
+``prune.magnitude``'s (a fine-tune keeps them at zero; the artifact stores them sparse).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from pydantic import Field, field_validator
+from torch import nn
+
+from ..core.config import MethodConfig
+from ..core.errors import UnsupportedError
+from ..core.scope import Scope, first_and_last
+from ..engine import MethodInputs, MethodResult
+from ..engine.layerwise import Observer, calibrate_layerwise, calibration_inputs, check_layer
+from ..nn.layer_kinds import WeightRef, weight_refs
+from .nm import reduction_length, verify_nm
+
+LAYER_TYPES = ("Linear", "Conv2d")
+# (name, layer, weight [out, in...], its observer) -> (new weight, 0/1 mask), both [out, in...]
+PruneLayer = Callable[[str, nn.Module, torch.Tensor, Observer], tuple[torch.Tensor, torch.Tensor]]
+
+
+class CalibratedPruning(MethodConfig):
+    """Fields shared by the one-shot pruners calibrated on data (not registered itself)."""
+
+    sparsity: float = Field(0.5, ge=0, lt=1, description="fraction of each layer's weights set to zero")
+    pattern: str | None = Field(None, description="N:M semi-structured sparsity instead, e.g. '2:4' "
+                                                  "(keep 2 of every 4 consecutive inputs)")
+    calibration_batches: int = Field(16, ge=1, description="batches of data run for calibration")
+    scope: Scope = Scope()
+    keep_first_last: bool = Field(True, description="leave the first and last layer dense")
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern(cls, v):
+        if v is None:
+            return v
+        try:
+            n, m = (int(p) for p in v.split(":"))
+        except ValueError:
+            raise ValueError(f"pattern must look like 'N:M', e.g. '2:4' (got {v!r})") from None
+        if not 1 <= n < m <= 128:
+            raise ValueError(f"pattern {v!r}: need 1 <= N < M <= 128")
+        return v
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        return None if self.pattern is None else tuple(int(p) for p in self.pattern.split(":"))
+
+    def target(self) -> str:
+        return f"{self.pattern} pattern" if self.pattern else f"{self.sparsity:.0%} of the weights"
+
+
+def channels_last_order(layer: nn.Module) -> torch.Tensor | None:
+    """For a conv, the permutation taking its inputs from ``(in, kh, kw)`` (the weight's and the
+    unfolded patches' order) to ``(kh, kw, in)`` (the order N:M groups run along); None otherwise."""
+    if not isinstance(layer, nn.Conv2d):
+        return None
+    c, kh, kw = layer.weight.shape[1:]
+    return torch.arange(c * kh * kw).reshape(c, kh, kw).permute(1, 2, 0).reshape(-1)
+
+
+def run_calibrated_pruning(model: nn.Module, cfg: CalibratedPruning, inputs: MethodInputs, method: str,
+                           make_observer: Callable[[str, nn.Module], Observer],
+                           prune_layer: PruneLayer) -> MethodResult:
+    """The driver of a calibrated pruner: selects the layers, checks N:M fits, calibrates layer by
+    layer and attaches masks. ``prune_layer(name, layer, weight [out, in...], stats)`` returns the new
+    weight and its 0/1 mask (both ``[out, in...]``)."""
+    default_exclude = first_and_last(model, LAYER_TYPES) if cfg.keep_first_last else []
+    selected = cfg.scope.resolve(model, LAYER_TYPES, default_exclude=default_exclude)
+    refs: dict[str, WeightRef] = {}
+    skipped: dict[str, str] = {}
+    for name, layer in selected:
+        reason = check_layer(layer)
+        ref = weight_refs([(name, layer)])[0][1]
+        if reason is None and cfg.nm is not None and reduction_length(ref.out_in()) % cfg.nm[1]:
+            reason = f"input dimension {reduction_length(ref.out_in())} is not divisible by m={cfg.nm[1]}"
+        if reason:
+            skipped[name] = reason
+        else:
+            refs[name] = ref
+    if not refs:
+        why = "; ".join(f"{n} ({r})" for n, r in skipped.items()) or "the scope selects none"
+        raise UnsupportedError(f"{method}: no selected layer can be pruned: {why}",
+                               hint="widen the scope (Scope(include=[...]), keep_first_last=False) "
+                                    "or pick another pattern")
+    batches = calibration_inputs(inputs.data, cfg.calibration_batches, method)
+    sparsity: dict[str, float] = {}
+
+    def compress(name: str, layer: nn.Module, stats: Observer) -> None:
+        ref = refs[name]
+        with torch.no_grad():
+            weight, mask = prune_layer(name, layer, ref.out_in().detach(), stats)
+            ref.weight.copy_(ref.from_out_in(weight.to(ref.weight.dtype)))
+            ref.set_mask(ref.from_out_in(mask.to(ref.weight.dtype)))
+        sparsity[name] = float((ref.weight == 0).float().mean())
+
+    layers = [(n, r.module) for n, r in refs.items()]
+    unreached = calibrate_layerwise(model, layers, batches, make_observer, compress, method)
+    for name in unreached:
+        skipped[name] = "not reached by the calibration data"
+    info: dict = {"layer_sparsity": sparsity, "target": cfg.target(), "calibration_batches": len(batches)}
+    if cfg.nm is not None:
+        n, m = cfg.nm
+        info["pattern"] = cfg.pattern
+        info["pattern_ok"] = all(verify_nm(refs[name].out_in(), n, m) for name in sparsity)
+    if skipped:
+        info["skipped"] = skipped
+        inputs.log(f"{method}: left dense: {', '.join(f'{n} ({r})' for n, r in skipped.items())}")
+    return MethodResult(model, info)
