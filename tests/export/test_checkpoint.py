@@ -95,3 +95,30 @@ def test_modules_reading_their_state_dict_version_load(tmp_path):
     path = save_artifact(model, tmp_path / "v.safetensors")
     again, _ = load_artifact(path, base_model=torch.nn.Sequential(_Versioned(4, 3)))
     torch.testing.assert_close(again[0].weight, model[0].weight)
+
+
+def test_a_models_own_mask_buffer_is_not_a_pruning_mask(tmp_path):
+    """timm's Swin blocks hold an ``attn_mask`` buffer beside an ``attn`` module: reloading a pruned
+    copy read it as the mask of ``attn`` and raised a raw AttributeError."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.Linear(8, 8)
+            self.fc = nn.Linear(8, 8)
+            self.register_buffer("attn_mask", torch.zeros(8, 8))
+
+        def forward(self, x):
+            return self.fc(self.attn(x) + self.attn_mask.sum())
+
+    from modelpress.core.masks import masked_params
+
+    model = Block()
+    assert list(masked_params(model)) == []
+    pruned = prune(model, MagnitudePruning(sparsity=0.5, keep_first_last=False))
+    assert sorted(p for _, _, p, _ in masked_params(pruned)) == ["weight", "weight"]
+    path = save_artifact(pruned, tmp_path / "p.safetensors")
+    again, header = load_artifact(path, base_model=Block())
+    assert header["meta"]["masked"] == ["attn.weight", "fc.weight"]
+    x = torch.randn(2, 8)
+    assert torch.equal(again(x), pruned(x)) and get_mask(again.fc, "weight") is not None

@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
+import torch
 from torch import nn
 
 from ..core.errors import ModelLoadError
@@ -148,7 +149,8 @@ def load_artifact(path: str | Path, *, base_model: nn.Module | None = None,
     for name in header.get("meta", {}).get("masked", []):  # keep pruned weights pruned in later training
         module_name, _, pname = name.rpartition(".")
         module = model.get_submodule(module_name)
-        set_mask(module, pname, (getattr(module, pname) != 0).float())
+        if isinstance(getattr(module, pname, None), torch.Tensor):  # older artifacts listed a model's own
+            set_mask(module, pname, (getattr(module, pname) != 0).float())  # *_mask buffers too
     return model.eval(), header
 
 

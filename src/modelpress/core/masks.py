@@ -36,11 +36,17 @@ def get_mask(module: nn.Module, param_name: str = "weight") -> torch.Tensor | No
 
 
 def masked_params(model: nn.Module):
-    """Yield ``(module_name, module, param_name, mask)`` for every masked parameter."""
+    """Yield ``(module_name, module, param_name, mask)`` for every masked parameter.
+
+    A buffer named like a mask whose base is not a tensor is the model's own (timm's Swin blocks
+    hold an ``attn_mask`` buffer beside their ``attn`` module): not a mask."""
     for mname, module in model.named_modules():
         for bname, buf in list(module._buffers.items()):
-            if bname.endswith(SUFFIX) and buf is not None and hasattr(module, bname[: -len(SUFFIX)]):
-                yield mname, module, bname[: -len(SUFFIX)], buf
+            if not bname.endswith(SUFFIX) or buf is None:
+                continue
+            base = bname[: -len(SUFFIX)]
+            if isinstance(getattr(module, base, None), torch.Tensor):
+                yield mname, module, base, buf
 
 
 @torch.no_grad()
