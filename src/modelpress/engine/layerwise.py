@@ -60,6 +60,26 @@ class Hessian:
         return self.sum * (2.0 / max(self.rows, 1))
 
 
+def inverse_hessian_cholesky(h: torch.Tensor, damp: float, where: str) -> torch.Tensor:
+    """Upper Cholesky factor of ``(H + damp * mean(diag H) I)^-1`` (GPTQ, SparseGPT), float64.
+
+    Inputs that are always zero (a zero diagonal entry) get a unit diagonal, so the factor exists;
+    a nearly singular ``H`` (few rows) gets a little more damping before giving up."""
+    h = h.clone()
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
+    h.diagonal().add_(damp * float(h.diagonal().mean()))
+    for extra in (0.0, 1e-6, 1e-4, 1e-2):
+        try:
+            if extra:
+                h.diagonal().add_(extra * float(h.diagonal().mean()))
+            return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+        except RuntimeError:
+            continue
+    raise DataError(f"{where}: the Hessian of the layer's inputs is not positive definite",
+                    hint="use more calibration data, or a larger damp (e.g. 0.1)")
+
+
 class InputNorms:
     """Per-feature L2 norm of a layer's inputs over all rows (Wanda's ``||X_j||``)."""
 

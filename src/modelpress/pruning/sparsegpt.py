@@ -30,9 +30,8 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from ..core.errors import DataError
 from ..engine import MethodInputs, MethodResult, register_method
-from ..engine.layerwise import Hessian, input_features
+from ..engine.layerwise import Hessian, input_features, inverse_hessian_cholesky
 from .calibrated import LAYER_TYPES, CalibratedPruning, channels_last_order, run_calibrated_pruning
 
 
@@ -43,20 +42,6 @@ class SparseGPT(CalibratedPruning):
     block_size: int = Field(128, ge=1, description="inputs whose mask is chosen together")
 
 
-def _inverse_cholesky(h: torch.Tensor, damp: float, name: str) -> torch.Tensor:
-    h = h.clone()
-    h.diagonal().add_(damp * float(h.diagonal().mean()))
-    for extra in (0.0, 1e-6, 1e-4, 1e-2):
-        try:
-            if extra:
-                h.diagonal().add_(extra * float(h.diagonal().mean()))
-            return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-        except RuntimeError:
-            continue
-    raise DataError(f"prune.sparsegpt: layer {name!r}: the Hessian of its inputs is not positive definite",
-                    hint="use more calibration data, or a larger damp (e.g. 0.1)")
-
-
 @torch.no_grad()
 def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, sparsity: float,
                     nm: tuple[int, int] | None = None, *, damp: float = 0.01, block_size: int = 128,
@@ -65,11 +50,8 @@ def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, sparsity: float,
     ``(new weight, 0/1 mask)``."""
     wf = w.detach().to(h.device, torch.float32).clone(memory_format=torch.contiguous_format)
     out, cols = wf.shape
-    h = h.clone()
-    dead = h.diagonal() == 0
-    h[dead, dead] = 1.0
-    wf[:, dead] = 0.0
-    hinv = _inverse_cholesky(h, damp, name).to(torch.float32)
+    wf[:, h.diagonal() == 0] = 0.0  # inputs that are always zero
+    hinv = inverse_hessian_cholesky(h, damp, f"prune.sparsegpt: layer {name!r}").to(torch.float32)
     pruned = torch.zeros_like(wf, dtype=torch.bool)
     if nm is not None:
         block_size = max(nm[1], block_size - block_size % nm[1])  # N:M groups never straddle blocks

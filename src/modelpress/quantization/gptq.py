@@ -45,7 +45,14 @@ from ..core.config import MethodConfig
 from ..core.errors import DataError
 from ..core.scope import Scope
 from ..engine import MethodInputs, MethodResult, register_method
-from ..engine.layerwise import Hessian, calibrate_layerwise, calibration_inputs, check_layer, input_features
+from ..engine.layerwise import (
+    Hessian,
+    calibrate_layerwise,
+    calibration_inputs,
+    check_layer,
+    input_features,
+    inverse_hessian_cholesky,
+)
 from ..nn.modules import set_module
 from .modules import quantize_layer
 from .primitives import QuantizedTensor, QuantSpec, qparams, sqnr
@@ -69,22 +76,6 @@ class GPTQ(MethodConfig):
     keep_first_last: bool = Field(False, description="leave the first and last layer in float")
 
 
-def _inverse_cholesky(h: torch.Tensor, damp: float, name: str) -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + damp * mean(diag H) I)^-1`` (float64 on H's device)."""
-    h = h.clone()
-    h.diagonal().add_(damp * float(h.diagonal().mean()))
-    for extra in (0.0, 1e-6, 1e-4, 1e-2):  # a nearly singular H (few rows): add a little more
-        try:
-            if extra:
-                h.diagonal().add_(extra * float(h.diagonal().mean()))
-            inv = torch.cholesky_inverse(torch.linalg.cholesky(h))
-            return torch.linalg.cholesky(inv, upper=True)
-        except RuntimeError:
-            continue
-    raise DataError(f"quant.gptq: layer {name!r}: the Hessian of its inputs is not positive definite",
-                         hint="use more calibration data, or a larger damp (e.g. 0.1)")
-
-
 def _params(cols: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point per row of ``cols`` (out, k) under ``spec``'s bits / symmetry."""
     return qparams(cols.amin(dim=1, keepdim=True), cols.amax(dim=1, keepdim=True), spec)
@@ -97,10 +88,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, *, act_orde
     shape = tuple(w.shape)
     wf = w.detach().reshape(shape[0], -1).to(h.device, torch.float32).clone(memory_format=torch.contiguous_format)
     out, cols = wf.shape
-    h = h.clone()
-    dead = h.diagonal() == 0
-    h[dead, dead] = 1.0
-    wf[:, dead] = 0.0
+    wf[:, h.diagonal() == 0] = 0.0  # inputs that are always zero
     group = spec.group_size if spec.granularity == "group" else cols
     n_groups = cols // group
     scale = torch.zeros(out, n_groups, device=wf.device)
@@ -111,7 +99,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, *, act_orde
             scale[:, g], zero[:, g] = s[:, 0], z[:, 0]
     perm = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(cols, device=wf.device)
     wp = wf[:, perm]
-    hinv = _inverse_cholesky(h[perm][:, perm], damp, name).to(torch.float32)
+    hinv = inverse_hessian_cholesky(h[perm][:, perm], damp, f"quant.gptq: layer {name!r}").to(torch.float32)
     q = torch.zeros_like(wp)
     if spec.granularity == "group" and not act_order:
         block_size = group  # a group's range is read from the weights as they stand when it starts
