@@ -96,9 +96,47 @@ def test_hessian_and_norms():
 def test_layer_checks_and_calibration_data():
     assert check_layer(nn.Linear(2, 2)) is None and check_layer(nn.Conv2d(2, 2, 3)) is None
     assert "grouped" in check_layer(nn.Conv2d(4, 4, 3, groups=2))
-    assert "not a Linear" in check_layer(nn.LSTM(2, 2))
+    assert check_layer(nn.LSTM(2, 2)) is None and check_layer(nn.GRU(2, 2)) is None
+
+    class MyLSTM(nn.LSTM):
+        def forward(self, x, hx=None):
+            return super().forward(x, hx)
+    assert "overrides LSTM.forward" in check_layer(MyLSTM(2, 2))
+    assert "not a Linear" in check_layer(nn.Embedding(4, 2))
     with pytest.raises(DataError, match="calibrates on data"):
         calibration_inputs(None, 4, "quant.gptq")
     assert len(calibration_inputs([torch.randn(2, 3)] * 10, 4, "x")) == 4
     with pytest.raises(DataError, match="NaN"):
         calibration_inputs([torch.full((2, 3), float("nan"))], 4, "x")
+
+
+def test_recurrent_rows_are_the_inputs_of_each_matrix_and_follow_edits():
+    from modelpress.engine.layerwise import RecurrentInputs, recurrent_rows
+
+    torch.manual_seed(0)
+    rnn = nn.LSTM(3, 4, num_layers=2, bidirectional=True, batch_first=True)
+    x = torch.randn(2, 5, 3)
+    calls = RecurrentInputs()
+    calls.observe_call((x,))
+    bottom = nn.LSTM(3, 4, bidirectional=True, batch_first=True)  # layer 0 on its own, by hand
+    with torch.no_grad():
+        for name, p in bottom.named_parameters():
+            p.copy_(getattr(rnn, name))
+        y0 = bottom(x)[0]
+        y = rnn(x)[0]
+    rows = recurrent_rows(rnn, calls)
+    first = next(rows)
+    assert torch.equal(first["weight_ih_l0"], x.reshape(-1, 3))
+    assert torch.equal(first["weight_ih_l0_reverse"], x.reshape(-1, 3))
+    zeros = torch.zeros(2, 1, 4)
+    assert torch.allclose(first["weight_hh_l0"], torch.cat([zeros, y0[:, :-1, :4]], 1).reshape(-1, 4), atol=1e-6)
+    assert torch.allclose(first["weight_hh_l0_reverse"], torch.cat([y0[:, 1:, 4:], zeros], 1).reshape(-1, 4), atol=1e-6)
+    second = next(rows)
+    assert torch.allclose(second["weight_ih_l1"], y0.reshape(-1, 8), atol=1e-6)
+    assert torch.allclose(second["weight_hh_l1"], torch.cat([zeros, y[:, :-1, :4]], 1).reshape(-1, 4), atol=1e-6)
+    # an edit of layer 0 between the yields reaches layer 1's inputs
+    edited = recurrent_rows(rnn, calls)
+    next(edited)
+    with torch.no_grad():
+        rnn.weight_ih_l0.zero_()
+    assert not torch.allclose(next(edited)["weight_ih_l1"], y0.reshape(-1, 8))

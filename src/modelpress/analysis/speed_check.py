@@ -22,8 +22,9 @@ from ..core.errors import ConfigError
 RUNTIMES = ("eager", "onnxruntime")
 
 UNSTRUCTURED = {"prune.magnitude", "prune.taylor", "prune.snip", "prune.random", "prune.nm", "prune.iterative",
-                "prune.soft_filter"}
-STORAGE_ONLY = {"quant.weight_only", "quant.kmeans", "quant.log2", "quant.adaround", "quant.mixed_precision",
+                "prune.soft_filter", "prune.wanda", "prune.sparsegpt"}
+WEIGHT_ONLY = {"quant.weight_only", "quant.gptq"}
+STORAGE_ONLY = {"quant.kmeans", "quant.log2", "quant.adaround", "quant.mixed_precision",
                 "quant.qat",
                 "distill.qat"}
 
@@ -85,7 +86,7 @@ def check_stage(method: str, config: dict, runtime: str, flags: frozenset[str] |
         if method == "prune.soft_filter":
             return "no", ("soft filter pruning zeroes whole filters but keeps them; follow it with prune.channels "
                           "to remove them")
-        if method == "prune.nm":
+        if method == "prune.nm" or config.get("pattern"):
             return "no", ("N:M sparsity needs sparse tensor-core kernels; dense CPU kernels run it at dense speed "
                           "(and cuSPARSELt was slower at MiniLM sizes on an H100, benchmarks/results/gpu_nm_h100.md)")
         return "no", ("zeros inside dense weight matrices: eager PyTorch and ONNX Runtime run the same dense kernels "
@@ -105,6 +106,13 @@ def check_stage(method: str, config: dict, runtime: str, flags: frozenset[str] |
             return "yes", "this CPU has int8 dot-product instructions (VNNI/AMX): int8 QDQ convolutions run faster"
         return "depends", ("no VNNI on this CPU: int8 QDQ was 1.42x faster for resnet_small but 0.41x (slower) for "
                            "LeNet-5, whose layers are too small for int8 to pay for the (de)quantize steps")
+    if method in WEIGHT_ONLY:
+        if runtime == "onnxruntime":
+            return "depends", ("Linear layers export as ONNX Runtime's MatMulNBits: blocks of int2/int4/int8 "
+                               "weights read in the matmul, fastest at batch 1 / few tokens (decode), where reading "
+                               "weights dominates; convolutions and large batches run at dense speed or slower")
+        return "no", ("weights are stored in fewer bits and dequantized to float for the dense kernels: smaller "
+                      "on disk, same or slower at run time (export to ONNX Runtime for the MatMulNBits kernels)")
     if method in STORAGE_ONLY:
         return "no", ("weights are stored in fewer bits and dequantized to float for the dense kernels: smaller "
                       "on disk, same or slower at run time")

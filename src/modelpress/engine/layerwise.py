@@ -18,6 +18,11 @@ padded positions are left out. A layer the calibration data never reaches is rep
 compressed; a layer the model calls more than once per forward (shared weights) is observed over
 all its calls.
 
+An ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` is observed as a whole (its calls' inputs are kept) and
+compressed matrix by matrix with :func:`recurrent_rows`: the inputs of layer ``k``'s matrices
+(the layer's input sequence for ``weight_ih``, the previous hidden state for ``weight_hh``) are
+recomputed from the layers below as compressed so far.
+
 The statistics an observer keeps are the method's business: :class:`Hessian` (``X^T X`` summed,
 GPTQ / SparseGPT) and :class:`InputNorms` (per-feature sum of squares, Wanda) live here because
 several methods share them.
@@ -124,7 +129,91 @@ def check_layer(layer: nn.Module) -> str | None:
         return None
     if isinstance(layer, nn.Linear) or is_transposed_linear(layer):
         return None
-    return f"{type(layer).__name__} is not a Linear or Conv2d"
+    if isinstance(layer, nn.RNNBase):
+        base = {"LSTM": nn.LSTM, "GRU": nn.GRU}.get(layer.mode, nn.RNN)
+        if type(layer).forward is not base.forward:
+            return f"{type(layer).__name__} overrides {base.__name__}.forward"
+        return None
+    return f"{type(layer).__name__} is not a Linear, Conv2d or recurrent layer"
+
+
+class RecurrentInputs:
+    """The calls of a recurrent layer: ``(input sequence, initial state)`` per calibration batch."""
+
+    def __init__(self):
+        self.calls: list[tuple[torch.Tensor, Any]] = []
+
+    def observe_call(self, args: tuple) -> None:
+        x = args[0]
+        if not isinstance(x, torch.Tensor):
+            raise UnsupportedError("layer-by-layer calibration of a recurrent layer fed a PackedSequence",
+                                   hint="leave the layer out of the scope (Scope(exclude=[...]))")
+        hx = args[1] if len(args) > 1 else None
+        self.calls.append((x.detach(), None if hx is None else _detach(hx)))
+
+    @property
+    def rows(self) -> int:
+        return len(self.calls)
+
+
+def _detach(hx: Any) -> Any:
+    return tuple(h.detach() for h in hx) if isinstance(hx, tuple) else hx.detach()
+
+
+def _single_layer(rnn: nn.RNNBase, k: int) -> nn.RNNBase:
+    """A one-layer copy of layer ``k`` of ``rnn`` (both directions), sharing nothing with it."""
+    kind = {"LSTM": nn.LSTM, "GRU": nn.GRU}.get(rnn.mode, nn.RNN)
+    kwargs = {"nonlinearity": rnn.nonlinearity} if kind is nn.RNN else {}
+    if kind is nn.LSTM:
+        kwargs["proj_size"] = rnn.proj_size
+    size = rnn.input_size if k == 0 else (rnn.proj_size or rnn.hidden_size) * (2 if rnn.bidirectional else 1)
+    one = kind(size, rnn.hidden_size, num_layers=1, bias=rnn.bias, batch_first=rnn.batch_first,
+               bidirectional=rnn.bidirectional, **kwargs).to(next(rnn.parameters()).device)
+    with torch.no_grad():
+        for name in one._flat_weights_names:
+            getattr(one, name).copy_(getattr(rnn, name.replace("_l0", f"_l{k}")).detach())
+    return one
+
+
+def recurrent_rows(rnn: nn.RNNBase, inputs: RecurrentInputs):
+    """For each layer ``k`` of ``rnn``, bottom up: ``{matrix name: rows}`` of its input matrices
+    (``weight_ih_l{k}``, ``weight_hh_l{k}``, ``_reverse`` too). Between two yields the caller may
+    edit layer ``k``'s weights in place: layer ``k + 1``'s inputs are computed from the edited layer."""
+    directions = 2 if rnn.bidirectional else 1
+    time_axis = 1 if rnn.batch_first else 0
+    seqs = [x for x, _ in inputs.calls]
+    for k in range(rnn.num_layers):
+        out_size = rnn.proj_size or rnn.hidden_size
+        one = _single_layer(rnn, k)
+        rows: dict[str, list[torch.Tensor]] = {}
+        outputs = []
+        for (_, hx), seq in zip(inputs.calls, seqs):
+            state = None if hx is None else _layer_state(hx, k, directions)
+            with torch.no_grad():
+                out, _ = one(seq, state)
+            outputs.append(out)
+            h0 = None if hx is None else (hx[0] if isinstance(hx, tuple) else hx)
+            for d, suffix in enumerate(["", "_reverse"][:directions]):
+                rows.setdefault(f"weight_ih_l{k}{suffix}", []).append(seq.reshape(-1, seq.shape[-1]))
+                h = out[..., d * out_size:(d + 1) * out_size]
+                first = (torch.zeros_like(h.select(time_axis, 0)) if h0 is None
+                         else h0[k * directions + d]).unsqueeze(time_axis)
+                n = h.shape[time_axis]  # the state each step starts from: h[t-1] forward, h[t+1] reverse
+                if d == 0:
+                    prev = torch.cat([first, h.narrow(time_axis, 0, n - 1)], time_axis)
+                else:
+                    prev = torch.cat([h.narrow(time_axis, 1, n - 1), first], time_axis)
+                rows.setdefault(f"weight_hh_l{k}{suffix}", []).append(prev.reshape(-1, out_size))
+        yield {name: torch.cat(parts) for name, parts in rows.items()}
+        one = _single_layer(rnn, k)  # the layer as the caller left it
+        with torch.no_grad():
+            seqs = [one(seq, None if hx is None else _layer_state(hx, k, directions))[0]
+                    for (_, hx), seq in zip(inputs.calls, seqs)]
+
+
+def _layer_state(hx: Any, k: int, directions: int) -> Any:
+    part = slice(k * directions, (k + 1) * directions)
+    return tuple(h[part] for h in hx) if isinstance(hx, tuple) else hx[part]
 
 
 class _GroupDone(Exception):
@@ -200,15 +289,17 @@ def call_groups(model: nn.Module, layers: dict[str, nn.Module], inputs: Any) -> 
 
 @torch.no_grad()
 def calibrate_layerwise(model: nn.Module, layers: Iterable[tuple[str, nn.Module]], batches: list[Any],
-                        make_observer: Callable[[str, nn.Module], Observer],
+                        make_observer: Callable[[int, torch.device], Observer],
                         compress: Callable[[str, nn.Module, Observer], None], description: str) -> list[str]:
     """Observe and compress ``layers`` group by group (see the module docstring); returns the names
-    of the layers the calibration data did not reach (left as they are)."""
+    of the layers the calibration data did not reach (left as they are). ``make_observer(features,
+    device)`` builds the statistics of one layer (e.g. :class:`Hessian`); a recurrent layer gets a
+    :class:`RecurrentInputs` and its ``compress`` goes through :func:`recurrent_rows`."""
     layers = dict(layers)
     if not layers:
         raise UnsupportedError(f"{description}: no layer to calibrate", hint="widen the scope")
-    first = next(iter(layers.values())).weight
-    batches = [to_device(b, first.device) for b in batches]  # the data go where the model is
+    device = next(next(iter(layers.values())).parameters()).device
+    batches = [to_device(b, device) for b in batches]  # the data go where the model is
     was_training = model.training
     model.eval()
     try:
@@ -216,7 +307,9 @@ def calibrate_layerwise(model: nn.Module, layers: Iterable[tuple[str, nn.Module]
         with progress_bar(description, total=len(groups)) as advance:
             for group in groups:
                 advance(0, note=group.names[0])
-                observers = {n: make_observer(n, layers[n]) for n in group.names}
+                observers = {n: RecurrentInputs() if isinstance(layers[n], nn.RNNBase)
+                             else make_observer(input_features(layers[n]), layers[n].weight.device)
+                             for n in group.names}
                 _observe(model, {n: layers[n] for n in group.names}, observers, batches, group.once)
                 for n in group.names:
                     compress(n, layers[n], observers[n])
@@ -233,7 +326,10 @@ def _observe(model: nn.Module, layers: dict[str, nn.Module], observers: dict[str
 
     def hook(name, layer):
         def fn(_module, args):
-            observers[name].observe(layer_rows(layer, args[0], state["mask"]).detach())
+            if isinstance(layer, nn.RNNBase):
+                observers[name].observe_call(args)
+            else:
+                observers[name].observe(layer_rows(layer, args[0], state["mask"]).detach())
             seen.add(name)
             if stop_early and len(seen) == len(layers):
                 raise _GroupDone

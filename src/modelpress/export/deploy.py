@@ -5,8 +5,12 @@
 * a dynamically quantized model (``quant.dynamic_int8``) -> ONNX Runtime dynamic int8, built
   from the float graph by ONNX Runtime's quantizer (:mod:`modelpress.export.onnx_dynamic`;
   ``embedding_bits=4`` stores embedding tables as 4-bit blocks);
-* anything else -> fp32 ONNX (:func:`modelpress.export.onnx.export_onnx`); layers that store
-  packed low-bit weights export their dequantized weights (the artifact is the compact form).
+* a model with weight-only packed Linear layers (``quant.weight_only``, ``quant.gptq``) -> ONNX
+  with those layers as ONNX Runtime's ``MatMulNBits`` (int2/int4/int8 blocks stay integers in the
+  file; :mod:`modelpress.export.onnx_nbits`), ``accuracy_level`` 4 (int8 activations per block:
+  the fast kernels) unless told otherwise;
+* anything else -> fp32 ONNX (:func:`modelpress.export.onnx.export_onnx`); packed conv layers
+  export their dequantized weights (the artifact is the compact form).
 
 With ``check=True`` the file is run in ONNX Runtime on the example input and compared with
 the PyTorch model; a mismatch raises instead of leaving a wrong file behind.
@@ -25,11 +29,13 @@ from ..core.data import call_model
 from ..core.registry import Registry
 from ..nn.modules import set_module
 from ..quantization.dynamic import DynamicInt8Linear, Int8Embedding
+from ..quantization.modules import QuantLinear
 from ..quantization.primitives import sqnr
 from ..quantization.rnn import QuantRNN
 from ..quantization.static import FakeQuant
 from .onnx import OnnxMismatchError, check_onnx, export_onnx, ort_feeds, ort_session
 from .onnx_dynamic import quantize_onnx_dynamic
+from .onnx_nbits import export_nbits_onnx
 from .onnx_quant import export_int8_onnx
 
 
@@ -82,12 +88,14 @@ def float_copy(model: nn.Module) -> nn.Module:
 
 
 def export_deployable(model: nn.Module, example_inputs: Any, path: str | os.PathLike, *,
-                      check: bool = True, embedding_bits: int | None = 8) -> tuple[Path, str]:
+                      check: bool = True, embedding_bits: int | None = 8,
+                      accuracy_level: int = 4) -> tuple[Path, str]:
     """Write ``model`` to the ONNX file ``path``; returns ``(path, note)``.
 
     The exporter is chosen by the modules the model holds (:data:`EXPORTERS`); a model without
     any registered marker exports as fp32. ``embedding_bits`` applies to dynamically quantized
-    models (8, 4 or None for float tables).
+    models (8, 4 or None for float tables), ``accuracy_level`` to MatMulNBits layers (0: fp32
+    compute, exact; 4: int8 activations, faster).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -105,7 +113,8 @@ def export_deployable(model: nn.Module, example_inputs: Any, path: str | os.Path
                     err = check_onnx(tmp, model, example_inputs, atol=1e-4, relative=True)
                 note += f"; ONNX Runtime max abs diff vs PyTorch {err:.2e}"
         else:
-            note = exporter.write(model, example_inputs, tmp, {"embedding_bits": embedding_bits})
+            note = exporter.write(model, example_inputs, tmp, {"embedding_bits": embedding_bits,
+                                                               "accuracy_level": accuracy_level})
             if check:
                 note += "; " + exporter.check(tmp, model, example_inputs)
         os.replace(tmp, path)
@@ -145,8 +154,26 @@ def _check_dynamic_int8(path: Path, model: nn.Module, inputs: Any) -> str:
     return f"ONNX Runtime vs PyTorch output SQNR {_check_sqnr(path, model, inputs):.1f} dB"
 
 
+def _write_nbits(model: nn.Module, inputs: Any, path: Path, options: dict) -> str:
+    level = options.get("accuracy_level", 4)
+    info = export_nbits_onnx(model, inputs, path, accuracy_level=level)
+    note = f"MatMulNBits ({info['matmulnbits']} weight-only Linear layers, accuracy_level {level})"
+    if info["left"]:
+        note += "; fp32: " + ", ".join(f"{n} ({why})" for n, why in info["left"].items())
+    return note
+
+
+def _check_nbits(path: Path, model: nn.Module, inputs: Any) -> str:
+    if _quantizes_activations(model):  # QAT layers left in the fp32 export: one rounding step apart
+        err = check_onnx(path, model, inputs, atol=_int8_tolerance(model, inputs))
+        return f"ONNX Runtime max abs diff vs PyTorch {err:.2e}"
+    # accuracy_level 4 rounds activations to int8 per block (~35-45 dB); a wrong graph is near 0 dB
+    return f"ONNX Runtime vs PyTorch output SQNR {_check_sqnr(path, model, inputs, min_db=25.0):.1f} dB"
+
+
 register_exporter("static_int8", Exporter(FakeQuant, _write_static_int8, _check_static_int8))
 register_exporter("dynamic_int8", Exporter(DynamicInt8Linear, _write_dynamic_int8, _check_dynamic_int8))
+register_exporter("nbits", Exporter(QuantLinear, _write_nbits, _check_nbits))
 
 
 def _check_sqnr(path: Path, model: nn.Module, inputs: Any, min_db: float = 10.0) -> float:

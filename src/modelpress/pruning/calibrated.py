@@ -1,12 +1,13 @@
 """What the one-shot pruning methods calibrated on data share (``prune.wanda``, ``prune.sparsegpt``).
 
-Both prune each ``Linear`` (GPT-2's ``Conv1D`` included) and ``Conv2d`` layer from statistics of
-its own inputs, layer by layer in the order the model calls them, each layer seeing its pruned
-predecessors' outputs (:mod:`modelpress.engine.layerwise`), with no retraining. The target is
-either ``sparsity`` (the fraction of each layer's weights set to zero) or an N:M ``pattern``
-(``"2:4"``: at most 2 non-zeros in every 4 consecutive inputs, along the inputs as
-``prune.nm`` lays them out: channels-last for a conv). Pruned weights carry masks like
-``prune.magnitude``'s (a fine-tune keeps them at zero; the artifact stores them sparse).
+Both prune each ``Linear`` (GPT-2's ``Conv1D`` included), ``Conv2d`` and each weight matrix of an
+``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` from statistics of its own inputs, layer by layer in the order
+the model calls them, each layer seeing its pruned predecessors' outputs
+(:mod:`modelpress.engine.layerwise`), with no retraining. The target is either ``sparsity`` (the
+fraction of each layer's weights set to zero) or an N:M ``pattern`` (``"2:4"``: at most 2 non-zeros
+in every 4 consecutive inputs, along the inputs as ``prune.nm`` lays them out: channels-last for a
+conv). Pruned weights carry masks like ``prune.magnitude``'s (a fine-tune keeps them at zero; the
+artifact stores them sparse).
 """
 from __future__ import annotations
 
@@ -20,11 +21,11 @@ from ..core.config import MethodConfig
 from ..core.errors import UnsupportedError
 from ..core.scope import Scope, first_and_last
 from ..engine import MethodInputs, MethodResult
-from ..engine.layerwise import Observer, calibrate_layerwise, calibration_inputs, check_layer
-from ..nn.layer_kinds import WeightRef, weight_refs
+from ..engine.layerwise import Observer, calibrate_layerwise, calibration_inputs, check_layer, recurrent_rows
+from ..nn.layer_kinds import RECURRENT, WeightRef, weight_refs
 from .nm import reduction_length, verify_nm
 
-LAYER_TYPES = ("Linear", "Conv2d")
+LAYER_TYPES = ("Linear", "Conv2d", *RECURRENT)
 # (name, layer, weight [out, in...], its observer) -> (new weight, 0/1 mask), both [out, in...]
 PruneLayer = Callable[[str, nn.Module, torch.Tensor, Observer], tuple[torch.Tensor, torch.Tensor]]
 
@@ -70,24 +71,32 @@ def channels_last_order(layer: nn.Module) -> torch.Tensor | None:
 
 
 def run_calibrated_pruning(model: nn.Module, cfg: CalibratedPruning, inputs: MethodInputs, method: str,
-                           make_observer: Callable[[str, nn.Module], Observer],
+                           make_observer: Callable[[int, torch.device], Observer],
                            prune_layer: PruneLayer) -> MethodResult:
-    """The driver of a calibrated pruner: selects the layers, checks N:M fits, calibrates layer by
-    layer and attaches masks. ``prune_layer(name, layer, weight [out, in...], stats)`` returns the new
-    weight and its 0/1 mask (both ``[out, in...]``)."""
+    """The driver of a calibrated pruner: selects the layers (every weight matrix of a recurrent
+    layer on its own, named ``rnn.weight_ih_l0`` ...), checks N:M fits, calibrates layer by layer and
+    attaches masks. ``make_observer(features, device)`` builds one matrix's statistics;
+    ``prune_layer(name, layer, weight [out, in...], stats)`` returns the new weight and its 0/1 mask
+    (both ``[out, in...]``)."""
     default_exclude = first_and_last(model, LAYER_TYPES) if cfg.keep_first_last else []
     selected = cfg.scope.resolve(model, LAYER_TYPES, default_exclude=default_exclude)
-    refs: dict[str, WeightRef] = {}
+    refs: dict[str, WeightRef] = {}      # matrix name -> its weight
+    modules: dict[str, nn.Module] = {}   # layer name -> layer, for the driver
     skipped: dict[str, str] = {}
     for name, layer in selected:
         reason = check_layer(layer)
-        ref = weight_refs([(name, layer)])[0][1]
-        if reason is None and cfg.nm is not None and reduction_length(ref.out_in()) % cfg.nm[1]:
-            reason = f"input dimension {reduction_length(ref.out_in())} is not divisible by m={cfg.nm[1]}"
         if reason:
             skipped[name] = reason
-        else:
-            refs[name] = ref
+            continue
+        for matrix, ref in weight_refs([(name, layer)]):
+            k = reduction_length(ref.out_in())
+            if ref.param.startswith("weight_hr"):
+                skipped[matrix] = "an LSTM's projection: its inputs (the cell outputs) are not observable"
+            elif cfg.nm is not None and k % cfg.nm[1]:
+                skipped[matrix] = f"input dimension {k} is not divisible by m={cfg.nm[1]}"
+            else:
+                refs[matrix] = ref
+                modules[name] = layer
     if not refs:
         why = "; ".join(f"{n} ({r})" for n, r in skipped.items()) or "the scope selects none"
         raise UnsupportedError(f"{method}: no selected layer can be pruned: {why}",
@@ -96,16 +105,26 @@ def run_calibrated_pruning(model: nn.Module, cfg: CalibratedPruning, inputs: Met
     batches = calibration_inputs(inputs.data, cfg.calibration_batches, method)
     sparsity: dict[str, float] = {}
 
-    def compress(name: str, layer: nn.Module, stats: Observer) -> None:
-        ref = refs[name]
+    def prune_matrix(matrix: str, layer: nn.Module, stats: Observer) -> None:
+        ref = refs[matrix]
         with torch.no_grad():
-            weight, mask = prune_layer(name, layer, ref.out_in().detach(), stats)
+            weight, mask = prune_layer(matrix, layer, ref.out_in().detach(), stats)
             ref.weight.copy_(ref.from_out_in(weight.to(ref.weight.dtype)))
             ref.set_mask(ref.from_out_in(mask.to(ref.weight.dtype)))
-        sparsity[name] = float((ref.weight == 0).float().mean())
+        sparsity[matrix] = float((ref.weight == 0).float().mean())
 
-    layers = [(n, r.module) for n, r in refs.items()]
-    unreached = calibrate_layerwise(model, layers, batches, make_observer, compress, method)
+    def compress(name: str, layer: nn.Module, stats: Observer) -> None:
+        if not isinstance(layer, nn.RNNBase):
+            prune_matrix(name, layer, stats)
+            return
+        for rows in recurrent_rows(layer, stats):  # layer by layer, each on the pruned one below
+            for param, x in rows.items():
+                if f"{name}.{param}" in refs:
+                    matrix_stats = make_observer(x.shape[1], x.device)
+                    matrix_stats.observe(x)
+                    prune_matrix(f"{name}.{param}", layer, matrix_stats)
+
+    unreached = calibrate_layerwise(model, list(modules.items()), batches, make_observer, compress, method)
     for name in unreached:
         skipped[name] = "not reached by the calibration data"
     info: dict = {"layer_sparsity": sparsity, "target": cfg.target(), "calibration_batches": len(batches)}

@@ -31,7 +31,7 @@ from pydantic import Field
 from torch import nn
 
 from ..engine import MethodInputs, MethodResult, register_method
-from ..engine.layerwise import Hessian, input_features, inverse_hessian_cholesky
+from ..engine.layerwise import Hessian, inverse_hessian_cholesky
 from .calibrated import LAYER_TYPES, CalibratedPruning, channels_last_order, run_calibrated_pruning
 
 
@@ -91,9 +91,6 @@ def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, sparsity: float,
 def sparsegpt(model: nn.Module, cfg: SparseGPT, inputs: MethodInputs) -> MethodResult:
     """SparseGPT one-shot pruning (OBS saliency + weight update, unstructured or N:M), calibrated on data."""
 
-    def observer(name: str, layer: nn.Module) -> Hessian:
-        return Hessian(input_features(layer), layer.weight.device)
-
     def prune_layer(name: str, layer: nn.Module, weight: torch.Tensor, stats: Hessian):
         rows = weight.reshape(weight.shape[0], -1)
         h = stats.matrix
@@ -108,4 +105,4 @@ def sparsegpt(model: nn.Module, cfg: SparseGPT, inputs: MethodInputs) -> MethodR
             new, mask = new[:, back], mask[:, back]
         return new.reshape(weight.shape).to(weight.device), mask.reshape(weight.shape).to(weight.device)
 
-    return run_calibrated_pruning(model, cfg, inputs, "prune.sparsegpt", observer, prune_layer)
+    return run_calibrated_pruning(model, cfg, inputs, "prune.sparsegpt", Hessian, prune_layer)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..engine import MethodInputs, MethodResult, register_method
-from ..engine.layerwise import InputNorms, input_features
+from ..engine.layerwise import InputNorms
 from .calibrated import LAYER_TYPES, CalibratedPruning, run_calibrated_pruning
 from .nm import nm_mask
 
@@ -51,11 +51,8 @@ def wanda_mask(weight: torch.Tensor, norms: torch.Tensor, sparsity: float,
 def wanda(model: nn.Module, cfg: Wanda, inputs: MethodInputs) -> MethodResult:
     """Wanda one-shot pruning (|W| x input-norm scores, per row or N:M), calibrated on data."""
 
-    def observer(name: str, layer: nn.Module) -> InputNorms:
-        return InputNorms(input_features(layer), layer.weight.device)
-
     def prune_layer(name: str, layer: nn.Module, weight: torch.Tensor, stats: InputNorms):
         mask = wanda_mask(weight, stats.norms.to(weight.device), cfg.sparsity, cfg.nm)
         return weight * mask, mask
 
-    return run_calibrated_pruning(model, cfg, inputs, "prune.wanda", observer, prune_layer)
+    return run_calibrated_pruning(model, cfg, inputs, "prune.wanda", InputNorms, prune_layer)

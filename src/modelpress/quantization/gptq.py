@@ -50,7 +50,6 @@ from ..engine.layerwise import (
     calibrate_layerwise,
     calibration_inputs,
     check_layer,
-    input_features,
     inverse_hessian_cholesky,
 )
 from ..nn.modules import set_module
@@ -154,9 +153,6 @@ def gptq(model: nn.Module, cfg: GPTQ, inputs: MethodInputs) -> MethodResult:
     report: dict[str, dict] = {}
     fallback: list[str] = []
 
-    def observer(name: str, layer: nn.Module) -> Hessian:
-        return Hessian(input_features(layer), layer.weight.device)
-
     def compress(name: str, layer: nn.Module, stats: Hessian) -> None:
         spec = layer_spec(layer, cfg.bits, cfg.granularity, cfg.group_size, cfg.symmetric)
         if spec.granularity != cfg.granularity:
@@ -173,7 +169,7 @@ def gptq(model: nn.Module, cfg: GPTQ, inputs: MethodInputs) -> MethodResult:
         layer.weight.data.copy_(deq.reshape(layer.weight.shape))  # later layers see this layer quantized
         results[name] = (layer, spec, qt)
 
-    unreached = calibrate_layerwise(model, layers, batches, observer, compress, "quant.gptq")
+    unreached = calibrate_layerwise(model, layers, batches, Hessian, compress, "quant.gptq")
     for name in unreached:
         skipped[name] = "not reached by the calibration data"
     for name, (layer, spec, qt) in results.items():
