@@ -112,3 +112,13 @@ def test_documents_within_the_bounds_load_as_before(value):
     text = yaml.safe_dump(value)
     check_yaml_events(text, "doc.yaml")
     assert load_yaml(text, "doc.yaml") == yaml.safe_load(text)
+
+
+def test_no_base_60_numbers_an_nm_pattern_stays_a_string():
+    """YAML 1.1 reads ``2:4`` as 124 (base 60): ``--set pattern=2:4`` reached Wanda as an integer."""
+    from modelpress.recipes.schema import apply_overrides
+
+    assert load_yaml("p: 2:4\nt: 1:30.5\nn: 12\nx: 0.5\nh: 0x10\nb: yes", "t") == {
+        "p": "2:4", "t": "1:30.5", "n": 12, "x": 0.5, "h": 16, "b": True}
+    raw = apply_overrides({"version": 1, "stages": [{"method": "prune.wanda"}]}, ["stage.1.pattern=2:4"])
+    assert raw["stages"][0]["config"]["pattern"] == "2:4"

@@ -20,6 +20,7 @@ path. :func:`read_json` does the same for JSON files modelpress reads back (repo
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -103,10 +104,24 @@ def _after_value(kinds: list[str], expecting_key: list[bool], stack: list) -> No
         stack[-1] += 1
 
 
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` without YAML 1.1's base-60 numbers: ``2:4`` (an N:M pattern) stays the
+    string it reads as, not the integer 124 (YAML 1.2 dropped them too)."""
+
+
+_INT = re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$")
+_FLOAT = re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?|\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?"
+                    r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$")
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, {"tag:yaml.org,2002:int": _INT, "tag:yaml.org,2002:float": _FLOAT}.get(tag, rx))
+            for tag, rx in resolvers]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
+
 def load_yaml(text: str, where: str) -> Any:
-    """``yaml.safe_load`` after :func:`check_yaml_events` (see the module docstring)."""
+    """Safe YAML loading (no base-60 numbers) after :func:`check_yaml_events` (see the module docstring)."""
     check_yaml_events(text, where)
-    return yaml.safe_load(text)
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: no arbitrary objects
 
 
 def read_text_capped(path: str | Path, max_bytes: int, what: str) -> str:
