@@ -44,13 +44,15 @@ cov = load_coverage()
 # One or two methods of each family, the ones whose code paths differ most: unstructured and
 # structured pruning, head pruning, gradient-based importance (needs a loss), post-training
 # dynamic / static / weight-only quantization, quantization-aware training, low rank for Linear
-# and for Conv2d, offline and online distillation.
+# and for Conv2d, offline and online distillation, layer-by-layer calibration (GPTQ, SparseGPT).
 METHODS = ("prune.magnitude", "prune.channels", "prune.heads", "prune.taylor", "quant.dynamic_int8",
            "quant.static_int8", "quant.weight_only", "quant.qat", "lowrank.svd", "lowrank.cp", "distill.kd",
-           "distill.mutual")
+           "distill.mutual", "quant.gptq", "prune.sparsegpt")
 # Left out on purpose: CP at its default param_ratio on ResNet-18 (512x512 3x3 convs get a rank
-# above the tensor's sizes) needs > 13 GB and > 9 minutes; benchmarks/coverage.py shows it.
-TOO_SLOW = {("lowrank.cp", "torchvision:resnet18")}
+# above the tensor's sizes: ~35 s of ALS), GPTQ / SparseGPT on ResNet-18 (a 4608 x 4608 Hessian per
+# 512-channel 3x3 conv: 40-80 s); benchmarks/coverage.py shows them.
+TOO_SLOW = {("lowrank.cp", "torchvision:resnet18"), ("quant.gptq", "torchvision:resnet18"),
+            ("prune.sparsegpt", "torchvision:resnet18")}
 
 KNOWN_RAW: dict[tuple[str, str], str] = {}
 

@@ -108,9 +108,13 @@ def export(model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
            embedding_bits: int = typer.Option(8, "--embedding-bits",
                                               help="dynamic int8 models: embedding tables as 8 or 4 bits "
                                                    "(0 keeps them float)"),
+           accuracy_level: int = typer.Option(4, "--accuracy-level", min=0, max=4,
+                                              help="weight-only int2/4/8 Linear layers (MatMulNBits): 0 computes "
+                                                   "in fp32 (exact), 4 with int8 activations (fast)"),
            trust_remote_code: bool = TRUST):
     """Export a model for deployment: ONNX (int8 QDQ for statically quantized models, ONNX Runtime
-    dynamic int8 for dynamically quantized ones) or a modelpress artifact.
+    dynamic int8 for dynamically quantized ones, MatMulNBits for weight-only int2/int4/int8 Linear
+    layers) or a modelpress artifact.
 
     The artifact is safetensors + metadata (packed low-bit weights, codebooks, sparse tensors)
     and reloads in modelpress to the same outputs. ONNX files run in ONNX Runtime.
@@ -131,7 +135,7 @@ def export(model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
     from ..export.deploy import export_deployable
 
     path, note = export_deployable(m, bundle.example_inputs(1), dest, check=check,
-                                   embedding_bits=embedding_bits or None)
+                                   embedding_bits=embedding_bits or None, accuracy_level=accuracy_level)
     out.print(f"wrote {path} ({path.stat().st_size:,} bytes){'; ' + note if note else ''}")
 
 
