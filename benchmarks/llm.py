@@ -10,7 +10,8 @@ Every row goes through ``modelpress.engine.run_method`` (what ``modelpress quant
 ``modelpress quantize gptq -m minilm -d sts --set bits=4 --set group_size=128``.
 
 Columns: Spearman, fidelity, artifact bytes, calibration seconds; for the weight-only rows also the
-deployed file (``export_deployable``: MatMulNBits, ``accuracy_level`` 4), its fidelity as run by
+deployed file (``export_deployable``: MatMulNBits, ``accuracy_level`` 4: int8 activations; the int4
+rows again at level 0: fp32 compute, exact), its fidelity as run by
 ONNX Runtime, its bytes and its latency on one sentence (batch 1, the decode-like case) against the
 fp32 ONNX Runtime file, timed alternately in one process (``compare_latency``), 1 and 2 threads.
 The peer row: ONNX Runtime's ``MatMulNBitsQuantizer`` (RTN, symmetric, block 128, accuracy level 4)
@@ -129,10 +130,14 @@ def main() -> None:
         sp, fid = quality(model.eval())
         row = {"row": name, "spearman": sp, "fidelity": fid, "seconds": seconds,
                "bytes": save_artifact(model, tmp / f"{len(table)}.safetensors").stat().st_size}
-        if isinstance(cfg, (WeightOnly, GPTQ)):
-            path, _ = export_deployable(model, one, tmp / f"{len(table)}.onnx", accuracy_level=4)
-            row.update(deploy(path))
         table.append(row)
+        if isinstance(cfg, (WeightOnly, GPTQ)):
+            for level in (4, 0) if cfg.bits == 4 else (4,):
+                path, _ = export_deployable(model, one, tmp / f"{len(table)}-{level}.onnx", accuracy_level=level)
+                if level == 4:
+                    row.update(deploy(path))
+                else:  # ONNX Runtime's exact fp32 compute: its own row, deployment columns only
+                    table.append({"row": f"{name}, accuracy_level 0", **deploy(path)})
         print(f"{name}: spearman {sp:.4f} fidelity {fid:.4f} ({seconds:.1f} s)", flush=True)
     try:
         t0 = time.perf_counter()

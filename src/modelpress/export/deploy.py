@@ -167,8 +167,9 @@ def _check_nbits(path: Path, model: nn.Module, inputs: Any) -> str:
     if _quantizes_activations(model):  # QAT layers left in the fp32 export: one rounding step apart
         err = check_onnx(path, model, inputs, atol=_int8_tolerance(model, inputs))
         return f"ONNX Runtime max abs diff vs PyTorch {err:.2e}"
-    # accuracy_level 4 rounds activations to int8 per block (~35-45 dB); a wrong graph is near 0 dB
-    return f"ONNX Runtime vs PyTorch output SQNR {_check_sqnr(path, model, inputs, min_db=25.0):.1f} dB"
+    # accuracy_level 4 rounds activations to int8 per block (MiniLM's embeddings: ~25 dB; level 0:
+    # ~70 dB and more); a wrong graph is near 0 dB
+    return f"ONNX Runtime vs PyTorch output SQNR {_check_sqnr(path, model, inputs, min_db=15.0):.1f} dB"
 
 
 register_exporter("static_int8", Exporter(FakeQuant, _write_static_int8, _check_static_int8))
