@@ -311,10 +311,12 @@ def test_encoder_quantized_everywhere_exports_to_onnx(tmp_path):
     torch.manual_seed(0)
     build, batches, _ = CASES["encoder"]
     x = batches[0][0]
-    for config in (WeightOnly(bits=4), QAT(weight_bits=4, act_bits=8, observer_steps=1)):
+    for config, expected in ((WeightOnly(bits=4), ("MatMulNBits (8 weight-only", "SQNR")),
+                             (QAT(weight_bits=4, act_bits=8, observer_steps=1), ("quantizes its activations",
+                                                                                  "max abs diff"))):
         q, _ = run_method(build().eval(), config, MethodInputs(data=batches))
         path, note = export_deployable(q, x, tmp_path / "enc.onnx")
-        assert path.exists() and "max abs diff" in note
+        assert path.exists() and all(e in note for e in expected), note
 
 
 def test_dynamic_int8_stores_recurrent_weights_as_int8():

@@ -157,7 +157,8 @@ def _check_dynamic_int8(path: Path, model: nn.Module, inputs: Any) -> str:
 def _write_nbits(model: nn.Module, inputs: Any, path: Path, options: dict) -> str:
     level = options.get("accuracy_level", 4)
     info = export_nbits_onnx(model, inputs, path, accuracy_level=level)
-    note = f"MatMulNBits ({info['matmulnbits']} weight-only Linear layers, accuracy_level {level})"
+    note = (f"MatMulNBits ({info['matmulnbits']} weight-only Linear layers, accuracy_level {level})"
+            if info["matmulnbits"] else "fp32 (no layer fits MatMulNBits)")
     if info["left"]:
         note += "; fp32: " + ", ".join(f"{n} ({why})" for n, why in info["left"].items())
     return note
