@@ -50,6 +50,8 @@ from modelpress.quantization.weight_only import WeightOnly  # noqa: E402
 ROWS = [
     ("RTN w4 g128", WeightOnly(bits=4, granularity="group", group_size=128)),
     ("GPTQ w4 g128", GPTQ(bits=4, group_size=128)),
+    ("RTN w4 g128, MSE ranges", WeightOnly(bits=4, granularity="group", group_size=128, range_search="mse")),
+    ("GPTQ w4 g128, MSE ranges", GPTQ(bits=4, group_size=128, range_search="mse")),
     ("RTN w3 g128", WeightOnly(bits=3, granularity="group", group_size=128)),
     ("GPTQ w3 g128", GPTQ(bits=3, group_size=128)),
     ("magnitude 50%", MagnitudePruning(sparsity=0.5, ranking="layer")),

@@ -25,8 +25,9 @@ def correlated_mlp(seed=0):
 
 
 def rel_error(model, ref_model, x):
-    ref = ref_model(x)
-    return float((model(x) - ref).pow(2).mean() / ref.pow(2).mean())
+    with torch.no_grad():
+        ref = ref_model(x)
+        return float((model(x) - ref).pow(2).mean() / ref.pow(2).mean())
 
 
 @pytest.mark.parametrize("bits,granularity,act_order,symmetric", [
@@ -112,3 +113,14 @@ def test_gptq_runs_on_cuda():
     cpu, _ = run_method(net.cpu(), GPTQ(bits=4, group_size=32), MethodInputs(data=batches))
     x = torch.cat(batches)
     assert rel_error(q.cpu(), net, x) < 2 * rel_error(cpu, net, x)
+
+
+def test_gptq_mse_range_search_beats_minmax_and_rtn_mse():
+    net, batches = correlated_mlp()
+    x = torch.cat(batches)
+    errors = {}
+    for rs in ("minmax", "mse"):
+        q, _ = run_method(net, GPTQ(bits=3, group_size=32, range_search=rs), MethodInputs(data=batches))
+        errors[rs] = rel_error(q, net, x)
+    rtn_mse, _ = run_method(net, WeightOnly(bits=3, granularity="group", group_size=32, range_search="mse"))
+    assert errors["mse"] < errors["minmax"] < 0.5 * rel_error(rtn_mse, net, x)

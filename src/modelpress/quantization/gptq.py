@@ -16,7 +16,9 @@ output error on calibration inputs ``X``: the output ``X W^T`` moves as little a
   rounded first, while most columns can still absorb their error); group scales are then fixed
   from the original weights before the sweep, so every group stays a contiguous run of inputs
   (what the packed format and deployment kernels expect);
-* ``damp``: ``damp * mean(diag H)`` added to the diagonal before the Cholesky factorization.
+* ``damp``: ``damp * mean(diag H)`` added to the diagonal before the Cholesky factorization;
+* ``range_search="mse"``: each group's range is the clipping with the least squared weight error
+  (as ``quant.weight_only`` offers), not its min/max.
 
 ``Linear`` (GPT-2's ``Conv1D`` included) and ``Conv2d`` (its inputs unfolded into patches) layers;
 ``info["layers"]`` gives per layer the weight SQNR and ``error_vs_rtn``: GPTQ's output error
@@ -55,7 +57,7 @@ from ..engine.layerwise import (
 from ..nn.modules import set_module
 from .modules import quantize_layer
 from .primitives import QuantizedTensor, QuantSpec, qparams, sqnr
-from .weight_only import layer_spec, quantize_weight, select_layers
+from .weight_only import RangeSearch, layer_spec, quantize_weight, select_layers, weight_ranges
 
 LAYER_TYPES = ("Linear", "Conv2d")
 
@@ -69,20 +71,26 @@ class GPTQ(MethodConfig):
     symmetric: bool = Field(True, description="signed integers around zero, no zero point")
     act_order: bool = Field(True, description="quantize inputs in order of decreasing Hessian diagonal")
     damp: float = Field(0.01, gt=0, le=1, description="fraction of mean(diag H) added to the diagonal")
+    range_search: RangeSearch = Field("minmax", description="each group's range: 'minmax' or the clipping "
+                                                            "with the least squared error ('mse')")
     block_size: int = Field(128, ge=1, description="columns updated together (speed only)")
     calibration_batches: int = Field(16, ge=1, description="batches of data run for calibration")
     scope: Scope = Scope()
     keep_first_last: bool = Field(False, description="leave the first and last layer in float")
 
 
-def _params(cols: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point per row of ``cols`` (out, k) under ``spec``'s bits / symmetry."""
-    return qparams(cols.amin(dim=1, keepdim=True), cols.amax(dim=1, keepdim=True), spec)
+def _params(cols: torch.Tensor, spec: QuantSpec, search: RangeSearch = "minmax") -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point per row of ``cols`` (out, k) under ``spec``'s bits / symmetry: the row's
+    min/max, or the clipped range with the least squared error (``search="mse"``)."""
+    row_spec = spec.model_copy(update={"granularity": "channel", "axis": 0})
+    lo, hi = weight_ranges(cols, row_spec, search)
+    return qparams(lo, hi, spec)
 
 
 @torch.no_grad()
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, *, act_order: bool = True,
-                  damp: float = 0.01, block_size: int = 128, name: str = "layer") -> QuantizedTensor:
+                  damp: float = 0.01, block_size: int = 128, range_search: RangeSearch = "minmax",
+                  name: str = "layer") -> QuantizedTensor:
     """GPTQ of one weight ``w`` (out, inputs...) given the Hessian ``h`` of its flattened inputs."""
     shape = tuple(w.shape)
     wf = w.detach().reshape(shape[0], -1).to(h.device, torch.float32).clone(memory_format=torch.contiguous_format)
@@ -94,7 +102,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, *, act_orde
     zero = torch.zeros(out, n_groups, device=wf.device)
     if spec.granularity == "channel" or act_order:  # ranges fixed from the weights before the sweep
         for g in range(n_groups):
-            s, z = _params(wf[:, g * group:(g + 1) * group], spec)
+            s, z = _params(wf[:, g * group:(g + 1) * group], spec, range_search)
             scale[:, g], zero[:, g] = s[:, 0], z[:, 0]
     perm = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(cols, device=wf.device)
     wp = wf[:, perm]
@@ -112,7 +120,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, *, act_orde
             col = int(perm[start + i])
             g = col // group
             if lazy and col % group == 0:
-                s, z = _params(block[:, i:i + group], spec)
+                s, z = _params(block[:, i:i + group], spec, range_search)
                 scale[:, g], zero[:, g] = s[:, 0], z[:, 0]
             s, z = scale[:, g], zero[:, g]
             w_col = block[:, i]
@@ -159,9 +167,9 @@ def gptq(model: nn.Module, cfg: GPTQ, inputs: MethodInputs) -> MethodResult:
             fallback.append(name)
         h = stats.matrix
         qt = gptq_quantize(layer.weight, h, spec, act_order=cfg.act_order, damp=cfg.damp,
-                           block_size=cfg.block_size, name=name)
+                           block_size=cfg.block_size, range_search=cfg.range_search, name=name)
         deq = qt.dequantize().to(layer.weight.device, layer.weight.dtype)
-        rtn = quantize_weight(layer.weight, spec).dequantize()  # round-to-nearest, for the report
+        rtn = quantize_weight(layer.weight, spec, cfg.range_search).dequantize()  # RTN, for the report
         ours, theirs = output_error(layer.weight, deq, h), output_error(layer.weight, rtn, h)
         report[name] = {"params": layer.weight.numel(), "bits": cfg.bits, "granularity": spec.granularity,
                         "sqnr_db": round(sqnr(layer.weight.detach().cpu(), deq.cpu()), 2),
