@@ -60,10 +60,10 @@ _PASS = {aten.relu, aten.relu_, aten.gelu, aten.silu, aten.tanh, aten.sigmoid, a
          aten.feature_dropout}
 _SCALAR_PASS = {aten.pow}  # x ** 2 and friends: elementwise on one tensor
 _ELEMENTWISE = {aten.add, aten.sub, aten.mul, aten.div, aten.maximum, aten.minimum, aten.add_, aten.mul_,
-                aten.sub_, aten.div_, aten.rsub}
+                aten.sub_, aten.div_, aten.rsub, aten.addcmul}
 _RESHAPE = {aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unsqueeze, aten.squeeze}
 _KEEPS_SPLIT = {*_RESHAPE, aten.permute, aten.transpose, aten.clone, aten.contiguous}
-_REDUCE = {aten.mean, aten.sum, aten.amax, aten.amin}
+_REDUCE = {aten.mean, aten.sum, aten.amax, aten.amin, aten.linalg_vector_norm}
 _METADATA = {aten.sym_size, aten.sym_numel, aten.sym_stride, aten._assert_tensor_metadata, aten.dim,
              aten.size, aten.stride}
 # a new tensor that takes only its dtype/device (and for *_like its shape) from the input

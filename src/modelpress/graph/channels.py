@@ -28,7 +28,9 @@ around without knowing about layers:
   is sliced along its channel dim (axis kind ``param:NAME:DIM`` of the module owning it);
 * stochastic depth / drop path (identity at inference, a per-sample mask in training): pass;
 * a mean over the channel dim alone, kept as a size-1 dim (an RMSNorm's statistic): untracked,
-  taken over the channels that remain;
+  taken over the channels that remain (ConvNeXt V2's global response norm: an L2 norm over the
+  spatial dims, per channel, divided by its mean over the channels);
+* reductions (mean, sum, max, min, vector norms) over other dims: the channels go through;
 * anything else that touches a tracked value (an unknown function, a view mixing channels,
   ``torch.roll`` ...) *marks* the value's slots as unprunable,
   with a reason naming the op and its source line. Values that reach the model output are
@@ -160,12 +162,13 @@ _PASS_METHODS = {"relu", "relu_", "sigmoid", "tanh", "contiguous", "clone", "det
                  "double", "to", "type_as", "abs", "neg", "clamp", "clamp_", "clip", "exp", "sqrt"}
 _ELEMENTWISE_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd,
                           operator.isub, operator.imul, operator.itruediv, operator.pow, torch.add, torch.sub,
-                          torch.mul, torch.div, torch.maximum, torch.minimum, torch.pow}
-_ELEMENTWISE_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "pow", "maximum", "minimum"}
+                          torch.mul, torch.div, torch.maximum, torch.minimum, torch.pow, torch.addcmul}
+_ELEMENTWISE_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "pow", "maximum", "minimum",
+                        "addcmul"}
 _RESHAPE_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze"}
 _RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze}
-_REDUCE_METHODS = {"mean", "sum", "amax", "amin"}
-_REDUCE_FUNCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin}
+_REDUCE_METHODS = {"mean", "sum", "amax", "amin", "norm"}
+_REDUCE_FUNCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin, torch.norm, torch.linalg.vector_norm}
 _METADATA_METHODS = {"size", "dim", "numel", "stride", "is_contiguous", "element_size", "get_device"}
 _SPLIT_METHODS = {"view", "reshape", "flatten", "transpose", "permute", "swapaxes", "swapdims", "contiguous", "clone"}
 
@@ -746,8 +749,9 @@ class _Walker:
         if x is None:
             return None
         src = _first_input(node).meta.get("shape") or ()
-        dims = _arg(node, 1, "dim")
-        keepdim = _arg(node, 2, "keepdim", False)
+        at = 2 if _reduce_name(node) in ("norm", "linalg_vector_norm") else 1  # norm(x, p, dim, keepdim)
+        dims = _arg(node, at, "dim")
+        keepdim = _arg(node, at + 1, "keepdim", False)
         if dims is None:
             return self.unknown(node, why=f"{_op_name(node)} reduces over the channel dim")
         dims = [d % len(src) for d in (dims if isinstance(dims, (list, tuple)) else [dims])]
