@@ -27,12 +27,13 @@ around without knowing about layers:
   a class token concatenated along the tokens, a position embedding added): the parameter
   is sliced along its channel dim (axis kind ``param:NAME:DIM`` of the module owning it);
 * stochastic depth / drop path (identity at inference, a per-sample mask in training): pass;
+* ``torch.roll`` along other dims (Swin's cyclic window shift): pass;
 * a mean over the channel dim alone, kept as a size-1 dim (an RMSNorm's statistic): untracked,
   taken over the channels that remain (ConvNeXt V2's global response norm: an L2 norm over the
   spatial dims, per channel, divided by its mean over the channels);
 * reductions (mean, sum, max, min, vector norms) over other dims: the channels go through;
 * anything else that touches a tracked value (an unknown function, a view mixing channels,
-  ``torch.roll`` ...) *marks* the value's slots as unprunable,
+  a roll along the channels ...) *marks* the value's slots as unprunable,
   with a reason naming the op and its source line. Values that reach the model output are
   marked too, so output features are never removed.
 
@@ -239,6 +240,9 @@ class _Walker:
         self.gm = gm
         self.root: nn.Module = gm.meta.get("root", gm)  # the traced model (gm holds copies of get_attr owners)
         self.res = ChannelAnalysis()
+        # (width read off a tensor, the value it sizes a view of, why): marked at the end unless the
+        # two are the same channels by then
+        self.size_ties: list[tuple[Value, Value, str]] = []
         self.values: dict[fx.Node, Value | None] = {}
         self.params: dict[fx.Node, ParamRef] = {}  # values that are model parameters
         self.tuples: dict[fx.Node, list[Value | None]] = {}  # outputs of layers returning tuples
@@ -318,6 +322,9 @@ class _Walker:
                 self.values[node] = self.call_method(node)
             else:
                 self.values[node] = self.call_function(node)
+        for v, x, reason in self.size_ties:  # timm Swin: ``B, H, W, C = x.shape`` ... ``attn.view(..., C)``
+            if any(self.res.uf.find(a) != self.res.uf.find(b) for a, b in zip(v.slots, x.slots)):
+                self.res.mark([v], reason)
         return self.res
 
     def keeps_split(self, node: fx.Node) -> bool:
@@ -509,6 +516,12 @@ class _Walker:
             return self.reduce(node, x)
         if fn in (torch.softmax, F.softmax, F.log_softmax, torch.log_softmax):
             return self.softmax(node, x, _arg(node, 1, "dim"))
+        if fn is torch.roll and x is not None:  # Swin's cyclic shift: along the spatial dims only
+            dims = _arg(node, 2, "dims")
+            rank = len(_first_input(node).meta.get("shape") or ())
+            dims = [dims] if isinstance(dims, int) else list(dims or [])
+            if dims and rank and x.cdim not in [d % rank for d in dims]:
+                return self.passthrough(node, x)
         if not self.tracked_inputs(node):
             return None  # arithmetic on sizes, tensor factories ...: nothing to follow
         return self.unknown(node)
@@ -599,7 +612,11 @@ class _Walker:
             rank = len(src[0].meta.get("shape") or ()) if src else 0
             if v is None or not rank or src[1] % rank != v.cdim or (x is not None and set(v.slots) == set(x.slots)):
                 continue
-            self.res.mark([v], self.reason(f"its width sizes a view of another tensor ({_op_name(node)})", node))
+            reason = self.reason(f"its width sizes a view of another tensor ({_op_name(node)})", node)
+            if x is not None and len(x.slots) == len(v.slots):  # fine if a later op (a residual add) joins them
+                self.size_ties.append((v, x, reason))
+            else:
+                self.res.mark([v], reason)
 
     def reshape(self, node: fx.Node, x: Value | None, shape_args: list | None = None) -> Value | None:
         """Channel mapping of any view-like op, from the shapes before and after."""
@@ -624,6 +641,14 @@ class _Walker:
                         return self.unknown(node, why=f"{_op_name(node)} hard-codes {arg} as the size of "
                                                       "the channel dim (use -1 or x.size(...))")
                 return Value(k, [x.slots[(p * stride) // inner] for p in range(out[k])])
+        for k in range(len(out)):  # leading dims folded into the channels (timm Swin's patch merging:
+            # (B, H/2, W/2, 2, 2, C) -> (B, H/2, W/2, 4C)): position p of the new dim is channel p % C
+            if out[k] > channels and out[k] % channels == 0 and _prod(out[k + 1:]) == inner \
+                    and _prod(out[:k + 1]) == _prod(src[:x.cdim + 1]) and inner == 1:
+                if shape_args is not None and len(shape_args) == len(out) and isinstance(shape_args[k], int) \
+                        and shape_args[k] != -1:
+                    break
+                return Value(k, [x.slots[p % channels] for p in range(out[k])])
         for k in range(len(out) - 1):  # the channels as (rows, columns): a channel shuffle's first view
             rows, cols = out[k], out[k + 1]
             if rows > 1 and cols > 1 and rows * cols == channels and _prod(out[k + 2:]) == inner \
