@@ -125,6 +125,8 @@ METHOD_CONFIGS: dict[str, tuple[dict, str]] = {
     "quant.static_int8": ({}, "W8A8 static"),
     "quant.weight_only": ({}, "int8 weights"),
     "quant.gptq": ({"group_size": 32}, "GPTQ int4, groups of 32"),
+    "quant.awq": ({"group_size": 32}, "AWQ int4, groups of 32"),
+    "quant.smoothquant": ({}, "SmoothQuant alpha 0.5 + W8A8 static"),
     "lowrank.svd": ({}, "SVD, default rank"),
     "lowrank.tucker": ({"n_iter_max": 10}, "Tucker, default rank"),
     "lowrank.cp": ({"n_iter_max": 10}, "CP, default rank"),

@@ -23,7 +23,7 @@ RUNTIMES = ("eager", "onnxruntime")
 
 UNSTRUCTURED = {"prune.magnitude", "prune.taylor", "prune.snip", "prune.random", "prune.nm", "prune.iterative",
                 "prune.soft_filter", "prune.wanda", "prune.sparsegpt"}
-WEIGHT_ONLY = {"quant.weight_only", "quant.gptq"}
+WEIGHT_ONLY = {"quant.weight_only", "quant.gptq", "quant.awq"}
 STORAGE_ONLY = {"quant.kmeans", "quant.log2", "quant.adaround", "quant.mixed_precision",
                 "quant.qat",
                 "distill.qat"}
@@ -98,7 +98,7 @@ def check_stage(method: str, config: dict, runtime: str, flags: frozenset[str] |
         return "yes" if runtime == "eager" else "depends", (
             "int8 Linear kernels with activations quantized on the fly: faster for transformer/MLP Linear layers "
             "at batch >= 8 (measured 1.54x on MiniLM at batch 32); convolutions are untouched")
-    if method == "quant.static_int8":
+    if method in ("quant.static_int8", "quant.smoothquant"):
         if runtime == "eager":
             return "no", ("the eager static int8 model simulates int8 in float (for accuracy); export it to ONNX "
                           "Runtime (modelpress export) to run int8 kernels")

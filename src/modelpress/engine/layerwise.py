@@ -1,5 +1,6 @@
 """Layer-by-layer calibration: the driver of the one-shot methods that compress each layer from
-statistics of its own inputs (``quant.gptq``, ``prune.sparsegpt``, ``prune.wanda``).
+statistics of its own inputs (``quant.gptq``, ``quant.awq``, ``quant.smoothquant``, ``prune.sparsegpt``,
+``prune.wanda``).
 
 :func:`calibrate_layerwise` visits the selected layers in the order the model calls them, in
 groups of layers that read the same input tensor (an attention block's q, k and v; a gated MLP's
@@ -290,11 +291,15 @@ def call_groups(model: nn.Module, layers: dict[str, nn.Module], inputs: Any) -> 
 @torch.no_grad()
 def calibrate_layerwise(model: nn.Module, layers: Iterable[tuple[str, nn.Module]], batches: list[Any],
                         make_observer: Callable[[int, torch.device], Observer],
-                        compress: Callable[[str, nn.Module, Observer], None], description: str) -> list[str]:
+                        compress: Callable[[str, nn.Module, Observer], None] | None, description: str,
+                        compress_group: Callable[[dict[str, nn.Module], dict[str, Observer]], None] | None = None,
+                        ) -> list[str]:
     """Observe and compress ``layers`` group by group (see the module docstring); returns the names
     of the layers the calibration data did not reach (left as they are). ``make_observer(features,
     device)`` builds the statistics of one layer (e.g. :class:`Hessian`); a recurrent layer gets a
-    :class:`RecurrentInputs` and its ``compress`` goes through :func:`recurrent_rows`."""
+    :class:`RecurrentInputs` and its ``compress`` goes through :func:`recurrent_rows`.
+    ``compress(name, layer, observer)`` is called per layer, or ``compress_group(layers, observers)``
+    once per group (methods that choose something shared by the layers reading one input: AWQ's scales)."""
     layers = dict(layers)
     if not layers:
         raise UnsupportedError(f"{description}: no layer to calibrate", hint="widen the scope")
@@ -311,8 +316,11 @@ def calibrate_layerwise(model: nn.Module, layers: Iterable[tuple[str, nn.Module]
                              else make_observer(input_features(layers[n]), layers[n].weight.device)
                              for n in group.names}
                 _observe(model, {n: layers[n] for n in group.names}, observers, batches, group.once)
-                for n in group.names:
-                    compress(n, layers[n], observers[n])
+                if compress_group is not None:
+                    compress_group({n: layers[n] for n in group.names}, observers)
+                else:
+                    for n in group.names:
+                        compress(n, layers[n], observers[n])
                 advance()
     finally:
         model.train(was_training)

@@ -1,0 +1,130 @@
+"""SmoothQuant (``quant.smoothquant``), Xiao et al. 2022: activation outliers moved into the weights,
+then static W8A8.
+
+Transformer activations have a few channels with values 10-100x the rest, so one int8 scale per
+activation tensor (what int8 kernels take) wastes most of its range on them. SmoothQuant divides
+input channel ``j`` of each Linear by ``s_j = max|x_j| ** alpha / max|W[:, j]| ** (1 - alpha)``
+and multiplies the weight's column ``j`` by it: the product is unchanged, the activation is flat
+enough for per-tensor int8, and the weights (per-channel int8) take the outliers.
+
+The division goes into the op that produces the input when one can absorb it exactly (a norm's
+affine weight, a Linear's output rows; found and proven on the model, :mod:`.smoothing`);
+otherwise (``explicit=True``, e.g. BERT's post-norm blocks, whose norm also feeds the residual)
+the layer gets an :class:`~.smoothing.InputScale` in front of it: one element-wise ``Mul`` per
+input in the deployed graph. Then ``quant.static_int8`` runs on the smoothed model with this
+config's observer settings, so the result exports as an ONNX Runtime QDQ int8 model like any
+static int8 model (``info["smoothing"]`` says, per input, where the scales went).
+
+    >>> import torch
+    >>> from modelpress import MethodInputs, run_method
+    >>> from modelpress.quantization.smoothquant import SmoothQuant
+    >>> net = torch.nn.Sequential(torch.nn.LayerNorm(64), torch.nn.Linear(64, 64), torch.nn.ReLU(),
+    ...                           torch.nn.Linear(64, 8))
+    >>> with torch.no_grad():
+    ...     _ = net[0].weight.mul_(torch.linspace(0.1, 20, 64))   # outlier channels, as in LLMs
+    >>> q, report = run_method(net, SmoothQuant(alpha=0.5), MethodInputs(data=[torch.randn(32, 64)] * 4))
+    >>> report.info["smoothing"]["1"]
+    'folded into 0'
+"""
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from ..engine import MethodInputs, MethodResult, register_method
+from ..engine.layerwise import calibrate_layerwise, calibration_inputs, check_layer
+from ..nn.layer_kinds import plain_linears
+from ..nn.modules import set_module
+from .smoothing import InputScale, find_folds, scale_consumer, scale_producer
+from .static import StaticInt8, static_int8
+
+LAYER_TYPES = ("Linear",)
+
+
+class SmoothQuant(StaticInt8):
+    """SmoothQuant: per-channel scales move activation outliers into the weights, then static int8."""
+
+    alpha: float = Field(0.5, ge=0, le=1, description="migration strength: 0 keeps the activations, 1 moves all")
+    explicit: bool = Field(True, description="divide inputs whose producer cannot absorb the scales with an "
+                                             "explicit per-channel Mul (else leave them unsmoothed)")
+
+
+class AbsMax:
+    """Per-channel maximum of ``|x|`` over a layer's input rows."""
+
+    def __init__(self, features: int, device: torch.device | str = "cpu"):
+        self.amax = torch.zeros(features, device=device)
+        self.rows = 0
+
+    def observe(self, rows: torch.Tensor) -> None:
+        self.amax = torch.maximum(self.amax, rows.detach().abs().amax(0).to(self.amax))
+        self.rows += rows.shape[0]
+
+
+def smoothing_scales(amax: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
+    """``s_j = max|x_j| ** alpha / max_l max|W_l[:, j]| ** (1 - alpha)`` (ones where a channel is dead)."""
+    wmax = torch.stack([w.detach().abs().amax(0).float() for w in weights]).amax(0)
+    s = amax.float().clamp(min=1e-5).pow(alpha) / wmax.clamp(min=1e-5).pow(1 - alpha)
+    dead = (amax == 0) | (wmax == 0)
+    return torch.where(dead | ~torch.isfinite(s), torch.ones_like(s), s)
+
+
+def smooth(model: nn.Module, cfg: SmoothQuant, batches: list, log=print) -> dict[str, str]:
+    """Smooth ``model``'s selected Linear layers in place; returns per layer where its scales went."""
+    layers, where = [], {}
+    for name, layer in plain_linears(model, cfg.scope.resolve(model, LAYER_TYPES)):
+        reason = check_layer(layer)
+        if reason:
+            where[name] = f"not smoothed ({reason})"
+        else:
+            layers.append((name, layer))
+    if not layers:
+        return where
+    folds = {n: f for f in find_folds(model, dict(layers), batches[0]) for n in f.consumers}
+    modules = dict(model.named_modules())
+    wrap: dict[str, torch.Tensor] = {}
+
+    def compress_group(group: dict[str, nn.Module], observers: dict[str, AbsMax]) -> None:
+        names = list(group)
+        s = smoothing_scales(observers[names[0]].amax, [m.weight for m in group.values()], cfg.alpha)
+        fold = folds.get(names[0])
+        producer = fold.producer if fold is not None and set(fold.consumers) == set(names) else None
+        if producer is None and not cfg.explicit:
+            where.update({n: "not smoothed (no op can absorb the scales; explicit=False)" for n in names})
+            return
+        for layer in group.values():
+            scale_consumer(layer, s)
+        if producer is not None:
+            scale_producer(modules[producer], s)
+            where.update({n: f"folded into {producer}" for n in names})
+        else:
+            wrap.update({n: s for n in names})  # wrapped after calibration: hooks hold the layers
+            where.update({n: "explicit Mul" for n in names})
+
+    unreached = calibrate_layerwise(model, layers, batches, AbsMax, None, "quant.smoothquant",
+                                    compress_group=compress_group)
+    for name, s in wrap.items():
+        layer = modules[name]
+        scaled = InputScale(layer)
+        scaled.inv_scale.copy_((1.0 / s).to(scaled.inv_scale))
+        set_module(model, name, scaled)
+    where.update({n: "not smoothed (not reached by the calibration data)" for n in unreached})
+    return where
+
+
+@register_method("quant.smoothquant", SmoothQuant, needs_data=True, layer_types=("Linear", "Conv1d", "Conv2d"))
+def smoothquant(model: nn.Module, cfg: SmoothQuant, inputs: MethodInputs) -> MethodResult:
+    """SmoothQuant: activation outliers migrated into the weights (scales folded or explicit), then static W8A8."""
+    batches = calibration_inputs(inputs.data, cfg.calibration_batches, "quant.smoothquant")
+    where = smooth(model, cfg, batches, inputs.log)
+    static = StaticInt8.from_dict({k: v for k, v in cfg.to_dict().items() if k in StaticInt8.model_fields},
+                                  where="quant.smoothquant")
+    result = static_int8(model, static, inputs)
+    result.info["smoothing"] = where
+    result.info["alpha"] = cfg.alpha
+    explicit = sum(v == "explicit Mul" for v in where.values())
+    if explicit:
+        inputs.log(f"quant.smoothquant: {explicit} of {len(where)} layers divide their input with an explicit Mul "
+                   "(no op in front of them can absorb the scales)")
+    return result
