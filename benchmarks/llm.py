@@ -44,7 +44,10 @@ from modelpress.pruning.magnitude import MagnitudePruning  # noqa: E402
 from modelpress.pruning.nm import NMSparsity  # noqa: E402
 from modelpress.pruning.sparsegpt import SparseGPT  # noqa: E402
 from modelpress.pruning.wanda import Wanda  # noqa: E402
+from modelpress.quantization.awq import AWQ  # noqa: E402
 from modelpress.quantization.gptq import GPTQ  # noqa: E402
+from modelpress.quantization.smoothquant import SmoothQuant  # noqa: E402
+from modelpress.quantization.static import StaticInt8  # noqa: E402
 from modelpress.quantization.weight_only import WeightOnly  # noqa: E402
 
 ROWS = [
@@ -54,6 +57,13 @@ ROWS = [
     ("GPTQ w4 g128, MSE ranges", GPTQ(bits=4, group_size=128, range_search="mse")),
     ("RTN w3 g128", WeightOnly(bits=3, granularity="group", group_size=128)),
     ("GPTQ w3 g128", GPTQ(bits=3, group_size=128)),
+    ("AWQ w4 g128", AWQ(bits=4, group_size=128)),
+    ("AWQ w3 g128", AWQ(bits=3, group_size=128)),
+    ("static W8A8, minmax", StaticInt8(observer="minmax")),
+    ("SmoothQuant W8A8, minmax", SmoothQuant(observer="minmax")),
+    ("static W8A8, percentile", StaticInt8()),
+    ("SmoothQuant W8A8, percentile", SmoothQuant()),
+    ("SmoothQuant W8A8 alpha 0.5, percentile", SmoothQuant(alpha=0.5)),
     ("magnitude 50%", MagnitudePruning(sparsity=0.5, ranking="layer")),
     ("Wanda 50%", Wanda()),
     ("SparseGPT 50%", SparseGPT()),
@@ -61,7 +71,8 @@ ROWS = [
     ("Wanda 2:4", Wanda(pattern="2:4")),
     ("SparseGPT 2:4", SparseGPT(pattern="2:4")),
 ]
-QUICK = {"RTN w4 g128", "GPTQ w4 g128", "magnitude 50%", "SparseGPT 50%"}
+QUICK = {"RTN w4 g128", "GPTQ w4 g128", "AWQ w4 g128", "static W8A8, minmax", "SmoothQuant W8A8, minmax",
+         "magnitude 50%", "SparseGPT 50%"}
 
 
 class OrtEncoder(nn.Module):
@@ -133,7 +144,10 @@ def main() -> None:
         row = {"row": name, "spearman": sp, "fidelity": fid, "seconds": seconds,
                "bytes": save_artifact(model, tmp / f"{len(table)}.safetensors").stat().st_size}
         table.append(row)
-        if isinstance(cfg, (WeightOnly, GPTQ)):
+        if isinstance(cfg, StaticInt8):  # int8 QDQ for ONNX Runtime's int8 kernels
+            path, _ = export_deployable(model, one, tmp / f"{len(table)}.onnx")
+            row.update(deploy(path))
+        elif isinstance(cfg, (WeightOnly, GPTQ, AWQ)):
             for level in (4, 0) if cfg.bits == 4 else (4,):
                 path, _ = export_deployable(model, one, tmp / f"{len(table)}-{level}.onnx", accuracy_level=level)
                 if level == 4:

@@ -84,3 +84,13 @@ def test_awq_needs_data():
     net, _ = outlier_block()
     with pytest.raises(DataError, match="needs data|calibrat"):
         run_method(net, AWQ())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_awq_runs_on_cuda():
+    net, batches = outlier_block()
+    q, report = run_method(net.cuda(), AWQ(bits=4, group_size=32), MethodInputs(data=batches))
+    assert q[1].scale.is_cuda and report.info["layers"]["1"]["scaled_into"] == "0"
+    x = torch.cat(batches)
+    cpu, _ = run_method(net.cpu(), AWQ(bits=4, group_size=32), MethodInputs(data=batches))
+    assert rel_error(q.cpu(), net, x) < 2 * rel_error(cpu, net, x)

@@ -42,14 +42,24 @@ def post_norm():
     return with_outliers(net, net.norm)
 
 
+def two_post_norms():
+    """Two post-norm blocks: the second block's scales must come from activations of the smoothed first."""
+    torch.manual_seed(0)
+    net = nn.Sequential(PostNorm(), PostNorm())
+    with torch.no_grad():
+        net[1].norm.weight.copy_(torch.linspace(0.5, 2, 64))
+    return with_outliers(net, net[0].norm)
+
+
 def pre_norm():
     torch.manual_seed(0)
     net = nn.Sequential(nn.LayerNorm(64), nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 16))
     return with_outliers(net, net[0])
 
 
-@pytest.mark.parametrize("build,where", [(pre_norm, "folded into 0"), (post_norm, "explicit Mul")],
-                         ids=["pre-norm-folded", "post-norm-explicit"])
+@pytest.mark.parametrize("build,where", [(pre_norm, "folded into 0"), (post_norm, "explicit Mul"),
+                                        (two_post_norms, "explicit Mul")],
+                         ids=["pre-norm-folded", "post-norm-explicit", "two-blocks"])
 def test_smoothquant_beats_plain_static_int8_with_the_same_observer(build, where):
     net, batches = build()
     x = torch.cat(batches)
@@ -58,8 +68,30 @@ def test_smoothquant_beats_plain_static_int8_with_the_same_observer(build, where
     with torch.no_grad():
         ref = net(x)
         assert sqnr(ref, q(x)) > sqnr(ref, plain(x)) + 3  # at least half the error energy
-    first = "1" if isinstance(net, nn.Sequential) else "fc1"
+    first = {pre_norm: "1", post_norm: "fc1", two_post_norms: "1.fc1"}[build]
     assert report.info["smoothing"][first] == where
+
+
+@pytest.mark.parametrize("build", [pre_norm, post_norm], ids=["pre-norm", "post-norm"])
+def test_auto_alpha_is_at_least_as_good_as_any_fixed_alpha_and_plain_int8(build):
+    net, batches = build()
+    x = torch.cat(batches)
+    with torch.no_grad():
+        ref = net(x)
+        plain = sqnr(ref, run_method(net, StaticInt8(observer="minmax"), MethodInputs(data=batches))[0](x))
+        fixed = [sqnr(ref, run_method(net, SmoothQuant(alpha=a, observer="minmax"), MethodInputs(data=batches))[0](x))
+                 for a in (0.3, 0.5, 0.8)]
+        q, report = run_method(net, SmoothQuant(observer="minmax"), MethodInputs(data=batches))
+        auto = sqnr(ref, q(x))
+    assert auto > plain + 3 and auto > max(fixed) - 1
+    assert "(alpha 0." in next(iter(report.info["smoothing"].values()))
+
+
+def test_auto_alpha_leaves_flat_activations_alone():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8)).eval()
+    q, report = run_method(net, SmoothQuant(observer="minmax"), MethodInputs(data=[torch.rand(32, 64)] * 2))
+    assert report.info["smoothing"]["0"] == "not smoothed (no alpha lowered the int8 error)"
 
 
 def test_explicit_scales_reload_and_export_int8_onnx(tmp_path):
@@ -69,7 +101,7 @@ def test_explicit_scales_reload_and_export_int8_onnx(tmp_path):
     from modelpress.export.onnx import ort_feeds, ort_session
 
     net, batches = post_norm()
-    q, report = run_method(net, SmoothQuant(), MethodInputs(data=batches))
+    q, report = run_method(net, SmoothQuant(alpha=0.5), MethodInputs(data=batches))
     assert report.info["smoothing"] == {"fc1": "explicit Mul", "fc2": "folded into fc1"}  # ReLU is homogeneous
     x = torch.cat(batches)
     path = save_artifact(q, tmp_path / "sq.safetensors")
@@ -94,7 +126,8 @@ def test_smoothquant_on_llama_folds_every_norm_and_reloads(tmp_path):
         vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2))).eval()
     batches = [torch.randint(0, 100, (4, 16)) for _ in range(3)]
-    q, report = run_method(model, SmoothQuant(scope={"exclude": ["re:.*lm_head"]}), MethodInputs(data=batches))
+    cfg = SmoothQuant(alpha=0.5, scope={"exclude": ["re:.*lm_head"]})
+    q, report = run_method(model, cfg, MethodInputs(data=batches))
     where = report.info["smoothing"]
     assert where["hf.model.layers.0.self_attn.q_proj"] == "folded into hf.model.layers.0.input_layernorm"
     assert where["hf.model.layers.1.mlp.down_proj"] == "folded into hf.model.layers.1.mlp.up_proj"
@@ -106,3 +139,12 @@ def test_smoothquant_on_llama_folds_every_norm_and_reloads(tmp_path):
         transformers.LlamaForCausalLM(model.hf.config)).eval())
     with torch.no_grad():
         assert torch.equal(again(x), q(x))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_smoothquant_runs_on_cuda():
+    net, batches = pre_norm()
+    q, report = run_method(net.cuda(), SmoothQuant(observer="minmax"), MethodInputs(data=batches))
+    x = torch.cat(batches).cuda()
+    with torch.no_grad():
+        assert sqnr(net(x), q(x)) > 25
