@@ -83,3 +83,18 @@ def test_quantized_lm_artifact_reloads_to_the_same_perplexity(testbed, tmp_path)
     with torch.no_grad():
         ids = bundle.example_inputs(2)
         assert torch.equal(q(**ids), reloaded(**ids))
+
+
+def test_text_file_dataset_with_the_models_tokenizer(testbed, tmp_path):
+    from modelpress.core.errors import DataError
+    from modelpress.zoo.datasets import load_dataset
+    from modelpress.zoo.pylm import TESTBEDS, model_dir
+
+    model, _, _ = testbed
+    text = tmp_path / "code.txt"
+    text.write_text("def add(a, b):\n    return a + b\n\n" * 60)
+    bundle = load_dataset(f"text:{text}?tokenizer={model_dir(TESTBEDS['pylm-tiny'])}&block=32")
+    assert bundle.task.primary == "perplexity" and (len(bundle.train.dataset), len(bundle.test)) == (4, 3)
+    assert bundle.evaluate(model)["perplexity"] < 0.25 * model.hf.config.vocab_size  # its tokenizer, not garbage
+    with pytest.raises(DataError, match="too few"):
+        load_dataset(f"text:{text}?tokenizer={model_dir(TESTBEDS['pylm-tiny'])}&block=4096")

@@ -18,6 +18,8 @@ Registered with :func:`modelpress.tasks.datasets.register_dataset`; load them wi
 ``sentences``          the bundled corpus, seeded 90/10 split; ``sentences:FILE.txt`` yours
 ``pystdlib``           the Python stdlib's source as token blocks (language modelling: perplexity)
                        for the ``pylm`` decoder; ``pystdlib-tiny`` for ``pylm-tiny`` (zoo/pylm.py)
+``text:FILE.txt``      your text as token blocks, last 10% held out (``?tokenizer=DIR``: a HF
+                       folder, default pylm's; ``block=128``, ``batch=8``, ``test_fraction=0.1``)
 =====================  ==========================================================
 
 Image datasets hold ``(image, label)`` items (float32 ``CxHxW``, int64), normalised to

@@ -60,6 +60,7 @@ from .baselines import cache_dir
 from .models import register_model
 
 EOS = "<|endoftext|>"
+MAX_TEXT_BYTES = 256 << 20  # a text:FILE dataset
 EVAL_BLOCKS = 256  # held-out blocks (evenly spaced) scored right after training, for testbed.json
 
 
@@ -229,6 +230,39 @@ def _register_dataset(bed: LMTestbed) -> None:
                       summary=f"Python stdlib source as token blocks for {bed.model} (held-out files: test)")
     def build(path, seed, block: int | None = None, batch: int = 8, eval_blocks: int | None = None):
         return lm_bundle(bed, seed, block, batch, eval_blocks)
+
+
+@register_dataset("text", needs_path=True,
+                  options={"tokenizer": str, "block": int, "batch": int, "test_fraction": float},
+                  summary="your text file as token blocks (language modelling): the last 10% is the test split")
+def text_bundle(path, seed, tokenizer: str | None = None, block: int = 128, batch: int = 8,
+                test_fraction: float = 0.1) -> DatasetBundle:
+    """A UTF-8 text file tokenized with ``tokenizer`` (a Hugging Face folder, e.g. the model's; default:
+    pylm's BPE), cut into blocks: the last ``test_fraction`` of the tokens is held out."""
+    from .corpora import load_tokenizer
+
+    if not 0 < test_fraction < 1 or block < 2 or batch < 1:
+        raise DataError(f"text: 0 < test_fraction < 1, block >= 2, batch >= 1 (got {test_fraction}, {block}, {batch})")
+    path = Path(path)
+    try:
+        if path.stat().st_size > MAX_TEXT_BYTES:
+            raise DataError(f"text file {str(path)!r} is {path.stat().st_size:,} bytes (at most {MAX_TEXT_BYTES:,})",
+                            hint="use a sample of the text")
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read text file {str(path)!r}: {exc}", hint="a UTF-8 text file is expected") from None
+    tok_dir = Path(tokenizer).expanduser() if tokenizer else tokenized_corpus(TESTBEDS["pylm"])[0]
+    tok = load_tokenizer(tok_dir)
+    ids = torch.tensor(tok(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.int64)
+    n_test = int(ids.numel() * test_fraction)
+    if n_test < block or ids.numel() - n_test < block:
+        raise DataError(f"text file {str(path)!r} has {ids.numel():,} tokens: too few for a train and a test block "
+                        f"of {block} tokens", hint="use more text, a smaller ?block= or another ?test_fraction=")
+    train = TokenBlocks.from_stream(ids[:-n_test], block)
+    train = TokenBlocks(train.ids[torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))])
+    test = TokenBlocks.from_stream(ids[-n_test:], block)
+    return DatasetBundle("text", DataLoader(train, batch_size=batch, shuffle=False), test, LanguageModelling(), None,
+                         (block,), {"source": str(path), "tokenizer": str(tok_dir), "block": block, "seed": seed})
 
 
 def unigram_perplexity(train_ids: torch.Tensor, test_ids: torch.Tensor, vocab_size: int) -> float:
