@@ -21,12 +21,15 @@ SPEC = "pystdlib-tiny?eval_blocks=48"
 
 
 @pytest.fixture(scope="module")
-def testbed():
+def testbed(tmp_path_factory):
     from modelpress.zoo.datasets import load_dataset
     from modelpress.zoo.models import build_model
 
-    bundle = load_dataset(SPEC)
-    model = build_model("pylm-tiny")
+    # module fixtures run before conftest's per-test cache: point at the same private cache here
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MODELPRESS_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+        bundle = load_dataset(SPEC)
+        model = build_model("pylm-tiny")
     return model, bundle, bundle.evaluate(model)["perplexity"]
 
 
@@ -94,7 +97,7 @@ def test_text_file_dataset_with_the_models_tokenizer(testbed, tmp_path):
     text = tmp_path / "code.txt"
     text.write_text("def add(a, b):\n    return a + b\n\n" * 60)
     bundle = load_dataset(f"text:{text}?tokenizer={model_dir(TESTBEDS['pylm-tiny'])}&block=32")
-    assert bundle.task.primary == "perplexity" and (len(bundle.train.dataset), len(bundle.test)) == (4, 3)
+    assert bundle.task.primary == "perplexity" and len(bundle.train.dataset) > 5 * len(bundle.test) >= 5  # 90 / 10
     assert bundle.evaluate(model)["perplexity"] < 0.25 * model.hf.config.vocab_size  # its tokenizer, not garbage
     with pytest.raises(DataError, match="too few"):
         load_dataset(f"text:{text}?tokenizer={model_dir(TESTBEDS['pylm-tiny'])}&block=4096")
