@@ -14,6 +14,7 @@ calibration seconds; below the table, each layer-wise method's loss as a fractio
 
     python benchmarks/llm_decoder.py            # trains pylm first when it is not cached (~15-20 min)
     python benchmarks/llm_decoder.py --tiny     # pylm-tiny on pystdlib-tiny, a minute
+    python benchmarks/llm_decoder.py --only 'GPTQ|RTN'   # some rows
 
 ``decoder_testbed()`` gives the model, calibration batches and evaluation function for other scripts.
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import re
 import tempfile
 import time
 import warnings
@@ -81,6 +83,7 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="pylm-tiny on pystdlib-tiny (seconds)")
     ap.add_argument("--eval-blocks", type=int, default=256, help="held-out blocks scored (0: all)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--only", default=None, help="regular expression: run only the matching rows (fp32 always)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     name = "pylm-tiny" if args.tiny else "pylm"
@@ -96,6 +99,8 @@ def main() -> None:
     table = [{"row": "fp32", **base, "seconds": 0.0,
               "bytes": save_artifact(dense, tmp / "fp32.safetensors").stat().st_size}]
     for row, cfg in ROWS:
+        if args.only and not re.search(args.only, row):
+            continue
         t0 = time.perf_counter()
         model, _ = run_method(dense, cfg, MethodInputs(data=calib, task=bundle.task))
         seconds = time.perf_counter() - t0
