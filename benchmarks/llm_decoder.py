@@ -71,7 +71,7 @@ def decoder_testbed(model: str = "pylm", eval_blocks: int | None = 256, calibrat
     from modelpress.zoo.pylm import TESTBEDS
 
     bed = TESTBEDS[model]
-    spec = bed.dataset + (f"?eval_blocks={eval_blocks}" if eval_blocks else "")
+    spec = f"{bed.dataset}?eval_blocks={eval_blocks or 0}"
     bundle = load_dataset(spec, seed=seed)
     dense = build_model(model).eval()
     calib = list(itertools.islice(bundle.train, calibration_batches))

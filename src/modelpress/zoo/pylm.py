@@ -31,7 +31,7 @@ A model goes with its own dataset (the same tokenizer): ``modelpress evaluate -m
 ``modelpress quantize gptq -m pylm-tiny -d pystdlib-tiny -o runs/q --set bits=4 --no-latency``.
 The datasets' train split is a ``DataLoader`` of ``batch`` blocks (default 8, shuffled once with the
 seed), so a layer-wise method's ``calibration_batches=16`` calibrates on 128 blocks; the test split
-is ``eval_blocks`` evenly spaced held-out blocks (all by default).
+is ``eval_blocks`` evenly spaced held-out blocks (default 256, the ones scored in ``testbed.json``; 0: all).
 """
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ from .models import register_model
 
 EOS = "<|endoftext|>"
 MAX_TEXT_BYTES = 256 << 20  # a text:FILE dataset
-EVAL_BLOCKS = 256  # held-out blocks (evenly spaced) scored right after training, for testbed.json
+EVAL_BLOCKS = 256  # held-out blocks (evenly spaced) scored by default and right after training (testbed.json)
 
 
 @dataclass(frozen=True)
@@ -145,6 +145,7 @@ def _corpus_key(bed: LMTestbed, train, test) -> str:
 def _publish(tmp: Path, dest: Path) -> None:
     """Move a finished folder into place in one rename (a concurrent builder's copy wins)."""
     try:
+        os.chmod(tmp, 0o755)  # mkdtemp made it private; a cache folder reads like any other
         os.replace(tmp, dest)
     except OSError:  # dest appeared meanwhile (another process): keep theirs
         shutil.rmtree(tmp, ignore_errors=True)
@@ -205,11 +206,11 @@ def _stream(tokenizer, docs: list[tuple[str, str]]) -> torch.Tensor:
 
 # -- data -----------------------------------------------------------------------------------
 def lm_bundle(bed: LMTestbed, seed: int = 0, block: int | None = None, batch: int = 8,
-              eval_blocks: int | None = None) -> DatasetBundle:
+              eval_blocks: int = EVAL_BLOCKS) -> DatasetBundle:
     """Train blocks (shuffled once with ``seed``, batches of ``batch``) and held-out blocks
-    (``eval_blocks`` evenly spaced ones, or all) of the testbed's corpus."""
-    if batch < 1 or (block is not None and block < 2) or (eval_blocks is not None and eval_blocks < 1):
-        raise DataError(f"{bed.dataset}: batch >= 1, block >= 2 and eval_blocks >= 1 (got batch={batch}, "
+    (``eval_blocks`` evenly spaced ones, 0: all) of the testbed's corpus."""
+    if batch < 1 or (block is not None and block < 2) or eval_blocks < 0:
+        raise DataError(f"{bed.dataset}: batch >= 1, block >= 2 and eval_blocks >= 0 (got batch={batch}, "
                         f"block={block}, eval_blocks={eval_blocks})")
     folder, train_ids, test_ids = tokenized_corpus(bed)
     block = block or bed.block
@@ -217,7 +218,7 @@ def lm_bundle(bed: LMTestbed, seed: int = 0, block: int | None = None, batch: in
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
     train = TokenBlocks(train.ids[order])
     test = TokenBlocks.from_stream(test_ids, block)
-    if eval_blocks is not None and eval_blocks < len(test):
+    if 0 < eval_blocks < len(test):
         test = TokenBlocks(test.ids[torch.linspace(0, len(test) - 1, eval_blocks).round().long()])
     meta = {"tokenizer": str(folder), "block": block, "seed": seed, "train_tokens": int(train_ids.numel()),
             "test_tokens": int(test_ids.numel()), "vocab_size": bed.vocab_size, "source": "python stdlib Lib/*.py"}
@@ -228,7 +229,7 @@ def lm_bundle(bed: LMTestbed, seed: int = 0, block: int | None = None, batch: in
 def _register_dataset(bed: LMTestbed) -> None:
     @register_dataset(bed.dataset, options={"block": int, "batch": int, "eval_blocks": int},
                       summary=f"Python stdlib source as token blocks for {bed.model} (held-out files: test)")
-    def build(path, seed, block: int | None = None, batch: int = 8, eval_blocks: int | None = None):
+    def build(path, seed, block: int | None = None, batch: int = 8, eval_blocks: int = EVAL_BLOCKS):
         return lm_bundle(bed, seed, block, batch, eval_blocks)
 
 
