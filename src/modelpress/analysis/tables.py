@@ -183,7 +183,8 @@ def macs_by_layer_markdown(report: AnalysisReport, top: int | None = 10) -> str:
 # baseline / row; latency columns are found from the keys (eager_b{N}_ms, ort_b{N}_ms).
 ROW_COLUMNS = [
     ("label", "model", "text"), ("accuracy", "accuracy", "pct"), ("spearman", "spearman", "float"),
-    ("fidelity", "fidelity", "float"), ("artifact_bytes", "size on disk", "bytes"),
+    ("fidelity", "fidelity", "float"), ("perplexity", "perplexity", "float"), ("token_accuracy", "token acc.", "pct"),
+    ("artifact_bytes", "size on disk", "bytes"),
     ("params", "params", "count"), ("nonzero", "non-zero", "count"), ("macs", "MACs", "count"),
     ("effective_macs", "sparse MACs", "count"), ("peak_bytes", "peak mem", "bytes"),
 ]

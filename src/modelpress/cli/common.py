@@ -16,9 +16,9 @@ from ..core.errors import ModelpressError
 out = Console()
 err_console = Console(stderr=True, soft_wrap=True)  # soft_wrap: an error stays one line, whatever the width
 
-MODEL_HELP = "zoo name (lenet5, resnet_small, minilm ...), path/file.py:factory, HF model dir, or artifact"
-DATA_HELP = ("dataset: mnist5k, digits, sts, sentences, mnist-idx:DIR, cifar10:DIR, imagefolder:DIR, csv:FILE, "
-             "sts:PAIRS.tsv, sentences:FILE.txt")
+MODEL_HELP = "zoo name (lenet5, resnet_small, minilm, pylm ...), path/file.py:factory, HF model dir, or artifact"
+DATA_HELP = ("dataset: mnist5k, digits, sts, sentences, pystdlib, pystdlib-tiny, mnist-idx:DIR, cifar10:DIR, "
+             "imagefolder:DIR, csv:FILE, sts:PAIRS.tsv, sentences:FILE.txt")
 
 
 def load_bundle(spec: str, seed: int = 0):

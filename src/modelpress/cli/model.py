@@ -48,7 +48,8 @@ def evaluate(model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
              data: str = typer.Option("mnist5k", "--data", "-d", help=DATA_HELP),
              reference: Optional[str] = typer.Option(None, help="reference model for embedding fidelity"),
              trust_remote_code: bool = TRUST):
-    """Report the dataset's quality metrics: accuracy (classification), Spearman + fidelity (graded sentence pairs).
+    """Report the dataset's quality metrics: accuracy (classification), Spearman + fidelity (graded sentence pairs),
+    perplexity + token accuracy (language modelling: pylm on pystdlib).
 
     [bold]Examples[/bold]: modelpress evaluate -m runs/demo/model.safetensors -d mnist5k ·
     modelpress evaluate -m minilm -d sts ·

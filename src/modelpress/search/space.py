@@ -46,7 +46,7 @@ class Budget(StrictModel):
 
     ``metric``: ``bytes`` (the artifact on disk), ``macs`` (per sample) or ``latency`` (median ms
     at ``batch_size`` on ``runtime``: eager PyTorch or ONNX Runtime, ``threads`` threads).
-    ``max_drop`` is in points of the quality metric (accuracy in %, Spearman x 100).
+    ``max_drop`` is in points of the quality metric (accuracy in %, Spearman x 100, perplexity itself).
     """
 
     metric: Literal["bytes", "macs", "latency"] = "bytes"

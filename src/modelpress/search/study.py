@@ -64,10 +64,11 @@ class SearchResult:
 
 
 def quality_of(row: dict, task: Task) -> float:
-    """The row's quality in points: the task's primary metric x 100 (accuracy, Spearman ...)."""
+    """The row's quality in points (:meth:`Task.points`): the task's primary metric x 100 (accuracy,
+    Spearman ...), or minus a lower-is-better metric (perplexity)."""
     if row.get(task.primary) is None:
         raise ConfigError(f"the report row has no {task.primary} to search on")
-    return float(row[task.primary]) * 100
+    return task.points(row)
 
 
 def pareto_front(points: list[dict], quality: str = "quality", cost: str = "cost") -> list[dict]:

@@ -3,6 +3,7 @@ from .base import DatasetBundle, Task
 from .classification import Classification
 from .datasets import list_datasets, load_dataset, register_dataset
 from .embedding import SentenceEmbedding
+from .language_modelling import LanguageModelling, TokenBlocks
 
-__all__ = ["Classification", "DatasetBundle", "SentenceEmbedding", "Task", "list_datasets", "load_dataset",
-           "register_dataset"]
+__all__ = ["Classification", "DatasetBundle", "LanguageModelling", "SentenceEmbedding", "Task", "TokenBlocks",
+           "list_datasets", "load_dataset", "register_dataset"]

@@ -3,16 +3,19 @@
 A :class:`Task` is how every part of modelpress learns what "better" means for a model
 without branching on a name: recipes fine-tune with :meth:`Task.training_loss`, reports and
 search score with :meth:`Task.evaluate`, analysis traces with :meth:`Task.example_inputs`,
-mixed precision compares outputs with :meth:`Task.output_divergence`. Two tasks ship
+mixed precision compares outputs with :meth:`Task.output_divergence`. Three tasks ship
 (:class:`~modelpress.tasks.classification.Classification`,
-:class:`~modelpress.tasks.embedding.SentenceEmbedding`); a new one subclasses :class:`Task`.
+:class:`~modelpress.tasks.embedding.SentenceEmbedding`,
+:class:`~modelpress.tasks.language_modelling.LanguageModelling`); a new one subclasses :class:`Task`.
+Metrics are higher-is-better unless the task names them in :attr:`Task.lower_is_better`
+(perplexity); :meth:`Task.points` turns the primary metric into higher-is-better points.
 
 A :class:`DatasetBundle` pairs a train and a test split with the task that reads them.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -26,10 +29,12 @@ LossFn = Callable[[nn.Module, Any, Any], torch.Tensor]
 
 class Task:
     """Base of every task. Subclasses set :attr:`metrics` (the first one is the primary
-    metric, higher is better) and implement :meth:`evaluate`."""
+    metric; higher is better unless listed in :attr:`lower_is_better`) and implement :meth:`evaluate`."""
 
     name: ClassVar[str] = "task"
     metrics: tuple[str, ...] = ()
+    #: metrics where lower is better (perplexity); every other metric is higher-is-better
+    lower_is_better: ClassVar[frozenset[str]] = frozenset()
     #: True when the training split carries labels (so a model can be trained from scratch)
     labelled: ClassVar[bool] = False
     #: the ``KD.loss`` that distils this task's outputs
@@ -38,6 +43,13 @@ class Task:
     @property
     def primary(self) -> str:
         return self.metrics[0]
+
+    def points(self, metrics: Mapping[str, float]) -> float:
+        """The primary metric as higher-is-better points, what search maximises and measures drops
+        in: x 100 for a higher-is-better fraction (accuracy 0.98 -> 98, Spearman x 100), negated for
+        a lower-is-better metric (perplexity 12.5 -> -12.5: a drop of 1 point is 1 perplexity more)."""
+        value = float(metrics[self.primary])
+        return -value if self.primary in self.lower_is_better else 100 * value
 
     def evaluate(self, model: nn.Module, data: Any, reference: nn.Module | None = None) -> dict[str, float]:
         """Quality metrics of ``model`` on held-out ``data`` (``reference``: the uncompressed model)."""

@@ -16,6 +16,10 @@ Registered with :func:`modelpress.tasks.datasets.register_dataset`; load them wi
                        (``score<TAB>sentence1<TAB>sentence2``); options
                        ``?sentences=FILE.txt`` (your training sentences), ``tokenizer=DIR``
 ``sentences``          the bundled corpus, seeded 90/10 split; ``sentences:FILE.txt`` yours
+``pystdlib``           the Python stdlib's source as token blocks (language modelling: perplexity)
+                       for the ``pylm`` decoder; ``pystdlib-tiny`` for ``pylm-tiny`` (zoo/pylm.py)
+``text:FILE.txt``      your text as token blocks, last 10% held out (``?tokenizer=DIR``: a HF
+                       folder, default pylm's; ``block=128``, ``batch=8``, ``test_fraction=0.1``)
 =====================  ==========================================================
 
 Image datasets hold ``(image, label)`` items (float32 ``CxHxW``, int64), normalised to
@@ -49,7 +53,7 @@ from ..tasks.embedding import (
     read_pairs,
     read_sentences,
 )
-from . import corpora, loaders
+from . import corpora, loaders, pylm  # noqa: F401  (pylm registers pystdlib, pystdlib-tiny)
 from .corpora import load_tokenizer, minilm_path
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
