@@ -197,12 +197,11 @@ def _float_copy(hf: nn.Module) -> tuple[nn.Module, dict[str, QuantLinear]]:
                                          f"weights only", hint="leave convolutions in float, or export ONNX")
         if not isinstance(m, QuantLinear):
             continue
-        lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
-        with torch.no_grad():
-            lin.weight.copy_(m.dequantized_weight())
-            if m.bias is not None:
-                lin.bias.copy_(m.bias)
-        set_module(export, name, lin.to(m.scale.dtype))
+        lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")  # no init
+        lin.weight = nn.Parameter(m.dequantized_weight().detach().clone())
+        if m.bias is not None:
+            lin.bias = nn.Parameter(m.bias.detach().clone().to(lin.weight.dtype))
+        set_module(export, name, lin)
         packed[name] = m
     return export, packed
 
