@@ -104,11 +104,15 @@ def atomic_dir(path: str | os.PathLike):
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent))
         yield tmp
+        mask = _umask()
         for f in tmp.rglob("*"):
             if f.is_file():
                 with open(f, "rb+") as fh:
                     os.fsync(fh.fileno())
-        os.chmod(tmp, 0o777 & ~_umask())
+                os.chmod(f, 0o666 & ~mask)  # what open() gives: writers that use mkstemp leave 0600
+            elif f.is_dir():
+                os.chmod(f, 0o777 & ~mask)
+        os.chmod(tmp, 0o777 & ~mask)
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old" + TEMP_SUFFIX, dir=path.parent))
             os.replace(path, old)  # onto an empty folder: rename(2) allows it
