@@ -152,6 +152,18 @@ def test_int8_per_channel_and_float_layers_in_ignore(tmp_path, llama, quantized)
     assert_same_logits(q, back, fp, ids)
 
 
+def test_a_packed_head_is_untied_from_the_float_embeddings(tmp_path):
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    fp = HFLogits(transformers.LlamaForCausalLM(config)).eval()
+    q, _ = run_method(fp, WeightOnly(bits=8))
+    ids = torch.randint(0, VOCAB, (2, 12))
+    out = export_compressed_tensors(q, tmp_path / "tied", check_inputs=ids)   # loads it back and compares
+    assert "lm_head" in out.quantized and fp.hf.config.tie_word_embeddings
+    assert json.loads((tmp_path / "tied" / "config.json").read_text())["tie_word_embeddings"] is False
+
+
 @pytest.mark.parametrize("tag", ["nm", "nm-w4", "wanda"])
 def test_2_4_sparse_keeps_its_zeros_alone_and_under_int4(tmp_path, llama, quantized, tag):
     fp, batches, ids = llama

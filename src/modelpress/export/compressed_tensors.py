@@ -138,7 +138,7 @@ def _check_architecture(hf: nn.Module, export: nn.Module, quantized: list[str]) 
     """The exported tensors must fit the model ``config.json`` describes: no pruned channels or heads,
     no factorized or replaced layers, packed layers where the architecture has ``nn.Linear``."""
     with torch.device("meta"):
-        ref = type(hf)(copy.deepcopy(hf.config))
+        ref = type(hf)(copy.deepcopy(export.config))
     theirs = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
     ours = {k: tuple(v.shape) for k, v in export.state_dict().items()}
     for name in quantized:
@@ -190,6 +190,12 @@ def _float_copy(hf: nn.Module) -> tuple[nn.Module, dict[str, QuantLinear]]:
     export = copy.deepcopy(hf).cpu()
     if getattr(export.config, "use_cache", None) is False:  # HFLogits turns the cache off for its one forward;
         export.config.use_cache = True                        # the folder is for generation too
+    if isinstance(export.get_output_embeddings(), QuantLinear):
+        # a packed head no longer shares the float input embeddings' tensor: say so, or transformers
+        # ties the head back to them on load (and finds no `weight` on the packed head)
+        for cfg in {id(c): c for c in (export.config, export.config.get_text_config())}.values():
+            if getattr(cfg, "tie_word_embeddings", False):
+                cfg.tie_word_embeddings = False
     packed: dict[str, QuantLinear] = {}
     for name, m in list(export.named_modules()):
         if isinstance(m, QuantConv2d):
