@@ -26,7 +26,7 @@ integers (checked equal to ours, bit for bit), ``save_pretrained`` writes the we
     >>> out = export_compressed_tensors(quantized_llama, "llama-w4g128")
     >>> transformers.AutoModelForCausalLM.from_pretrained("llama-w4g128")   # decompresses on CPU
 
-Loading back (measured with transformers 5.23, compressed-tensors 0.20.1): symmetric layers load
+Loading back (measured with transformers 5.23, compressed-tensors 0.19.0 and 0.20.1): symmetric layers load
 with a plain ``from_pretrained``. Asymmetric group / channel layers do not (compressed-tensors builds
 the empty model's zero points unpacked: a size mismatch); they load with
 ``quantization_config=CompressedTensorsConfig(dequantize=True)``, which :func:`load_exported` passes.
@@ -339,7 +339,8 @@ def export_compressed_tensors(model: nn.Module, path: str | os.PathLike, *,
     if packed:
         bits = sorted({m.qspec.bits for m in packed.values()})
         parts.append(f"{len(packed)} Linear layers {FORMAT} int{'/'.join(map(str, bits))} "
-                     f"({result.bits_per_weight:.2f} bits per weight)")
+                     f"({result.bits_per_weight:.2f} bits per weight"
+                     f"{'' if set(bits) <= {4, 8} else '; vLLM kernels take int4 / int8 only'})")
     if sparse:
         parts.append(f"{len(sparse)} Linear layers 2:4 sparse (stored dense)")
     if ignored:
