@@ -21,10 +21,21 @@ compressed-tensors uses, compressed-tensors' ``pack-quantized`` compressor re-de
 integers (checked equal to ours, bit for bit), ``save_pretrained`` writes the weights and
 ``ModelCompressor.update_config`` the ``quantization_config``; what llm-compressor does when it saves.
 
-    >>> # doctest: +SKIP
-    >>> from modelpress.export.compressed_tensors import export_compressed_tensors
-    >>> out = export_compressed_tensors(quantized_llama, "llama-w4g128")
-    >>> transformers.AutoModelForCausalLM.from_pretrained("llama-w4g128")   # decompresses on CPU
+Example (a tiny random Llama; ``modelpress export --format compressed-tensors`` does the same)::
+
+    import torch, transformers
+    from modelpress import quantize
+    from modelpress.artifact.hf import HFLogits
+    from modelpress.quantization.weight_only import WeightOnly
+    from modelpress.export.compressed_tensors import export_compressed_tensors
+    config = transformers.LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    q = quantize(HFLogits(transformers.LlamaForCausalLM(config)),
+                 WeightOnly(bits=4, granularity="group", group_size=128))
+    ids = torch.randint(0, 512, (1, 16))
+    print(export_compressed_tensors(q, "llama-w4g128", check_inputs=ids).note)
+    back = transformers.AutoModelForCausalLM.from_pretrained("llama-w4g128")  # decompresses on CPU
+    assert torch.equal(back(input_ids=ids).logits, q(ids))
 
 Loading back (measured with transformers 5.23, compressed-tensors 0.19.0 and 0.20.1): symmetric layers load
 with a plain ``from_pretrained``. Asymmetric group / channel layers do not (compressed-tensors builds
