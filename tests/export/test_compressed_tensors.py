@@ -12,6 +12,7 @@ from modelpress.core.errors import ConfigError, ModelpressError
 from modelpress.engine import MethodInputs, run_method
 from modelpress.pruning.nm import NMSparsity, verify_nm
 from modelpress.pruning.wanda import Wanda
+from modelpress.quantization.dynamic import DynamicInt8
 from modelpress.quantization.gptq import GPTQ
 from modelpress.quantization.weight_only import WeightOnly
 
@@ -203,6 +204,9 @@ def test_what_the_format_cannot_hold_is_one_error_and_no_folder(tmp_path, llama,
     gpt2 = run_method(tiny_gpt2().eval(), WeightOnly(bits=4))[0]   # GPT-2's Conv1D became a packed Linear
     with pytest.raises(CompressedTensorsError, match="is a Conv1D in GPT2LMHeadModel"):
         export_compressed_tensors(gpt2, tmp_path / "b")
+    dyn = run_method(fp, DynamicInt8())[0]
+    with pytest.raises(CompressedTensorsError, match="is a modelpress (Int8Embedding|DynamicInt8Linear)"):
+        export_compressed_tensors(dyn, tmp_path / "d")
     q = copy.deepcopy(quantized("rtn-sym"))
     q.hf.lm_head = nn.Linear(128, 256, bias=False)  # an architecture config.json does not describe
     with pytest.raises(CompressedTensorsError, match="'lm_head.weight' is .256, 128. in the model"):

@@ -220,6 +220,11 @@ def _float_copy(hf: nn.Module) -> tuple[nn.Module, dict[str, QuantLinear]]:
             lin.bias = nn.Parameter(m.bias.detach().clone().to(lin.weight.dtype))
         set_module(export, name, lin)
         packed[name] = m
+    for name, m in export.named_modules():
+        if type(m).__module__.startswith("modelpress."):  # dynamic / static int8, codebooks, factors ...
+            raise CompressedTensorsError(f"layer {name!r} is a modelpress {type(m).__name__}: the compressed-tensors "
+                                         f"export holds weight-only packed Linear layers and 2:4 sparsity",
+                                         hint="quantize with quant.weight_only or quant.gptq, or export ONNX")
     return export, packed
 
 
