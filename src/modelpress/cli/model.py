@@ -102,9 +102,11 @@ def analyze(model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
 
 
 def export(model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
-           dest: Path = typer.Option(..., "--out", "-o", help="output file: .onnx or .safetensors"),
+           dest: Path = typer.Option(..., "--out", "-o", help="output file (.onnx, .safetensors) or folder "
+                                                               "(compressed-tensors)"),
            data: str = typer.Option("mnist5k", "--data", "-d", help="dataset giving the example input"),
-           fmt: str = typer.Option("auto", "--format", help="auto (from the suffix), onnx or artifact"),
+           fmt: str = typer.Option("auto", "--format", help="auto (from the suffix), onnx, artifact or "
+                                                             "compressed-tensors (a Hugging Face folder)"),
            check: bool = typer.Option(True, help="run the exported ONNX model in ONNX Runtime and compare"),
            embedding_bits: int = typer.Option(8, "--embedding-bits",
                                               help="dynamic int8 models: embedding tables as 8 or 4 bits "
@@ -115,18 +117,26 @@ def export(model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
            trust_remote_code: bool = TRUST):
     """Export a model for deployment: ONNX (int8 QDQ for statically quantized models, ONNX Runtime
     dynamic int8 for dynamically quantized ones, MatMulNBits for weight-only int2/int4/int8 Linear
-    layers) or a modelpress artifact.
+    layers), a modelpress artifact, or a Hugging Face folder in the compressed-tensors format (int2-8
+    weight-only and 2:4 sparse Hugging Face models; transformers and vLLM load it).
 
     The artifact is safetensors + metadata (packed low-bit weights, codebooks, sparse tensors)
     and reloads in modelpress to the same outputs. ONNX files run in ONNX Runtime.
     [bold]Examples[/bold]: modelpress export -m runs/q/model.safetensors -o lenet5-int8.onnx ·
-    modelpress export -m runs/p/model.safetensors -o small.safetensors
+    modelpress export -m runs/p/model.safetensors -o small.safetensors ·
+    modelpress export -m runs/gptq/model.safetensors -d sts -o minilm-w4 --format compressed-tensors
     """
     kind = fmt if fmt != "auto" else ("onnx" if dest.suffix == ".onnx" else "artifact")
-    if kind not in ("onnx", "artifact"):
-        raise ModelpressError(f"--format {fmt!r} is not known", hint="use auto, onnx or artifact")
+    if kind not in ("onnx", "artifact", "compressed-tensors"):
+        raise ModelpressError(f"--format {fmt!r} is not known", hint="use auto, onnx, artifact or compressed-tensors")
     bundle = load_bundle(data)
     m = load(model, bundle, trust_remote_code=trust_remote_code)
+    if kind == "compressed-tensors":
+        from ..export.compressed_tensors import export_compressed_tensors
+
+        done = export_compressed_tensors(m, dest, check_inputs=bundle.example_inputs(2) if check else None)
+        out.print(f"wrote {done.path}/ (model.safetensors {done.file_bytes:,} bytes); {done.note}")
+        return
     if kind == "artifact":
         from ..artifact.checkpoint import save_artifact
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import stat
 import tempfile
@@ -85,6 +86,49 @@ def atomic_path(path: str | os.PathLike):
             except FileNotFoundError:
                 pass
         raise
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike):
+    """Yield an empty temporary folder next to ``path``; on success it becomes ``path``.
+
+    The folder's files are flushed to disk, then the folder is renamed into place; a folder
+    already at ``path`` is moved aside first and deleted after, so a failure at any moment
+    leaves the previous folder or the new one, never a mixture (a SIGKILL between the two
+    renames leaves the previous one as ``.NAME.XXXX.old.tmp``). On an exception the temporary
+    folder is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = old = None
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent))
+        yield tmp
+        mask = _umask()
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb+") as fh:
+                    os.fsync(fh.fileno())
+                os.chmod(f, 0o666 & ~mask)  # what open() gives: writers that use mkstemp leave 0600
+            elif f.is_dir():
+                os.chmod(f, 0o777 & ~mask)
+        os.chmod(tmp, 0o777 & ~mask)
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old" + TEMP_SUFFIX, dir=path.parent))
+            os.replace(path, old)  # onto an empty folder: rename(2) allows it
+        try:
+            kill_point(f"rename:{path.name}")
+            os.replace(tmp, path)
+            tmp = None
+        except BaseException:
+            if old is not None and not path.exists():  # put the previous folder back
+                os.replace(old, path)
+                old = None
+            raise
+    finally:
+        for leftover in (tmp, old):
+            if leftover is not None:
+                shutil.rmtree(leftover, ignore_errors=True)
 
 
 def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
