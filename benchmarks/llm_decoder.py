@@ -1,5 +1,6 @@
-"""Transformer-era compression on the decoder testbed (issue 16): GPTQ vs round-to-nearest, SparseGPT /
-Wanda vs magnitude, judged by held-out perplexity of a small Llama trained here.
+"""Transformer-era compression on the decoder testbed (issue 16): GPTQ and AWQ vs round-to-nearest,
+SmoothQuant vs plain static W8A8, SparseGPT / Wanda vs magnitude, judged by held-out perplexity of a
+small Llama trained here.
 
 Testbed: ``pylm`` (``src/modelpress/zoo/pylm.py``): a Llama-style decoder (RMSNorm, rotary, SwiGLU,
 grouped-query attention; 4.7M parameters) trained once on the Python standard library's top-level
@@ -42,7 +43,10 @@ from modelpress.pruning.magnitude import MagnitudePruning  # noqa: E402
 from modelpress.pruning.nm import NMSparsity  # noqa: E402
 from modelpress.pruning.sparsegpt import SparseGPT  # noqa: E402
 from modelpress.pruning.wanda import Wanda  # noqa: E402
+from modelpress.quantization.awq import AWQ  # noqa: E402
 from modelpress.quantization.gptq import GPTQ  # noqa: E402
+from modelpress.quantization.smoothquant import SmoothQuant  # noqa: E402
+from modelpress.quantization.static import StaticInt8  # noqa: E402
 from modelpress.quantization.weight_only import WeightOnly  # noqa: E402
 
 ROWS = [
@@ -50,6 +54,10 @@ ROWS = [
     ("GPTQ w4 g128", GPTQ(bits=4, group_size=128)),
     ("RTN w3 g128", WeightOnly(bits=3, granularity="group", group_size=128)),
     ("GPTQ w3 g128", GPTQ(bits=3, group_size=128)),
+    ("AWQ w4 g128", AWQ(bits=4, group_size=128)),
+    ("AWQ w3 g128", AWQ(bits=3, group_size=128)),
+    ("static W8A8, minmax", StaticInt8(observer="minmax")),
+    ("SmoothQuant W8A8, minmax", SmoothQuant(observer="minmax")),
     ("magnitude 50%", MagnitudePruning(sparsity=0.5, ranking="layer")),
     ("Wanda 50%", Wanda()),
     ("SparseGPT 50%", SparseGPT()),
@@ -58,7 +66,8 @@ ROWS = [
     ("SparseGPT 2:4", SparseGPT(pattern="2:4")),
 ]
 # method row -> the row it should lose at most half as much perplexity as (issue 16's goals)
-GOALS = {"GPTQ w4 g128": "RTN w4 g128", "GPTQ w3 g128": "RTN w3 g128", "Wanda 50%": "magnitude 50%",
+GOALS = {"GPTQ w4 g128": "RTN w4 g128", "GPTQ w3 g128": "RTN w3 g128", "AWQ w4 g128": "RTN w4 g128",
+         "AWQ w3 g128": "RTN w3 g128", "Wanda 50%": "magnitude 50%",
          "SparseGPT 50%": "magnitude 50%", "Wanda 2:4": "magnitude 2:4", "SparseGPT 2:4": "magnitude 2:4"}
 
 
