@@ -89,7 +89,8 @@ def test_method_runs_or_refuses_on_layer_kind(info, case, tmp_path):
     converted = copy.deepcopy(model)
     convert_multihead_attention(converted)
     modules = dict(converted.named_modules())
-    if info.name == "quant.static_int8":
+    graph_methods = ("quant.static_int8", "quant.smoothquant")  # a graph module: layers wrapped in place
+    if info.name in graph_methods:
         done = report.info["quantized_layers"]
     elif info.name == "quant.mixed_precision":
         done = [row["layer"] for row in report.info["layers"]]
@@ -102,7 +103,7 @@ def test_method_runs_or_refuses_on_layer_kind(info, case, tmp_path):
         assert done
     replaced = dict(out_model.named_modules())
     for name in done:
-        if info.name != "quant.static_int8":  # a graph module: its layers are wrapped in place
+        if info.name not in graph_methods:
             assert type(replaced[name]) is not type(modules[name]), f"{name} was not replaced"
 
     path = save_artifact(out_model, tmp_path / "a.safetensors")

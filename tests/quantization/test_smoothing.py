@@ -2,12 +2,18 @@
 from __future__ import annotations
 
 import torch
+from tinymodels import layer_kind_cases
 from torch import nn
 
+from modelpress.artifact.checkpoint import save_artifact
 from modelpress.artifact.hf import import_transformers
+from modelpress.artifact.loading import load_artifact
 from modelpress.core.scope import Scope
+from modelpress.engine import MethodInputs, run_method
 from modelpress.nn.layer_kinds import plain_linears
+from modelpress.quantization.primitives import sqnr
 from modelpress.quantization.smoothing import find_folds
+from modelpress.quantization.smoothquant import SmoothQuant
 
 
 def folds_of(model, vocab=100):
@@ -53,3 +59,24 @@ def test_relu_is_positively_homogeneous_so_a_linear_before_it_folds():
     layers = {"2": net[2], "4": net[4]}
     folds = {tuple(f.consumers): f.producer for f in find_folds(net, layers, torch.randn(5, 8))}
     assert folds == {("2",): "0", ("4",): None}
+
+
+def test_a_tied_lm_head_is_scaled_on_its_own_copy_and_the_artifact_keeps_them_apart(tmp_path):
+    build, batches, _ = layer_kind_cases()["gpt2"]
+    torch.manual_seed(0)
+    model = build().eval()
+    hf = model.hf
+    assert hf.lm_head.weight is hf.transformer.wte.weight
+    embedding = hf.transformer.wte.weight.detach().clone()
+    x = batches[0][0]
+    with torch.no_grad():
+        ref = model(x)
+    out_model, report = run_method(model, SmoothQuant(alpha=0.5), MethodInputs(data=batches))
+    assert report.info["smoothing"]["hf.lm_head"] == "folded into hf.transformer.ln_f"  # provable once untied
+    assert torch.equal(out_model.hf.transformer.wte.weight, embedding)  # scaled lm_head, same embedding
+    with torch.no_grad():
+        out = out_model(x)
+    assert sqnr(ref, out) > 30  # the tied head scaled the embedding too: 3.9 dB
+    again, _ = load_artifact(save_artifact(out_model, tmp_path / "a.safetensors"), base_model=model)
+    with torch.no_grad():
+        assert torch.equal(again(x), out)

@@ -312,6 +312,25 @@ def _load_methods_it_names(header: dict) -> None:
         load_method_modules()
 
 
+def _untie_stored_apart(model: nn.Module, ties: dict[str, str]) -> None:
+    """Give a parameter ``model`` shares between modules one copy per tensor the artifact stores
+    for it: a method that scaled GPT-2's ``lm_head`` untied it from the token embedding, and
+    loading both into the one shared tensor would make the last one win."""
+    aliases: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(name)
+    for names in aliases.values():
+        stored = {}  # the tensor each name loads from -> names loading it
+        for name in names:
+            stored.setdefault(ties.get(name, name), []).append(name)
+        for group in list(stored.values())[1:]:
+            first = model.get_parameter(group[0])
+            copy = nn.Parameter(first.detach().clone(), requires_grad=first.requires_grad)
+            for name in group:
+                owner, _, attr = name.rpartition(".")
+                setattr(model.get_submodule(owner), attr, copy)
+
+
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], header: dict, where: str = "") -> nn.Module:
     """Rebuild ``model``'s structure from the header and load ``state`` strictly."""
     _load_methods_it_names(header)
@@ -330,6 +349,7 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], header: dict, wh
     # A safetensors file holds no state-dict metadata; modules that read their version from it
     # while loading (torchvision's MNASNet raises without one) get the current modules' versions,
     # those of the very classes the tensors were saved from.
+    _untie_stored_apart(model, header.get("ties", {}))
     state = OrderedDict(state)
     state._metadata = getattr(model.state_dict(), "_metadata", None)  # type: ignore[attr-defined]
     try:

@@ -51,7 +51,7 @@ from ..engine.layerwise import Hessian, calibrate_layerwise, calibration_inputs,
 from ..nn.modules import set_module
 from .modules import quantize_layer
 from .primitives import QuantizedTensor, QuantSpec, fake_quantize_tensor, minmax, quantize_tensor, sqnr
-from .smoothing import find_folds, scale_consumer, scale_producer
+from .smoothing import find_folds, scale_consumer, scale_producer, untie
 from .weight_only import layer_spec, select_layers
 
 LAYER_TYPES = ("Linear",)
@@ -156,6 +156,7 @@ def awq(model: nn.Module, cfg: AWQ, inputs: MethodInputs) -> MethodResult:
             skipped[name] = reason
         else:
             layers.append((name, layer))
+    untie(model, [layer for _, layer in layers])  # a tied lm_head: scaling it must not scale the embedding
     folds = {n: f for f in find_folds(model, dict(layers), batches[0]) for n in f.consumers}
     modules = dict(model.named_modules())
     results: dict[str, tuple[nn.Module, QuantSpec, QuantizedTensor]] = {}

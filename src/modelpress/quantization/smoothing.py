@@ -71,6 +71,24 @@ def _foldable(module: nn.Module, channels: int) -> bool:
     return _is_norm(module, channels)
 
 
+def untie(model: nn.Module, modules: list[nn.Module]) -> list[str]:
+    """Give each of ``modules`` its own copy of a weight / bias it shares with another module of
+    ``model`` (GPT-2's ``lm_head`` reads the token embedding's matrix): scaling its columns must
+    not rescale the embedding too. Returns the names of the parameters copied."""
+    owners: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(name)
+    names = {id(m): n for n, m in model.named_modules()}
+    copied = []
+    for m in modules:
+        for attr in ("weight", "bias"):
+            p = m._parameters.get(attr)
+            if p is not None and len(owners.get(id(p), ())) > 1:
+                setattr(m, attr, nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
+                copied.append(f"{names.get(id(m), '?')}.{attr}")
+    return copied
+
+
 @torch.no_grad()
 def scale_producer(module: nn.Module, s: torch.Tensor) -> None:
     """Divide output channel ``j`` of ``module`` (norm or Linear) by ``s_j``, in place."""

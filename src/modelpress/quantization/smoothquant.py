@@ -45,7 +45,7 @@ from ..nn.layer_kinds import plain_linears
 from ..nn.modules import set_module
 from .observers import make_observer
 from .primitives import fake_quantize, fake_quantize_tensor
-from .smoothing import InputScale, find_folds, scale_consumer, scale_producer
+from .smoothing import InputScale, find_folds, scale_consumer, scale_producer, untie
 from .static import StaticInt8, static_int8
 
 LAYER_TYPES = ("Linear",)
@@ -130,6 +130,7 @@ def smooth(model: nn.Module, cfg: SmoothQuant, batches: list, log=print) -> dict
             layers.append((name, layer))
     if not layers:
         return where
+    untie(model, [layer for _, layer in layers])  # a tied lm_head: scaling it must not scale the embedding
     folds = {n: f for f in find_folds(model, dict(layers), batches[0]) for n in f.consumers}
     modules = dict(model.named_modules())
 
