@@ -158,6 +158,10 @@ class PeerUnavailable(Exception):
     """The peer cannot install or run here: its row says why."""
 
 
+class WorkerFailed(Exception):
+    """The llm-compressor worker exited with an error: the message is its own last error line."""
+
+
 def row(name: str, **kw) -> dict:
     return {"row": name, "quality": None, "bytes": None, "bytes_of": "", "bpw": None, "seconds": None,
             "lat": None, "runtime": "", "note": "", "failed": False, **kw}
@@ -460,7 +464,6 @@ def llmcompressor_oneshot(tb: Testbed, s: Settings, algo: str) -> dict:
            "mappings": tb.awq_mappings, "smooth_mappings": tb.smooth_mappings, "threads": torch.get_num_threads()}
     job_path = tb.workdir / f"llmc-{algo.lower()}.json"
     job_path.write_text(json.dumps(job))
-    t0 = time.perf_counter()
     try:
         res = subprocess.run([LLMC_PYTHON, str(LLMC_WORKER), str(job_path)], capture_output=True, text=True,
                              timeout=s.llmc_timeout_s)
@@ -470,8 +473,8 @@ def llmcompressor_oneshot(tb: Testbed, s: Settings, algo: str) -> dict:
     if res.returncode != 0:
         lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
         err = next((ln for ln in reversed(lines) if "Error" in ln or "Exception" in ln), lines[-1] if lines else "")
-        raise RuntimeError(f"{err.strip()[:300]} (exit {res.returncode}, after {time.perf_counter() - t0:.0f} s; "
-                           f"log {tb.workdir / f'llmc-{algo.lower()}.log'})")
+        log = tb.workdir / f"llmc-{algo.lower()}.log"
+        raise WorkerFailed(f"{err.strip()[:300]} (exit {res.returncode}; log {log})")
     result = json.loads((out / "result.json").read_text())
     model = load_compressed(tb, out / "model")
     bpw, layers = compressed_tensors_bits(out / "model")
@@ -481,6 +484,7 @@ def llmcompressor_oneshot(tb: Testbed, s: Settings, algo: str) -> dict:
             "AWQ": "AWQModifier defaults (duo scaling, n_grid 20)",
             "SmoothQuant": "SmoothQuantModifier then GPTQModifier(scheme='W8A8'): int8 weights per channel, int8 "
                            "activations per token (dynamic)"}[algo]
+    note += "".join(f"; {n}" for n in result.get("notes", []))
     if algo == "AWQ" and tb.awq_mappings:
         note += f"; mappings {tb.awq_mappings}"
     if algo == "SmoothQuant" and tb.smooth_mappings:
@@ -522,6 +526,8 @@ def run_peer(key: str, tb: Testbed, s: Settings) -> dict:
         return PEERS[key](tb, s)
     except PeerUnavailable as exc:
         return row(f"{PEER_LABELS[key]}: not run", note=str(exc), failed=True)
+    except WorkerFailed as exc:
+        return row(f"{PEER_LABELS[key]}: failed", failed=True, note=f"{exc} (after {time.perf_counter() - t0:.0f} s)")
     except Exception as exc:  # noqa: BLE001 - a peer failing is a result to print
         return row(f"{PEER_LABELS[key]}: failed", failed=True,
                    note=f"{first_line(exc)} (after {time.perf_counter() - t0:.0f} s)")

@@ -49,12 +49,11 @@ def recipe_for(job: dict):
     raise ValueError(f"unknown llm-compressor algorithm {job['algo']!r}")
 
 
-def one_batch(rows: list[dict]) -> dict:
-    """Collate: each dataset row already is one padded batch, so llm-compressor sees the same batches."""
-    import torch
+class NoProcessor:
+    """Stands in for a tokenizer where the model folder has none: the calibration data is already tokenized."""
 
-    (row,) = rows
-    return {k: torch.tensor(v) for k, v in row.items()}
+    def save_pretrained(self, *args, **kwargs) -> None:
+        pass
 
 
 def main(job_path: str) -> None:
@@ -66,8 +65,8 @@ def main(job_path: str) -> None:
     import llmcompressor
     import torch
     import transformers
-    from datasets import Dataset
     from llmcompressor import oneshot
+    from torch.utils.data import DataLoader
 
     torch.manual_seed(0)
     torch.set_num_threads(job.get("threads") or torch.get_num_threads())
@@ -75,16 +74,22 @@ def main(job_path: str) -> None:
     arch = (config.architectures or ["AutoModel"])[0]
     model = getattr(transformers, arch).from_pretrained(job["hf_dir"], dtype=torch.float32).eval()
     batches = torch.load(job["calib"])  # list of {name: [batch, seq] int64 tensor}: the benchmark's own batches
-    data = Dataset.from_dict({k: [b[k].tolist() for b in batches] for k in batches[0]})  # one row = one batch
+    data = DataLoader(batches, batch_size=None)  # each item as it is: llm-compressor sees the same batches
+    notes = []
+    try:
+        processor = transformers.AutoTokenizer.from_pretrained(job["hf_dir"])
+    except Exception as exc:  # noqa: BLE001 - oneshot insists on a processor whenever it gets data
+        processor = NoProcessor()
+        notes.append(f"the folder has no tokenizer ({type(exc).__name__}); oneshot got a stand-in processor "
+                     "(the data is already tokenized)")
     recipe = recipe_for(job)
     t0 = time.perf_counter()
-    oneshot(model=model, dataset=data, recipe=recipe, num_calibration_samples=len(batches),
-            shuffle_calibration_samples=False, batch_size=1, data_collator=one_batch,
+    oneshot(model=model, dataset=data, processor=processor, recipe=recipe,
             pipeline=job.get("pipeline") or "independent",
             **({"sequential_targets": job["sequential_targets"]} if job.get("sequential_targets") else {}))
     seconds = time.perf_counter() - t0
     model.save_pretrained(out / "model", save_compressed=True)
-    result = {"seconds": seconds, "arch": arch, "recipe": [repr(m) for m in recipe],
+    result = {"seconds": seconds, "arch": arch, "notes": notes, "recipe": [repr(m) for m in recipe],
               "versions": {"llmcompressor": llmcompressor.__version__,
                            "compressed-tensors": compressed_tensors.__version__,
                            "transformers": transformers.__version__, "torch": torch.__version__}}
