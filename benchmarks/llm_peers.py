@@ -12,7 +12,7 @@ constant weight):
 * optimum-quanto ``quantize(weights=qint4 / qint8)`` + ``freeze`` (qint4: group 128 with scale and shift;
   its CPU kernels are compiled on first use, minutes, cached in ~/.cache/torch_extensions);
 * llm-compressor ``oneshot``: GPTQ and AWQ (W4A16, group 128, symmetric) and SmoothQuant (alpha 0.8) + W8A8 (int8
-  weights per channel, int8 activations per token, dynamic). It pins transformers below modelpress' version,
+  weights per channel by RTN, int8 activations per token, dynamic). It pins transformers below modelpress' version,
   so it runs in its own venv (``benchmarks/llm_peers_llmc.py``); its compressed-tensors folder is loaded back
   here with transformers + compressed-tensors (decompressed on CPU) to score it.
 
@@ -481,9 +481,10 @@ def llmcompressor_oneshot(tb: Testbed, s: Settings, algo: str) -> dict:
     with quiet(), torch.no_grad():
         quality = tb.evaluate(model)
     note = {"GPTQ": "GPTQModifier defaults (act-order static, dampening 0.01, block 128)",
-            "AWQ": "AWQModifier defaults (duo scaling, n_grid 20)",
-            "SmoothQuant": "SmoothQuantModifier then GPTQModifier(scheme='W8A8'): int8 weights per channel, int8 "
-                           "activations per token (dynamic)"}[algo]
+            "AWQ": "AWQModifier defaults (duo scaling, n_grid 20), then QuantizationModifier (RTN)",
+            "SmoothQuant": "SmoothQuantModifier, then QuantizationModifier(scheme='W8A8'): int8 weights per channel "
+                           "(RTN; llm-compressor's example uses GPTQModifier), int8 activations per token "
+                           "(dynamic)"}[algo]
     note += "".join(f"; {n}" for n in result.get("notes", []))
     if algo == "AWQ" and tb.awq_mappings:
         note += f"; mappings {tb.awq_mappings}"

@@ -21,9 +21,10 @@ import time
 from pathlib import Path
 
 
-def recipe_for(job: dict):
+def recipe_for(job: dict) -> list:
     """llm-compressor modifiers for ``job['algo']``: GPTQ / AWQ weight-only, or SmoothQuant + W8A8."""
     from llmcompressor.modifiers.gptq import GPTQModifier
+    from llmcompressor.modifiers.quantization import QuantizationModifier
 
     bits, group, sym = job["bits"], job["group_size"], job["symmetric"]
     ignore = list(job.get("ignore") or [])
@@ -31,22 +32,44 @@ def recipe_for(job: dict):
     w_only = {"group_0": {"targets": ["Linear"], "weights": weights}}
     if job["algo"] == "GPTQ":
         return [GPTQModifier(config_groups=w_only, ignore=ignore)]
-    if job["algo"] == "AWQ":
-        from llmcompressor.modifiers.awq import AWQMapping, AWQModifier
+    if job["algo"] == "AWQ":  # the scales, then round-to-nearest on the scaled weights (llm-compressor's split)
+        from llmcompressor.modifiers.transform import AWQMapping, AWQModifier
 
         kw = {}
         if job.get("mappings"):
             kw["mappings"] = [AWQMapping(smooth, list(balance)) for smooth, balance in job["mappings"]]
-        return [AWQModifier(config_groups=w_only, ignore=ignore, **kw)]
-    if job["algo"] == "SmoothQuant":
+        return [AWQModifier(**kw), QuantizationModifier(config_groups=w_only, ignore=ignore)]
+    if job["algo"] == "SmoothQuant":  # llm-compressor's example follows with GPTQModifier; RTN here (int8 weights)
         from llmcompressor.modifiers.transform import SmoothQuantModifier
 
         kw = {}
         if job.get("smooth_mappings"):
             kw["mappings"] = [[list(balance), smooth] for smooth, balance in job["smooth_mappings"]]
         return [SmoothQuantModifier(smoothing_strength=job.get("alpha", 0.8), **kw),
-                GPTQModifier(targets="Linear", scheme="W8A8", ignore=ignore)]
+                QuantizationModifier(targets="Linear", scheme="W8A8", ignore=ignore)]
     raise ValueError(f"unknown llm-compressor algorithm {job['algo']!r}")
+
+
+PIN_NOTE = ("llm-compressor pins cached activations (Tensor.pin_memory: 'RuntimeError: Cannot access accelerator "
+            "device when none is available.' on a machine without one); the worker made IntermediatesCache.pin_memory "
+            "a no-op (pinning only speeds host-to-accelerator copies)")
+
+
+def skip_pinning_without_accelerator() -> list[int]:
+    """Make llm-compressor's activation-cache pinning a no-op on a CPU-only machine (AWQ calls it; it raises there).
+    Returns the list the patched method appends to, so the run can say whether it was needed."""
+    import torch
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    calls: list[int] = []
+    if torch.accelerator.is_available():
+        return calls
+
+    def pin_memory(self, batch_index: int, input_names=None) -> None:
+        calls.append(batch_index)
+
+    IntermediatesCache.pin_memory = pin_memory
+    return calls
 
 
 class NoProcessor:
@@ -83,11 +106,14 @@ def main(job_path: str) -> None:
         notes.append(f"the folder has no tokenizer ({type(exc).__name__}); oneshot got a stand-in processor "
                      "(the data is already tokenized)")
     recipe = recipe_for(job)
+    pinned = skip_pinning_without_accelerator()
     t0 = time.perf_counter()
     oneshot(model=model, dataset=data, processor=processor, recipe=recipe,
             pipeline=job.get("pipeline") or "independent",
             **({"sequential_targets": job["sequential_targets"]} if job.get("sequential_targets") else {}))
     seconds = time.perf_counter() - t0
+    if pinned:
+        notes.append(PIN_NOTE)
     model.save_pretrained(out / "model", save_compressed=True)
     result = {"seconds": seconds, "arch": arch, "notes": notes, "recipe": [repr(m) for m in recipe],
               "versions": {"llmcompressor": llmcompressor.__version__,
