@@ -13,7 +13,7 @@ Columns: perplexity, its change from fp32 (``loss``), top-1 next-token accuracy,
 calibration seconds; below the table, each layer-wise method's loss as a fraction of its baseline's
 (the issue's goal: at most 0.5).
 
-    python benchmarks/llm_decoder.py            # trains pylm first when it is not cached (~15-20 min)
+    python benchmarks/llm_decoder.py            # trains pylm first if not cached (once; 39 min on a busy 2-core box)
     python benchmarks/llm_decoder.py --tiny     # pylm-tiny on pystdlib-tiny, a minute
     python benchmarks/llm_decoder.py --only 'GPTQ|RTN'   # some rows
 

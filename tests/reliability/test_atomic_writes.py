@@ -58,6 +58,33 @@ def test_a_failing_artifact_save_keeps_the_previous_artifact(tmp_path, monkeypat
     assert not torch.equal(load_artifact(path, base_model=model)[0][1].weight, model[1].weight)
 
 
+def test_a_folder_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    dest = tmp_path / "model"
+    with io.atomic_dir(dest) as tmp:
+        (tmp / "a.json").write_text("1")
+    with pytest.raises(RuntimeError, match="failed"):
+        with io.atomic_dir(dest) as tmp:
+            (tmp / "a.json").write_text("2")
+            raise RuntimeError("failed")
+    assert [p.name for p in dest.iterdir()] == ["a.json"] and (dest / "a.json").read_text() == "1"
+
+    def no_rename(src, dst, _real=os.replace):  # the last rename fails: the previous folder comes back
+        if str(src).endswith(io.TEMP_SUFFIX) and not str(src).endswith(".old" + io.TEMP_SUFFIX):
+            raise OSError("rename failed")
+        return _real(src, dst)
+    monkeypatch.setattr(io.os, "replace", no_rename)
+    with pytest.raises(OSError, match="rename failed"):
+        with io.atomic_dir(dest) as tmp:
+            (tmp / "b.json").write_text("3")
+    monkeypatch.undo()
+    assert [p.name for p in dest.iterdir()] == ["a.json"]
+    with io.atomic_dir(dest) as tmp:
+        os.makedirs(tmp / "sub")
+        (tmp / "sub" / "b.json").write_text("4")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]   # no temporary folder left
+    assert [p.name for p in dest.iterdir()] == ["sub"] and _mode(dest / "sub" / "b.json") == 0o666 & ~io._umask()
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_new_files_get_the_umask_default_not_0600(tmp_path, umask):
     old = os.umask(umask)
