@@ -183,3 +183,21 @@ def test_packed_index_lists_pieces_in_blob_order(tmp_path):
     index = read_header(path)["packed"]
     sizes = [torch.Size(shape).numel() * checkpoint._CODE_DTYPES[code].itemsize for _, code, shape in index]
     assert sum(sizes) == load_file(str(path))[PACKED].numel()
+
+
+def test_asymmetric_int4_group_128_is_stored_in_at_most_4_3_bits_per_weight(tmp_path):
+    """Issue 16: zero points are whole numbers: stored bit-packed (4 bits each), not as fp32."""
+    from modelpress.quantization.weight_only import WeightOnly
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(1024, 512, bias=False), nn.ReLU(), nn.Linear(512, 256, bias=False))
+    q = quantize(net, WeightOnly(bits=4, granularity="group", group_size=128, symmetric=False))
+    path = save_artifact(q, tmp_path / "q.safetensors")
+    stored, header = checkpoint.read_stored(path)
+    assert header["encodings"]["0.zero"]["kind"] == "integral"
+    weights = 1024 * 512 + 512 * 256
+    layer_bytes = sum(t.numel() * t.element_size() for k, t in stored.items() if k.split(".")[0] in ("0", "2"))
+    assert 8 * layer_bytes / weights <= 4.3  # 4 + 32 / 128 (fp32 scales) + 4 / 128 (zero points) = 4.28
+    assert Path(path).stat().st_size * 8 / weights < 4.3 + 0.05  # the whole file, header included
+    again, _ = load_artifact(path, base_model=net)
+    x = torch.randn(4, 1024)
+    assert torch.equal(again(x), q(x)) and torch.equal(again[0].zero, q[0].zero)

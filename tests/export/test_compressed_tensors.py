@@ -12,6 +12,7 @@ from modelpress.core.errors import ConfigError, ModelpressError
 from modelpress.engine import MethodInputs, run_method
 from modelpress.pruning.nm import NMSparsity, verify_nm
 from modelpress.pruning.wanda import Wanda
+from modelpress.quantization.awq import AWQ
 from modelpress.quantization.dynamic import DynamicInt8
 from modelpress.quantization.gptq import GPTQ
 from modelpress.quantization.weight_only import WeightOnly
@@ -49,6 +50,7 @@ def quantized(llama):
     configs = {"rtn-sym": WeightOnly(bits=4, granularity="group", group_size=64),
                "rtn-asym": WeightOnly(bits=4, granularity="group", group_size=64, symmetric=False),
                "gptq": GPTQ(bits=4, group_size=64, calibration_batches=2),
+               "awq": AWQ(bits=4, group_size=64, calibration_batches=2),  # its scales live in the norms
                "w4g128": WeightOnly(bits=4, granularity="group", group_size=128),
                "w8": WeightOnly(bits=8, keep_first_last=True),   # first q_proj and lm_head stay float
                "nm": NMSparsity(n=2, m=4)}
@@ -89,10 +91,10 @@ def assert_same_logits(q, back, fp, ids):
     return (ours - theirs).abs().max().item(), err
 
 
-@pytest.mark.parametrize("method,symmetric", [("rtn", True), ("rtn", False), ("gptq", True)])
+@pytest.mark.parametrize("method,symmetric", [("rtn", True), ("rtn", False), ("gptq", True), ("awq", True)])
 def test_int4_groups_load_in_transformers_with_modelpress_logits(tmp_path, llama, quantized, method, symmetric):
     fp, _, ids = llama
-    q = quantized("gptq" if method == "gptq" else "rtn-sym" if symmetric else "rtn-asym")
+    q = quantized(method if method != "rtn" else "rtn-sym" if symmetric else "rtn-asym")
     out = export_compressed_tensors(q, tmp_path / "w4", check_inputs=ids)
     assert "transformers vs modelpress max abs diff" in out.note and len(out.quantized) == 15
 

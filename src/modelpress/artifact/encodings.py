@@ -6,6 +6,9 @@ smaller) and ``decode(parts, info) -> tensor``. Built in:
 =============  =====================================================================  =======
 ``sparse``     packed bitmask + the non-zero values                                   auto
 ``relidx``     relative indices + values (Deep Compression; :mod:`.relidx`)            auto
+``integral``   a float tensor of whole numbers (an asymmetric quantizer's zero         auto
+               points) as bit-packed offsets from its minimum: int4 zero points take
+               4 bits, not 32
 ``huffman``    integer index streams, Huffman-coded (:mod:`.huffman`)                 opt-in
 ``codes``      integer index streams, bit-packed without Huffman                      opt-in
 =============  =====================================================================  =======
@@ -30,7 +33,7 @@ import torch
 
 from ..core.errors import ModelLoadError
 from ..core.registry import Registry
-from .huffman import decode_indices, encode_codes, encode_huffman
+from .huffman import decode_indices, encode_codes, encode_huffman, encode_indices
 from .relidx import decode_relidx, encode_relidx_if_smaller
 
 Encoder = Callable[[torch.Tensor], "tuple[dict[str, torch.Tensor], dict] | None"]
@@ -99,7 +102,40 @@ def decode_sparse(parts, info):
     return out.reshape(info["shape"])
 
 
+# -- integral: whole numbers stored as packed offsets from the minimum (exact) -------
+#: widest range of whole numbers packed (float32 holds every integer up to 2**24 exactly)
+INTEGRAL_RANGE = 2 ** 16
+
+
+def encode_integral(t: torch.Tensor):
+    if not t.is_floating_point() or t.numel() < 16:
+        return None
+    head = t.detach().reshape(-1)[:256]
+    if not torch.equal(head, head.round()):  # a weight: rejected without touching the rest
+        return None
+    flat = t.detach().reshape(-1).cpu().double()
+    if not bool(torch.isfinite(flat).all()) or not torch.equal(flat, flat.round()):
+        return None
+    if bool((torch.signbit(flat) & (flat == 0)).any()):  # -0.0 would come back as +0.0: not exact
+        return None
+    lo, hi = int(flat.min()), int(flat.max())
+    if hi - lo >= INTEGRAL_RANGE:
+        return None
+    parts, info = encode_indices((flat - lo).to(torch.int32).reshape(t.shape), huffman=False)
+    if parts["data"].numel() >= t.numel() * t.element_size():
+        return None
+    return parts, {**info, "offset": lo, "float": str(t.dtype).replace("torch.", "")}
+
+
+def decode_integral(parts, info):
+    dtype = getattr(torch, str(info.get("float", "float32")), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ModelLoadError(f"integral tensor: unknown float type {info.get('float')!r} (corrupt file)")
+    return (decode_indices(parts, info).double() + int(info.get("offset", 0))).to(dtype)
+
+
 register_encoding("sparse", encode_sparse, decode_sparse, auto=True)
 register_encoding("relidx", encode_relidx_if_smaller, decode_relidx, auto=True)
+register_encoding("integral", encode_integral, decode_integral, auto=True)
 register_encoding("huffman", encode_huffman, decode_indices)
 register_encoding("codes", encode_codes, decode_indices)

@@ -4,7 +4,8 @@ A compressed Hugging Face model (:class:`~modelpress.artifact.hf.HFLogits` or
 :class:`~modelpress.artifact.hf.SentenceEncoder`) is written as ``config.json`` with a
 ``quantization_config``, ``model.safetensors`` and the tokenizer files of the folder it came from:
 
-* weight-only packed Linear layers (``quant.weight_only``, ``quant.gptq``; 2..8 bits, one scale per
+* weight-only packed Linear layers (``quant.weight_only``, ``quant.gptq``, ``quant.awq``, whose scales
+  went into the float norms / Linear layers in front; 2..8 bits, one scale per
   tensor, output channel or group, symmetric or asymmetric) in the ``pack-quantized`` format, int8
   too (what compressed-tensors itself picks for weight-only integer layers): ``weight_packed``
   (int32, ``32 / bits`` values per word along the inputs), ``weight_scale`` (one per group / channel),

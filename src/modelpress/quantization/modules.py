@@ -73,12 +73,13 @@ def n_rows(shape: tuple[int, ...], spec: QuantSpec) -> int:
 
 
 def quantized_weight_bytes(shape: tuple[int, ...], spec: QuantSpec) -> int:
-    """Bytes a quantized weight takes: packed integers + fp32 scales (+ zero points if asymmetric)."""
+    """Bytes a quantized weight takes in the artifact: packed integers + fp32 scales (+ zero points if
+    asymmetric: whole numbers, stored ``bits`` each by the artifact's ``integral`` encoding)."""
     numel = 1
     for s in shape:
         numel *= s
     rows = n_rows(shape, spec)
-    return packed_nbytes(numel, spec.bits) + rows * 4 * (1 if spec.symmetric else 2)
+    return packed_nbytes(numel, spec.bits) + rows * 4 + (0 if spec.symmetric else packed_nbytes(rows, spec.bits))
 
 
 class _PackedWeight(nn.Module):
@@ -269,10 +270,12 @@ def quantized_layers(model: nn.Module) -> list[tuple[str, QuantLinear | QuantCon
 
 
 def packed_weight_bytes(model: nn.Module) -> int:
-    """Bytes of every packed layer's weight storage (integers + scales + zero points)."""
+    """Bytes of every packed layer's weight storage in the artifact (integers + fp32 scales + zero points
+    packed ``bits`` each)."""
     total = 0
     for m in model.modules():
         if not isinstance(m, _PackedWeight):  # packed layers and the matrices of packed recurrent layers
             continue
-        total += m.qweight.numel() + m.scale.numel() * 4 + (m.zero.numel() * 4 if not m.qspec.symmetric else 0)
+        zeros = 0 if m.qspec.symmetric else packed_nbytes(m.zero.numel(), m.qspec.bits)
+        total += m.qweight.numel() + m.scale.numel() * 4 + zeros
     return total
