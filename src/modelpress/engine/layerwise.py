@@ -120,6 +120,18 @@ def layer_rows(layer: nn.Module, x: torch.Tensor, token_mask: torch.Tensor | Non
     return x.reshape(-1, x.shape[-1])
 
 
+def split_calibratable(selected) -> tuple[list[tuple[str, nn.Module]], dict[str, str]]:
+    """``(name, layer)`` pairs split into those calibrated layer by layer and ``{name: why not}``."""
+    layers, skipped = [], {}
+    for name, layer in selected:
+        reason = check_layer(layer)
+        if reason:
+            skipped[name] = reason
+        else:
+            layers.append((name, layer))
+    return layers, skipped
+
+
 def check_layer(layer: nn.Module) -> str | None:
     """Why ``layer`` cannot be calibrated layer by layer, or None."""
     if isinstance(layer, nn.Conv2d):

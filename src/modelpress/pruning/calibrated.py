@@ -21,7 +21,7 @@ from ..core.config import MethodConfig
 from ..core.errors import UnsupportedError
 from ..core.scope import Scope, first_and_last
 from ..engine import MethodInputs, MethodResult
-from ..engine.layerwise import Observer, calibrate_layerwise, calibration_inputs, check_layer, recurrent_rows
+from ..engine.layerwise import Observer, calibrate_layerwise, calibration_inputs, recurrent_rows, split_calibratable
 from ..nn.layer_kinds import RECURRENT, WeightRef, weight_refs
 from .nm import reduction_length, verify_nm
 
@@ -82,12 +82,8 @@ def run_calibrated_pruning(model: nn.Module, cfg: CalibratedPruning, inputs: Met
     selected = cfg.scope.resolve(model, LAYER_TYPES, default_exclude=default_exclude)
     refs: dict[str, WeightRef] = {}      # matrix name -> its weight
     modules: dict[str, nn.Module] = {}   # layer name -> layer, for the driver
-    skipped: dict[str, str] = {}
-    for name, layer in selected:
-        reason = check_layer(layer)
-        if reason:
-            skipped[name] = reason
-            continue
+    layers, skipped = split_calibratable(selected)
+    for name, layer in layers:
         for matrix, ref in weight_refs([(name, layer)]):
             k = reduction_length(ref.out_in())
             if ref.param.startswith("weight_hr"):

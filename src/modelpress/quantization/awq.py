@@ -47,7 +47,7 @@ from ..core.config import MethodConfig
 from ..core.errors import DataError
 from ..core.scope import Scope
 from ..engine import MethodInputs, MethodResult, register_method
-from ..engine.layerwise import Hessian, calibrate_layerwise, calibration_inputs, check_layer
+from ..engine.layerwise import Hessian, calibrate_layerwise, calibration_inputs, split_calibratable
 from ..nn.modules import set_module
 from .modules import quantize_layer
 from .primitives import QuantizedTensor, QuantSpec, fake_quantize_tensor, minmax, quantize_tensor, sqnr
@@ -149,13 +149,7 @@ def fold_into_quantized(qt: QuantizedTensor, s: torch.Tensor) -> None:
 def awq(model: nn.Module, cfg: AWQ, inputs: MethodInputs) -> MethodResult:
     """AWQ: activation-aware int2..int8 weight quantization, scales folded into the producing op (packed layers)."""
     batches = calibration_inputs(inputs.data, cfg.calibration_batches, "quant.awq")
-    layers, skipped = [], {}
-    for name, layer in select_layers(model, cfg.scope, cfg.keep_first_last, LAYER_TYPES):
-        reason = check_layer(layer)
-        if reason:
-            skipped[name] = reason
-        else:
-            layers.append((name, layer))
+    layers, skipped = split_calibratable(select_layers(model, cfg.scope, cfg.keep_first_last, LAYER_TYPES))
     untie(model, [layer for _, layer in layers])  # a tied lm_head: scaling it must not scale the embedding
     folds = {n: f for f in find_folds(model, dict(layers), batches[0]) for n in f.consumers}
     modules = dict(model.named_modules())

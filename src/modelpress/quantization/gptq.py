@@ -51,8 +51,8 @@ from ..engine.layerwise import (
     Hessian,
     calibrate_layerwise,
     calibration_inputs,
-    check_layer,
     inverse_hessian_cholesky,
+    split_calibratable,
 )
 from ..nn.modules import set_module
 from .modules import quantize_layer
@@ -150,13 +150,7 @@ def output_error(w: torch.Tensor, approx: torch.Tensor, h: torch.Tensor) -> floa
 def gptq(model: nn.Module, cfg: GPTQ, inputs: MethodInputs) -> MethodResult:
     """GPTQ: layer-by-layer second-order int2..int8 weight quantization calibrated on data (packed layers)."""
     batches = calibration_inputs(inputs.data, cfg.calibration_batches, "quant.gptq")
-    layers, skipped = [], {}
-    for name, layer in select_layers(model, cfg.scope, cfg.keep_first_last, LAYER_TYPES):
-        reason = check_layer(layer)
-        if reason:
-            skipped[name] = reason
-        else:
-            layers.append((name, layer))
+    layers, skipped = split_calibratable(select_layers(model, cfg.scope, cfg.keep_first_last, LAYER_TYPES))
     results: dict[str, tuple[nn.Module, QuantSpec, QuantizedTensor]] = {}
     report: dict[str, dict] = {}
     fallback: list[str] = []

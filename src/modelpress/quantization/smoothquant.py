@@ -40,7 +40,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from ..engine import MethodInputs, MethodResult, register_method
-from ..engine.layerwise import calibrate_layerwise, calibration_inputs, check_layer
+from ..engine.layerwise import calibrate_layerwise, calibration_inputs, split_calibratable
 from ..nn.layer_kinds import plain_linears
 from ..nn.modules import set_module
 from .observers import make_observer
@@ -121,13 +121,8 @@ def smoothing_scales(amax: torch.Tensor, weights: list[torch.Tensor], alpha: flo
 
 def smooth(model: nn.Module, cfg: SmoothQuant, batches: list, log=print) -> dict[str, str]:
     """Smooth ``model``'s selected Linear layers in place; returns per layer where its scales went."""
-    layers, where = [], {}
-    for name, layer in plain_linears(model, cfg.scope.resolve(model, LAYER_TYPES)):
-        reason = check_layer(layer)
-        if reason:
-            where[name] = f"not smoothed ({reason})"
-        else:
-            layers.append((name, layer))
+    layers, skipped = split_calibratable(plain_linears(model, cfg.scope.resolve(model, LAYER_TYPES)))
+    where = {name: f"not smoothed ({reason})" for name, reason in skipped.items()}
     if not layers:
         return where
     untie(model, [layer for _, layer in layers])  # a tied lm_head: scaling it must not scale the embedding
