@@ -102,7 +102,7 @@ class GraphBuilder:
         chw = (hwc[-1], *hwc[:-1])
 
         def make():
-            x = self.add(f"{v.node.name}_unflatten", nn.Unflatten(1, chw), v.node)
+            x = self.add(f"{v.node.name}_unflatten", Reshape((-1, *chw[1:])), v.node)
             x = self.add(f"{v.node.name}_to_nhwc", Permute((0, *range(2, len(chw) + 1), 1)), x)
             return self.add(f"{v.node.name}_flatten", nn.Flatten(), x)
         return Value(self._once(v, KERAS, make), KERAS, v.shape)
@@ -402,11 +402,10 @@ def reshape(layer, ins, b, out_shapes):
     x, target = ins[0], tuple(out_shapes[0][1:])
     if x.rank == 2 and len(target) >= 2 and all(n == 1 for n in target[:-1]) and target[-1] == x.shape[-1]:
         # (N, C) -> (N, 1, 1, C), a squeeze-and-excitation gate: (N, C, 1, 1) channels-first
-        node = b.add(layer.name, nn.Unflatten(1, (x.shape[-1], *target[:-1])), b.as_keras(x).node)
+        node = b.add(layer.name, Reshape((-1, *target[:-1])), b.as_keras(x).node)  # -1: pruning may narrow C
         return Value(node, CF, out_shapes[0])
     x = b.as_keras(x)
-    module = nn.Unflatten(1, target) if x.rank == 2 and None not in target else Reshape(tuple(layer.target_shape))
-    return Value(b.add(layer.name, module, x.node), KERAS, out_shapes[0])
+    return Value(b.add(layer.name, Reshape(tuple(layer.target_shape)), x.node), KERAS, out_shapes[0])
 
 
 def _identity(layer, ins, b, out_shapes):
