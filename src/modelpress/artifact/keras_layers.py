@@ -13,6 +13,7 @@ conv -> flatten -> linear chain; any other reader gets the tensor in Keras's ord
 """
 from __future__ import annotations
 
+import copy
 import math
 import re
 from collections import OrderedDict
@@ -129,7 +130,18 @@ class GraphBuilder:
                          for i, n in enumerate(body)))
         if chain:
             return nn.Sequential(OrderedDict((n.target, self.root.get_submodule(n.target)) for n in body))
-        return fx.GraphModule(self.root, self.graph, class_name="KerasModel")
+        return KerasGraphModule(self.root, self.graph, class_name="KerasModel")
+
+
+class KerasGraphModule(fx.GraphModule):
+    """An ``fx.GraphModule`` that keeps its ``zoo_spec`` (source record) through ``copy.deepcopy``,
+    which a plain GraphModule drops with every attribute it does not know (methods run on a copy)."""
+
+    def __deepcopy__(self, memo):
+        res = super().__deepcopy__(memo)
+        if "zoo_spec" in self.__dict__:
+            res.zoo_spec = copy.deepcopy(self.__dict__["zoo_spec"], memo)
+        return res
 
 
 # -- weights ----------------------------------------------------------------------------------------
