@@ -287,3 +287,12 @@ def test_corrupt_file_is_a_model_load_error(content, tmp_path):
     with pytest.raises(ModelLoadError) as err:
         load_model(path)
     assert str(path) in str(err.value)
+
+
+def test_keras_on_another_backend_is_refused_saying_so(tmp_path, monkeypatch):
+    path = tmp_path / "lenet5.keras"
+    lenet5().save(path)
+    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
+    with pytest.raises(ModelLoadError, match="'jax' backend") as err:
+        load_model(path)
+    assert "KERAS_BACKEND" in err.value.hint

@@ -5,10 +5,10 @@
     >>> model(torch.randn(8, 28, 28, 1)).shape  # NHWC, as the Keras model takes  # doctest: +SKIP
     torch.Size([8, 10])
 
-The file is read with Keras 3 (``pip install 'modelpress[keras]'``), by default on its torch
-backend, which needs no TensorFlow: ``KERAS_BACKEND`` is set to ``torch`` unless you set it
-yourself, and a Keras already imported on another backend is used as it is (only the layer
-graph, configs and weights are read, as numpy arrays). The Sequential or Functional model's
+The file is read with Keras 3 (``pip install 'modelpress[keras]'``) on its torch backend, which
+needs no TensorFlow: ``KERAS_BACKEND`` is set to ``torch`` unless you set it yourself; a Keras
+on another backend (your ``KERAS_BACKEND``, or keras imported before) is a ``ModelLoadError``
+saying so. The Sequential or Functional model's
 layer graph is walked in Keras's own order and every layer becomes ``torch.nn`` modules with
 its weights copied (:mod:`.keras_layers` lists them); an unsupported layer is a one-line
 :class:`~modelpress.core.errors.UnsupportedError` naming it.
@@ -39,8 +39,7 @@ from .loading import ModelSource, register_source
 
 
 def import_keras():
-    """Keras 3, on the torch backend unless the user chose another (``KERAS_BACKEND``) or imported
-    Keras already."""
+    """Keras 3 on its torch backend (set unless the user chose one, or imported keras already)."""
     if "keras" not in sys.modules:
         os.environ.setdefault("KERAS_BACKEND", "torch")
     try:
@@ -51,10 +50,15 @@ def import_keras():
                                          hint="install it with: pip install 'modelpress[keras]'") from None
         raise ModelLoadError(f"Keras could not start its {os.environ.get('KERAS_BACKEND')!r} backend "
                              f"({exc.name} is not installed)",
-                             hint="unset KERAS_BACKEND (modelpress then uses torch) or install that backend") from None
+                             hint="unset KERAS_BACKEND or set it to torch before Python imports keras") from None
     if not hasattr(keras, "version") or not keras.version().startswith("3"):
         raise ModelLoadError(f"modelpress reads Keras files with Keras 3; this is Keras {keras.__version__}",
                              hint="pip install 'modelpress[keras]'")
+    backend = keras.backend.backend()
+    if backend != "torch":  # the other backends are not tested here (they need TensorFlow or JAX)
+        raise ModelLoadError(f"Keras runs on its {backend!r} backend (KERAS_BACKEND, or keras imported before); "
+                             "modelpress converts Keras files on the torch backend",
+                             hint="unset KERAS_BACKEND or set it to torch before Python imports keras")
     return keras
 
 
@@ -77,7 +81,7 @@ def read_keras(path: str | Path):
 
 def keras_to_torch(model, *, channels_first: bool = False) -> nn.Module:
     """An ``nn.Module`` computing what the Keras ``model`` computes (see the module docstring)."""
-    keras = sys.modules.get("keras") or import_keras()
+    keras = import_keras()
     graph = _graph_of(keras, model)
     b = GraphBuilder()
     inputs = []
