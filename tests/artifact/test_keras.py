@@ -296,3 +296,35 @@ def test_keras_on_another_backend_is_refused_saying_so(tmp_path, monkeypatch):
     with pytest.raises(ModelLoadError, match="'jax' backend") as err:
         load_model(path)
     assert "KERAS_BACKEND" in err.value.hint
+
+
+def test_converted_model_quantizes_and_exports_to_onnx(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    from modelpress.export.onnx import export_onnx
+    from modelpress.quantization.static import StaticInt8
+
+    module = _saved(tiny_resnet(), tmp_path)
+    x = torch.randn(8, 16, 16, 3)
+    ref = module(x).detach()
+    q = modelpress.quantize(module, StaticInt8(), data=[(torch.randn(8, 16, 16, 3), torch.zeros(8).long())] * 2)
+    err = (q(x).detach() - ref).pow(2).mean()
+    assert 10 * torch.log10(ref.pow(2).mean() / err) > 20  # SQNR in dB
+    export_onnx(module, x, tmp_path / "m.onnx")
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"))
+    out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    assert np.abs(out - ref.numpy()).max() <= TOL
+
+
+@pytest.mark.slow  # a CLI process importing keras: ~15 s
+def test_cli_evaluates_a_keras_file(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    path = tmp_path / "lenet5.keras"
+    lenet5().save(path)
+    env = {**os.environ, "MODELPRESS_PROGRESS": "0", "COLUMNS": "200"}
+    res = subprocess.run([sys.executable, "-m", "modelpress.cli", "evaluate", "-m", f"keras:{path}?channels_first=true",
+                          "-d", "digits"], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert 0 <= json.loads(res.stdout[res.stdout.index("{"):])["accuracy"] <= 1
