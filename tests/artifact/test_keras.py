@@ -105,6 +105,7 @@ def transpose():
     x = layers.Conv2DTranspose(2, 4, strides=2, padding="same", activation="selu")(x)
     x = layers.Conv2DTranspose(2, 3, padding="valid", use_bias=False)(x)
     x = layers.UpSampling2D(2)(x)
+    x = layers.Dense(3)(x)  # Dense on an image: its last (channel) axis
     return keras.Model(inp, x, name="transpose")  # an image out: NHWC again
 
 

@@ -14,6 +14,7 @@ conv -> flatten -> linear chain; any other reader gets the tensor in Keras's ord
 from __future__ import annotations
 
 import copy
+import keyword
 import math
 import re
 from collections import OrderedDict
@@ -62,7 +63,7 @@ class GraphBuilder:
 
     def name(self, name: str) -> str:
         base = re.sub(r"\W", "_", name) or "layer"
-        base = "_" + base if base[0].isdigit() else base
+        base = "_" + base if base[0].isdigit() or keyword.iskeyword(base) else base
         out, i = base, 1
         while hasattr(self.root, out):
             out, i = f"{base}_{i}", i + 1
