@@ -5,6 +5,8 @@ A reference is one of
 * a modelpress artifact (``.safetensors`` written by modelpress: train, compress, export);
 * ``path/to/file.py:factory``: a function in your file returning an ``nn.Module`` (the file
   is executed: only pass files you trust);
+* a Keras 3 model file, ``model.keras`` or ``model.h5`` (or ``keras:PATH?channels_first=true``),
+  converted to an equivalent PyTorch module (:mod:`.keras`; needs the ``[keras]`` extra);
 * a local Hugging Face model directory, ``DIR`` or ``hf:DIR`` (``config.json`` + weights; with no
   weights file the model is randomly initialised; never downloaded);
 * ``torchvision:NAME`` / ``timm:NAME`` with optional ``?kwarg=value&weights=FILE``
@@ -50,7 +52,11 @@ class ModelSource(NamedTuple):
 
 
 SOURCES: Registry[ModelSource] = Registry("model source", error=ModelLoadError,
-                                          plugins=("modelpress.artifact.libraries", "modelpress.zoo.baselines"))
+                                          plugins=("modelpress.artifact.libraries", "modelpress.artifact.keras",
+                                                   "modelpress.zoo.baselines"))
+
+
+KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
 
 
 def register_source(name: str, source: ModelSource) -> ModelSource:
@@ -192,6 +198,8 @@ def load_model(ref: str | Path, *, trust_remote_code: bool = False) -> nn.Module
                                  hint=f"use {ref}:function_name")
         if path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
             return _from_torch_file(path, trust_remote_code)
+        if path.suffix.lower() in KERAS_SUFFIXES:  # converted by the "keras" source (artifact/keras.py)
+            return build_source({"keras": str(path.resolve())})
         return load_artifact(path, trust_remote_code=trust_remote_code)[0]
     if ".py:" in ref:
         return _from_factory(ref)
