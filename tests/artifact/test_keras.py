@@ -245,6 +245,20 @@ def test_channels_first_takes_nchw(tmp_path):
     assert module.zoo_spec["kwargs"] == {"channels_first": True}
 
 
+def test_nhwc_model_on_an_nchw_dataset_is_one_data_error_pointing_at_channels_first(tmp_path):
+    from modelpress.core.errors import DataError
+    from modelpress.recipes.resolve import resolve_model
+    from modelpress.tasks.datasets import load_dataset
+
+    path = tmp_path / "lenet5.keras"
+    lenet5().save(path)
+    bundle = load_dataset("mnist5k")  # NCHW images
+    with pytest.raises(DataError, match="cannot run on inputs of shape") as err:
+        resolve_model(str(path), bundle)
+    assert "channels_first=true" in err.value.hint
+    assert isinstance(resolve_model(f"keras:{path}?channels_first=true", bundle), torch.nn.Module)
+
+
 def test_mobilenet_v2_converts_and_matches(tmp_path):
     model = keras.applications.MobileNetV2(input_shape=(64, 64, 3), alpha=0.35, weights=None, classes=10)
     _randomize_bn(model)

@@ -14,7 +14,8 @@ from typing import Any
 from torch import nn
 
 from ..artifact.loading import load_model, trained_model
-from ..core.errors import ConfigError
+from ..core.data import check_model_accepts
+from ..core.errors import ConfigError, DataError
 from ..core.training import TrainConfig
 from ..tasks.base import DatasetBundle
 from ..tasks.datasets import load_dataset
@@ -40,12 +41,24 @@ def resolve_data(data: Any, seed: int = 0) -> DatasetBundle:
 
 def resolve_model(ref: str, bundle: DatasetBundle | None = None, *, seed: int = 0, train: TrainConfig | None = None,
                   trust_remote_code: bool = False) -> nn.Module:
-    """The model ``ref`` names: trained on ``bundle`` when its source trains models, else loaded."""
+    """The model ``ref`` names: trained on ``bundle`` when its source trains models, else loaded (and
+    run once on ``bundle``'s inputs: a model that does not take them is one DataError line)."""
     if bundle is not None:
         trained = trained_model(ref, bundle, seed=seed, train=train)
         if trained is not None:
             return trained
-    return load_model(ref, trust_remote_code=trust_remote_code)
+    model = load_model(ref, trust_remote_code=trust_remote_code)
+    if bundle is not None:
+        name = getattr(bundle, "name", None)
+        try:
+            check_model_accepts(model, bundle.example_inputs(1), f"{ref} on dataset {name!r}" if name else ref)
+        except DataError as exc:
+            source = getattr(model, "zoo_spec", None) or {}
+            if "keras" in source and not source.get("kwargs", {}).get("channels_first"):
+                exc.hint = ("a Keras model takes channels-last (NHWC) images and modelpress's image datasets give "
+                            "NCHW: load it as 'keras:FILE?channels_first=true'")
+            raise
+    return model
 
 
 def resolve_run(recipe: Recipe, model: nn.Module | str | None = None, data: Any = None, *,
