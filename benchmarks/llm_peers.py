@@ -20,17 +20,21 @@ Columns: the quality the testbed's ``evaluate`` returns (MiniLM: Spearman / fide
 computes them), bytes of what the peer itself saves (.onnx; ``torch.save`` of the state dict for torchao;
 safetensors + quantization map for quanto; the compressed-tensors folder for llm-compressor), bits per
 quantized weight (packed weights + scales + zero points over the quantized weights' count), calibration /
-quantization seconds, and batch-1 latency vs fp32: ONNX rows against the fp32 ONNX Runtime file, eager rows
-(torchao, quanto) against the fp32 eager model, timed alternately in one process (``compare_latency``).
+quantization seconds, and batch-1 latency vs fp32 at 1 and 2 threads on each of the testbed's timed inputs: ONNX
+rows against the fp32 ONNX Runtime file, eager rows (torchao, quanto) against the fp32 eager model, timed
+alternately in one process (``compare_latency``).
 
 Testbeds: ``minilm`` (the bundled all-MiniLM-L6-v2 as in ``benchmarks/llm.py``: 256 sentences of the
-everyday corpus in batches of 16 for calibration, graded pairs for quality) and ``tiny-llama`` (a random-init
-Llama-style decoder saved as an HF folder, random token batches; quality = logit cosine and KL vs fp32: a
-development check, not a quality claim). Other testbeds (a trained decoder) build a :class:`Testbed` and
-call :func:`peer_rows`.
+everyday corpus in batches of 16 for calibration, graded pairs for quality, one sentence timed); ``pylm`` /
+``pylm-tiny`` (the decoder trained here, ``src/modelpress/zoo/pylm.py``; ``hf_dir`` its cached Hugging Face
+folder; quality = held-out perplexity and token accuracy through the dataset bundle's ``evaluate``, which takes
+an eager model or an :class:`OrtModule` alike; timed on one token, a decode-step proxy without KV cache, and on
+one block, a prefill); ``tiny-llama`` (a random-init Llama-style decoder saved as an HF folder, random token
+batches; quality = logit cosine and KL vs fp32: a development check, not a quality claim). ``benchmarks/llm.py``
+prints these rows in one table with modelpress' own rows.
 
     python benchmarks/llm_peers.py                        # MiniLM, every peer (~15 min on 2 idle cores)
-    python benchmarks/llm_peers.py --testbed tiny-llama --quick
+    python benchmarks/llm_peers.py --testbed pylm-tiny --quick
     python benchmarks/llm_peers.py --peers ort-rtn,torchao-int8   # a subset (names: --list)
 """
 from __future__ import annotations
