@@ -20,17 +20,21 @@ Columns: the quality the testbed's ``evaluate`` returns (MiniLM: Spearman / fide
 computes them), bytes of what the peer itself saves (.onnx; ``torch.save`` of the state dict for torchao;
 safetensors + quantization map for quanto; the compressed-tensors folder for llm-compressor), bits per
 quantized weight (packed weights + scales + zero points over the quantized weights' count), calibration /
-quantization seconds, and batch-1 latency vs fp32: ONNX rows against the fp32 ONNX Runtime file, eager rows
-(torchao, quanto) against the fp32 eager model, timed alternately in one process (``compare_latency``).
+quantization seconds, and batch-1 latency vs fp32 at 1 and 2 threads on each of the testbed's timed inputs: ONNX
+rows against the fp32 ONNX Runtime file, eager rows (torchao, quanto) against the fp32 eager model, timed
+alternately in one process (``compare_latency``).
 
 Testbeds: ``minilm`` (the bundled all-MiniLM-L6-v2 as in ``benchmarks/llm.py``: 256 sentences of the
-everyday corpus in batches of 16 for calibration, graded pairs for quality) and ``tiny-llama`` (a random-init
-Llama-style decoder saved as an HF folder, random token batches; quality = logit cosine and KL vs fp32: a
-development check, not a quality claim). Other testbeds (a trained decoder) build a :class:`Testbed` and
-call :func:`peer_rows`.
+everyday corpus in batches of 16 for calibration, graded pairs for quality, one sentence timed); ``pylm`` /
+``pylm-tiny`` (the decoder trained here, ``src/modelpress/zoo/pylm.py``; ``hf_dir`` its cached Hugging Face
+folder; quality = held-out perplexity and token accuracy through the dataset bundle's ``evaluate``, which takes
+an eager model or an :class:`OrtModule` alike; timed on one token, a decode-step proxy without KV cache, and on
+one block, a prefill); ``tiny-llama`` (a random-init Llama-style decoder saved as an HF folder, random token
+batches; quality = logit cosine and KL vs fp32: a development check, not a quality claim). ``benchmarks/llm.py``
+prints these rows in one table with modelpress' own rows.
 
     python benchmarks/llm_peers.py                        # MiniLM, every peer (~15 min on 2 idle cores)
-    python benchmarks/llm_peers.py --testbed tiny-llama --quick
+    python benchmarks/llm_peers.py --testbed pylm-tiny --quick
     python benchmarks/llm_peers.py --peers ort-rtn,torchao-int8   # a subset (names: --list)
 """
 from __future__ import annotations
@@ -39,6 +43,7 @@ import argparse
 import contextlib
 import copy
 import importlib.metadata
+import itertools
 import json
 import logging
 import math
@@ -82,7 +87,9 @@ class Testbed:
     ``hf_dir``: the Hugging Face folder of the part ``hf_module`` of ``model`` (``""``: ``model`` itself,
     ``"backbone"`` for a SentenceEncoder, ``"hf"`` for HFLogits): llm-compressor quantizes that folder and its
     result is put back there. ``awq_mappings`` / ``smooth_mappings``: ``[(smooth layer, [balance layers])]``
-    regexes for llm-compressor where its defaults (Llama names) do not fit the architecture.
+    regexes for llm-compressor where its defaults (Llama names) do not fit the architecture. ``timed``: the
+    batch-1 inputs latency is measured on, by label (default ``{"batch 1": example}``); ``task``: what
+    ``run_method`` gets as ``MethodInputs.task``.
     """
 
     name: str
@@ -96,6 +103,8 @@ class Testbed:
     awq_mappings: list | None = None
     smooth_mappings: list | None = None
     notes: str = ""
+    timed: dict[str, dict[str, torch.Tensor]] | None = None
+    task: Any = None
     fp32_onnx: Path | None = None
     _cache: dict = field(default_factory=dict, repr=False)
 
@@ -104,6 +113,9 @@ class Testbed:
         if self.fp32_onnx is None:
             self.fp32_onnx = export_onnx(self.model, self.example, self.workdir / "fp32.onnx")
         return self.fp32_onnx
+
+    def timing_inputs(self) -> dict[str, dict[str, torch.Tensor]]:
+        return self.timed or {"batch 1": self.example}
 
 
 @dataclass
@@ -187,11 +199,13 @@ def quiet():
 
 
 def latency(tb: Testbed, s: Settings, ref: Any, cand: Any) -> dict:
-    """{threads: (fp32 ms, peer ms, fp32 / peer)} at batch 1, alternating in one process."""
+    """{(input label, threads): (fp32 ms, candidate ms, fp32 / candidate)} on each of the testbed's batch-1
+    inputs, the two timed alternately in one process."""
     out = {}
-    for t in s.threads:
-        c = compare_latency(ref, cand, tb.example, threads=t, warmup=s.warmup, repeats=s.repeats)
-        out[t] = (c.a.median_ms, c.b.median_ms, c.ratio)
+    for label, inputs in tb.timing_inputs().items():
+        for t in s.threads:
+            c = compare_latency(ref, cand, inputs, threads=t, warmup=s.warmup, repeats=s.repeats)
+            out[label, t] = (c.a.median_ms, c.b.median_ms, c.ratio)
     return out
 
 
@@ -554,13 +568,17 @@ def peer_rows(tb: Testbed, s: Settings | None = None, peers: list[str] | None = 
     s = s or Settings()
     rows = fp32_rows(tb, s)
     for key in peers or list(PEERS):
-        r = run_peer(key, tb, s)
-        rows.append(r)
+        rows.append(run_peer(key, tb, s))
         if verbose:
-            q = ", ".join(f"{k} {v:.4f}" for k, v in (r["quality"] or {}).items())
-            print(f"{r['row']}: {q or r['note']}" + (f" ({r['seconds']:.1f} s)" if r["seconds"] else ""),
-                  flush=True)
+            print_row(rows[-1])
     return rows
+
+
+def print_row(r: dict) -> None:
+    """One progress line: the row, its runtime, its quality (or why it has none) and its seconds."""
+    q = ", ".join(f"{k} {v:.4f}" for k, v in (r["quality"] or {}).items())
+    secs = f" ({r['seconds']:.1f} s)" if r["seconds"] else ""
+    print(f"{r['row']} [{r['runtime'] or '-'}]: {q or r['note']}{secs}", flush=True)
 
 
 def peer_versions() -> dict[str, str]:
@@ -570,26 +588,32 @@ def peer_versions() -> dict[str, str]:
             "torch": torch.__version__}
 
 
-def print_table(rows: list[dict], title: str = "") -> None:
+def print_table(rows: list[dict], title: str = "", delta: str | None = None) -> None:
+    """One markdown table; ``delta``: a quality key also shown as its change from the first row's (fp32)."""
     def f(v, fmt):
         return "-" if v is None else format(v, fmt)
 
-    def lat(r, t):
-        v = (r.get("lat") or {}).get(t)
+    def lat(r, key):
+        v = (r.get("lat") or {}).get(key)
         return "-" if v is None else f"{v[1]:.2f} ms vs {v[0]:.2f} ({v[2]:.2f}x)"
 
     keys = list(dict.fromkeys(k for r in rows for k in (r["quality"] or {})))
-    threads = sorted({t for r in rows for t in (r.get("lat") or {})}) or [1, 2]
+    timed = list(dict.fromkeys(k for r in rows for k in (r.get("lat") or {}))) or [("batch 1", 1), ("batch 1", 2)]
+    ref = (rows[0]["quality"] or {}).get(delta) if rows and delta else None
+    extra = [f"{delta} vs fp32"] if ref is not None else []
     if title:
         print(f"\n{title}")
-    print("\n| row | runtime | " + " | ".join(keys) + " | bytes | bytes of | bits / weight | calibration s | "
-          + " | ".join(f"batch 1, {t} thread{'s' if t > 1 else ''} vs fp32" for t in threads) + " | notes |")
-    print("|---" * (len(keys) + 7 + len(threads)) + "|")
+    print("\n| row | runtime | " + " | ".join(keys + extra) + " | bytes | bytes of | bits / weight | calibration s | "
+          + " | ".join(f"{label}, {t} thread{'s' if t > 1 else ''} vs fp32" for label, t in timed) + " | notes |")
+    print("|---" * (len(keys) + len(extra) + 7 + len(timed)) + "|")
     for r in rows:
         q = r["quality"] or {}
-        print(f"| {r['row']} | {r['runtime'] or '-'} | " + " | ".join(f(q.get(k), ".4f") for k in keys)
+        cells = [f(q.get(k), ".4f") for k in keys]
+        if extra:
+            cells.append("-" if q.get(delta) is None else f"{q[delta] - ref:+.4f}")
+        print(f"| {r['row']} | {r['runtime'] or '-'} | " + " | ".join(cells)
               + f" | {f(r['bytes'], ',')} | {r['bytes_of'] or '-'} | {f(r['bpw'], '.2f')} | {f(r['seconds'], '.1f')} | "
-              + " | ".join(lat(r, t) for t in threads) + f" | {r['note'] or ''} |")
+              + " | ".join(lat(r, k) for k in timed) + f" | {r['note'] or ''} |")
 
 
 # -- testbeds --------------------------------------------------------------------------------------
@@ -660,7 +684,7 @@ def decoder_testbed(hf_dir: Path, workdir: Path, calib: list, held_out: list, na
         ref = torch.cat([model(**b).float().reshape(-1, model.hf.config.vocab_size) for b in held_out])
     example = example or {"input_ids": held_out[0]["input_ids"][:1]}
     return Testbed(name, model, calib, example, lambda m: logit_fidelity(m, ref, held_out), workdir,
-                   hf_dir=hf_dir, hf_module="hf",
+                   hf_dir=hf_dir, hf_module="hf", timed={f"{example['input_ids'].shape[-1]}-token prefill": example},
                    notes=f"{len(calib)} calibration batches {tuple(calib[0]['input_ids'].shape)}, "
                          f"{len(held_out)} held-out batches")
 
@@ -675,7 +699,44 @@ def tiny_llama_testbed(workdir: Path) -> Testbed:
     return decoder_testbed(hf_dir, workdir, calib, held_out, name="tiny-llama (random init)")
 
 
-TESTBEDS = {"minilm": minilm_testbed, "tiny-llama": tiny_llama_testbed}
+def pylm_testbed(workdir: Path, model: str = "pylm", eval_blocks: int | None = 256, calibration_batches: int = 16,
+                 seed: int = 0) -> Testbed:
+    """The decoder testbed ``model`` (``"pylm"`` or ``"pylm-tiny"``, ``src/modelpress/zoo/pylm.py``; trained and
+    cached on first use): quality = perplexity and top-1 next-token accuracy on ``eval_blocks`` evenly spaced
+    held-out blocks (None: all); calibration: the first ``calibration_batches`` batches of the training split (8
+    blocks each, shuffled once with ``seed``); ``hf_dir``: the cached Hugging Face folder. Latency at batch 1 on
+    one token (no KV cache: the per-layer GEMVs of a decode step, without its attention over a cache: a
+    decode-step proxy) and on one whole block (a prefill)."""
+    from modelpress.zoo.datasets import load_dataset
+    from modelpress.zoo.models import build_model
+    from modelpress.zoo.pylm import TESTBEDS as LM
+    from modelpress.zoo.pylm import model_dir
+
+    bed = LM[model]
+    bundle = load_dataset(f"{bed.dataset}?eval_blocks={eval_blocks or 0}", seed=seed)
+    dense = build_model(model).eval()
+    calib = list(itertools.islice(bundle.train, calibration_batches))
+    ids = calib[0]["input_ids"][:1]
+
+    def evaluate(m) -> dict[str, float]:
+        with torch.no_grad():
+            q = bundle.evaluate(m)
+        return {"perplexity": q["perplexity"], "token accuracy": q["token_accuracy"]}
+
+    block = ids.shape[1]
+    tb = Testbed(model, dense, calib, {"input_ids": ids}, evaluate, workdir, hf_dir=model_dir(bed), hf_module="hf",
+                 timed={"1 token (decode-step proxy)": {"input_ids": ids[:, :1]},
+                        f"{block}-token prefill": {"input_ids": ids}},
+                 task=bundle.task,
+                 notes=f"{sum(p.numel() for p in dense.parameters()):,} parameters; {len(bundle.test)} held-out "
+                       f"blocks of {block} tokens; calibration {len(calib)} batches of "
+                       f"{tuple(calib[0]['input_ids'].shape)}")
+    tb._cache["bundle"] = bundle
+    return tb
+
+
+TESTBEDS = {"minilm": minilm_testbed, "tiny-llama": tiny_llama_testbed, "pylm": pylm_testbed,
+            "pylm-tiny": lambda workdir, **kw: pylm_testbed(workdir, "pylm-tiny", **kw)}
 
 
 def main() -> None:
