@@ -96,7 +96,11 @@ def qparams(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tuple[torch.
     tiny = torch.finfo(torch.float32).tiny * 1e6
     if spec.symmetric:
         amax = torch.maximum(-lo, hi)
-        scale = torch.clamp(amax / spec.qmax, min=tiny)
+        # At 2-4 bits the step is amax / (qmax + 0.5), so -amax lands on qmin and all 2**bits levels are used
+        # (GPTQ's reference quantizer, ONNX Runtime's and compressed-tensors' int4: int4 RTN on pylm, perplexity
+        # 127.21 -> 126.97). 5-8 bits keep amax / qmax (int8 and the 7-bit weights of int8 kernels without VNNI
+        # never reach qmin, where u8 x s8 products saturate).
+        scale = torch.clamp(amax / (spec.qmax + (0.5 if spec.bits <= 4 else 0.0)), min=tiny)
         zero = torch.zeros_like(scale)
     else:
         scale = torch.clamp((hi - lo) / (spec.qmax - spec.qmin), min=tiny)
