@@ -38,7 +38,7 @@ def test_awq_beats_rtn_and_folds_into_the_norm(bits):
     x = torch.cat(batches)
     rtn, _ = run_method(net, WeightOnly(bits=bits, granularity="group", group_size=32))
     q, report = run_method(net, AWQ(bits=bits, group_size=32), MethodInputs(data=batches))
-    # 0.58 (w4) / 0.63 (w3) of RTN's error; 0.5 before RTN used all 2**bits levels (amax / 7.5 at 4 bits)
+    # w4: 0.58 of RTN's error (0.5 before int4 RTN used all 16 levels, amax / 7.5)
     assert rel_error(q, net, x) < 0.7 * rel_error(rtn, net, x)
     layers = report.info["layers"]
     assert layers["1"]["scaled_into"] == "0" and layers["1"]["alpha"] > 0
