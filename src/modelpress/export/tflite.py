@@ -53,7 +53,7 @@ PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "dynamic_int8", "int8")
 #: the check's bound per precision: float ones a max abs difference relative to the largest output
 #: magnitude (as ONNX's check), int8 ones an output SQNR floor in dB (overridable)
 FLOAT_TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}
-DEFAULT_MIN_SQNR_DB = 15.0
+DEFAULT_MIN_SQNR_DB = 10.0  # trained LeNet-5 full int8 on digits: 15 dB with 100% top-1 agreement; wrong graphs ~0
 CALIBRATION_BATCH = 32  # batch size a Dataset given as calibration data is read with
 
 
@@ -341,11 +341,11 @@ def check_tflite(path: str | os.PathLike | bytes, model: nn.Module, inputs: Any,
 
 
 # -- the export ------------------------------------------------------------------------------------
-_DESCRIPTION = {
-    "fp32": "LiteRT fp32",
-    "fp16": "LiteRT fp16 (float16 weights, float32 compute)",
-    "dynamic_int8": "LiteRT dynamic-range int8 (int8 weights per channel, float activations)",
-    "int8": "LiteRT int8 (int8 weights per channel and activations, int8 in/out",
+_DESCRIPTION = {  # how each precision is stored, after "LiteRT <precision>"
+    "fp32": "",
+    "fp16": " (float16 weights, float32 compute)",
+    "dynamic_int8": " (dynamic range: int8 weights per channel, float activations)",
+    "int8": " (int8 weights per channel and activations, int8 in/out",
 }
 
 
@@ -383,7 +383,7 @@ def export_tflite(model: nn.Module, example_inputs: Any, path: str | os.PathLike
     finally:
         model.train(model_was_training)
     gz = len(gzip.compress(data, 9))
-    what = _DESCRIPTION[options.precision]
+    what = f"LiteRT {options.precision}{_DESCRIPTION[options.precision]}"
     if options.precision == "int8":
         what += f", calibrated on {len(calib)} samples)"
     layout = "NHWC" if options.channels_last else "the model's layout"
