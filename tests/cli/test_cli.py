@@ -185,7 +185,7 @@ def test_quantize_factorize_and_export_commands(tmp_path):
     res = run("export", "-m", str(tmp_path / "s8" / "model.safetensors"), "-d", "digits", "-o",
               str(tmp_path / "s8.onnx"))
     assert "int8 QDQ" in res.stdout and (tmp_path / "s8.onnx").stat().st_size < base.stat().st_size
-    res = run("export", "-m", str(base), "-d", "digits", "-o", str(tmp_path / "x.bin"), "--format", "tflite",
+    res = run("export", "-m", str(base), "-d", "digits", "-o", str(tmp_path / "x.bin"), "--format", "coreml",
               check=False)
     assert res.returncode == 2 and "--format" in res.stderr and not (tmp_path / "x.bin").exists()
 

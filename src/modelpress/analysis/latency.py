@@ -1,4 +1,4 @@
-"""Wall-clock latency of a model (eager PyTorch or ONNX Runtime), and fair A/B comparisons.
+"""Wall-clock latency of a model (eager PyTorch, ONNX Runtime or LiteRT), and fair A/B comparisons.
 
 Every "x times faster" claim in modelpress comes from :func:`compare_latency`, which runs the two
 candidates alternately in one process (A B B A A B ...), so clock-frequency drift, thermal state
@@ -6,7 +6,8 @@ and background load hit both equally instead of whichever happened to run second
 
 Conventions: eager runs are in ``torch.inference_mode()`` with the model in eval mode (its flag is
 restored); ``threads`` sets ``torch.set_num_threads`` for the measurement only; statistics are
-over individual calls timed with ``time.perf_counter``; warm-up calls are not timed.
+over individual calls timed with ``time.perf_counter``; warm-up calls are not timed. A ``.tflite``
+file runs in the LiteRT interpreter (``threads``: its thread count, None: 1) on batch-1 inputs.
 
 Before timing, :func:`check_memory` compares a lower bound of the memory the benchmark will
 allocate (the largest layer output at the benchmark's batch size, plus ONNX Runtime's copy of the
@@ -37,6 +38,7 @@ from torch import nn
 from ..core.data import batch_size_of, call_model, slice_inputs
 from ..core.errors import ConfigError, ResourceError
 from ..export.onnx import ort_feeds, ort_session
+from ..export.tflite import LiteRTRunner
 from .params import dense_bytes
 
 MAX_RUNS = 100_000  # cap for min_time_s on very fast calls
@@ -251,6 +253,10 @@ def _is_onnx(target: Any) -> bool:
     return isinstance(target, (str, os.PathLike)) and str(target).endswith(".onnx")
 
 
+def _is_tflite(target: Any) -> bool:
+    return isinstance(target, (str, os.PathLike)) and str(target).endswith(".tflite")
+
+
 def _ort_call(path_or_session: Any, inputs: Any, threads: int | None) -> Callable[[], Any]:
 
     session = path_or_session if hasattr(path_or_session, "run") else \
@@ -259,13 +265,21 @@ def _ort_call(path_or_session: Any, inputs: Any, threads: int | None) -> Callabl
     return lambda: session.run(None, feeds)
 
 
+def _litert_call(path: Any, inputs: Any, threads: int | None) -> Callable[[], Any]:
+    runner = LiteRTRunner(path, threads=threads)
+    feeds = runner.feeds(inputs, channels_last=runner.takes_nhwc(inputs))  # converted once: only invoke is timed
+    return lambda: runner.invoke(feeds)
+
+
 def _as_call(target: Any, inputs: Any, threads: int | None) -> Callable[[], Any]:
     """A zero-argument call running ``target`` once on ``inputs``."""
     if _is_onnx(target):
         return _ort_call(target, inputs, threads)
+    if _is_tflite(target):
+        return _litert_call(target, inputs, threads)
     if not callable(target):
         raise ConfigError(f"cannot time a {type(target).__name__}",
-                          hint="pass an nn.Module, a callable or a path to an .onnx file")
+                          hint="pass an nn.Module, a callable or a path to an .onnx or .tflite file")
     return lambda: call_model(target, inputs)
 
 
@@ -317,13 +331,17 @@ def measure_latency(fn_or_model: Any, inputs: Any, *, warmup: int = 5, repeats: 
     """Latency of ``fn_or_model(inputs)`` (inputs in the batch convention).
 
     ``fn_or_model`` is an ``nn.Module``, any callable, or a path to an ``.onnx`` file (timed
-    with ONNX Runtime, see :func:`measure_onnxruntime`). ``min_time_s`` keeps timing past
+    with ONNX Runtime, see :func:`measure_onnxruntime`) or a ``.tflite`` file (the LiteRT
+    interpreter, :func:`measure_litert`). ``min_time_s`` keeps timing past
     ``repeats`` until that much time was measured (steadier numbers for sub-millisecond calls);
     ``max_time_s`` is a budget that stops early.
     """
     if _is_onnx(fn_or_model):
         return measure_onnxruntime(fn_or_model, inputs, threads=threads, warmup=warmup,
                                    repeats=repeats, min_time_s=min_time_s, max_time_s=max_time_s)
+    if _is_tflite(fn_or_model):
+        return measure_litert(fn_or_model, inputs, threads=threads or 1, warmup=warmup,
+                              repeats=repeats, min_time_s=min_time_s, max_time_s=max_time_s)
     _check_counts(warmup, repeats)
     check_memory([fn_or_model], inputs)
     with torch_threads(threads), _eval(fn_or_model), torch.inference_mode():
@@ -349,12 +367,22 @@ def measure_onnxruntime(onnx_path: Any, inputs: Any, *, threads: int | None = 1,
     return LatencyStats.from_times(times, threads, _batch_size(inputs))
 
 
+def measure_litert(tflite_path: Any, inputs: Any, *, threads: int = 1, warmup: int = 5, repeats: int = 30,
+                   min_time_s: float = 0.0, max_time_s: float | None = None) -> LatencyStats:
+    """Latency of one ``invoke`` of a ``.tflite`` file in the LiteRT interpreter (XNNPACK, ``threads``
+    threads) on batch-1 ``inputs`` (NCHW images are turned to NHWC for a channels-last file)."""
+    _check_counts(warmup, repeats)
+    call = _litert_call(tflite_path, inputs, threads)
+    (times,) = _time_calls([call], warmup, repeats, min_time_s, max_time_s)
+    return LatencyStats.from_times(times, threads, _batch_size(inputs))
+
+
 def compare_latency(a: Any, b: Any, inputs: Any, *, inputs_b: Any = None, warmup: int = 5,
                     repeats: int = 30, threads: int | None = None, min_time_s: float = 0.0,
                     max_time_s: float | None = None) -> LatencyComparison:
     """Time ``a`` and ``b`` alternately in this process; ``ratio`` > 1 means ``b`` is faster.
 
-    ``a`` / ``b``: anything :func:`measure_latency` accepts (models, callables, ``.onnx`` paths).
+    ``a`` / ``b``: anything :func:`measure_latency` accepts (models, callables, ``.onnx`` and ``.tflite`` paths).
     ``inputs_b`` feeds ``b`` when it needs another input structure (default: ``inputs``).
 
     >>> import torch
@@ -370,9 +398,15 @@ def compare_latency(a: Any, b: Any, inputs: Any, *, inputs_b: Any = None, warmup
         calls = [_as_call(a, inputs, threads), _as_call(b, inputs_b, threads)]
         times_a, times_b = _time_calls(calls, warmup, repeats, min_time_s, max_time_s)
         used = torch.get_num_threads()
-    stats_a = LatencyStats.from_times(times_a, threads if _is_onnx(a) else used, _batch_size(inputs))
-    stats_b = LatencyStats.from_times(times_b, threads if _is_onnx(b) else used, _batch_size(inputs_b))
+    stats_a = LatencyStats.from_times(times_a, _threads_of(a, threads, used), _batch_size(inputs))
+    stats_b = LatencyStats.from_times(times_b, _threads_of(b, threads, used), _batch_size(inputs_b))
     per_round = [ta / tb for ta, tb in zip(times_a, times_b) if tb > 0]
     p10, p90 = np.percentile(per_round, [10, 90]) if per_round else (float("nan"),) * 2
     ratio = stats_a.median_ms / stats_b.median_ms if stats_b.median_ms > 0 else float("inf")
     return LatencyComparison(a=stats_a, b=stats_b, ratio=ratio, ratio_p10=float(p10), ratio_p90=float(p90))
+
+
+def _threads_of(target: Any, threads: int | None, torch_threads_used: int) -> int | None:
+    if _is_tflite(target):
+        return threads or 1  # the interpreter's default
+    return threads if _is_onnx(target) else torch_threads_used

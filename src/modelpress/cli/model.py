@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 from rich.table import Column, Table
@@ -102,12 +102,16 @@ def analyze(model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
 
 
 def export(model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
-           dest: Path = typer.Option(..., "--out", "-o", help="output file (.onnx, .safetensors) or folder "
-                                                               "(compressed-tensors)"),
-           data: str = typer.Option("mnist5k", "--data", "-d", help="dataset giving the example input"),
-           fmt: str = typer.Option("auto", "--format", help="auto (from the suffix), onnx, artifact or "
-                                                             "compressed-tensors (a Hugging Face folder)"),
-           check: bool = typer.Option(True, help="run the exported ONNX model in ONNX Runtime and compare"),
+           dest: Path = typer.Option(..., "--out", "-o", help="output file (.onnx, .tflite, .safetensors) or "
+                                                               "folder (compressed-tensors)"),
+           data: str = typer.Option("mnist5k", "--data", "-d", help="dataset giving the example input (and the "
+                                                                     "int8 LiteRT calibration data)"),
+           fmt: str = typer.Option("auto", "--format", help="auto (from the suffix), onnx, tflite (LiteRT), "
+                                                             "artifact or compressed-tensors (a Hugging Face folder)"),
+           sets: List[str] = typer.Option([], "--set", help="tflite: precision=fp32|fp16|dynamic_int8|int8, "
+                                                             "channels_last=true, calibration_batches=N, "
+                                                             "check_samples=N, min_sqnr_db=DB"),
+           check: bool = typer.Option(True, help="run the exported file (ONNX Runtime, LiteRT) and compare"),
            embedding_bits: int = typer.Option(8, "--embedding-bits",
                                               help="dynamic int8 models: embedding tables as 8 or 4 bits "
                                                    "(0 keeps them float)"),
@@ -117,18 +121,31 @@ def export(model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
            trust_remote_code: bool = TRUST):
     """Export a model for deployment: ONNX (int8 QDQ for statically quantized models, ONNX Runtime
     dynamic int8 for dynamically quantized ones, MatMulNBits for weight-only int2/int4/int8 Linear
-    layers), a modelpress artifact, or a Hugging Face folder in the compressed-tensors format (int2-8
-    weight-only and 2:4 sparse Hugging Face models; transformers and vLLM load it).
+    layers), LiteRT .tflite (fp32, fp16, dynamic-range int8 or int8 calibrated on -d's training
+    split; batch 1, the model's input layout unless channels_last=true), a modelpress artifact, or a
+    Hugging Face folder in the compressed-tensors format (int2-8 weight-only and 2:4 sparse Hugging
+    Face models; transformers and vLLM load it).
 
     The artifact is safetensors + metadata (packed low-bit weights, codebooks, sparse tensors)
     and reloads in modelpress to the same outputs. ONNX files run in ONNX Runtime.
     [bold]Examples[/bold]: modelpress export -m runs/q/model.safetensors -o lenet5-int8.onnx ·
     modelpress export -m runs/p/model.safetensors -o small.safetensors ·
-    modelpress export -m runs/gptq/model.safetensors -d sts -o minilm-w4 --format compressed-tensors
+    modelpress export -m runs/gptq/model.safetensors -d sts -o minilm-w4 --format compressed-tensors ·
+    modelpress export -m runs/p/model.safetensors -d digits -o lenet5.tflite --set precision=int8
     """
-    kind = fmt if fmt != "auto" else ("onnx" if dest.suffix == ".onnx" else "artifact")
-    if kind not in ("onnx", "artifact", "compressed-tensors"):
-        raise ModelpressError(f"--format {fmt!r} is not known", hint="use auto, onnx, artifact or compressed-tensors")
+    kind = fmt if fmt != "auto" else {".onnx": "onnx", ".tflite": "tflite"}.get(dest.suffix, "artifact")
+    if kind not in ("onnx", "tflite", "artifact", "compressed-tensors"):
+        raise ModelpressError(f"--format {fmt!r} is not known",
+                              hint="use auto, onnx, tflite, artifact or compressed-tensors")
+    if sets and kind != "tflite":
+        raise ModelpressError(f"--set applies to --format tflite, not {kind}",
+                              hint="ONNX takes --embedding-bits and --accuracy-level")
+    tflite = None
+    if kind == "tflite":  # checked before any data or model is loaded
+        from ..export.tflite import TfliteOptions
+        from ..recipes.schema import apply_overrides
+
+        tflite = TfliteOptions.from_dict(apply_overrides({}, sets), where="--set")
     bundle = load_bundle(data)
     m = load(model, bundle, trust_remote_code=trust_remote_code)
     if kind == "compressed-tensors":
@@ -145,6 +162,11 @@ def export(model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
         return
     from ..export.deploy import export_deployable
 
+    if tflite is not None:  # checked on a few test inputs, int8 calibrated on the training split
+        path, note = export_deployable(m, bundle.example_inputs(tflite.check_samples), dest, check=check,
+                                       fmt="tflite", tflite=tflite, calibration=bundle.train)
+        out.print(f"wrote {path}; {note}", highlight=False, soft_wrap=True)
+        return
     path, note = export_deployable(m, bundle.example_inputs(1), dest, check=check,
                                    embedding_bits=embedding_bits or None, accuracy_level=accuracy_level)
     out.print(f"wrote {path} ({path.stat().st_size:,} bytes){'; ' + note if note else ''}")

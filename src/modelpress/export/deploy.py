@@ -12,8 +12,13 @@
 * anything else -> fp32 ONNX (:func:`modelpress.export.onnx.export_onnx`); packed conv layers
   export their dequantized weights (the artifact is the compact form).
 
-With ``check=True`` the file is run in ONNX Runtime on the example input and compared with
-the PyTorch model; a mismatch raises instead of leaving a wrong file behind.
+``fmt="tflite"`` writes a LiteRT file instead, in the precision its :class:`TfliteOptions` name
+(fp32, fp16, dynamic-range int8, int8 calibrated on ``calibration``;
+:mod:`modelpress.export.tflite`): dynamically quantized layers go in as their dequantized float
+weights, which the LiteRT quantizer then quantizes its own way.
+
+With ``check=True`` the file is run in ONNX Runtime (LiteRT's interpreter) on the example input
+and compared with the PyTorch model; a mismatch raises instead of leaving a wrong file behind.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ import torch
 from torch import nn
 
 from ..core.data import call_model
+from ..core.errors import ConfigError
 from ..core.registry import Registry
 from ..nn.modules import set_module
 from ..quantization.dynamic import DynamicInt8Linear, Int8Embedding
@@ -37,6 +43,9 @@ from .onnx import OnnxMismatchError, check_onnx, export_onnx, ort_feeds, ort_ses
 from .onnx_dynamic import quantize_onnx_dynamic
 from .onnx_nbits import export_nbits_onnx
 from .onnx_quant import export_int8_onnx
+from .tflite import TfliteOptions, export_tflite
+
+FORMATS = ("onnx", "tflite")
 
 
 class Exporter(NamedTuple):
@@ -89,14 +98,21 @@ def float_copy(model: nn.Module) -> nn.Module:
 
 def export_deployable(model: nn.Module, example_inputs: Any, path: str | os.PathLike, *,
                       check: bool = True, embedding_bits: int | None = 8,
-                      accuracy_level: int = 4) -> tuple[Path, str]:
-    """Write ``model`` to the ONNX file ``path``; returns ``(path, note)``.
+                      accuracy_level: int = 4, fmt: str = "onnx", tflite: TfliteOptions | None = None,
+                      calibration: Any = None) -> tuple[Path, str]:
+    """Write ``model`` to the ONNX (``fmt="tflite"``: LiteRT) file ``path``; returns ``(path, note)``.
 
-    The exporter is chosen by the modules the model holds (:data:`EXPORTERS`); a model without
+    ONNX: the exporter is chosen by the modules the model holds (:data:`EXPORTERS`); a model without
     any registered marker exports as fp32. ``embedding_bits`` applies to dynamically quantized
     models (8, 4 or None for float tables), ``accuracy_level`` to MatMulNBits layers (0: fp32
-    compute, exact; 4: int8 activations, faster).
+    compute, exact; 4: int8 activations, faster). LiteRT: ``tflite`` says the precision and layout,
+    ``calibration`` is the data int8 calibrates on (:func:`modelpress.export.tflite.export_tflite`).
     """
+    if fmt not in FORMATS:
+        raise ConfigError(f"export format {fmt!r} is not known", hint=f"use one of {', '.join(FORMATS)}")
+    if fmt == "tflite":
+        done = export_tflite(float_copy(model), example_inputs, path, tflite, calibration=calibration, check=check)
+        return done.path, done.note
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial.onnx")  # checked first, then moved into place
