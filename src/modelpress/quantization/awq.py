@@ -48,11 +48,9 @@ from ..core.errors import DataError
 from ..core.scope import Scope
 from ..engine import MethodInputs, MethodResult, register_method
 from ..engine.layerwise import Hessian, calibrate_layerwise, calibration_inputs, split_calibratable
-from ..nn.modules import set_module
-from .modules import quantize_layer
 from .primitives import QuantizedTensor, QuantSpec, fake_quantize_tensor, minmax, quantize_tensor, sqnr
 from .smoothing import find_folds, scale_consumer, scale_producer, untie
-from .weight_only import layer_spec, select_layers
+from .weight_only import install_calibrated, layer_spec, select_layers
 
 LAYER_TYPES = ("Linear",)
 
@@ -202,15 +200,7 @@ def awq(model: nn.Module, cfg: AWQ, inputs: MethodInputs) -> MethodResult:
 
     unreached = calibrate_layerwise(model, layers, batches, ActivationStats, None, "quant.awq",
                                     compress_group=compress_group)
-    for name in unreached:
-        skipped[name] = "not reached by the calibration data"
-    for name, (layer, spec, qt) in results.items():
-        set_module(model, name, quantize_layer(layer, spec, qt=qt))
-    if fallback:
-        inputs.log(f"quant.awq: group_size {cfg.group_size} does not divide the inputs of "
-                   f"{', '.join(fallback)}; those layers use per-channel scales")
-    if skipped:
-        inputs.log(f"quant.awq: left in float: {', '.join(f'{n} ({r})' for n, r in skipped.items())}")
+    install_calibrated(model, results, unreached, skipped, fallback, cfg.group_size, inputs.log, "quant.awq")
     scaled = sorted({r["scaled_into"] for r in report.values() if r["scaled_into"]})
     info = {"layers": report, "fallback": fallback, "calibration_batches": len(batches),
             "scaled_into": scaled, "unscaled": [n for n, r in report.items() if not r["scaled_into"]]}

@@ -54,10 +54,8 @@ from ..engine.layerwise import (
     inverse_hessian_cholesky,
     split_calibratable,
 )
-from ..nn.modules import set_module
-from .modules import quantize_layer
 from .primitives import QuantizedTensor, QuantSpec, qparams, sqnr
-from .weight_only import RangeSearch, layer_spec, quantize_weight, select_layers, weight_ranges
+from .weight_only import RangeSearch, install_calibrated, layer_spec, quantize_weight, select_layers, weight_ranges
 
 LAYER_TYPES = ("Linear", "Conv2d")
 
@@ -172,15 +170,7 @@ def gptq(model: nn.Module, cfg: GPTQ, inputs: MethodInputs) -> MethodResult:
         results[name] = (layer, spec, qt)
 
     unreached = calibrate_layerwise(model, layers, batches, Hessian, compress, "quant.gptq")
-    for name in unreached:
-        skipped[name] = "not reached by the calibration data"
-    for name, (layer, spec, qt) in results.items():
-        set_module(model, name, quantize_layer(layer, spec, qt=qt))
-    if fallback:
-        inputs.log(f"quant.gptq: group_size {cfg.group_size} does not divide the inputs of "
-                   f"{', '.join(fallback)}; those layers use per-channel scales")
-    if skipped:
-        inputs.log(f"quant.gptq: left in float: {', '.join(f'{n} ({r})' for n, r in skipped.items())}")
+    install_calibrated(model, results, unreached, skipped, fallback, cfg.group_size, inputs.log, "quant.gptq")
     info = {"layers": report, "fallback": fallback, "calibration_batches": len(batches)}
     if skipped:
         info["skipped"] = skipped

@@ -148,3 +148,21 @@ def weight_only(model: nn.Module, cfg: WeightOnly, inputs: MethodInputs) -> Meth
         info["skipped"] = skipped
         inputs.log(f"quant.weight_only: left in float: {', '.join(f'{n} ({r})' for n, r in skipped.items())}")
     return MethodResult(model, info)
+
+
+def install_calibrated(model: nn.Module, results: dict, unreached: list[str], skipped: dict[str, str],
+                       fallback: list[str], group_size: int, log, method: str) -> dict[str, str]:
+    """Put the packed layers a layer-wise quantizer (GPTQ, AWQ) made into ``model`` and log what it left:
+    ``results`` maps a layer name to ``(layer, spec, quantized tensor)``; returns ``skipped`` with the
+    layers the calibration data never reached."""
+    for name in unreached:
+        skipped[name] = "not reached by the calibration data"
+    for name, (layer, spec, qt) in results.items():
+        set_module(model, name, quantize_layer(layer, spec, qt=qt))
+    if fallback:
+        log(f"{method}: group_size {group_size} does not divide the inputs of {', '.join(fallback)}; "
+            "those layers use per-channel scales")
+    if skipped:
+        log(f"{method}: left in float: {', '.join(f'{n} ({r})' for n, r in skipped.items())}")
+    return skipped
+
