@@ -40,12 +40,10 @@ prints these rows in one table with modelpress' own rows.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import importlib.metadata
 import itertools
 import json
-import logging
 import math
 import os
 import subprocess
@@ -63,6 +61,8 @@ from torch import nn
 os.environ.setdefault("MODELPRESS_PROGRESS", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+from peers import quiet  # noqa: E402  (silences a peer's progress bars, notices and warnings for one call)
 
 from modelpress.analysis.latency import compare_latency  # noqa: E402
 from modelpress.core.compat import prepare_torchvision  # noqa: E402
@@ -182,20 +182,6 @@ def row(name: str, **kw) -> dict:
 def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[0][:300] if text else ''}".rstrip(": ")
-
-
-@contextlib.contextmanager
-def quiet():
-    """Silence peers' progress bars, notices and warnings (stdout, root logging) for one call."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        root.setLevel(level)
 
 
 def latency(tb: Testbed, s: Settings, ref: Any, cand: Any) -> dict:
