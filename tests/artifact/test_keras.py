@@ -343,3 +343,110 @@ def test_cli_evaluates_a_keras_file(tmp_path):
                           "-d", "digits"], capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr
     assert 0 <= json.loads(res.stdout[res.stdout.index("{"):])["accuracy"] <= 1
+
+
+# -- Keras out (export/keras.py) --------------------------------------------------------------------
+def _randomize(model, seed=2):
+    """Random values in every weight (BatchNorm variances positive), so a misplaced one would show."""
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        ws = layer.get_weights()
+        if ws:
+            layer.set_weights([rng.uniform(0.5, 1.5, w.shape).astype(w.dtype) if "variance" in v.path else
+                               rng.normal(0, 0.5, w.shape).astype(w.dtype) for v, w in zip(layer.weights, ws)])
+
+
+def _write_back(module, tmp_path, name="back.keras", **kw):
+    from modelpress.export.keras import export_keras
+
+    done = export_keras(module, tmp_path / name, **kw)
+    return done, keras.saving.load_model(done.path, compile=False)
+
+
+@pytest.mark.parametrize("build", MODELS, ids=[b.__name__ for b in MODELS])
+def test_round_trip_keras_torch_keras_gives_back_the_same_model(build, tmp_path):
+    model = build()
+    _randomize(model)
+    module = _saved(model, tmp_path)
+    done, back = _write_back(module, tmp_path)
+    xs = _inputs(model)
+    for r, g in zip(_run_keras(model, xs), _run_keras(back, xs)):
+        assert np.abs(r - g).max() <= TOL * max(1.0, float(np.abs(r).max()))
+    assert [w.shape for w in back.get_weights()] == [w.shape for w in model.get_weights()]
+    assert done.max_abs_diff <= TOL * 10 and "same widths" in done.note and done.bytes == done.path.stat().st_size
+
+
+@pytest.mark.parametrize("build, shape", [(lenet5, [2, 28, 28, 1]), (tiny_resnet, [2, 16, 16, 3]),
+                                          (depthwise_separable, [2, 8, 8, 3]), (conv2d, [2, 9, 10, 4])],
+                         ids=["lenet5", "tiny_resnet", "depthwise_separable", "conv2d"])
+def test_channel_pruned_model_is_written_back_narrower_and_computes_the_same(build, shape, tmp_path):
+    model = build()
+    _randomize(model)
+    module = _saved(model, tmp_path)
+    xs = _inputs(model)
+    small = modelpress.prune(module, ChannelPruning(ratio=0.5, input_shape=shape))
+    done, back = _write_back(small, tmp_path)
+    assert "narrower" in done.note and done.max_abs_diff <= 1e-4
+    assert sum(w.size for w in back.get_weights()) < sum(w.size for w in model.get_weights())
+    for r, g in zip(_run_torch(small, xs), _run_keras(back, xs)):
+        assert np.abs(r - g).max() <= TOL * max(1.0, float(np.abs(r).max()))
+
+
+def test_lenet5_channels_first_pruned_sparse_and_int4_goes_back_to_keras(tmp_path):
+    """The seeds' LeNet-5 read as NCHW, channel-pruned, 70% sparse and int4 weight-only: the .keras
+    file holds the narrower layers with the zeros and the 16 levels per group, and matches."""
+    model = lenet5()
+    path = tmp_path / "lenet5.keras"
+    model.save(path)
+    module = load_model(f"keras:{path}?channels_first=true")
+    small = modelpress.prune(module, ChannelPruning(ratio=0.5, input_shape=[2, 1, 28, 28]))
+    small = modelpress.prune(small, modelpress.MagnitudePruning(sparsity=0.7))
+    small = modelpress.quantize(small, modelpress.WeightOnly(bits=4, group_size=16))
+    x = torch.rand(4, 1, 28, 28)
+    done, back = _write_back(small, tmp_path, example_inputs=x)
+    assert done.max_abs_diff <= 1e-5
+    dense = back.get_layer(model.layers[5].name).get_weights()[0]
+    assert dense.shape[1] < 120 and 0.6 <= float((dense == 0).mean()) <= 0.8
+    assert len(np.unique(dense[:16, 0])) <= 16
+    with torch.no_grad():
+        ref = small(x).numpy()
+    assert np.abs(_run_keras(back, [x.permute(0, 2, 3, 1).numpy()])[0] - ref).max() <= 1e-5
+
+
+def test_keras_write_back_refusals_are_one_line_and_leave_no_file(tmp_path):
+    from modelpress.export.keras import export_keras
+
+    model = lenet5()
+    path = tmp_path / "lenet5.keras"
+    model.save(path)
+    module = load_model(path)
+    quantized = modelpress.quantize(module, modelpress.StaticInt8(),
+                                     data=[torch.rand(4, 28, 28, 1) for _ in range(2)])
+    for bad, dest in [(quantized, "q.keras"), (torch.nn.Sequential(torch.nn.Linear(3, 2)), "plain.keras"),
+                      (module, "wrong.h5")]:
+        with pytest.raises(modelpress.ModelpressError) as err:
+            export_keras(bad, tmp_path / dest)
+        assert "\n" not in str(err.value) and err.value.hint
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lenet5.keras"]
+
+
+def test_cli_prunes_a_keras_file_and_exports_it_back_to_keras(tmp_path):
+    """In process (typer's runner): prune channels on keras:FILE, then export -o small.keras."""
+    from typer.testing import CliRunner
+
+    from modelpress.cli import app
+
+    path = tmp_path / "lenet5.keras"
+    lenet5().save(path)
+    runner = CliRunner()
+    env = {"MODELPRESS_PROGRESS": "0", "COLUMNS": "200"}
+    res = runner.invoke(app, ["prune", "channels", "-m", f"keras:{path}?channels_first=true", "-d", "digits",
+                              "-o", str(tmp_path / "run"), "--set", "ratio=0.5", "--finetune", "0", "--no-latency"],
+                        env=env)
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["export", "-m", str(tmp_path / "run" / "model.safetensors"), "-d", "digits",
+                              "-o", str(tmp_path / "small.keras")], env=env)
+    assert res.exit_code == 0, res.output
+    assert "narrower" in res.output and "max abs diff" in res.output
+    small = keras.saving.load_model(tmp_path / "small.keras", compile=False)
+    assert small.layers[2].filters < 16 and small.input_shape == (None, 28, 28, 1)

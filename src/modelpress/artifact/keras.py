@@ -29,6 +29,7 @@ import importlib
 import os
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 from torch import nn
 
@@ -79,8 +80,24 @@ def read_keras(path: str | Path):
                                   "with Keras 3 (model.save('model.keras'))") from None
 
 
+class Converted(NamedTuple):
+    """What one Keras layer became: its torch modules by the name the converter asked for
+    (``layer.name``, ``layer.name + "_pointwise"`` ...) and the values it read and wrote."""
+
+    layer: object
+    modules: dict[str, str]
+    inputs: list[Value]
+    outputs: list[Value]
+
+
 def keras_to_torch(model, *, channels_first: bool = False) -> nn.Module:
     """An ``nn.Module`` computing what the Keras ``model`` computes (see the module docstring)."""
+    return convert_keras(model, channels_first=channels_first)[0]
+
+
+def convert_keras(model, *, channels_first: bool = False) -> tuple[nn.Module, dict[int, Converted]]:
+    """:func:`keras_to_torch` and, by ``id(layer)``, what each Keras layer became (the first call
+    of a shared layer): the map :mod:`modelpress.export.keras` writes a compressed model back by."""
     keras = import_keras()
     graph = _graph_of(keras, model)
     b = GraphBuilder()
@@ -89,8 +106,9 @@ def keras_to_torch(model, *, channels_first: bool = False) -> nn.Module:
         shape = tuple(tensor.shape)
         layout = CF if channels_first and len(shape) >= 3 else KERAS
         inputs.append(Value(b.placeholder(tensor.name or "input"), layout, shape))
-    outputs = _walk(keras, graph, inputs, b)
-    return b.module([b.as_keras(v).node for v in outputs]).eval()
+    converted: dict[int, Converted] = {}
+    outputs = _walk(keras, graph, inputs, b, converted)
+    return b.module([b.as_keras(v).node for v in outputs]).eval(), converted
 
 
 def _graph_of(keras, model):
@@ -106,7 +124,7 @@ def _graph_of(keras, model):
     return model
 
 
-def _walk(keras, graph, inputs: list[Value], b: GraphBuilder) -> list[Value]:
+def _walk(keras, graph, inputs: list[Value], b: GraphBuilder, converted: dict[int, Converted]) -> list[Value]:
     """Convert ``graph``'s nodes in Keras's execution order; the values of its outputs."""
     values = {id(t): v for t, v in zip(graph.inputs, inputs)}
     for depth in sorted(graph._nodes_by_depth, reverse=True):
@@ -117,7 +135,7 @@ def _walk(keras, graph, inputs: list[Value], b: GraphBuilder) -> list[Value]:
             ins = [values[id(t)] for t in node.input_tensors]
             if isinstance(layer, keras.Model):  # a model used as a layer: inline its graph
                 inner = _graph_of(keras, layer)
-                outs = _walk(keras, inner, ins, b)
+                outs = _walk(keras, inner, ins, b, converted)
             else:
                 convert = CONVERTERS.get(type(layer).__name__)
                 if convert is None:
@@ -125,8 +143,13 @@ def _walk(keras, graph, inputs: list[Value], b: GraphBuilder) -> list[Value]:
                         f"Keras layer {layer.name!r} ({type(layer).__name__}) has no PyTorch conversion",
                         hint=f"replace it with supported layers ({', '.join(sorted(CONVERTERS))}) or convert "
                              "the model by hand")
+                start = len(b.added)
                 outs = convert(layer, ins, b, [tuple(t.shape) for t in node.outputs])
                 outs = outs if isinstance(outs, list) else [outs]
+                modules = {}
+                for asked, given in b.added[start:]:
+                    modules.setdefault(asked, given)
+                converted.setdefault(id(layer), Converted(layer, modules, ins, outs))
             for t, v in zip(node.outputs, outs):
                 values[id(t)] = v
     return [values[id(t)] for t in graph.outputs]

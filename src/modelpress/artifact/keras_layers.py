@@ -60,6 +60,7 @@ class GraphBuilder:
         self.root = nn.Module()
         self.graph = fx.Graph()
         self._converted: dict[tuple[fx.Node, str], fx.Node] = {}
+        self.added: list[tuple[str, str]] = []  # (name asked for, module name given), in order
 
     def name(self, name: str) -> str:
         base = re.sub(r"\W", "_", name) or "layer"
@@ -70,9 +71,10 @@ class GraphBuilder:
         return out
 
     def add(self, name: str, module: nn.Module, *args: fx.Node) -> fx.Node:
-        name = self.name(name)
-        self.root.add_module(name, module)
-        return self.graph.call_module(name, tuple(args))
+        given = self.name(name)
+        self.root.add_module(given, module)
+        self.added.append((name, given))
+        return self.graph.call_module(given, tuple(args))
 
     def placeholder(self, name: str) -> fx.Node:
         return self.graph.placeholder(self.name(name))

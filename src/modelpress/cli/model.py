@@ -102,11 +102,11 @@ def analyze(model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
 
 
 def export(model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
-           dest: Path = typer.Option(..., "--out", "-o", help="output file (.onnx, .tflite, .safetensors) or "
-                                                               "folder (compressed-tensors)"),
+           dest: Path = typer.Option(..., "--out", "-o", help="output file (.onnx, .tflite, .keras, .safetensors) "
+                                                               "or folder (compressed-tensors)"),
            data: str = typer.Option("mnist5k", "--data", "-d", help="dataset giving the example input (and the "
                                                                      "int8 LiteRT calibration data)"),
-           fmt: str = typer.Option("auto", "--format", help="auto (from the suffix), onnx, tflite (LiteRT), "
+           fmt: str = typer.Option("auto", "--format", help="auto (from the suffix), onnx, tflite (LiteRT), keras, "
                                                              "artifact or compressed-tensors (a Hugging Face folder)"),
            sets: List[str] = typer.Option([], "--set", help="tflite: precision=fp32|fp16|dynamic_int8|int8, "
                                                              "channels_last=true, calibration_batches=N, "
@@ -122,21 +122,24 @@ def export(model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
     """Export a model for deployment: ONNX (int8 QDQ for statically quantized models, ONNX Runtime
     dynamic int8 for dynamically quantized ones, MatMulNBits for weight-only int2/int4/int8 Linear
     layers), LiteRT .tflite (fp32, fp16, dynamic-range int8 or int8 calibrated on -d's training
-    split; batch 1, the model's input layout unless channels_last=true), a modelpress artifact, or a
-    Hugging Face folder in the compressed-tensors format (int2-8 weight-only and 2:4 sparse Hugging
-    Face models; transformers and vLLM load it).
+    split; batch 1, the model's input layout unless channels_last=true), a .keras file (a model
+    converted from Keras, written back with its pruned widths and compressed weights), a modelpress
+    artifact, or a Hugging Face folder in the compressed-tensors format (int2-8 weight-only and 2:4
+    sparse Hugging Face models; transformers and vLLM load it).
 
     The artifact is safetensors + metadata (packed low-bit weights, codebooks, sparse tensors)
     and reloads in modelpress to the same outputs. ONNX files run in ONNX Runtime.
     [bold]Examples[/bold]: modelpress export -m runs/q/model.safetensors -o lenet5-int8.onnx ·
     modelpress export -m runs/p/model.safetensors -o small.safetensors ·
     modelpress export -m runs/gptq/model.safetensors -d sts -o minilm-w4 --format compressed-tensors ·
-    modelpress export -m runs/p/model.safetensors -d digits -o lenet5.tflite --set precision=int8
+    modelpress export -m runs/p/model.safetensors -d digits -o lenet5.tflite --set precision=int8 ·
+    modelpress export -m runs/p/model.safetensors -d mnist5k -o lenet5-small.keras
     """
-    kind = fmt if fmt != "auto" else {".onnx": "onnx", ".tflite": "tflite"}.get(dest.suffix, "artifact")
-    if kind not in ("onnx", "tflite", "artifact", "compressed-tensors"):
+    suffixes = {".onnx": "onnx", ".tflite": "tflite", ".keras": "keras"}
+    kind = fmt if fmt != "auto" else suffixes.get(dest.suffix, "artifact")
+    if kind not in ("onnx", "tflite", "keras", "artifact", "compressed-tensors"):
         raise ModelpressError(f"--format {fmt!r} is not known",
-                              hint="use auto, onnx, tflite, artifact or compressed-tensors")
+                              hint="use auto, onnx, tflite, keras, artifact or compressed-tensors")
     if sets and kind != "tflite":
         raise ModelpressError(f"--set applies to --format tflite, not {kind}",
                               hint="ONNX takes --embedding-bits and --accuracy-level")
@@ -153,6 +156,12 @@ def export(model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
 
         done = export_compressed_tensors(m, dest, check_inputs=bundle.example_inputs(2) if check else None)
         out.print(f"wrote {done.path}/ (model.safetensors {done.file_bytes:,} bytes); {done.note}")
+        return
+    if kind == "keras":
+        from ..export.keras import export_keras
+
+        done = export_keras(m, dest, example_inputs=bundle.example_inputs(2), check=check)
+        out.print(f"wrote {done.path} ({done.bytes:,} bytes); {done.note}", highlight=False, soft_wrap=True)
         return
     if kind == "artifact":
         from ..artifact.checkpoint import save_artifact

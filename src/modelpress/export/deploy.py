@@ -123,7 +123,7 @@ def export_deployable(model: nn.Module, example_inputs: Any, path: str | os.Path
             export_onnx(float_copy(model) if packed_rnn else model, example_inputs, tmp)
             note = "fp32"
             if check:
-                if _quantizes_activations(model):  # rounding of an activation may land one step apart
+                if quantizes_activations(model):  # rounding of an activation may land one step apart
                     err = check_onnx(tmp, model, example_inputs, atol=_int8_tolerance(model, example_inputs))
                 else:
                     err = check_onnx(tmp, model, example_inputs, atol=1e-4, relative=True)
@@ -181,7 +181,7 @@ def _write_nbits(model: nn.Module, inputs: Any, path: Path, options: dict) -> st
 
 
 def _check_nbits(path: Path, model: nn.Module, inputs: Any) -> str:
-    if _quantizes_activations(model):  # QAT layers left in the fp32 export: one rounding step apart
+    if quantizes_activations(model):  # QAT layers left in the fp32 export: one rounding step apart
         err = check_onnx(path, model, inputs, atol=_int8_tolerance(model, inputs))
         return f"ONNX Runtime max abs diff vs PyTorch {err:.2e}"
     # accuracy_level 4 rounds activations to int8 per block (MiniLM's embeddings: ~25 dB; level 0:
@@ -212,7 +212,7 @@ def _check_sqnr(path: Path, model: nn.Module, inputs: Any, min_db: float = 10.0)
     return db
 
 
-def _quantizes_activations(model: nn.Module) -> bool:
+def quantizes_activations(model: nn.Module) -> bool:
     """True when some layer fake-quantizes its input (QAT / AdaRound / mixed precision with ``act_bits``)."""
     return any(getattr(m, "act_bits", None) is not None for m in model.modules())
 
