@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from modelpress import KD, Evaluation, TrainConfig, distill_from
@@ -118,3 +119,26 @@ def test_per_position_labels_train_and_score_a_language_model_output():
 
     acc = evaluate_accuracy(Fixed(), [(torch.zeros(2), target)])
     assert acc == pytest.approx(float((logits.argmax(-1) == target)[kept].float().mean()))
+
+
+def test_a_model_ending_in_softmax_trains_and_distills_on_its_log_probabilities():
+    """A Keras-style classifier outputs probabilities: cross-entropy and soft targets take their
+    log, so training learns as on logits (the same loss values, to float rounding)."""
+    from modelpress.core.training import as_logits
+    from modelpress.distillation.kd import distillation_loss
+
+    torch.manual_seed(0)
+    z = torch.randn(16, 5)
+    y = torch.randint(0, 5, (16,))
+    assert torch.allclose(class_cross_entropy(torch.softmax(z, 1), y), F.cross_entropy(z, y), atol=1e-5)
+    scores = torch.rand(4, 3) + 1
+    assert as_logits(z) is z and as_logits(scores) is scores
+    x = torch.randn(512, 4)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    data = [(x[i:i + 64], y[i:i + 64]) for i in range(0, 512, 64)]
+    probs = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3), nn.Softmax(-1))
+    fit(probs, data, TrainConfig(epochs=15, lr=0.02))
+    assert evaluate_accuracy(probs, data) > 0.9
+    student = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3), nn.Softmax(-1))
+    fit(student, data, TrainConfig(epochs=15, lr=0.02), loss_fn=distillation_loss(probs, KD(T=4.0, alpha=1.0)))
+    assert evaluate_accuracy(student, data) > 0.85

@@ -98,11 +98,27 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+def as_logits(out: torch.Tensor) -> torch.Tensor:
+    """``out`` as logits: a model ending in a softmax (a Keras classifier's ``Dense(10,
+    activation="softmax")``) outputs probabilities, and cross-entropy or temperature-scaled soft
+    targets on those would squash them twice; their log is a logit vector giving back the same
+    probabilities (softmax(log p) = p), so training and distillation work as on logits. Anything
+    that is not a probability vector along the last dim (every row in [0, 1], summing to 1) is
+    returned as it is."""
+    if not isinstance(out, torch.Tensor) or out.dim() < 2 or not out.is_floating_point() or out.shape[-1] < 2:
+        return out
+    with torch.no_grad():
+        probs = bool(out.min() >= 0 and out.max() <= 1 and (out.sum(-1) - 1).abs().max() < 1e-3)
+    return torch.log(out.clamp_min(torch.finfo(out.dtype).tiny)) if probs else out
+
+
 def class_cross_entropy(logits: Any, target: torch.Tensor, where: str = "classification training") -> torch.Tensor:
     """Cross-entropy of ``[batch, classes]`` logits against class indices, or of ``[batch, positions,
     classes]`` logits against one class per position (token classification; a language model's next
     tokens, already aligned with the positions; -100 marks positions without a label). Any other
-    output (an embedding, mismatched shapes ...) is a DataError saying so, not a shape crash."""
+    output (an embedding, mismatched shapes ...) is a DataError saying so, not a shape crash.
+    Probabilities (a model ending in a softmax) are taken as their log (:func:`as_logits`)."""
+    logits = as_logits(logits)
     if isinstance(logits, torch.Tensor) and logits.dim() >= 3 and target.dim() == logits.dim() - 1 \
             and tuple(target.shape) == tuple(logits.shape[:-1]) and not target.is_floating_point():
         return F.cross_entropy(logits.flatten(0, -2), target.flatten(), ignore_index=-100)

@@ -48,7 +48,7 @@ from torch import nn
 from ..core.config import MethodConfig
 from ..core.data import call_model, output_tensor, split_batch
 from ..core.errors import ConfigError, DataError
-from ..core.training import TrainConfig
+from ..core.training import TrainConfig, as_logits
 from ..engine import MethodInputs, MethodResult, register_method, run_method
 from ..tasks.base import Task
 from ..tasks.classification import Classification
@@ -199,7 +199,8 @@ def _output(out: Any) -> torch.Tensor:
 def _response_loss(cfg: KD, weights: list[float], s_out: torch.Tensor, t_outs: list[torch.Tensor],
                    target: torch.Tensor | None) -> torch.Tensor:
     """Soft targets (+ labels) or embedding loss of the student's output against the teachers'."""
-    if cfg.loss == "kd":
+    if cfg.loss == "kd":  # a model ending in a softmax: its log-probabilities are its logits
+        s_out, t_outs = as_logits(s_out), [as_logits(t) for t in t_outs]
         probs = ensemble_probs(t_outs, weights, cfg.T)
         loss = soft_hard_loss(s_out, probs, target, cfg.T, cfg.alpha, teacher_is_probs=True)
     else:
