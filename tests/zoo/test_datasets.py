@@ -50,6 +50,18 @@ def test_mnist5k_normalisation(mnist5k):
     assert mnist5k.meta["mean"] == [0.1307] and mnist5k.meta["std"] == [0.3081]
 
 
+@pytest.mark.parametrize("spec", ["mnist5k?normalize=false", "digits?normalize=0"])
+def test_normalize_false_leaves_pixels_in_0_1_and_the_same_split(spec, mnist5k):
+    raw = load_dataset(spec)
+    x = raw.train.tensors[0]
+    assert x.min().item() == 0.0 and x.max().item() == 1.0
+    assert raw.meta["mean"] == [0.0] and raw.meta["std"] == [1.0]
+    if spec.startswith("mnist5k"):
+        assert torch.allclose(x, mnist5k.train.tensors[0] * 0.3081 + 0.1307, atol=1e-5)
+    with pytest.raises(DataError, match="not true or false"):
+        load_dataset(spec.split("?")[0] + "?normalize=maybe")
+
+
 def test_mnist5k_train_and_test_are_disjoint(mnist5k):
     train = {hash(r.numpy().tobytes()) for r in mnist5k.train.tensors[0]}
     test = {hash(r.numpy().tobytes()) for r in mnist5k.test.tensors[0]}

