@@ -40,6 +40,20 @@ def test_float_copy_holds_the_dequantized_weights(quantized):
     assert type(quantized.fc1) is not nn.Linear  # the input model is untouched
 
 
+def test_float_copy_decodes_weight_shared_layers_into_plain_ones():
+    from modelpress import WeightSharing
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, groups=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 5)).eval()
+    shared = quantize(net, WeightSharing(bits=3))
+    f = float_copy(shared)
+    assert type(f[0]) is nn.Conv2d and type(f[3]) is nn.Linear and f[0].padding == (1, 1)
+    assert len(torch.unique(f[3].weight)) <= 2 ** 3 + 1 and torch.equal(f[3].bias, shared[3].bias)
+    x = torch.randn(2, 1, 6, 6)
+    with torch.no_grad():
+        assert torch.allclose(f(x), shared(x), atol=1e-6)
+
+
 @pytest.mark.parametrize("bits", [8, 4, None])
 def test_export_deployable_writes_an_ort_int8_model(quantized, tmp_path, bits):
     ids = torch.randint(0, 500, (4, 12))

@@ -91,6 +91,17 @@ def test_structurally_pruned_model_exports_smaller(exports, lenet5, digits, tmp_
     assert "SQNR" in done[1]
 
 
+def test_stripped_names_make_the_file_smaller_and_it_runs_the_same(exports, lenet5, digits, tmp_path):
+    done = export_tflite(lenet5, digits.example_inputs(8), tmp_path / "s.tflite",
+                         TfliteOptions(precision="int8", strip_names=True), calibration=digits.train)
+    full = exports["int8"]
+    assert done.bytes < full.bytes - 1000 and done.gzip_bytes < full.gzip_bytes
+    x = digits.example_inputs(8)
+    a, b = LiteRTRunner(done.path), LiteRTRunner(full.path)
+    assert a.input_shapes == b.input_shapes
+    assert all(np.array_equal(a(x[i:i + 1]), b(x[i:i + 1])) for i in range(len(x)))
+
+
 def test_failed_check_leaves_no_file_and_keeps_the_old_one(lenet5, digits, tmp_path):
     path = tmp_path / "m.tflite"
     with pytest.raises(TfliteMismatchError, match="SQNR .* dB against PyTorch") as err:
@@ -143,3 +154,17 @@ def test_cli_exports_int8_calibrated_on_the_dataset(tmp_path):
     assert res.returncode == 0, res.stderr
     assert out.exists() and "LiteRT int8" in res.stdout and "on 16 inputs" in res.stdout
     assert "top-1 agreement" in res.stdout and "gzipped" in res.stdout
+
+
+def test_weight_shared_model_exports_per_layer_int8_that_gzips_smaller(lenet5, digits, tmp_path):
+    from modelpress import WeightSharing
+    from modelpress.export.deploy import float_copy
+
+    shared = float_copy(run_method(lenet5, WeightSharing(bits=3), MethodInputs())[0].eval())
+    sizes = {}
+    for gran in ("channel", "tensor"):
+        done = export_tflite(shared, digits.example_inputs(8), tmp_path / f"{gran}.tflite",
+                             TfliteOptions(precision="int8", weight_granularity=gran), calibration=digits.train)
+        assert done.check.sqnr_db > 10
+        sizes[gran] = done.gzip_bytes
+    assert sizes["tensor"] < sizes["channel"]

@@ -34,6 +34,7 @@ from ..core.data import call_model
 from ..core.errors import ConfigError
 from ..core.registry import Registry
 from ..nn.modules import set_module
+from ..quantization.codebook import CodebookConv2d, CodebookLinear
 from ..quantization.dynamic import DynamicInt8Linear, Int8Embedding
 from ..quantization.modules import QuantLinear
 from ..quantization.primitives import sqnr
@@ -72,14 +73,21 @@ def exporter_for(model: nn.Module) -> Exporter | None:
 
 
 def float_copy(model: nn.Module) -> nn.Module:
-    """A copy of a dynamically quantized model with plain ``nn.Linear`` / ``nn.Embedding`` /
-    ``nn.LSTM`` (GRU, RNN) layers holding the dequantized weights (what ONNX Runtime's quantizer
-    starts from, and what exporters can trace)."""
+    """A copy of a dynamically quantized or weight-shared model with plain ``nn.Linear`` /
+    ``nn.Conv2d`` / ``nn.Embedding`` / ``nn.LSTM`` (GRU, RNN) layers holding the dequantized
+    (decoded) weights: what ONNX Runtime's quantizer starts from, and what exporters can trace."""
     out = copy.deepcopy(model)
     for name, m in list(out.named_modules()):
         if isinstance(m, DynamicInt8Linear):
             w = m.dequantized_weight()
             new = nn.Linear(w.shape[1], w.shape[0], bias=m.bias is not None)
+        elif isinstance(m, CodebookLinear):
+            w = m.weight.detach()
+            new = nn.Linear(w.shape[1], w.shape[0], bias=m.bias is not None)
+        elif isinstance(m, CodebookConv2d):
+            w = m.weight.detach()
+            new = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups,
+                            bias=m.bias is not None, padding_mode=m.padding_mode)
         elif isinstance(m, Int8Embedding):
             w = m.dequantized_weight()
             new = nn.Embedding(w.shape[0], w.shape[1], padding_idx=getattr(m, "padding_idx", None))
@@ -90,7 +98,7 @@ def float_copy(model: nn.Module) -> nn.Module:
             continue
         with torch.no_grad():
             new.weight.copy_(w)
-            if isinstance(new, nn.Linear) and m.bias is not None:
+            if not isinstance(new, nn.Embedding) and m.bias is not None:
                 new.bias.copy_(m.bias)
         set_module(out, name, new)
     return out

@@ -67,6 +67,11 @@ class TfliteOptions(StrictModel):
     check_samples: int = Field(8, ge=1, description="inputs the LiteRT file is checked on (one at a time)")
     min_sqnr_db: float = Field(DEFAULT_MIN_SQNR_DB, description="int8 precisions: least output SQNR (dB) "
                                                                  "against PyTorch for the file to be written")
+    weight_granularity: Literal["channel", "tensor"] = Field(
+        "channel", description="int8: one weight scale per output channel (LiteRT's default) or per layer (a "
+                               "layer's shared or clustered weights stay few distinct bytes, which gzip shrinks)")
+    strip_names: bool = Field(False, description="drop the debug names of the inner tensors (litert-torch's "
+                                                 "module paths: ~2 KB on LeNet-5); inputs and outputs keep theirs")
 
 
 class TfliteExportError(UnsupportedError):
@@ -260,7 +265,8 @@ def _convert_float(model: nn.Module, sample: Any, channels_last: bool) -> bytes:
                                      "flow on tensor values, standard ops only") from None
 
 
-def _quantize(float_bytes: bytes, precision: str, calibration: list[dict[str, np.ndarray]] | None) -> bytes:
+def _quantize(float_bytes: bytes, precision: str, calibration: list[dict[str, np.ndarray]] | None,
+              granularity: str = "channel") -> bytes:
     aeq = require("ai_edge_quantizer.quantizer", "tflite")
     recipe = require("ai_edge_quantizer.recipe", "tflite")
     qtyping = require("ai_edge_quantizer.qtyping", "tflite")
@@ -272,8 +278,12 @@ def _quantize(float_bytes: bytes, precision: str, calibration: list[dict[str, np
                                          num_bits=16, algorithm_key=recipe.AlgorithmName.FLOAT_CASTING)
             elif precision == "dynamic_int8":
                 q.load_quantization_recipe(recipe.dynamic_wi8_afp32())
-            else:
+            elif granularity == "channel":
                 q.load_quantization_recipe(recipe.static_wi8_ai8())
+            else:
+                q.add_static_config(regex=".*", operation_name=qtyping.TFLOperationName.ALL_SUPPORTED,
+                                    activation_num_bits=8, weight_num_bits=8,
+                                    weight_granularity=qtyping.QuantGranularity.TENSORWISE)
             stats = None
             if q.need_calibration:
                 key = next(iter(LiteRTRunner(float_bytes).interpreter.get_signature_list()))
@@ -284,6 +294,20 @@ def _quantize(float_bytes: bytes, precision: str, calibration: list[dict[str, np
     except Exception as exc:
         raise TfliteExportError(f"the LiteRT quantizer cannot make {precision}: {type(exc).__name__}: "
                                 f"{_first_line(exc)}", hint="export fp32 or another precision") from None
+
+
+def strip_tensor_names(data: bytes) -> bytes:
+    """The file without the names of its inner tensors (LiteRT's own flatbuffer tools; the signature's
+    input and output tensors keep their names, so the file is fed and read as before)."""
+    fb = require("ai_edge_litert.tools.flatbuffer_utils", "tflite")
+    model = fb.convert_bytearray_to_object(bytearray(data))
+    model.description = None
+    for subgraph in model.subgraphs:
+        keep = set(subgraph.inputs) | set(subgraph.outputs)
+        for i, tensor in enumerate(subgraph.tensors):
+            if i not in keep:
+                tensor.name = None
+    return bytes(fb.convert_object_to_bytearray(model))
 
 
 def _calibration_feeds(data: Any, runner: LiteRTRunner, options: TfliteOptions) -> list[dict[str, np.ndarray]]:
@@ -371,7 +395,10 @@ def export_tflite(model: nn.Module, example_inputs: Any, path: str | os.PathLike
         calib = None
         if options.precision == "int8":
             calib = _calibration_feeds(calibration, LiteRTRunner(float_bytes), options)
-        data = float_bytes if options.precision == "fp32" else _quantize(float_bytes, options.precision, calib)
+        data = (float_bytes if options.precision == "fp32" else
+                _quantize(float_bytes, options.precision, calib, options.weight_granularity))
+        if options.strip_names:
+            data = strip_tensor_names(data)
         result = None
         with atomic_path(path) as tmp:
             tmp.write_bytes(data)
