@@ -110,7 +110,8 @@ def export(model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
                                                              "artifact or compressed-tensors (a Hugging Face folder)"),
            sets: List[str] = typer.Option([], "--set", help="tflite: precision=fp32|fp16|dynamic_int8|int8, "
                                                              "channels_last=true, calibration_batches=N, "
-                                                             "check_samples=N, min_sqnr_db=DB"),
+                                                             "check_samples=N, min_sqnr_db=DB, "
+                                                             "weight_granularity=channel|tensor, strip_names=true"),
            check: bool = typer.Option(True, help="run the exported file (ONNX Runtime, LiteRT) and compare"),
            embedding_bits: int = typer.Option(8, "--embedding-bits",
                                               help="dynamic int8 models: embedding tables as 8 or 4 bits "
