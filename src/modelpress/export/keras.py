@@ -139,16 +139,6 @@ def _dense(c: _Layer) -> _Update:
     return _Update({"units": w.shape[0]}, {"kernel": kernel, **c.bias()})
 
 
-def _batch_norm(c: _Layer) -> _Update:
-    m, layer = c.module(), c.record.layer
-    weights = {"moving_mean": _array(m.running_mean), "moving_variance": _array(m.running_var)}
-    if layer.scale:
-        weights["gamma"] = _array(m.weight)
-    if layer.center:
-        weights["beta"] = _array(m.bias)
-    return _Update({}, weights)
-
-
 def _layer_norm(c: _Layer) -> _Update:
     m, layer = c.module(), c.record.layer
     weights = {}
@@ -157,6 +147,12 @@ def _layer_norm(c: _Layer) -> _Update:
     if layer.center:
         weights["beta"] = _array(m.bias)
     return _Update({}, weights)
+
+
+def _batch_norm(c: _Layer) -> _Update:
+    m = c.module()
+    return _Update({}, {**_layer_norm(c).weights, "moving_mean": _array(m.running_mean),
+                        "moving_variance": _array(m.running_var)})
 
 
 def _embedding(c: _Layer) -> _Update:
@@ -297,10 +293,11 @@ def _set_weights(layer, weights: list[np.ndarray]) -> None:
     layer.set_weights(weights)
 
 
-def _widths(records: dict[int, Converted], source_layers: dict[int, Any], rebuilt) -> list[str]:
+def _widths(source_layers: list, rebuilt: list) -> list[str]:
+    """``"name old -> new"`` for every layer whose width changed."""
     out = []
     new_by_name = {layer.name: layer for layer in rebuilt}
-    for key, old in source_layers.items():
+    for old in source_layers:
         new = new_by_name.get(old.name)
         for attr in ("filters", "units", "output_dim", "depth_multiplier"):
             a, b = getattr(old, attr, None), getattr(new, attr, None)
@@ -314,7 +311,8 @@ def _run_keras(keras, model, xs: list[np.ndarray]) -> list[np.ndarray]:
     return [keras.ops.convert_to_numpy(o) for o in (out if isinstance(out, (list, tuple)) else [out])]
 
 
-def _max_diff(keras, keras_model, model: nn.Module, keras_in, torch_in) -> float:
+def _max_diff(keras, keras_model, model: nn.Module, keras_in, torch_in) -> tuple[float, float]:
+    """(max abs difference of the outputs, the largest PyTorch output magnitude)."""
     with torch.no_grad():
         ref = model(*torch_in)
     ref = [r.numpy() for r in (ref if isinstance(ref, tuple) else (ref,))]
@@ -322,7 +320,7 @@ def _max_diff(keras, keras_model, model: nn.Module, keras_in, torch_in) -> float
     if [r.shape for r in ref] != [g.shape for g in got]:
         raise KerasExportError(f"the written Keras model's outputs are {[g.shape for g in got]}, PyTorch's "
                           f"{[r.shape for r in ref]}", hint="report this: the Keras write-back lost a dimension")
-    return max(float(np.abs(r - g).max()) for r, g in zip(ref, got))
+    return max(float(np.abs(r - g).max()) for r, g in zip(ref, got)), max(float(np.abs(r).max()) for r in ref)
 
 
 def export_keras(model: nn.Module, path: str | os.PathLike, *, example_inputs: Any = None, check: bool = True,
@@ -352,18 +350,15 @@ def export_keras(model: nn.Module, path: str | os.PathLike, *, example_inputs: A
                 and r.layer.name in r.modules}
     shapes = _output_shapes(model, torch_in, reshapes)
     rebuilt = _clone(keras, source, records, model, shapes)
-    narrower = _widths(records, {id(layer): layer for layer in _all_layers(keras, source)},
-                       _all_layers(keras, rebuilt))
+    narrower = _widths(_all_layers(keras, source), _all_layers(keras, rebuilt))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.partial.keras")
     try:
         rebuilt.save(tmp)
         err = None
         if check:
-            err = _max_diff(keras, read_keras(tmp), model, keras_in, torch_in)
-            with torch.no_grad():
-                out = model(*torch_in)
-            scale = max(1.0, max(float(o.abs().max()) for o in (out if isinstance(out, tuple) else (out,))))
+            err, largest = _max_diff(keras, read_keras(tmp), model, keras_in, torch_in)
+            scale = max(1.0, largest)
             if err > atol * scale:
                 raise KerasExportError(f"the Keras file computes other outputs than the PyTorch model (max abs diff "
                                   f"{err:.2e} > {atol * scale:.1e})", hint="report this; nothing was written")
