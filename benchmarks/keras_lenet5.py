@@ -104,10 +104,11 @@ def modelpress_rows(h5: Path, out: Path, args) -> list[dict]:
                                                                          "type:Linear": args.fc_bits}),
                                 bundle.train, train=train, loss_fn=kd)
     secs = time.perf_counter() - t0
-    done = export_tflite(float_copy(model), bundle.example_inputs(8), out / "modelpress_small.tflite",
+    plain_layers = float_copy(model)  # k-means layers decoded into plain Linear / Conv2d
+    done = export_tflite(plain_layers, bundle.example_inputs(8), out / "modelpress_small.tflite",
                          TfliteOptions(precision="int8", weight_granularity="tensor", strip_names=True),
                          calibration=bundle.train)
-    params = sum(p.numel() for p in float_copy(model).parameters())
+    params = sum(p.numel() for p in plain_layers.parameters())
     rows.append({"name": f"modelpress dense {args.dense_ratio:.0%} cut + {args.sparsity:.0%} sparse + k-means "
                          f"(conv 4, dense {args.fc_bits} bits), int8 per layer", "path": str(done.path),
                  "note": f"{params:,} params; {secs:.0f}s training (KD from the Keras model)"})
