@@ -10,6 +10,7 @@ from tinymodels import TinyMLP
 from modelpress.core.compat import prepare_torchvision
 
 os.environ.setdefault("MODELPRESS_PROGRESS", "0")
+os.environ.setdefault("COLUMNS", "200")  # rich consoles read it once: CLI output run in-process is not cut at 80
 # Tiny models train faster on one thread, and a shared CI machine does not oversubscribe;
 # set before torch starts its pools, inherited by the CLI subprocesses.
 os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -20,9 +20,9 @@ from modelpress.zoo.models import build_model
 ZOO = ["lenet5", "lenet300", "resnet_small", "mobilenetv2_small"]
 METHODS = [m for m in list_methods() if m.family != "distill"]  # distillers need a teacher: see tests/distillation
 # Defaults, except where a default costs seconds the contract does not need: CP's 100 ALS
-# sweeps take ~6 s on resnet_small; tests/lowrank and benchmarks/lowrank.py check CP's quality
-# at its defaults.
-FAST = {"lowrank.cp": {"n_iter_max": 10}}
+# sweeps take ~6 s on resnet_small, AdaRound's 300 steps per layer ~19 s on mobilenetv2_small;
+# tests/lowrank, tests/quantization/test_adaround.py and the benchmarks check their quality at the defaults.
+FAST = {"lowrank.cp": {"n_iter_max": 10}, "quant.adaround": {"iterations": 60}}
 
 
 def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:

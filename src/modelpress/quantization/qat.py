@@ -121,6 +121,18 @@ class FakeQuantLayer(nn.Module):
     def _init_weight_scale(self) -> None:
         lo, hi = weight_ranges(self.layer.weight, self.wspec, self.scale_init)
         self.w_scale.copy_(qparams(lo, hi, self.wspec)[0])
+        self._scale_of = self._weight_version()
+
+    def _weight_version(self) -> tuple[int, int]:
+        """Changes whenever the weight does (an optimizer step or any in-place write bumps ``_version``)."""
+        w = self.layer.weight
+        return w.data_ptr(), w._version
+
+    def _follow_weight(self) -> None:
+        """Re-derive the scale from the weight only when the weight changed since the last time: an MSE
+        range search per forward would dominate calibration, where the weights do not change."""
+        if getattr(self, "_scale_of", None) != self._weight_version():
+            self._init_weight_scale()
 
     @property
     def weight(self) -> torch.Tensor:
@@ -158,7 +170,7 @@ class FakeQuantLayer(nn.Module):
         """The fake-quantized weight (gradients reach the weight, and the LSQ scale once frozen)."""
         w, spec = self.layer.weight, self.wspec
         if self.observing or not self.learnable:
-            self._init_weight_scale()  # the scale follows the weight
+            self._follow_weight()  # the scale follows the weight
             scale = broadcast_params(w, self.w_scale.detach().abs(), spec)
             return fake_quantize(w, scale, torch.zeros_like(scale), spec.qmin, spec.qmax)
         per_row = w.numel() // self.w_scale.numel()
@@ -180,7 +192,7 @@ class FakeQuantLayer(nn.Module):
         """The packed layer computing what this wrapper computes in eval mode."""
         w, spec = self.layer.weight.detach().float(), self.wspec
         if self.observing or not self.learnable:
-            self._init_weight_scale()
+            self._follow_weight()
         scale = self.w_scale.detach().abs().float() + (0.0 if self.observing or not self.learnable else 1e-12)
         full = broadcast_params(w, scale, spec)
         q = quantize(w, full, torch.zeros_like(full), spec.qmin, spec.qmax)
