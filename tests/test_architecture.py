@@ -19,6 +19,7 @@ LAYERS = [
     ("search",),
     ("recipes",),
     ("analysis",),
+    ("runtime",),  # runs deployed files (ONNX Runtime, OpenVINO, LiteRT): what analysis times
     ("export",),
     ("artifact",),
     ("distillation",),

@@ -168,3 +168,17 @@ def test_weight_shared_model_exports_per_layer_int8_that_gzips_smaller(lenet5, d
         assert done.check.sqnr_db > 10
         sizes[gran] = done.gzip_bytes
     assert sizes["tensor"] < sizes["channel"]
+
+
+def test_analyze_and_compare_models_time_litert_at_batch_1(lenet5, digits):
+    """analyze / reports measure latency in the LiteRT interpreter (a float file built for it), batch 1 only."""
+    from modelpress.analysis.analyze import analyze, compare_models
+
+    x = digits.example_inputs(2)
+    report = analyze(lenet5, x, batch_sizes=(1, 4), repeats=3, runtimes=("onnxruntime", "litert"))
+    engines = {(e["engine"], e["batch_size"]) for e in report.latency}
+    assert {("eager", 4), ("onnxruntime", 4), ("litert", 1)} <= engines and ("litert", 4) not in engines
+    assert "batch 1" in report.errors["latency_litert"] and report.summary()["litert_b1_ms"] > 0
+    pruned = run_method(lenet5, ChannelPruning(ratio=0.5), MethodInputs(data=digits.train))[0]
+    speed = compare_models(lenet5, pruned, x, batch_sizes=(1,), repeats=3, runtimes=("litert",))
+    assert speed["litert_b1_speedup"] > 0 and "eager_b1_speedup" in speed

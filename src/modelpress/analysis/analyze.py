@@ -31,7 +31,8 @@ from ..core.data import batch_size_of, call_model
 from ..core.errors import DataError
 from ..export.onnx import check_onnx, export_onnx
 from ..nn.macs import count_macs
-from .latency import check_memory, compare_latency, measure_latency
+from ..runtime import Deployed, get_runtime, key_of
+from .latency import check_memory, compare_latency, measure_latency, measure_together
 from .memory import peak_memory
 from .params import count_params, dense_bytes
 
@@ -41,8 +42,8 @@ class AnalysisReport:
     """Sizes, compute, memory and latency of one model. ``to_dict()`` is JSON-able.
 
     MACs are per sample (measured on a batch of one). ``latency`` holds one entry per engine
-    and batch size: ``{"engine": "eager" | "onnxruntime", "batch_size": n, "median_ms": ...}``
-    with the fields of :class:`~modelpress.analysis.latency.LatencyStats`.
+    and batch size: ``{"engine": "eager" | "onnxruntime" | "openvino" | "litert", "batch_size": n,
+    "median_ms": ...}`` with the fields of :class:`~modelpress.analysis.latency.LatencyStats`.
     """
 
     model: str
@@ -74,14 +75,13 @@ class AnalysisReport:
 
     def summary(self) -> dict[str, Any]:
         """Flat row for before/after tables (``compare_rows``): sizes, MACs, median latencies
-        as ``eager_b{N}_ms`` / ``ort_b{N}_ms``. Missing measurements are left out."""
+        as ``{key}_b{N}_ms`` (``eager``, ``ort``, ``ov``, ``litert``). Missing measurements are left out."""
         row = {"params": self.params_total, "nonzero": self.params_nonzero,
                "dense_bytes": self.dense_bytes, "artifact_bytes": self.artifact_bytes,
                "macs": self.macs_total, "effective_macs": self.macs_effective,
                "peak_bytes": self.memory.get("peak_total_bytes")}
         for entry in self.latency:
-            prefix = "eager" if entry["engine"] == "eager" else "ort"
-            row[f"{prefix}_b{entry['batch_size']}_ms"] = entry["median_ms"]
+            row[f"{key_of(entry['engine'])}_b{entry['batch_size']}_ms"] = entry["median_ms"]
         return {k: v for k, v in row.items() if v is not None}
 
     def to_dict(self) -> dict[str, Any]:
@@ -144,14 +144,21 @@ def _artifact_size(artifact: int | str | os.PathLike | None) -> int | None:
 def analyze(model: nn.Module, example_inputs: Any, *, batch_sizes: tuple[int, ...] = (1, 64),
             threads: int | None = 1, latency: bool = True, onnx: bool = True,
             artifact_bytes: int | str | os.PathLike | None = None, repeats: int = 20,
-            warmup: int = 3, max_time_s: float | None = 10.0) -> AnalysisReport:
+            warmup: int = 3, max_time_s: float | None = 10.0,
+            runtimes: tuple[str, ...] = ("onnxruntime",)) -> AnalysisReport:
     """Measure ``model`` on ``example_inputs`` (any batch size; resized to each of ``batch_sizes``).
 
     ``artifact_bytes``: size of the compressed artifact, as an int or a path to the file.
-    ``threads``: intra-op threads for eager and ONNX Runtime timings (1 = single-core numbers).
+    ``threads``: intra-op threads for eager and runtime timings (1 = single-core numbers).
     ``max_time_s`` caps each latency measurement. ONNX is exported to a temporary file that is
     deleted afterwards; its size and its max abs difference to PyTorch are reported.
+    ``runtimes``: the runtimes (:mod:`modelpress.runtime`) the model is timed in besides eager
+    PyTorch, each on a float file it runs, all interleaved with eager at each batch size. Runtimes
+    reading ONNX need ``onnx=True``; LiteRT files run batch 1 only. A runtime that is not
+    installed or cannot take the model is recorded in ``report.errors``.
     """
+    for name in runtimes:
+        get_runtime(name)  # an unknown name is a one-line error before any work
     try:
         with torch.no_grad():
             was_training = model.training
@@ -191,9 +198,30 @@ def analyze(model: nn.Module, example_inputs: Any, *, batch_sizes: tuple[int, ..
     with tempfile.TemporaryDirectory(prefix="modelpress-analyze-") as tmp:
         onnx_path = _export(model, example_inputs, Path(tmp) / "model.onnx", report) if onnx else None
         if latency:
-            _measure(model, example_inputs, onnx_path, batch_sizes, threads, repeats, warmup,
-                     max_time_s, report)
+            files = deployables(model, example_inputs, runtimes, Path(tmp), report.errors,
+                                onnx_ok=onnx_path is not None)
+            _measure(model, example_inputs, files, batch_sizes, threads, repeats, warmup, max_time_s, report)
     return report
+
+
+def deployables(model: nn.Module, example_inputs: Any, runtimes: tuple[str, ...], folder: Path,
+                errors: dict[str, str], *, onnx_ok: bool = True) -> dict[str, Deployed]:
+    """``{runtime: Deployed}``: ``model`` as a float file each runtime runs, written in ``folder``;
+    what fails (not installed, not convertible) goes to ``errors`` as ``latency_{runtime}``."""
+    files = {}
+    for name in runtimes:
+        runtime = get_runtime(name)
+        if not runtime.available():
+            errors[f"latency_{name}"] = f"not installed: pip install 'modelpress[{runtime.extra}]'"
+            continue
+        if ".onnx" in runtime.suffixes and not onnx_ok:
+            continue  # no ONNX file (onnx=False, or the export failed and says why)
+        try:
+            check_memory([model], resize_batch(example_inputs, 1), onnx=True, what=f"the {runtime.label} file")
+            files[name] = Deployed(runtime.build(model, example_inputs, folder), name)
+        except Exception as exc:  # noqa: BLE001 - recorded, the other runtimes still run
+            errors[f"latency_{name}"] = _error(exc)
+    return files
 
 
 def _export(model, example_inputs, path: Path, report: AnalysisReport) -> Path | None:
@@ -214,57 +242,60 @@ def _export(model, example_inputs, path: Path, report: AnalysisReport) -> Path |
     return path
 
 
-def _measure(model, example_inputs, onnx_path, batch_sizes, threads, repeats, warmup,
+def _measure(model, example_inputs, files: dict[str, Deployed], batch_sizes, threads, repeats, warmup,
              max_time_s, report: AnalysisReport) -> None:
     for bs in batch_sizes:
         inputs = resize_batch(example_inputs, bs)
-        measured = []
-        if onnx_path is not None:
-            try:  # interleaved, so the eager/ORT ratio is not biased by drift between two runs
-                cmp = compare_latency(model, str(onnx_path), inputs, warmup=warmup, repeats=repeats,
-                                      threads=threads, max_time_s=max_time_s)
-                measured = [("eager", cmp.a), ("onnxruntime", cmp.b)]
-            except Exception as exc:  # noqa: BLE001 - fall back to eager alone
-                report.errors[f"latency_onnxruntime_bs{bs}"] = _error(exc)
-        if not measured:
-            try:
-                measured = [("eager", measure_latency(model, inputs, warmup=warmup, repeats=repeats,
-                                                      threads=threads, max_time_s=max_time_s))]
-            except Exception as exc:  # noqa: BLE001
-                report.errors[f"latency_eager_bs{bs}"] = _error(exc)
-        for engine, stats in measured:
+        targets: dict[str, Any] = {"eager": model}
+        for name, deployed in files.items():
+            if name == "litert" and bs != 1:
+                report.errors.setdefault("latency_litert", "LiteRT files take batch 1: timed at batch 1 only")
+                continue
+            targets[name] = deployed
+        try:  # interleaved, so the ratios between runtimes are not biased by drift between runs
+            measured = measure_together(targets, inputs, warmup=warmup, repeats=repeats, threads=threads,
+                                        max_time_s=max_time_s)
+        except Exception:  # noqa: BLE001 - one at a time, so one failing runtime hides nothing else
+            measured = {}
+            for name, target in targets.items():
+                try:
+                    measured[name] = measure_latency(target, inputs, warmup=warmup, repeats=repeats,
+                                                     threads=threads, max_time_s=max_time_s)
+                except Exception as exc:  # noqa: BLE001
+                    report.errors[f"latency_{name}_bs{bs}"] = _error(exc)
+        for engine, stats in measured.items():
             report.latency.append({"engine": engine, **stats.to_dict()})
 
 
 def compare_models(baseline: nn.Module, model: nn.Module, example_inputs: Any, *,
                    batch_sizes: tuple[int, ...] = (1, 64), threads: int | None = 1, onnx: bool = True,
                    repeats: int = 20, warmup: int = 3, max_time_s: float | None = 10.0,
-                   example_inputs_baseline: Any = None) -> dict[str, float]:
+                   example_inputs_baseline: Any = None,
+                   runtimes: tuple[str, ...] = ("onnxruntime",)) -> dict[str, float]:
     """Speed-up of ``model`` over ``baseline`` (baseline median / model median), timed
-    interleaved in this process for eager PyTorch and ONNX Runtime at each batch size.
+    interleaved in this process for eager PyTorch and each of ``runtimes`` at each batch size.
 
-    Keys: ``eager_b{N}_ms`` / ``ort_b{N}_ms`` (the model's medians) and
-    ``eager_b{N}_speedup`` / ``ort_b{N}_speedup``. Two separately timed runs would let load
-    changes on the machine pass for speed-ups; interleaving cancels them.
+    Keys: ``{key}_b{N}_ms`` (the model's medians) and ``{key}_b{N}_speedup``, with ``key`` eager,
+    ort (ONNX Runtime), ov (OpenVINO) or litert (batch 1 only). Two separately timed runs would let
+    load changes on the machine pass for speed-ups; interleaving cancels them. A runtime that
+    cannot take either model is left out.
     """
 
     base_inputs = example_inputs if example_inputs_baseline is None else example_inputs_baseline
     out: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="modelpress-compare-") as tmp:
-        paths = None
-        if onnx:
-            try:
-                paths = (export_onnx(baseline, base_inputs, Path(tmp) / "a.onnx"),
-                         export_onnx(model, example_inputs, Path(tmp) / "b.onnx"))
-            except Exception:  # noqa: BLE001 - eager numbers are still worth having
-                paths = None
+        (Path(tmp) / "a").mkdir(), (Path(tmp) / "b").mkdir()
+        errors: dict[str, str] = {}
+        chosen = runtimes if onnx else tuple(r for r in runtimes if ".onnx" not in get_runtime(r).suffixes)
+        files_a = deployables(baseline, base_inputs, chosen, Path(tmp) / "a", errors)
+        files_b = deployables(model, example_inputs, chosen, Path(tmp) / "b", errors)
         for bs in batch_sizes:
             pairs = [("eager", baseline, model)]
-            if paths:
-                pairs.append(("ort", str(paths[0]), str(paths[1])))
+            pairs += [(name, files_a[name], files_b[name]) for name in chosen
+                      if name in files_a and name in files_b and (name != "litert" or bs == 1)]
             for engine, a, b in pairs:
                 cmp = compare_latency(a, b, resize_batch(base_inputs, bs), inputs_b=resize_batch(example_inputs, bs),
                                       warmup=warmup, repeats=repeats, threads=threads, max_time_s=max_time_s)
-                out[f"{engine}_b{bs}_ms"] = cmp.b.median_ms
-                out[f"{engine}_b{bs}_speedup"] = cmp.ratio
+                out[f"{key_of(engine)}_b{bs}_ms"] = cmp.b.median_ms
+                out[f"{key_of(engine)}_b{bs}_speedup"] = cmp.ratio
     return out

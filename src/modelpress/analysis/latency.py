@@ -1,4 +1,4 @@
-"""Wall-clock latency of a model (eager PyTorch, ONNX Runtime or LiteRT), and fair A/B comparisons.
+"""Wall-clock latency of a model (eager PyTorch) or a deployed file (ONNX Runtime, OpenVINO, LiteRT), fair A/B.
 
 Every "x times faster" claim in modelpress comes from :func:`compare_latency`, which runs the two
 candidates alternately in one process (A B B A A B ...), so clock-frequency drift, thermal state
@@ -6,8 +6,11 @@ and background load hit both equally instead of whichever happened to run second
 
 Conventions: eager runs are in ``torch.inference_mode()`` with the model in eval mode (its flag is
 restored); ``threads`` sets ``torch.set_num_threads`` for the measurement only; statistics are
-over individual calls timed with ``time.perf_counter``; warm-up calls are not timed. A ``.tflite``
-file runs in the LiteRT interpreter (``threads``: its thread count, None: 1) on batch-1 inputs.
+over individual calls timed with ``time.perf_counter``; warm-up calls are not timed. A deployed
+file runs in the runtime its suffix picks (``.onnx``: ONNX Runtime, ``.xml``: OpenVINO,
+``.tflite``: the LiteRT interpreter on batch-1 inputs), or the one a
+:class:`~modelpress.runtime.Deployed` names (``Deployed("m.onnx", "openvino")``); ``threads`` is
+then the runtime's thread count.
 
 Before timing, :func:`check_memory` compares a lower bound of the memory the benchmark will
 allocate (the largest layer output at the benchmark's batch size, plus ONNX Runtime's copy of the
@@ -29,6 +32,7 @@ import contextlib
 import os
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -37,8 +41,8 @@ from torch import nn
 
 from ..core.data import batch_size_of, call_model, slice_inputs
 from ..core.errors import ConfigError, ResourceError
-from ..export.onnx import ort_feeds, ort_session
-from ..export.tflite import LiteRTRunner
+from ..export.onnx import ort_feeds
+from ..runtime import Deployed, as_deployed
 from .params import dense_bytes
 
 MAX_RUNS = 100_000  # cap for min_time_s on very fast calls
@@ -183,8 +187,9 @@ def memory_needed(targets: list[Any], inputs: Any, *, onnx: bool = False,
 
     activations, weights = 0, 0
     for t, x in zip(targets, inputs_each or [inputs] * len(targets)):
-        if _is_onnx(t):
-            weights += os.path.getsize(t) if os.path.exists(t) else 0
+        deployed = as_deployed(t)
+        if deployed is not None:  # the runtime's own copy of the weights
+            weights += deployed.path.stat().st_size if deployed.path.exists() else 0
         elif isinstance(t, nn.Module):
             activations = max(activations, largest_activation_bytes(t, x))
             if onnx:
@@ -249,37 +254,26 @@ def _eval(target: Any):
             target.train(was_training)
 
 
-def _is_onnx(target: Any) -> bool:
-    return isinstance(target, (str, os.PathLike)) and str(target).endswith(".onnx")
-
-
-def _is_tflite(target: Any) -> bool:
-    return isinstance(target, (str, os.PathLike)) and str(target).endswith(".tflite")
-
-
-def _ort_call(path_or_session: Any, inputs: Any, threads: int | None) -> Callable[[], Any]:
-
-    session = path_or_session if hasattr(path_or_session, "run") else \
-        ort_session(path_or_session, threads=threads)
-    feeds = ort_feeds(session, inputs)  # converted once: the timing covers session.run only
-    return lambda: session.run(None, feeds)
-
-
-def _litert_call(path: Any, inputs: Any, threads: int | None) -> Callable[[], Any]:
-    runner = LiteRTRunner(path, threads=threads)
-    feeds = runner.feeds(inputs, channels_last=runner.takes_nhwc(inputs))  # converted once: only invoke is timed
-    return lambda: runner.invoke(feeds)
+def _deployed_call(deployed: Deployed, inputs: Any, threads: int | None) -> Callable[[], Any]:
+    session = deployed.open(threads)
+    feeds = session.feeds(inputs)  # converted once: the timing covers the runtime's call only
+    return lambda: session.invoke(feeds)
 
 
 def _as_call(target: Any, inputs: Any, threads: int | None) -> Callable[[], Any]:
     """A zero-argument call running ``target`` once on ``inputs``."""
-    if _is_onnx(target):
-        return _ort_call(target, inputs, threads)
-    if _is_tflite(target):
-        return _litert_call(target, inputs, threads)
+    if hasattr(target, "get_inputs") and hasattr(target, "run"):  # an onnxruntime.InferenceSession
+        feeds = ort_feeds(target, inputs)
+        return lambda: target.run(None, feeds)
+    deployed = as_deployed(target)
+    if deployed is not None:
+        return _deployed_call(deployed, inputs, threads)
+    if isinstance(target, (str, os.PathLike)):
+        raise ConfigError(f"cannot time {os.fspath(target)}: no runtime runs {Path(target).suffix or 'it'}",
+                          hint="pass an .onnx, .xml (OpenVINO) or .tflite file, or Deployed(path, runtime)")
     if not callable(target):
         raise ConfigError(f"cannot time a {type(target).__name__}",
-                          hint="pass an nn.Module, a callable or a path to an .onnx or .tflite file")
+                          hint="pass an nn.Module, a callable, a deployed file or Deployed(path, runtime)")
     return lambda: call_model(target, inputs)
 
 
@@ -336,12 +330,10 @@ def measure_latency(fn_or_model: Any, inputs: Any, *, warmup: int = 5, repeats: 
     ``repeats`` until that much time was measured (steadier numbers for sub-millisecond calls);
     ``max_time_s`` is a budget that stops early.
     """
-    if _is_onnx(fn_or_model):
-        return measure_onnxruntime(fn_or_model, inputs, threads=threads, warmup=warmup,
-                                   repeats=repeats, min_time_s=min_time_s, max_time_s=max_time_s)
-    if _is_tflite(fn_or_model):
-        return measure_litert(fn_or_model, inputs, threads=threads or 1, warmup=warmup,
-                              repeats=repeats, min_time_s=min_time_s, max_time_s=max_time_s)
+    deployed = as_deployed(fn_or_model)
+    if deployed is not None:
+        return measure_deployed(deployed, inputs, threads=threads, warmup=warmup, repeats=repeats,
+                                min_time_s=min_time_s, max_time_s=max_time_s)
     _check_counts(warmup, repeats)
     check_memory([fn_or_model], inputs)
     with torch_threads(threads), _eval(fn_or_model), torch.inference_mode():
@@ -351,30 +343,60 @@ def measure_latency(fn_or_model: Any, inputs: Any, *, warmup: int = 5, repeats: 
     return LatencyStats.from_times(times, used, _batch_size(inputs))
 
 
+def measure_deployed(target: Any, inputs: Any, *, threads: int | None = 1, warmup: int = 5, repeats: int = 30,
+                     min_time_s: float = 0.0, max_time_s: float | None = None) -> LatencyStats:
+    """Latency of one call of a deployed file in its runtime (:class:`~modelpress.runtime.Deployed`, or
+    a path whose suffix picks it): ONNX Runtime ``session.run`` (CPU, all graph optimisations,
+    inter-op 1), an OpenVINO infer request (CPU, latency hint, one stream), or one LiteRT ``invoke``
+    (XNNPACK; batch-1 inputs, NCHW images turned to NHWC for a channels-last file). ``threads``: the
+    runtime's intra-op threads (None: its default; LiteRT's is 1)."""
+    _check_counts(warmup, repeats)
+    deployed = as_deployed(target)
+    if deployed is None:
+        raise ConfigError(f"{target!r} is not a deployed file", hint="pass a path or Deployed(path, runtime)")
+    check_memory([deployed], inputs)
+    call = _deployed_call(deployed, inputs, threads)
+    (times,) = _time_calls([call], warmup, repeats, min_time_s, max_time_s)
+    return LatencyStats.from_times(times, _threads_of(deployed, threads, threads), _batch_size(inputs))
+
+
 def measure_onnxruntime(onnx_path: Any, inputs: Any, *, threads: int | None = 1,
                         warmup: int = 5, repeats: int = 30, min_time_s: float = 0.0,
                         max_time_s: float | None = None) -> LatencyStats:
-    """Latency of ``session.run`` on an ONNX file (CPU provider, ORT_ENABLE_ALL, inter-op 1).
-
-    ``onnx_path`` may also be an ``onnxruntime.InferenceSession``. ``threads`` is ORT's
-    intra-op thread count (None: ORT's default, all cores).
-    """
+    """Latency of ``session.run`` on an ONNX file in ONNX Runtime (:func:`measure_deployed`);
+    ``onnx_path`` may also be an ``onnxruntime.InferenceSession``."""
+    if as_deployed(onnx_path) is not None:
+        return measure_deployed(Deployed(onnx_path, "onnxruntime"), inputs, threads=threads, warmup=warmup,
+                                repeats=repeats, min_time_s=min_time_s, max_time_s=max_time_s)
     _check_counts(warmup, repeats)
-    if _is_onnx(onnx_path):
-        check_memory([onnx_path], inputs)
-    call = _ort_call(onnx_path, inputs, threads)
-    (times,) = _time_calls([call], warmup, repeats, min_time_s, max_time_s)
+    (times,) = _time_calls([_as_call(onnx_path, inputs, threads)], warmup, repeats, min_time_s, max_time_s)
     return LatencyStats.from_times(times, threads, _batch_size(inputs))
 
 
 def measure_litert(tflite_path: Any, inputs: Any, *, threads: int = 1, warmup: int = 5, repeats: int = 30,
                    min_time_s: float = 0.0, max_time_s: float | None = None) -> LatencyStats:
-    """Latency of one ``invoke`` of a ``.tflite`` file in the LiteRT interpreter (XNNPACK, ``threads``
-    threads) on batch-1 ``inputs`` (NCHW images are turned to NHWC for a channels-last file)."""
+    """Latency of one ``invoke`` of a ``.tflite`` file in the LiteRT interpreter (:func:`measure_deployed`)."""
+    return measure_deployed(Deployed(tflite_path, "litert"), inputs, threads=threads, warmup=warmup,
+                            repeats=repeats, min_time_s=min_time_s, max_time_s=max_time_s)
+
+
+def measure_together(targets: dict[str, Any], inputs: Any, *, warmup: int = 5, repeats: int = 30,
+                     threads: int | None = None, min_time_s: float = 0.0,
+                     max_time_s: float | None = None) -> dict[str, LatencyStats]:
+    """Time every target (anything :func:`measure_latency` accepts) in turns, round by round, in this
+    process, so drift and background load hit all of them alike; ``{name: stats}``."""
     _check_counts(warmup, repeats)
-    call = _litert_call(tflite_path, inputs, threads)
-    (times,) = _time_calls([call], warmup, repeats, min_time_s, max_time_s)
-    return LatencyStats.from_times(times, threads, _batch_size(inputs))
+    names = list(targets)
+    check_memory([targets[n] for n in names], inputs)
+    models = [t for t in targets.values() if isinstance(t, nn.Module)]
+    with torch_threads(threads), contextlib.ExitStack() as stack, torch.inference_mode():
+        for m in models:
+            stack.enter_context(_eval(m))
+        calls = [_as_call(targets[n], inputs, threads) for n in names]
+        times = _time_calls(calls, warmup, repeats, min_time_s, max_time_s)
+        used = torch.get_num_threads()
+    return {n: LatencyStats.from_times(t, _threads_of(targets[n], threads, used), _batch_size(inputs))
+            for n, t in zip(names, times)}
 
 
 def compare_latency(a: Any, b: Any, inputs: Any, *, inputs_b: Any = None, warmup: int = 5,
@@ -406,7 +428,8 @@ def compare_latency(a: Any, b: Any, inputs: Any, *, inputs_b: Any = None, warmup
     return LatencyComparison(a=stats_a, b=stats_b, ratio=ratio, ratio_p10=float(p10), ratio_p90=float(p90))
 
 
-def _threads_of(target: Any, threads: int | None, torch_threads_used: int) -> int | None:
-    if _is_tflite(target):
-        return threads or 1  # the interpreter's default
-    return threads if _is_onnx(target) else torch_threads_used
+def _threads_of(target: Any, threads: int | None, torch_threads_used: int | None) -> int | None:
+    deployed = as_deployed(target)
+    if deployed is None:
+        return torch_threads_used
+    return (threads or 1) if deployed.runtime == "litert" else threads  # LiteRT's default is 1 thread

@@ -22,6 +22,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from rich.table import Table
 
+from ..runtime import label_of
 from .analyze import AnalysisReport
 
 Reports = AnalysisReport | Mapping[str, AnalysisReport] | Sequence[Any]
@@ -123,11 +124,10 @@ def report_rows(reports: Reports) -> tuple[list[str], list[list[str]]]:
         row("ONNX max abs diff",
             lambda r: DASH if r.onnx_max_abs_diff is None else f"{r.onnx_max_abs_diff:.2g}"),
     ]
-    engines = {"eager": "PyTorch eager", "onnxruntime": "ONNX Runtime"}
     for engine, bs in _latency_keys(items):
         threads = next((e["threads"] for r in items for e in r.latency
                         if (e["engine"], e["batch_size"]) == (engine, bs)), None)
-        label = f"Latency {engines.get(engine, engine)}, batch {bs}" + (f", {threads} thr" if threads else "")
+        label = f"Latency {label_of(engine)}, batch {bs}" + (f", {threads} thr" if threads else "")
         rows.append(row(label, lambda r, e=engine, b=bs: _format_latency(_entry(r, e, b))))
     if any(r.errors for r in items):
         rows.append(row("Errors", lambda r: "; ".join(f"{k}: {v}" for k, v in r.errors.items()) or DASH))
@@ -180,7 +180,7 @@ def macs_by_layer_markdown(report: AnalysisReport, top: int | None = 10) -> str:
 
 # -- before / after ------------------------------------------------------------------------
 # (key, header, kind): kinds "bytes", "count", "ms" are lower-is-better and get a ratio
-# baseline / row; latency columns are found from the keys (eager_b{N}_ms, ort_b{N}_ms).
+# baseline / row; latency columns are found from the keys (eager_b{N}_ms, ort_b{N}_ms, ov_..., litert_...).
 ROW_COLUMNS = [
     ("label", "model", "text"), ("accuracy", "accuracy", "pct"), ("spearman", "spearman", "float"),
     ("fidelity", "fidelity", "float"), ("perplexity", "perplexity", "float"), ("token_accuracy", "token acc.", "pct"),
@@ -188,14 +188,18 @@ ROW_COLUMNS = [
     ("params", "params", "count"), ("nonzero", "non-zero", "count"), ("macs", "MACs", "count"),
     ("effective_macs", "sparse MACs", "count"), ("peak_bytes", "peak mem", "bytes"),
 ]
-_LATENCY_KEY = re.compile(r"(eager|ort)_b(\d+)_ms")
+_LATENCY_KEY = re.compile(r"([a-z]+)_b(\d+)_ms")
+#: report-column prefix -> header (a runtime registered later shows under its own key)
+_ENGINE_HEADERS = {"eager": "torch", "ort": "ORT", "ov": "OpenVINO", "litert": "LiteRT"}
 
 
 def row_columns(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
     cols = [c for c in ROW_COLUMNS if any(r.get(c[0]) is not None for r in rows)]
     latency = {_LATENCY_KEY.fullmatch(k).groups(): k for r in rows for k in r if _LATENCY_KEY.fullmatch(k)}
-    for (engine, bs), key in sorted(latency.items(), key=lambda kv: (kv[0][0], int(kv[0][1]))):
-        cols.append((key, f"{'torch' if engine == 'eager' else 'ORT'} b{bs}", "ms"))
+    order = list(_ENGINE_HEADERS)
+    for (engine, bs), key in sorted(latency.items(), key=lambda kv: (order.index(kv[0][0]) if kv[0][0] in order
+                                                                      else len(order), kv[0][0], int(kv[0][1]))):
+        cols.append((key, f"{_ENGINE_HEADERS.get(engine, engine)} b{bs}", "ms"))
     return cols
 
 

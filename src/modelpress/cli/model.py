@@ -65,28 +65,38 @@ def analyze(model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
             data: str = typer.Option("mnist5k", "--data", "-d", help="dataset giving the example input"),
             batch_sizes: str = typer.Option("1,64", help="comma-separated batch sizes for latency"),
             threads: int = typer.Option(1, help="CPU threads for latency measurement"),
-            onnx: bool = typer.Option(True, help="also measure ONNX Runtime latency"),
+            onnx: bool = typer.Option(True, help="export to ONNX (size, check; needed by onnxruntime and openvino)"),
+            runtime: str = typer.Option("onnxruntime", "--runtime",
+                                        help="comma-separated runtimes timed besides PyTorch: onnxruntime, "
+                                             "openvino, litert (batch 1)"),
             layers: int = typer.Option(10, help="show the N layers with the most MACs (0: none)"),
             json_out: Optional[Path] = typer.Option(None, "--json", help="write the report as JSON here"),
             md_out: Optional[Path] = typer.Option(None, "--markdown", help="write the report as Markdown here"),
             trust_remote_code: bool = TRUST):
-    """Parameters, MACs per layer, bytes on disk, peak memory and latency (PyTorch and ONNX Runtime).
+    """Parameters, MACs per layer, bytes on disk, peak memory and latency (PyTorch and the runtimes).
+
+    Every runtime runs a float file of the model, timed in turns with PyTorch at each batch size.
 
     [bold]Examples[/bold]: modelpress analyze -m lenet5 ·
-    modelpress analyze -m runs/demo/model.safetensors --json a.json
+    modelpress analyze -m runs/demo/model.safetensors --json a.json ·
+    modelpress analyze -m lenet5 --runtime onnxruntime,openvino,litert --batch-sizes 1
     """
     from ..analysis.analyze import analyze as run_analyze
     from ..analysis.tables import to_markdown, to_rich_table
     from ..artifact.checkpoint import artifact_size_of
     from ..core.io import write_json, write_text
+    from ..runtime import get_runtime
 
+    runtimes = tuple(r.strip() for r in runtime.split(",") if r.strip())
+    for name in runtimes:  # an unknown name fails before the model loads
+        get_runtime(name)
     bundle = load_bundle(data)
     m = load(model, bundle, trust_remote_code=trust_remote_code)
     p = Path(model)
     size = p.stat().st_size if p.is_file() else artifact_size_of(m)
     bs = tuple(int(b) for b in batch_sizes.split(",") if b.strip())
     report = run_analyze(m, bundle.example_inputs(1), batch_sizes=bs, threads=threads, onnx=onnx,
-                         artifact_bytes=size)
+                         artifact_bytes=size, runtimes=runtimes)
     out.print(to_rich_table({model: report}, title=model))
     if layers and report.macs_by_layer:
         total = report.macs_total or 1

@@ -99,11 +99,11 @@ def measure(model: nn.Module, label: str, bundle: DatasetBundle, artifact: Path 
     inputs = bundle.example_inputs(1)
     report = analyze(model, inputs, batch_sizes=tuple(ev.batch_sizes), threads=ev.threads,
                      latency=ev.latency and baseline is None, onnx=ev.onnx, repeats=ev.repeats,
-                     artifact_bytes=artifact.stat().st_size if artifact else None)
+                     artifact_bytes=artifact.stat().st_size if artifact else None, runtimes=tuple(ev.runtimes))
     row.update(report.summary())
     if ev.latency and baseline is not None:
         row.update(compare_models(baseline.eval(), model, inputs, batch_sizes=tuple(ev.batch_sizes),
-                                  threads=ev.threads, onnx=ev.onnx, repeats=ev.repeats))
+                                  threads=ev.threads, onnx=ev.onnx, repeats=ev.repeats, runtimes=tuple(ev.runtimes)))
     return row
 
 

@@ -78,6 +78,19 @@ class EvalSpec(StrictModel):
     batch_sizes: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 64])
     threads: int = Field(1, ge=1)
     repeats: int = Field(20, ge=1)
+    # timed besides eager PyTorch (modelpress.runtime: onnxruntime, openvino, litert); onnx=false drops
+    # those reading ONNX
+    runtimes: list[str] = Field(default_factory=lambda: ["onnxruntime"])
+
+    @field_validator("runtimes")
+    @classmethod
+    def _known_runtimes(cls, names: list[str]) -> list[str]:
+        from ..runtime import runtime_names
+
+        unknown = [n for n in names if n not in runtime_names()]
+        if unknown:
+            raise ValueError(f"unknown runtime(s) {unknown}; known: {', '.join(runtime_names())}")
+        return names
 
 
 class Recipe(StrictModel):

@@ -1,0 +1,132 @@
+"""The built-in runtimes: ONNX Runtime (``.onnx``), OpenVINO (``.xml`` IR, and ``.onnx`` read
+directly, QDQ int8 included) and LiteRT (``.tflite``). Each imports its package only when a file
+is opened."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..core.data import slice_inputs
+from ..core.errors import DataError, ModelLoadError
+from ..export.deploy import export_deployable
+from ..export.onnx import check_onnx, export_onnx, onnx_inputs, ort_feeds, ort_session
+from ..export.tflite import LiteRTRunner, TfliteOptions
+from .base import Runtime, Session, register_runtime
+
+
+class OrtSession(Session):
+    def __init__(self, path: Path, threads: int | None):
+        # no spinning: idle ORT threads would take the cores from a call timed right after
+        self.session = ort_session(path, threads=threads, spinning=False)
+        self.threads = threads
+
+    def feeds(self, inputs: Any) -> dict[str, np.ndarray]:
+        return ort_feeds(self.session, inputs)
+
+    def invoke(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.session.run(None, feeds)
+
+
+class OnnxRuntime(Runtime):
+    name, key, label, module, extra, suffixes = "onnxruntime", "ort", "ONNX Runtime", "onnxruntime", "onnx", (".onnx",)
+
+    def _open(self, path: Path, threads: int | None) -> Session:
+        return OrtSession(path, threads)
+
+    def build(self, model: torch.nn.Module, example_inputs: Any, folder: Path) -> Path:
+        return build_onnx(model, example_inputs, folder)
+
+
+class OpenVinoSession(Session):
+    def __init__(self, path: Path, threads: int | None):
+        import openvino as ov
+
+        core = ov.Core()
+        config = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
+        if threads is not None:
+            config["INFERENCE_NUM_THREADS"] = threads
+        try:
+            self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelLoadError(f"OpenVINO could not compile {path.name}: {first}",
+                                 hint="export the model again (modelpress export), or run it in onnxruntime") from None
+        self.request = self.compiled.create_infer_request()
+        self.names = [p.get_any_name() for p in self.compiled.inputs]
+        self.threads = threads
+
+    def feeds(self, inputs: Any) -> dict[str, np.ndarray]:
+        arrays = onnx_inputs(inputs)
+        missing = [n for n in self.names if n not in arrays]
+        if missing:
+            raise DataError(f"the OpenVINO model takes inputs {self.names}, got {sorted(arrays)}",
+                            hint="pass the inputs in the structure the model was exported with")
+        return {n: arrays[n] for n in self.names}
+
+    def invoke(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        result = self.request.infer(feeds)
+        return [np.asarray(result[out]) for out in self.compiled.outputs]
+
+
+class OpenVino(Runtime):
+    name, key, label, module, extra, suffixes = "openvino", "ov", "OpenVINO", "openvino", "openvino", (".xml", ".onnx")
+
+    def _open(self, path: Path, threads: int | None) -> Session:
+        return OpenVinoSession(path, threads)
+
+    def build(self, model: torch.nn.Module, example_inputs: Any, folder: Path) -> Path:
+        return build_onnx(model, example_inputs, folder)  # OpenVINO reads ONNX as it is
+
+
+class LiteRTSession(Session):
+    def __init__(self, path: Path, threads: int | None):
+        self.threads = threads or 1  # the interpreter's own default is 1 thread
+        self.runner = LiteRTRunner(path, threads=self.threads)
+
+    def feeds(self, inputs: Any) -> dict[str, np.ndarray]:
+        return self.runner.feeds(inputs, channels_last=self.runner.takes_nhwc(inputs))
+
+    def invoke(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        out = self.runner.invoke(feeds)
+        return [out[name] for name in self.runner.output_names]
+
+    def __call__(self, inputs: Any) -> list[torch.Tensor]:
+        """The outputs as float tensors (an int8 output dequantized with the file's scale and zero point)."""
+        details = self.runner.runner.get_output_details()
+        outs = []
+        for name, y in zip(self.runner.output_names, self.invoke(self.feeds(inputs))):
+            scale, zero = details[name]["quantization"]
+            if scale and not np.issubdtype(y.dtype, np.floating):
+                y = (y.astype(np.float32) - zero) * scale
+            outs.append(torch.from_numpy(np.asarray(y, dtype=np.float32)))
+        return outs
+
+
+class LiteRT(Runtime):
+    name, key, label, module, extra, suffixes = "litert", "litert", "LiteRT", "ai_edge_litert", "tflite", (".tflite",)
+
+    def _open(self, path: Path, threads: int | None) -> Session:
+        return LiteRTSession(path, threads)
+
+    def build(self, model: torch.nn.Module, example_inputs: Any, folder: Path) -> Path:
+        """fp32 ``.tflite`` at batch 1 (the file's input shapes are fixed: it runs batch 1 only)."""
+        path, _ = export_deployable(model, slice_inputs(example_inputs, 1), folder / "model.tflite", fmt="tflite",
+                                    tflite=TfliteOptions(precision="fp32"))
+        return path
+
+
+def build_onnx(model: torch.nn.Module, example_inputs: Any, folder: Path) -> Path:
+    """fp32 ONNX (``model.onnx`` in ``folder``, written once for every runtime reading ONNX), checked
+    against PyTorch in ONNX Runtime."""
+    path = folder / "model.onnx"
+    if not path.exists():
+        export_onnx(model, example_inputs, path)
+        check_onnx(path, model, example_inputs, atol=1e-3, relative=True)
+    return path
+
+
+for _runtime in (OnnxRuntime(), OpenVino(), LiteRT()):
+    register_runtime(_runtime)
