@@ -14,8 +14,7 @@
 
 Columns: LiteRT accuracy on the 1,000 test images (batch 1), ``.tflite`` bytes, gzip -9 bytes, and
 batch-1 latency in the LiteRT interpreter (1 thread; every file timed in turns, call by call, in
-this process, so the rows compare). Run in the ``[tflite]`` venv (``constraints-tflite.txt``) with
-keras installed:
+this process, so the rows compare). Run with the ``[tflite]`` and ``[keras]`` extras installed:
 
     python benchmarks/keras_lenet5.py --tf-python /work/tf-venv/bin/python     # ~10 min on 2 cores
     python benchmarks/keras_lenet5.py --tfmot-dir /work/tfmot-run              # reuse TFMOT's run

@@ -43,12 +43,21 @@ ONNX Runtime intra-op threads; ORT sessions as in ``ort_session(spinning=False)`
    uniform ratio bisected to the same MACs), each + the same 3-epoch fine-tune (as
    ``pruning_structured.py``); NNCF PTQ and ORT ``quantize_static`` (defaults) for context.
    Target: modelpress accuracy >= the best Torch-Pruning row, speed-up >= 1.7x at 1 and 2 threads.
+4. The seeds' Keras LeNet-5 to LiteRT (``benchmarks/keras_lenet5.py``, which this task calls): TF
+   Model Optimization's rows (PTQ, pruning 80% / 90%, clustering, QAT, PCQAT; each an int8
+   ``.tflite``, trained in the TensorFlow venv of ``constraints-tf.txt`` by
+   ``keras_lenet5_tfmot.py``: ``--tf-python`` runs it, ``--tfmot-dir`` reuses a run) and modelpress on
+   the same ``lenet5.h5``; quality = LiteRT accuracy on the 1,000 test images, size = the
+   ``.tflite`` bytes (gzip bytes in the notes: how TFMOT reports size), latency = LiteRT
+   interpreter at batch 1 against TFMOT's fp32 ``.tflite``. Needs the [tflite] and [keras] extras.
+   Target (issue 17): modelpress <= 5,400 B gzipped within 0.5 pt of the Keras fp32 model.
 
 A peer that is missing or fails still gets its row, with the reason. NNCF builds a small C++
 extension on first use (cached in ~/.cache/torch_extensions; this script lifts NNCF's 60 s
 load timeout for that build).
 
     python benchmarks/peers.py                  # tasks 1,2,3
+    python benchmarks/peers.py --tasks 4 --tfmot-dir /work/tfmot-run    # the seeds' LeNet-5 in LiteRT
     python benchmarks/peers.py --tasks 1,3      # a subset
     python benchmarks/peers.py --quick          # smoke run: 20 fine-tune steps, few timings
 """
@@ -74,6 +83,7 @@ from torch import nn
 
 os.environ.setdefault("MODELPRESS_PROGRESS", "0")
 os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "0")  # first use compiles for minutes on 2 cores
+os.environ.setdefault("KERAS_BACKEND", "torch")  # task 4 reads the Keras file without TensorFlow
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 warnings.filterwarnings("ignore", message=".*quantiz.*deprecated.*")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -95,6 +105,7 @@ CALIB_IMAGES, BATCH = 512, 64
 T1_RATIO, T1_DROP = 50.0, 0.5
 T2_SPEEDUP, T2_SPEARMAN_TOL, T2_BYTES = 1.5, 0.01, 15_000_000
 T3_SPEEDUP = 1.7
+T4_GZIP, T4_DROP = 5_400, 0.5
 INSTALL_HINT = "pip install -c constraints.txt -e '.[peers]'"
 
 
@@ -653,8 +664,61 @@ def resnet_rows(quick: bool, d: Path) -> list[dict]:
     return rows
 
 
+# -- task 4: the seeds' Keras LeNet-5 in LiteRT ------------------------------------------------
+TFMOT = {"dir": None, "python": None}  # set from --tfmot-dir / --tf-python
+
+
+def keras_lenet5_rows(quick: bool, d: Path) -> list[dict]:
+    """TFMOT's int8 .tflite rows and modelpress's, from keras_lenet5.py, in this table's columns."""
+    return guarded(4, "TF Model Optimization and modelpress", "LiteRT", lambda: _keras_lenet5_rows(quick, d))
+
+
+def _keras_lenet5_rows(quick: bool, d: Path) -> list[dict]:
+    import gzip
+
+    need("litert_torch"), need("keras")
+    import keras_lenet5 as kl
+
+    from modelpress.runtime import Deployed
+
+    folder = Path(TFMOT["dir"]) if TFMOT["dir"] else d / "tfmot"
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "tfmot_rows.json").exists() and not TFMOT["python"]:
+        raise PeerMissing("no TFMOT run: pass --tfmot-dir (a keras_lenet5_tfmot.py run) or --tf-python (the "
+                          "TensorFlow venv of constraints-tf.txt)")
+    found = kl.tfmot_rows(folder, TFMOT["python"], quick)
+    args = argparse.Namespace(dense_ratio=0.3, sparsity=0.8, fc_bits=2, epochs=12, quick=quick)
+    found += kl.modelpress_rows(folder / "lenet5.h5", d, args)
+    bundle = load_dataset("mnist5k?normalize=false")
+    x, y = bundle.test.tensors
+    fp32 = next(r for r in found if "fp32" in r["name"] and "int8" not in r["name"] and "PTQ" not in r["name"])
+    acc0 = kl.litert_accuracy(Path(fp32["path"]), x, y)
+    t = timing(quick)
+    out = []
+    for r in found:
+        path = Path(r["path"])
+        data = path.read_bytes()
+        acc, gz = kl.litert_accuracy(path, x, y), len(gzip.compress(data, 9))
+        lat = None
+        if r is not fp32:
+            lat = {}
+            for threads in (1, 2):
+                c = compare_latency(Deployed(fp32["path"], "litert"), Deployed(path, "litert"), x[:1],
+                                    threads=threads, warmup=t[0], repeats=t[1], min_time_s=t[2])
+                lat[threads] = (c.a.median_ms, c.b.median_ms, c.ratio)
+        toolkit = "TF Model Optimization" if r["name"].startswith("TFMOT") else "modelpress"
+        name = f"{toolkit}: {r['name'].removeprefix('TFMOT ').removeprefix('modelpress ')}"
+        row = make_row(4, name, "LiteRT", f"{acc:.2%} ({100 * (acc - acc0):+.2f} pt)", size=len(data),
+                       size_of=f".tflite (gzip {gz:,} B)", lat=lat, note=r.get("note", ""), acc=acc,
+                       drop=100 * (acc0 - acc), gz=gz, reference=r is fp32)
+        if toolkit == "modelpress" and "fp32 model" not in r["name"]:
+            row["target"] = gz <= T4_GZIP and round(row["drop"], 2) <= T4_DROP
+        out.append(row)
+    return out
+
+
 # -- table ----------------------------------------------------------------------------------
-TASKS = {1: lenet_rows, 2: minilm_rows, 3: resnet_rows}
+TASKS = {1: lenet_rows, 2: minilm_rows, 3: resnet_rows, 4: keras_lenet5_rows}
 
 
 def rows(task: int, quick: bool = False) -> list[dict]:
@@ -709,7 +773,8 @@ def contended(table: list[dict]) -> list[str]:
 
 def targets_summary(table: list[dict]) -> list[str]:
     out = []
-    mp = {r["task"]: r for r in table if r["row"].startswith("modelpress") and not r.get("failed")}
+    mp = {r["task"]: r for r in table if r["row"].startswith("modelpress") and not r.get("failed")
+          and (r["task"] != 4 or r.get("target") is not None)}  # task 4: the compressed row, not plain int8
     tasks = sorted({r["task"] for r in table})
     missing = {r["task"]: r["note"] for r in table if r["row"].startswith("modelpress") and r.get("failed")}
     for task in tasks:
@@ -724,6 +789,9 @@ def targets_summary(table: list[dict]) -> list[str]:
             vs = r.get("vs_ort_int8") if r else None
             got = (f"{vs[1]:.2f}x / {vs[2]:.2f}x" if vs else "not timed") + (
                 f", Spearman {r['spearman']:.4f} vs {r['spearman0']:.4f}, {r['bytes']:,} B" if r else "")
+        elif task == 4:
+            goal = f"task 4: modelpress .tflite <= {T4_GZIP:,} B gzipped within {T4_DROP} pt of the Keras fp32 model"
+            got = f"{r['gz']:,} B gzipped, {-r['drop']:+.2f} pt" if r else None
         else:
             goal = (f"task 3: at ~2x fewer MACs modelpress accuracy >= Torch-Pruning's, speed-up >= {T3_SPEEDUP}x "
                     f"(1 and 2 thr)")
@@ -737,9 +805,12 @@ def targets_summary(table: list[dict]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", default="1,2,3", help="comma-separated task numbers (1 LeNet-5, 2 MiniLM, "
-                                                         "3 resnet_small)")
+                                                         "3 resnet_small, 4 the seeds' Keras LeNet-5 in LiteRT)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 20 fine-tune steps, few timings")
+    parser.add_argument("--tfmot-dir", default=None, help="task 4: a keras_lenet5_tfmot.py run to reuse")
+    parser.add_argument("--tf-python", default=None, help="task 4: python of the TensorFlow venv (constraints-tf.txt)")
     args = parser.parse_args()
+    TFMOT.update(dir=args.tfmot_dir, python=args.tf_python)
     tasks = [int(t) for t in args.tasks.split(",") if t.strip()]
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:

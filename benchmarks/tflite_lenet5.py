@@ -11,7 +11,7 @@ agreement with PyTorch over the test split, and batch-1 latency: LiteRT interpre
     python benchmarks/tflite_lenet5.py                  # digits (1,797 8x8 digits at 28x28), ~1 min
     python benchmarks/tflite_lenet5.py --data mnist5k   # the issue's split (1,000 test images)
 
-Needs the [tflite] extra (constraints-tflite.txt says how to make its venv).
+Needs the [tflite] extra.
 """
 from __future__ import annotations
 
