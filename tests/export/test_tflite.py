@@ -182,3 +182,15 @@ def test_analyze_and_compare_models_time_litert_at_batch_1(lenet5, digits):
     pruned = run_method(lenet5, ChannelPruning(ratio=0.5), MethodInputs(data=digits.train))[0]
     speed = compare_models(lenet5, pruned, x, batch_sizes=(1,), repeats=3, runtimes=("litert",))
     assert speed["litert_b1_speedup"] > 0 and "eager_b1_speedup" in speed
+
+
+def test_runtime_auto_builds_litert_fp32_and_int8_at_batch_1(lenet5, digits, tmp_path):
+    from modelpress.analysis.choose import choose_deployable
+
+    choice = choose_deployable(lenet5, digits, tmp_path / "m", runtimes=("litert",), max_drop=100, repeats=5,
+                               warmup=1)
+    assert [c.name for c in choice.candidates] == ["LiteRT fp32", "LiteRT int8"]
+    assert choice.path == tmp_path / "m.tflite" and [p.name for p in tmp_path.iterdir()] == ["m.tflite"]
+    assert choice.candidates[1].bytes < choice.candidates[0].bytes / 3
+    with pytest.raises(ConfigError, match="batch 1 files only"):
+        choose_deployable(lenet5, digits, tmp_path / "x", runtimes=("litert",), batch_size=4)

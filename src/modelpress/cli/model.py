@@ -129,6 +129,15 @@ def export(model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
            accuracy_level: int = typer.Option(4, "--accuracy-level", min=0, max=4,
                                               help="weight-only int2/4/8 Linear layers (MatMulNBits): 0 computes "
                                                    "in fp32 (exact), 4 with int8 activations (fast)"),
+           runtime: Optional[str] = typer.Option(None, "--runtime",
+                                                 help="onnxruntime (.onnx), openvino (.xml IR), litert (.tflite), or "
+                                                      "auto: build fp32 and int8 for every installed runtime, check "
+                                                      "each on -d's test split, time them here, keep the fastest that "
+                                                      "keeps quality"),
+           batch_size: int = typer.Option(1, "--batch-size", min=1, help="auto: the batch size timed"),
+           threads: int = typer.Option(1, "--threads", min=1, help="auto: the threads timed"),
+           max_drop: float = typer.Option(0.5, "--max-drop", min=0.0,
+                                          help="auto: the most quality points a deployable may lose"),
            trust_remote_code: bool = TRUST):
     """Export a model for deployment: ONNX (int8 QDQ for statically quantized models, ONNX Runtime
     dynamic int8 for dynamically quantized ones, MatMulNBits for weight-only int2/int4/int8 Linear
@@ -144,13 +153,27 @@ def export(model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
     modelpress export -m runs/p/model.safetensors -o small.safetensors ·
     modelpress export -m runs/gptq/model.safetensors -d sts -o minilm-w4 --format compressed-tensors ·
     modelpress export -m runs/p/model.safetensors -d digits -o lenet5.tflite --set precision=int8 ·
-    modelpress export -m runs/p/model.safetensors -d mnist5k -o lenet5-small.keras
+    modelpress export -m runs/p/model.safetensors -d mnist5k -o lenet5-small.keras ·
+    modelpress export -m runs/p/model.safetensors -d mnist5k -o deploy/lenet5 --runtime auto
     """
-    suffixes = {".onnx": "onnx", ".tflite": "tflite", ".keras": "keras"}
+    if runtime == "auto":
+        return _export_auto(model, dest, data, batch_size, threads, max_drop, trust_remote_code)
+    if runtime is not None:
+        runtimes = {"onnxruntime": "onnx", "openvino": "openvino", "litert": "tflite"}
+        if runtime not in runtimes:
+            raise ModelpressError(f"--runtime {runtime!r} is not known",
+                                  hint="use auto, onnxruntime, openvino or litert")
+        if fmt not in ("auto", runtimes[runtime]):
+            raise ModelpressError(f"--runtime {runtime} writes {runtimes[runtime]}, not --format {fmt}",
+                                  hint="give one of --runtime and --format")
+        fmt = runtimes[runtime]
+    suffixes = {".onnx": "onnx", ".tflite": "tflite", ".keras": "keras", ".xml": "openvino"}
     kind = fmt if fmt != "auto" else suffixes.get(dest.suffix, "artifact")
-    if kind not in ("onnx", "tflite", "keras", "artifact", "compressed-tensors"):
+    if kind not in ("onnx", "tflite", "keras", "openvino", "artifact", "compressed-tensors"):
         raise ModelpressError(f"--format {fmt!r} is not known",
-                              hint="use auto, onnx, tflite, keras, artifact or compressed-tensors")
+                              hint="use auto, onnx, tflite, keras, openvino, artifact or compressed-tensors")
+    if kind == "openvino" and dest.suffix != ".xml":
+        dest = dest.with_suffix(".xml")
     if sets and kind != "tflite":
         raise ModelpressError(f"--set applies to --format tflite, not {kind}",
                               hint="ONNX takes --embedding-bits and --accuracy-level")
@@ -188,8 +211,26 @@ def export(model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
         out.print(f"wrote {path}; {note}", highlight=False, soft_wrap=True)
         return
     path, note = export_deployable(m, bundle.example_inputs(1), dest, check=check,
-                                   embedding_bits=embedding_bits or None, accuracy_level=accuracy_level)
-    out.print(f"wrote {path} ({path.stat().st_size:,} bytes){'; ' + note if note else ''}")
+                                   embedding_bits=embedding_bits or None, accuracy_level=accuracy_level,
+                                   fmt="openvino" if kind == "openvino" else "onnx")
+    size = path.stat().st_size + (path.with_suffix(".bin").stat().st_size if kind == "openvino" else 0)
+    out.print(f"wrote {path}{' + .bin' if kind == 'openvino' else ''} ({size:,} bytes){'; ' + note if note else ''}",
+              highlight=False, soft_wrap=True)
+
+
+def _export_auto(model: str, dest: Path, data: str, batch_size: int, threads: int, max_drop: float,
+                 trust_remote_code: bool) -> None:
+    """``export --runtime auto``: the fastest deployable that keeps quality, chosen by measuring here."""
+    from ..analysis.choose import choose_deployable
+
+    bundle = load_bundle(data)
+    m = load(model, bundle, trust_remote_code=trust_remote_code)
+    choice = choose_deployable(m, bundle, dest, batch_size=batch_size, threads=threads, max_drop=max_drop)
+    out.print(choice.table(), highlight=False, soft_wrap=True)
+    c = choice.chosen
+    out.print(f"wrote {choice.path} ({c.bytes:,} bytes): {c.name}, {c.ms:.3f} ms at batch {batch_size} "
+              f"({threads} thr), {choice.primary} {c.metrics.get(choice.primary, float('nan')):.4f}",
+              highlight=False, soft_wrap=True)
 
 
 def sensitivity(model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),

@@ -12,8 +12,9 @@
 * anything else -> fp32 ONNX (:func:`modelpress.export.onnx.export_onnx`); packed conv layers
   export their dequantized weights (the artifact is the compact form).
 
-``fmt="tflite"`` writes a LiteRT file instead, in the precision its :class:`TfliteOptions` name
-(fp32, fp16, dynamic-range int8, int8 calibrated on ``calibration``;
+``fmt="openvino"`` writes OpenVINO IR (``.xml`` + ``.bin``) from that ONNX file
+(:mod:`modelpress.export.openvino`). ``fmt="tflite"`` writes a LiteRT file instead, in the
+precision its :class:`TfliteOptions` name (fp32, fp16, dynamic-range int8, int8 calibrated on ``calibration``;
 :mod:`modelpress.export.tflite`): dynamically quantized layers go in as their dequantized float
 weights, which the LiteRT quantizer then quantizes its own way.
 
@@ -46,7 +47,7 @@ from .onnx_nbits import export_nbits_onnx
 from .onnx_quant import export_int8_onnx
 from .tflite import TfliteOptions, export_tflite
 
-FORMATS = ("onnx", "tflite")
+FORMATS = ("onnx", "tflite", "openvino")
 
 
 class Exporter(NamedTuple):
@@ -121,6 +122,12 @@ def export_deployable(model: nn.Module, example_inputs: Any, path: str | os.Path
     if fmt == "tflite":
         done = export_tflite(float_copy(model), example_inputs, path, tflite, calibration=calibration, check=check)
         return done.path, done.note
+    if fmt == "openvino":
+        from .openvino import export_openvino
+
+        ir = export_openvino(model, example_inputs, path, check=check, embedding_bits=embedding_bits,
+                             accuracy_level=accuracy_level)
+        return ir.path, ir.note
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial.onnx")  # checked first, then moved into place
@@ -223,6 +230,17 @@ def _check_sqnr(path: Path, model: nn.Module, inputs: Any, min_db: float = 10.0)
 def quantizes_activations(model: nn.Module) -> bool:
     """True when some layer fake-quantizes its input (QAT / AdaRound / mixed precision with ``act_bits``)."""
     return any(getattr(m, "act_bits", None) is not None for m in model.modules())
+
+
+def output_tolerance(model: nn.Module, inputs: Any) -> float:
+    """How far another runtime's output may be from PyTorch's: one rounding step for a model that
+    quantizes activations (:func:`_int8_tolerance`), else 1e-3 of the output range (at least 1e-4)."""
+    if quantizes_activations(model) or any(isinstance(m, FakeQuant) for m in model.modules()):
+        return _int8_tolerance(model, inputs)
+    with torch.no_grad():
+        out = call_model(model.eval(), inputs)
+    out = out if isinstance(out, torch.Tensor) else next(iter(out.values() if isinstance(out, dict) else out))
+    return max(1e-3 * float(out.abs().max()), 1e-4)
 
 
 def _int8_tolerance(model: nn.Module, inputs: Any) -> float:

@@ -48,6 +48,23 @@ class Session(ABC):
         """Run on inputs in the batch convention; the outputs as float tensors."""
         return [torch.from_numpy(np.asarray(o)) for o in self.invoke(self.feeds(inputs))]
 
+    def as_module(self) -> torch.nn.Module:
+        """The session behind a module call returning its first output, so what evaluates a model
+        (a task's metrics, accuracy loops) evaluates the deployed file the same way."""
+        return SessionModule(self)
+
+
+class SessionModule(torch.nn.Module):
+    """A :class:`Session` called like the model it was exported from (first output only)."""
+
+    def __init__(self, session: Session):
+        super().__init__()
+        self.session = session
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        inputs = kwargs if kwargs else (args[0] if len(args) == 1 else args)
+        return self.session(inputs)[0]
+
 
 class Runtime(ABC):
     """A runtime that runs deployed files. ``name`` is what users type (``--runtime NAME``),

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..core.data import slice_inputs
+from ..core.data import batch_size_of, slice_inputs
 from ..core.errors import DataError, ModelLoadError
 from ..export.deploy import export_deployable
 from ..export.onnx import check_onnx, export_onnx, onnx_inputs, ort_feeds, ort_session
@@ -94,7 +94,12 @@ class LiteRTSession(Session):
         return [out[name] for name in self.runner.output_names]
 
     def __call__(self, inputs: Any) -> list[torch.Tensor]:
-        """The outputs as float tensors (an int8 output dequantized with the file's scale and zero point)."""
+        """The outputs as float tensors (an int8 output dequantized with the file's scale and zero point).
+        The file takes batch 1: a larger batch runs sample by sample."""
+        n = batch_size_of(inputs)
+        if n > 1:
+            parts = [self(slice_batch(inputs, i, i + 1)) for i in range(n)]
+            return [torch.cat(outs) for outs in zip(*parts)]
         details = self.runner.runner.get_output_details()
         outs = []
         for name, y in zip(self.runner.output_names, self.invoke(self.feeds(inputs))):
@@ -103,6 +108,15 @@ class LiteRTSession(Session):
                 y = (y.astype(np.float32) - zero) * scale
             outs.append(torch.from_numpy(np.asarray(y, dtype=np.float32)))
         return outs
+
+
+def slice_batch(inputs: Any, start: int, stop: int) -> Any:
+    """Samples ``start:stop`` of inputs in the batch convention (a tensor, a tuple or a dict of tensors)."""
+    if isinstance(inputs, dict):
+        return {k: v[start:stop] for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(v[start:stop] for v in inputs)
+    return inputs[start:stop]
 
 
 class LiteRT(Runtime):
