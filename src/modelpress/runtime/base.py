@@ -104,8 +104,9 @@ class Runtime(ABC):
 
     @abstractmethod
     def build(self, model: torch.nn.Module, example_inputs: Any, folder: Path) -> Path:
-        """Write ``model`` as a float file this runtime runs into ``folder`` (checked against the model);
-        what :func:`~modelpress.analysis.analyze.analyze` times the model with."""
+        """Write ``model`` as the file this runtime runs (the ONNX runtimes: what it deploys as, int8
+        included) into ``folder``, checked against the model; what
+        :func:`~modelpress.analysis.analyze.analyze` times the model with."""
 
 
 RUNTIMES: Registry[Runtime] = Registry("runtime", plugins=("modelpress.runtime.builtin",))

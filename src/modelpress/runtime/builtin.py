@@ -12,7 +12,7 @@ import torch
 from ..core.data import batch_size_of, slice_inputs
 from ..core.errors import DataError, ModelLoadError
 from ..export.deploy import export_deployable
-from ..export.onnx import check_onnx, export_onnx, onnx_inputs, ort_feeds, ort_session
+from ..export.onnx import onnx_inputs, ort_feeds, ort_session
 from ..export.tflite import LiteRTRunner, TfliteOptions
 from .base import Runtime, Session, register_runtime
 
@@ -126,19 +126,20 @@ class LiteRT(Runtime):
         return LiteRTSession(path, threads)
 
     def build(self, model: torch.nn.Module, example_inputs: Any, folder: Path) -> Path:
-        """fp32 ``.tflite`` at batch 1 (the file's input shapes are fixed: it runs batch 1 only)."""
+        """fp32 ``.tflite`` at batch 1 (the file's input shapes are fixed: it runs batch 1 only); quantized
+        layers go in as their float weights."""
         path, _ = export_deployable(model, slice_inputs(example_inputs, 1), folder / "model.tflite", fmt="tflite",
                                     tflite=TfliteOptions(precision="fp32"))
         return path
 
 
 def build_onnx(model: torch.nn.Module, example_inputs: Any, folder: Path) -> Path:
-    """fp32 ONNX (``model.onnx`` in ``folder``, written once for every runtime reading ONNX), checked
-    against PyTorch in ONNX Runtime."""
+    """The ONNX file the model deploys as (``model.onnx`` in ``folder``, written once for every runtime
+    reading ONNX): fp32, or int8 QDQ / dynamic int8 / MatMulNBits for a quantized model, checked
+    against PyTorch by :func:`~modelpress.export.deploy.export_deployable`."""
     path = folder / "model.onnx"
     if not path.exists():
-        export_onnx(model, example_inputs, path)
-        check_onnx(path, model, example_inputs, atol=1e-3, relative=True)
+        export_deployable(model, example_inputs, path)
     return path
 
 
