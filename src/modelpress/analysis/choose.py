@@ -15,8 +15,9 @@ model, so it is measured, not assumed:
 3. **Speed**: every candidate and the PyTorch model are timed in turns, call by call, in this
    process (:func:`~modelpress.analysis.latency.measure_together`) at ``batch_size`` (LiteRT at
    batch 1 only: it is a candidate only when ``batch_size`` is 1) with ``threads`` threads.
-4. **Choice**: the fastest candidate that passes. A float candidate always competes, so the choice
-   is never slower than the fastest float file; the chosen file is copied to ``dest`` with its
+4. **Choice**: the fastest candidate that passes (among those within ``same_speed``, 3%, of it:
+   timing noise, the smallest file). A float candidate always competes, so the choice is never
+   slower than the fastest float file by more than that; the chosen file is copied to ``dest`` with its
    runtime's suffix, and the table of all candidates says why.
 """
 from __future__ import annotations
@@ -147,11 +148,12 @@ def _builders(model: nn.Module, bundle: Any, runtimes: tuple[str, ...], folder: 
 
 def choose_deployable(model: nn.Module, bundle: Any, dest: str | os.PathLike, *,
                       runtimes: tuple[str, ...] | None = None, batch_size: int = 1, threads: int | None = 1,
-                      max_drop: float = 0.5, repeats: int = 50, warmup: int = 10,
+                      max_drop: float = 0.5, same_speed: float = 0.03, repeats: int = 50, warmup: int = 10,
                       max_time_s: float | None = 60.0) -> Choice:
     """Build, check and time the deployables of ``model`` (see the module docstring); write the
     fastest that keeps quality within ``max_drop`` points to ``dest`` (its suffix becomes the chosen
-    runtime's: ``.onnx``, ``.xml`` + ``.bin``, ``.tflite``) and return the :class:`Choice`."""
+    runtime's: ``.onnx``, ``.xml`` + ``.bin``, ``.tflite``) and return the :class:`Choice`. Candidates
+    within ``same_speed`` (a fraction) of the fastest count as equally fast: the smallest file wins."""
     wanted = tuple(runtimes) if runtimes else AUTO_RUNTIMES
     for name in wanted:
         get_runtime(name)  # an unknown name fails before any work
@@ -203,8 +205,14 @@ def choose_deployable(model: nn.Module, bundle: Any, dest: str | os.PathLike, *,
             c.ms = stats[str(i)].median_ms
         fast_float = min((c for c in candidates if c.precision == "fp32"), key=lambda c: c.ms, default=None)
         passing = [c for c in candidates if c.passed]
-        chosen = min(passing, key=lambda c: c.ms) if passing else fast_float or candidates[0]
-        if not passing:
+        if passing:
+            fastest = min(passing, key=lambda c: c.ms)
+            ties = [c for c in passing if c.ms <= fastest.ms * (1 + same_speed)]
+            chosen = min(ties, key=lambda c: (c.bytes, c.ms))  # as fast within noise: the smaller file
+            if chosen is not fastest:
+                chosen.note = f"within {same_speed:.0%} of the fastest ({fastest.name}) and smaller"
+        else:
+            chosen = fast_float or candidates[0]
             chosen.note = "nothing kept quality: the fastest float file"
         path = dest.with_suffix(chosen.path.suffix)
         if chosen.path.suffix == ".xml":  # the weights first: an .xml never points at a missing .bin
