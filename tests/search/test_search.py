@@ -37,8 +37,24 @@ SMALL = SearchSpace(sparsity=[0.0, 0.5, 0.8], bits=[8, 4], finetune={"epochs": 0
 def test_budget_parsing_and_cost_keys():
     assert Budget.parse("bytes=5000", max_drop=0.5).cost_key == "artifact_bytes"
     assert Budget.parse("latency=2.5", batch_size=32, runtime="onnxruntime").cost_key == "ort_b32_ms"
+    ov = Budget.parse("latency=2.5", runtime="openvino")
+    assert ov.cost_key == "ov_b1_ms" and ov.eval_spec()["runtimes"] == ["openvino"] and ov.eval_spec()["onnx"]
+    lite = Budget.parse("latency=1", runtime="litert")
+    assert lite.cost_key == "litert_b1_ms" and not lite.eval_spec()["onnx"]
+    assert Budget.parse("bytes=5000").eval_spec() == {"latency": False, "onnx": False, "runtimes": [],
+                                                      "batch_sizes": [1], "threads": 1}
     with pytest.raises(ConfigError, match="METRIC=VALUE"):
         Budget.parse("size<5000")
+    with pytest.raises(ConfigError, match="runtime: .*unknown runtime 'tvm'"):
+        Budget.parse("latency=1", runtime="tvm")
+
+
+def test_a_latency_budget_is_measured_in_its_runtime(tmp_path):
+    pytest.importorskip("openvino")
+    res = run_search(trained_mlp(), toy_bundle(), Budget(metric="latency", limit=1e9, max_drop=100, runtime="openvino"),
+                     SearchSpace(sparsity=[0.0], bits=[8], finetune={"epochs": 0.1, "lr": 0.005},
+                                 sensitivity_drop=None), out=tmp_path / "s", trials=1)
+    assert res.baseline["row"]["ov_b1_ms"] > 0 and res.best["cost"] == res.best["row"]["ov_b1_ms"]
 
 
 def test_space_rejects_out_of_range_choices():

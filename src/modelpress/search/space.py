@@ -45,22 +45,41 @@ class Budget(StrictModel):
     """The constraint a search must meet: one cost at most ``limit``, quality drop at most ``max_drop``.
 
     ``metric``: ``bytes`` (the artifact on disk), ``macs`` (per sample) or ``latency`` (median ms
-    at ``batch_size`` on ``runtime``: eager PyTorch or ONNX Runtime, ``threads`` threads).
+    at ``batch_size`` on ``runtime``: eager PyTorch or a runtime of :mod:`modelpress.runtime`, timed on
+    the file the model deploys as, ``threads`` threads; LiteRT at batch 1).
     ``max_drop`` is in points of the quality metric (accuracy in %, Spearman x 100, perplexity itself).
     """
 
     metric: Literal["bytes", "macs", "latency"] = "bytes"
     limit: float = Field(..., gt=0, description="the most bytes / MACs / milliseconds allowed")
     max_drop: float = Field(1.0, ge=0, description="largest quality drop allowed, in points")
-    runtime: Literal["eager", "onnxruntime"] = "eager"
+    runtime: str = Field("eager", description="eager (PyTorch) or a runtime: onnxruntime, openvino, litert")
     batch_size: int = Field(1, ge=1)
     threads: int = Field(1, ge=1)
+
+    @field_validator("runtime")
+    @classmethod
+    def _known_runtime(cls, name: str) -> str:
+        from ..runtime import EAGER, runtime_names
+
+        if name != EAGER and name not in runtime_names():
+            raise ValueError(f"unknown runtime {name!r}; known: eager, {', '.join(runtime_names())}")
+        return name
 
     @property
     def cost_key(self) -> str:
         if self.metric == "latency":
-            return f"{'eager' if self.runtime == 'eager' else 'ort'}_b{self.batch_size}_ms"
+            from ..runtime import key_of
+
+            return f"{key_of(self.runtime)}_b{self.batch_size}_ms"
         return COST_KEYS[self.metric]
+
+    def eval_spec(self) -> dict:
+        """What every trial measures: latency only for a latency budget, on its runtime alone."""
+        latency = self.metric == "latency"
+        runtimes = [self.runtime] if latency and self.runtime != "eager" else []
+        return {"latency": latency, "onnx": latency and self.runtime in ("onnxruntime", "openvino"),
+                "runtimes": runtimes, "batch_sizes": [self.batch_size], "threads": self.threads}
 
     @classmethod
     def parse(cls, text: str, max_drop: float = 1.0, **kw) -> "Budget":
@@ -68,10 +87,13 @@ class Budget(StrictModel):
 
         metric, sep, value = text.partition("=")
         try:
-            return cls(metric=metric.strip(), limit=float(value), max_drop=max_drop, **kw)
-        except Exception:
+            limit = float(value)
+        except ValueError:
+            limit = None
+        if not sep or limit is None or limit <= 0 or metric.strip() not in ("bytes", "macs", "latency"):
             raise ConfigError(f"budget {text!r} is not METRIC=VALUE with METRIC bytes, macs or latency",
-                              hint="e.g. --budget bytes=5000, --budget macs=2e6, --budget latency=3.5") from None
+                              hint="e.g. --budget bytes=5000, --budget macs=2e6, --budget latency=3.5")
+        return cls(metric=metric.strip(), limit=limit, max_drop=max_drop, **kw)  # a bad setting: ConfigError
 
 
 # field -> (valid choice?, what the error says)

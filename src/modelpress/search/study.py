@@ -140,8 +140,7 @@ def run_search(model: nn.Module, bundle: DatasetBundle, budget: Budget, space: S
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    eval_spec = {"latency": budget.metric == "latency", "onnx": budget.metric == "latency" and
-                 budget.runtime == "onnxruntime", "batch_sizes": [budget.batch_size], "threads": budget.threads}
+    eval_spec = budget.eval_spec()
 
     baseline_file = out / "baseline.json"
     if baseline_file.exists():
@@ -248,7 +247,8 @@ def _baseline(model: nn.Module, bundle: Any, space: SearchSpace, eval_spec: dict
     row = bundle.evaluate(model)
     inputs = bundle.example_inputs(1)
     rep = analyze(model, inputs, batch_sizes=tuple(eval_spec["batch_sizes"]), threads=eval_spec["threads"],
-                  latency=eval_spec["latency"], onnx=eval_spec["onnx"], artifact_bytes=artifact_size_of(model))
+                  latency=eval_spec["latency"], onnx=eval_spec["onnx"], artifact_bytes=artifact_size_of(model),
+                  runtimes=tuple(eval_spec["runtimes"]))
     row.update(rep.summary())
     base = {"row": {k: v for k, v in row.items() if isinstance(v, (int, float, str))},
             "quality": quality_of(row, bundle.task),
