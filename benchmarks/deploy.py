@@ -3,10 +3,12 @@
 For each model: the fp32 ONNX file (``export_onnx``) and modelpress's static int8 (``quant.static_int8``
 calibrated on ``--calib`` inputs, exported as QDQ by ``export_deployable``), each run by ONNX
 Runtime and by OpenVINO (which reads the same files: ``Deployed(path, "openvino")``), plus eager
-PyTorch; all timed in turns, call by call, in this process (``measure_together``) at each batch
-size and thread count. Quality: SQNR (dB) of each file's logits against the PyTorch fp32 model on 8
-inputs it was not calibrated on (torchvision models have random weights here: no ImageNet weights
-offline); the zoo CNNs (``--zoo``) are trained baselines and also get their test accuracy.
+PyTorch, and the peer: NNCF's post-training quantization of the OpenVINO model (default settings,
+the same calibration inputs; the [peers] extra), run by OpenVINO; all timed in turns, call by
+call, in this process (``measure_together``) at each batch size and thread count. Quality: SQNR
+(dB) of each file's logits against the PyTorch fp32 model on 8 inputs it was not calibrated on
+(torchvision models have random weights here: no ImageNet weights offline); the zoo CNNs
+(``--zoo``) are trained baselines and also get their test accuracy.
 
     python benchmarks/deploy.py                                   # resnet18, mobilenet_v2 at 224 px
     python benchmarks/deploy.py --models resnet18 --batch-sizes 1 --threads 1 --quick
@@ -15,6 +17,7 @@ offline); the zoo CNNs (``--zoo``) are trained baselines and also get their test
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 import tempfile
@@ -45,18 +48,38 @@ def files_for(model: torch.nn.Module, calib: list, example: torch.Tensor, folder
     return {"fp32": fp32, "int8": int8}
 
 
-def quality(model, files: dict[str, Path], x: torch.Tensor, y: torch.Tensor | None) -> dict[str, str]:
+def nncf_ir(fp32_onnx: Path, calib: list, folder: Path) -> Path | None:
+    """The peer: NNCF's post-training quantization on the OpenVINO model (its recommended path for
+    OpenVINO deployment, default settings), saved as IR; None when NNCF is not installed."""
+    try:
+        import nncf
+        import openvino as ov
+    except ImportError:
+        return None
+    ov_model = ov.Core().read_model(str(fp32_onnx))
+    name = ov_model.inputs[0].get_any_name()
+    items = [{name: x[i:i + 1].numpy()} for x, _ in calib for i in range(len(x))]
+    quantized = nncf.quantize(ov_model, nncf.Dataset(items), subset_size=len(items))
+    path = folder / "nncf_int8.xml"
+    ov.save_model(quantized, str(path), compress_to_fp16=False)
+    return path
+
+
+def quality(model, targets: dict[str, Deployed], x: torch.Tensor, y: torch.Tensor | None) -> dict[str, str]:
     with torch.no_grad():
         ref = output_tensor(call_model(model, x))
     out = {}
-    for precision, path in files.items():
-        for runtime in RUNTIMES:
-            (got,) = Deployed(path, runtime).open(threads=None)(x)
-            cell = f"{float(sqnr(ref.float(), got.float())):.1f} dB"
-            if y is not None:
-                cell += f", {float((got.argmax(1) == y).float().mean()):.2%}"
-            out[f"{runtime} {precision}"] = cell
+    for key, deployed in targets.items():
+        (got,) = Deployed(deployed.path, deployed.runtime).open(threads=None)(x)
+        cell = f"{float(sqnr(ref.float(), got.float())):.1f} dB"
+        if y is not None:
+            cell += f", {float((got.argmax(1) == y).float().mean()):.2%}"
+        out[key] = cell
     return out
+
+
+def file_bytes(path: Path) -> int:
+    return path.stat().st_size + (path.with_suffix(".bin").stat().st_size if path.suffix == ".xml" else 0)
 
 
 def bench(name: str, model: torch.nn.Module, calib: list, x_eval: torch.Tensor, y_eval, batch_sizes, threads_list,
@@ -64,13 +87,15 @@ def bench(name: str, model: torch.nn.Module, calib: list, x_eval: torch.Tensor, 
     lines = []
     with tempfile.TemporaryDirectory(prefix="deploy-") as tmp:
         files = files_for(model, calib, calib[0][0][:2], Path(tmp))
-        q = quality(model, files, x_eval, y_eval)
-        sizes = {p: f.stat().st_size for p, f in files.items()}
+        deployed = {f"{rt} {p}": Deployed(f, rt) for p, f in files.items() for rt in RUNTIMES}
+        peer = nncf_ir(files["fp32"], calib, Path(tmp)) if "openvino" in RUNTIMES else None
+        if peer is not None:
+            deployed["NNCF int8"] = Deployed(peer, "openvino")
+        q = quality(model, deployed, x_eval, y_eval)
         for bs in batch_sizes:
             x = torch.cat([x_eval] * (bs // len(x_eval) + 1))[:bs]
             for threads in threads_list:
-                targets = {"eager": model}
-                targets.update({f"{rt} {p}": Deployed(f, rt) for p, f in files.items() for rt in RUNTIMES})
+                targets = {"eager": model, **deployed}
                 t0 = time.perf_counter()
                 stats = measure_together(targets, x, threads=threads, warmup=3 if quick else 10,
                                          repeats=5 if quick else 30, min_time_s=0.0 if quick else 3.0,
@@ -80,7 +105,7 @@ def bench(name: str, model: torch.nn.Module, calib: list, x_eval: torch.Tensor, 
                 lines.append(f"| {name} | {bs} | {threads} | " + " | ".join(cells) + " |")
                 print(f"  {name} batch {bs}, {threads} thr: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
         lines.append(f"| {name} quality / bytes | | | - | " + " | ".join(
-            f"{q[k]}; {sizes[k.split()[1]]:,} B" for k in targets if k != "eager") + " |")
+            f"{q[k]}; {file_bytes(d.path):,} B" for k, d in deployed.items()) + " |")
     return lines
 
 
@@ -98,8 +123,11 @@ def main() -> None:
     torch.manual_seed(0)
     torch.set_num_threads(1)
     keys = ["eager"] + [f"{rt} {p}" for p in ("fp32", "int8") for rt in RUNTIMES]
+    if "openvino" in RUNTIMES and importlib.util.find_spec("nncf"):
+        keys.append("NNCF int8")
     header = ["model", "batch", "threads"] + [k.replace("onnxruntime", "ORT").replace("openvino", "OpenVINO")
-                                               .replace("eager", "PyTorch eager") for k in keys]
+                                               .replace("eager", "PyTorch eager")
+                                               .replace("NNCF int8", "NNCF PTQ int8 (OpenVINO)") for k in keys]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name in filter(None, args.models.split(",")):
         model = load_model(f"torchvision:{name}").eval()
