@@ -7,8 +7,9 @@ model, so it is measured, not assumed:
 1. **Candidates**, for every runtime installed here (:mod:`modelpress.runtime`): the model as it
    is (fp32, or the int8 QDQ / weight-only file its quantization exports to) in ONNX Runtime and in
    OpenVINO; for a float model also static int8 (``quant.static_int8`` calibrated on the training
-   split, exported as QDQ) in both; and in LiteRT fp32 and int8 calibrated on the same split
-   (batch 1).
+   split, exported as QDQ) in both, once whole and once with the first and last layer kept in
+   fp32 (a 1-channel stem and a small head are where int8 kernels lose most); and in LiteRT fp32
+   and int8 calibrated on the same split (batch 1).
 2. **Quality**: every candidate file is evaluated by the task on the test split, like the PyTorch
    model (accuracy, Spearman, perplexity ...). A candidate passes when its primary metric is within
    ``max_drop`` points of the PyTorch model's (:meth:`~modelpress.tasks.base.Task.points`).
@@ -33,6 +34,7 @@ from torch import nn
 
 from ..core.errors import ConfigError, ModelpressError
 from ..core.progress import log
+from ..core.scope import first_and_last
 from ..engine import MethodInputs, run_method
 from ..export.deploy import export_deployable, exporter_for
 from ..export.openvino import onnx_to_ir
@@ -123,6 +125,9 @@ def _builders(model: nn.Module, bundle: Any, runtimes: tuple[str, ...], folder: 
             m = model
             if kind == "int8":
                 m = run_method(model, StaticInt8(), MethodInputs(data=bundle.train))[0].eval()
+            elif kind == "int8-ends":  # the stem and the head are where int8 kernels lose most (few channels)
+                ends = first_and_last(model, ("Linear", "Conv2d"))
+                m = run_method(model, StaticInt8(scope={"exclude": ends}), MethodInputs(data=bundle.train))[0].eval()
             onnx_files[kind], _ = export_deployable(m, example, folder / f"{kind}.onnx")
         return onnx_files[kind]
 
@@ -134,7 +139,8 @@ def _builders(model: nn.Module, bundle: Any, runtimes: tuple[str, ...], folder: 
                                     tflite=TfliteOptions(precision=precision), calibration=bundle.train)
         return path
 
-    kinds = [("fp32", as_is)] + ([("int8", "int8")] if as_is == "fp32" else [])
+    kinds = [("fp32", as_is)] + ([("int8", "int8"), ("int8-ends", "int8, first/last layer fp32")]
+                                 if as_is == "fp32" else [])
     out = []
     for name in runtimes:
         if name == "onnxruntime":

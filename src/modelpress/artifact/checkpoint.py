@@ -12,8 +12,13 @@ Layout of ``model.safetensors`` (format 2, :data:`FORMAT`; any file name works):
 * metadata key ``modelpress``: ``"2:"`` + base85 of the deflated JSON header (the model
   *source* (zoo name, Hugging Face directory or factory), the structure records (see
   :mod:`.modules`), the encodings, the packed index, free-form ``meta`` (task, input shape,
-  metrics)). Deflate starts from a preset dictionary of the strings headers repeat, so a
+  metrics), and ``crc``: the CRC-32 of every stored piece's bytes, in the order of their sorted
+  names). Deflate starts from a preset dictionary of the strings headers repeat, so a
   small model's header costs a few hundred bytes, not a few thousand.
+
+Loading recomputes the CRCs: a piece whose bytes changed after saving (a flipped bit, a bad copy)
+is a :class:`ModelLoadError` naming its tensor, never a silently different model (a CRC-32 catches
+every single-bit error and every burst of up to 32 bits).
 
 Format 1 (:data:`FORMAT_V1`: one safetensors tensor per piece, the JSON header as plain text)
 still loads. Saving is atomic; loading uses safetensors, zlib and json only (never pickle),
@@ -156,10 +161,31 @@ def save_artifact(model: nn.Module, path: str | os.PathLike, *, source: dict | N
               "meta": meta}
     if replayed:  # loading replays these rewrites, then applies "structure" (see modules.replay)
         header["replay"] = replayed["steps"]
+    header["crc"] = [_crc(tensors[k]) for k in sorted(tensors)]
     tensors, header["packed"] = _pack(tensors)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"modelpress": _V2_TAG + _compress_header(header)})
     return Path(path)
+
+
+def _crc(t: torch.Tensor) -> int:
+    """CRC-32 of a tensor's bytes (as stored: contiguous, native byte order)."""
+    return zlib.crc32(t.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy())
+
+
+def _verify(pieces: dict[str, torch.Tensor], crcs: Any, where: str) -> None:
+    """Raise naming the first piece whose bytes differ from what was saved."""
+    names = sorted(pieces)
+    if not isinstance(crcs, list) or len(crcs) != len(names):
+        raise ModelLoadError(f"checkpoint {where} lists {len(crcs) if isinstance(crcs, list) else 'no'} checksums "
+                             f"for {len(names)} stored tensors", hint="the file is corrupt; re-create it")
+    for name, crc in zip(names, crcs):
+        if _crc(pieces[name]) != crc:
+            tensor = name.split(SEP)[0]
+            raise ModelLoadError(f"checkpoint {where}: tensor {tensor!r} is corrupt (its bytes do not match the "
+                                 "checksum saved with them)",
+                                 hint="the file changed after it was written (a flipped bit, a bad copy): copy it "
+                                      "again or re-create it")
 
 
 def _pack(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[list]]:
@@ -278,6 +304,8 @@ def read_stored(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]
     if header["format"] == FORMAT:
         blob = raw.pop(PACKED, None)
         raw.update(_unpack(blob, header.get("packed"), repr(str(path))))
+        if "crc" in header:  # files written before checksums load as they did
+            _verify(raw, header["crc"], repr(str(path)))
     return raw, header
 
 

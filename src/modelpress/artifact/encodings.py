@@ -34,7 +34,7 @@ import torch
 from ..core.errors import ModelLoadError
 from ..core.registry import Registry
 from .huffman import decode_indices, encode_codes, encode_huffman, encode_indices
-from .relidx import decode_relidx, encode_relidx_if_smaller
+from .relidx import decode_relidx, encode_relidx_if_smaller, stored_entries
 
 Encoder = Callable[[torch.Tensor], "tuple[dict[str, torch.Tensor], dict] | None"]
 Decoder = Callable[[dict[str, torch.Tensor], dict], torch.Tensor]
@@ -82,7 +82,7 @@ def encode_sparse(t: torch.Tensor):
     if not t.is_floating_point() or t.numel() < 64:
         return None
     flat = t.detach().reshape(-1).contiguous()
-    nz = flat != 0
+    nz = stored_entries(flat)
     nnz = int(nz.sum())
     encoded = (t.numel() + 7) // 8 + nnz * t.element_size()
     if encoded >= t.numel() * t.element_size():

@@ -70,6 +70,13 @@ def _unpack(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
     return out[:count]
 
 
+def stored_entries(flat: torch.Tensor) -> torch.Tensor:
+    """The entries a sparse encoding stores: the non-zeros and, for floats, every -0.0 (decoding fills
+    the rest with +0.0, so a -0.0 left out would come back with another sign bit)."""
+    nz = flat != 0
+    return nz | torch.signbit(flat) if flat.is_floating_point() else nz
+
+
 def encoded_bytes(count: int, bits: int, element_size: int) -> int:
     return count * element_size + (count * bits + 7) // 8
 
@@ -77,7 +84,7 @@ def encoded_bytes(count: int, bits: int, element_size: int) -> int:
 def encode_relidx(t: torch.Tensor, bits: int | None = None):
     """``(parts, info)`` of ``t`` with the given gap width (default: the smallest result)."""
     flat = t.detach().reshape(-1).contiguous().cpu()
-    positions = torch.nonzero(flat != 0).squeeze(1).numpy()
+    positions = torch.nonzero(stored_entries(flat)).squeeze(1).numpy()  # -0.0 kept: bit-exact
     widths = (bits,) if bits is not None else WIDTHS
     best = None
     for b in widths:
