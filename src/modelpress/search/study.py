@@ -25,7 +25,9 @@ drop trial with the lowest cost (``result.met_budget`` is False).
 from __future__ import annotations
 
 import math
+import os
 import shutil
+import socket
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,6 +96,9 @@ def pick_best(trials: list[dict], budget: Budget) -> tuple[dict | None, bool]:
     within_drop = [t for t in done if t["drop"] <= budget.max_drop]
     pool = within_drop or done
     return (min(pool, key=lambda t: (t["cost"], -t["quality"])) if pool else None), False
+
+
+WORKER = f"{socket.gethostname()}:{os.getpid()}"
 
 
 def _storage(storage: str | None, out: Path):
@@ -172,6 +177,7 @@ def run_search(model: nn.Module, bundle: DatasetBundle, budget: Budget, space: S
         raw = build_recipe(params, space, name=f"search-trial-{trial.number}", model=model_ref, data=data_ref,
                            eval_spec=eval_spec, seed=seed)
         trial.set_user_attr("recipe", raw)
+        trial.set_user_attr("worker", WORKER)  # which machine and process ran it (workers share a database)
         twin = _same_recipe(trial.study, raw)
         if twin is not None:  # recipes are deterministic: the same stages give the same numbers
             log(f"search: trial {trial.number} repeats trial {twin.number}'s choices; its result is reused")

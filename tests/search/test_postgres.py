@@ -1,0 +1,91 @@
+"""Search workers sharing a study on a real PostgreSQL server: a throwaway server (initdb into a temporary
+folder, a Unix socket, no system service), three worker processes, every trial run once and split between them."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("psycopg", reason="needs the [postgres] extra")
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _pg_bin(name: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
+    return next((str(v / name) for v in versions if (v / name).exists()), None)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def postgres_url():
+    """``postgresql+psycopg://`` URL of a server started for this module and stopped after it."""
+    initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
+    if not initdb or not pg_ctl:
+        pytest.skip("PostgreSQL is not installed (initdb / pg_ctl)")
+    # not under pytest's tmp root: that is private to this user, and a root run starts the server as postgres
+    folder = Path(tempfile.mkdtemp(prefix="modelpress-pg-"))
+    data, sock = folder / "data", folder / "sock"
+    sock.mkdir()
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # the server refuses to run as root: run it as the postgres user
+        if not shutil.which("runuser"):
+            pytest.skip("running as root without runuser")
+        as_user = ["runuser", "-u", "postgres", "--"]
+        shutil.chown(folder, "postgres"), shutil.chown(sock, "postgres")
+    port = _free_port()
+    subprocess.run([*as_user, initdb, "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync"],
+                   check=True, capture_output=True)
+    subprocess.run([*as_user, pg_ctl, "-D", str(data), "-w", "-l", str(folder / "log"), "-o",
+                    f"-k {sock} -p {port} -c listen_addresses='' -c fsync=off", "start"], check=True,
+                   capture_output=True)
+    try:
+        yield f"postgresql+psycopg://postgres@/postgres?host={sock}&port={port}"
+    finally:
+        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+WORKER = """
+import sys
+sys.path.insert(0, {tests!r})
+from search.test_search import SMALL, toy_bundle, trained_mlp
+from modelpress.search.space import Budget
+from modelpress.search.study import run_search
+run_search(trained_mlp(), toy_bundle(), Budget(metric="bytes", limit=1e9, max_drop=100), SMALL,
+           out=sys.argv[1], trials=int(sys.argv[2]), storage=sys.argv[3], study_name="shared")
+"""
+
+
+def test_three_workers_share_one_postgres_study(tmp_path, postgres_url):
+    import optuna
+
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER.format(tests=str(REPO / "tests")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MODELPRESS_PROGRESS": "0", "MODELPRESS_QUIET": "1"}
+    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path / f"out{i}"), "9", postgres_url], env=env,
+                              stderr=subprocess.PIPE, text=True) for i in range(3)]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-2000:]
+    study = optuna.load_study(study_name="shared", storage=postgres_url)
+    numbers = [t.number for t in study.trials]
+    assert len(numbers) >= 9 and len(set(numbers)) == len(numbers)  # every trial number once
+    assert all(t.state.name == "COMPLETE" for t in study.trials)
+    workers = {t.user_attrs["worker"] for t in study.trials}
+    assert len(workers) >= 2, workers  # the trials were split between the processes
+    assert all(w.split(":")[1] in {str(p.pid) for p in procs} for w in workers)
