@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -66,8 +68,10 @@ sys.path.insert(0, {tests!r})
 from search.test_search import SMALL, toy_bundle, trained_mlp
 from modelpress.search.space import Budget
 from modelpress.search.study import run_search
-run_search(trained_mlp(), toy_bundle(), Budget(metric="bytes", limit=1e9, max_drop=100), SMALL,
-           out=sys.argv[1], trials=int(sys.argv[2]), storage=sys.argv[3], study_name="shared")
+epochs = float(sys.argv[5]) if len(sys.argv) > 5 else 0.5
+space = type(SMALL).model_validate({{**SMALL.model_dump(), "finetune": {{"epochs": epochs, "lr": 0.005}}}})
+run_search(trained_mlp(), toy_bundle(), Budget(metric="bytes", limit=1e9, max_drop=100), space,
+           out=sys.argv[1], trials=int(sys.argv[2]), storage=sys.argv[3], study_name=sys.argv[4], heartbeat=(1, 2))
 """
 
 
@@ -77,8 +81,8 @@ def test_three_workers_share_one_postgres_study(tmp_path, postgres_url):
     script = tmp_path / "worker.py"
     script.write_text(WORKER.format(tests=str(REPO / "tests")))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MODELPRESS_PROGRESS": "0", "MODELPRESS_QUIET": "1"}
-    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path / f"out{i}"), "9", postgres_url], env=env,
-                              stderr=subprocess.PIPE, text=True) for i in range(3)]
+    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path / f"out{i}"), "9", postgres_url, "shared"],
+                              env=env, stderr=subprocess.PIPE, text=True) for i in range(3)]
     for p in procs:
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-2000:]
@@ -89,3 +93,36 @@ def test_three_workers_share_one_postgres_study(tmp_path, postgres_url):
     workers = {t.user_attrs["worker"] for t in study.trials}
     assert len(workers) >= 2, workers  # the trials were split between the processes
     assert all(w.split(":")[1] in {str(p.pid) for p in procs} for w in workers)
+
+
+def test_a_killed_workers_trial_is_retried_by_another(tmp_path, postgres_url):
+    import optuna
+
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER.format(tests=str(REPO / "tests")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MODELPRESS_PROGRESS": "0", "MODELPRESS_QUIET": "1"}
+    # a worker with long trials, killed while one runs
+    slow = subprocess.Popen([sys.executable, str(script), str(tmp_path / "a"), "2", postgres_url, "killed", "500"],
+                            env=env, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    running = []
+    while not running and time.time() < deadline and slow.poll() is None:
+        time.sleep(0.5)
+        try:
+            study = optuna.load_study(study_name="killed", storage=postgres_url)
+            running = [t for t in study.trials if t.state.name == "RUNNING"]
+        except KeyError:  # the study is not created yet
+            pass
+    assert running, "the slow worker never started a trial"
+    slow.send_signal(signal.SIGKILL)
+    slow.wait()
+    time.sleep(3)  # past the grace period: its trial's heartbeat is stale
+    other = subprocess.run([sys.executable, str(script), str(tmp_path / "b"), "2", postgres_url, "killed"], env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert other.returncode == 0, other.stderr[-2000:]
+    trials = optuna.load_study(study_name="killed", storage=postgres_url).trials
+    killed = next(t for t in trials if t.number == running[0].number)
+    assert killed.state.name == "FAIL"
+    retry = [t for t in trials if t.system_attrs.get("failed_trial") == killed.number]
+    assert len(retry) == 1 and retry[0].state.name == "COMPLETE" and retry[0].params == killed.params
+    assert retry[0].user_attrs["worker"] != killed.user_attrs["worker"]

@@ -101,7 +101,7 @@ def pick_best(trials: list[dict], budget: Budget) -> tuple[dict | None, bool]:
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _storage(storage: str | None, out: Path):
+def _storage(storage: str | None, out: Path, heartbeat: tuple[int, int] = (30, 120)):
     """Optuna RDB storage (default: SQLite in ``out``) with heartbeats, so trials of a killed
     process are failed and retried once. Workers starting together may race to create the
     schema; a few retries settle it."""
@@ -109,7 +109,7 @@ def _storage(storage: str | None, out: Path):
     import warnings
 
     import optuna
-    from sqlalchemy.exc import IntegrityError, OperationalError
+    from sqlalchemy.exc import DBAPIError
 
     url = storage or f"sqlite:///{(out / 'study.db').resolve()}"
     for attempt in range(5):
@@ -117,9 +117,9 @@ def _storage(storage: str | None, out: Path):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 return optuna.storages.RDBStorage(
-                    url, heartbeat_interval=30, grace_period=120,
+                    url, heartbeat_interval=int(heartbeat[0]), grace_period=int(heartbeat[1]),
                     heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
-        except (IntegrityError, OperationalError):
+        except DBAPIError:  # PostgreSQL: DuplicateTable / UniqueViolation when two workers create the schema
             if attempt == 4:
                 raise
             time.sleep(0.5 + attempt)
@@ -132,12 +132,14 @@ def _layers(model: nn.Module) -> list[str]:
 def run_search(model: nn.Module, bundle: DatasetBundle, budget: Budget, space: SearchSpace | None = None, *,
                out: str | Path, trials: int = 20, storage: str | None = None, study_name: str | None = None,
                model_ref: str | None = None, data_ref: str | None = None, seed: int = 0,
-               keep_trial_artifacts: bool = False) -> SearchResult:
+               keep_trial_artifacts: bool = False, heartbeat: tuple[int, int] = (30, 120)) -> SearchResult:
     """Search ``space`` for the best compression of ``model`` on ``bundle`` under ``budget``.
 
     ``trials`` is the total the study should reach (a resumed or shared study counts the
     trials already finished). ``model_ref``/``data_ref`` are written into the recipes so the CLI
     can rerun them (the Python caller passes the same model and data to ``compress``).
+    ``heartbeat``: ``(interval, grace)`` seconds: a running trial whose worker sent no heartbeat for
+    ``grace`` seconds (the process was killed) is failed and retried once by the next worker to start a trial.
     """
     import optuna
 
@@ -210,7 +212,8 @@ def run_search(model: nn.Module, bundle: DatasetBundle, budget: Budget, space: S
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=8, multivariate=True, group=True)
-    study = optuna.create_study(storage=_storage(storage, out), study_name=study_name or f"modelpress-{out.name}",
+    study = optuna.create_study(storage=_storage(storage, out, heartbeat),
+                                study_name=study_name or f"modelpress-{out.name}",
                                 directions=["maximize", "minimize"], sampler=sampler, load_if_exists=True)
     finished = len([t for t in study.trials if t.state.is_finished()])
     if finished < trials:
