@@ -18,6 +18,7 @@ from modelpress.zoo.models import build_model
 
 pytest.importorskip("openvino", reason="needs the [openvino] extra")
 
+from modelpress.export import deploy  # noqa: E402
 from modelpress.export import openvino as ov_export  # noqa: E402
 
 
@@ -37,9 +38,9 @@ def trained(digits):
 
 def test_ir_of_float_and_int8_models_runs_like_pytorch(trained, digits, tmp_path):
     x = digits.example_inputs(6)
-    fp32 = ov_export.export_openvino(trained, x, tmp_path / "fp32.xml")
+    fp32 = deploy.export_openvino(trained, x, tmp_path / "fp32.xml")
     q = run_method(trained, StaticInt8(), MethodInputs(data=digits.train))[0].eval()
-    int8 = ov_export.export_openvino(q, x, tmp_path / "int8.xml")
+    int8 = deploy.export_openvino(q, x, tmp_path / "int8.xml")
     assert "fp32" in fp32.note and "int8 QDQ" in int8.note and "OpenVINO max abs diff" in int8.note
     # int8 weights stay int8 in the .bin: under a third of the float weights
     assert (tmp_path / "int8.bin").stat().st_size < (tmp_path / "fp32.bin").stat().st_size / 3
@@ -54,7 +55,7 @@ def test_ir_of_float_and_int8_models_runs_like_pytorch(trained, digits, tmp_path
 def test_a_mismatching_ir_leaves_nothing_and_a_bad_suffix_is_refused(trained, digits, tmp_path, monkeypatch):
     monkeypatch.setattr(ov_export, "run_ir", lambda path, inputs: torch.full((6, 10), 99.0))
     with pytest.raises(ov_export.OpenVinoMismatchError, match="nothing was written"):
-        ov_export.export_openvino(trained, digits.example_inputs(6), tmp_path / "m.xml")
+        deploy.export_openvino(trained, digits.example_inputs(6), tmp_path / "m.xml")
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(ConfigError, match="NAME.xml"):
         export_deployable(trained, digits.example_inputs(2), tmp_path / "m.onnx", fmt="openvino")

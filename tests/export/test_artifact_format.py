@@ -125,7 +125,7 @@ def test_header_of_a_tiny_model_is_small(tmp_path):
     # LeNet-5 with k-means weight sharing: 10 tensors + the structure of 5 rebuilt layers
     q = quantize(build_model("lenet5"), WeightSharing(bits=3))
     path = save_artifact(q, tmp_path / "q.safetensors", meta={"stage": "share", "method": "quant.kmeans"})
-    assert safetensors_header_bytes(path) <= 400  # format 1: ~1,900 bytes
+    assert safetensors_header_bytes(path) <= 450  # format 1: ~1,900 bytes; checksums: 5 bytes a stored piece
 
 
 def test_loaded_codebook_model_keeps_its_huffman_encoding_when_saved_again(tmp_path):

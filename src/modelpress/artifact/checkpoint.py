@@ -13,8 +13,9 @@ Layout of ``model.safetensors`` (format 2, :data:`FORMAT`; any file name works):
   *source* (zoo name, Hugging Face directory or factory), the structure records (see
   :mod:`.modules`), the encodings, the packed index, free-form ``meta`` (task, input shape,
   metrics), and ``crc``: the CRC-32 of every stored piece's bytes, in the order of their sorted
-  names). Deflate starts from a preset dictionary of the strings headers repeat, so a
-  small model's header costs a few hundred bytes, not a few thousand.
+  names, as base85 of the 4-byte values: 5 bytes a piece). Deflate starts from a preset
+  dictionary of the strings headers repeat, so a small model's header costs a few hundred
+  bytes, not a few thousand.
 
 Loading recomputes the CRCs: a piece whose bytes changed after saving (a flipped bit, a bad copy)
 is a :class:`ModelLoadError` naming its tensor, never a silently different model (a CRC-32 catches
@@ -41,6 +42,7 @@ import base64
 import json
 import math
 import os
+import struct
 import zlib
 from collections import OrderedDict
 from pathlib import Path
@@ -161,7 +163,7 @@ def save_artifact(model: nn.Module, path: str | os.PathLike, *, source: dict | N
               "meta": meta}
     if replayed:  # loading replays these rewrites, then applies "structure" (see modules.replay)
         header["replay"] = replayed["steps"]
-    header["crc"] = [_crc(tensors[k]) for k in sorted(tensors)]
+    header["crc"] = _pack_crcs([_crc(tensors[k]) for k in sorted(tensors)])
     tensors, header["packed"] = _pack(tensors)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"modelpress": _V2_TAG + _compress_header(header)})
@@ -173,10 +175,24 @@ def _crc(t: torch.Tensor) -> int:
     return zlib.crc32(t.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy())
 
 
-def _verify(pieces: dict[str, torch.Tensor], crcs: Any, where: str) -> None:
+def _pack_crcs(crcs: list[int]) -> str:
+    """The CRCs as base85 of their little-endian 4-byte values: 5 characters each (JSON digits cost ~2x)."""
+    return base64.b85encode(struct.pack(f"<{len(crcs)}I", *crcs)).decode("ascii")
+
+
+def _unpack_crcs(text: Any) -> list[int] | None:
+    try:
+        raw = base64.b85decode(text)
+        return list(struct.unpack(f"<{len(raw) // 4}I", raw)) if len(raw) % 4 == 0 else None
+    except (TypeError, ValueError, struct.error):
+        return None
+
+
+def _verify(pieces: dict[str, torch.Tensor], packed: Any, where: str) -> None:
     """Raise naming the first piece whose bytes differ from what was saved."""
     names = sorted(pieces)
-    if not isinstance(crcs, list) or len(crcs) != len(names):
+    crcs = _unpack_crcs(packed)
+    if crcs is None or len(crcs) != len(names):
         raise ModelLoadError(f"checkpoint {where} lists {len(crcs) if isinstance(crcs, list) else 'no'} checksums "
                              f"for {len(names)} stored tensors", hint="the file is corrupt; re-create it")
     for name, crc in zip(names, crcs):

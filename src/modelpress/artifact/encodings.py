@@ -34,7 +34,7 @@ import torch
 from ..core.errors import ModelLoadError
 from ..core.registry import Registry
 from .huffman import decode_indices, encode_codes, encode_huffman, encode_indices
-from .relidx import decode_relidx, encode_relidx_if_smaller, stored_entries
+from .relidx import decode_relidx, encode_relidx_if_smaller, negative_zeros, restore_negative_zeros
 
 Encoder = Callable[[torch.Tensor], "tuple[dict[str, torch.Tensor], dict] | None"]
 Decoder = Callable[[dict[str, torch.Tensor], dict], torch.Tensor]
@@ -82,13 +82,14 @@ def encode_sparse(t: torch.Tensor):
     if not t.is_floating_point() or t.numel() < 64:
         return None
     flat = t.detach().reshape(-1).contiguous()
-    nz = stored_entries(flat)
+    nz = flat != 0
     nnz = int(nz.sum())
-    encoded = (t.numel() + 7) // 8 + nnz * t.element_size()
+    signs = negative_zeros(flat)  # -0.0 entries: their sign bits, so decoding is bit-exact
+    encoded = (t.numel() + 7) // 8 + nnz * t.element_size() + sum(v.numel() for v in signs.values())
     if encoded >= t.numel() * t.element_size():
         return None
     bits = torch.from_numpy(np.packbits(nz.numpy().astype(np.uint8)))
-    return {"bitmask": bits, "values": flat[nz].clone()}, {"shape": list(t.shape)}  # dtype: the values' own
+    return {"bitmask": bits, "values": flat[nz].clone(), **signs}, {"shape": list(t.shape)}  # dtype: values' own
 
 
 def decode_sparse(parts, info):
@@ -99,7 +100,7 @@ def decode_sparse(parts, info):
         raise ModelLoadError("sparse tensor: bitmask and values disagree (corrupt file)")
     out = torch.zeros(numel, dtype=values.dtype)
     out[torch.from_numpy(nz)] = values
-    return out.reshape(info["shape"])
+    return restore_negative_zeros(out, parts).reshape(info["shape"])
 
 
 # -- integral: whole numbers stored as packed offsets from the minimum (exact) -------

@@ -70,11 +70,31 @@ def _unpack(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
     return out[:count]
 
 
-def stored_entries(flat: torch.Tensor) -> torch.Tensor:
-    """The entries a sparse encoding stores: the non-zeros and, for floats, every -0.0 (decoding fills
-    the rest with +0.0, so a -0.0 left out would come back with another sign bit)."""
-    nz = flat != 0
-    return nz | torch.signbit(flat) if flat.is_floating_point() else nz
+def negative_zeros(flat: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``{"negzero": bits}``: the sign bits of the zero entries, packed (in order), when any zero is
+    -0.0; else ``{}``. The sparse encodings store only the non-zeros and decode zeros as +0.0: this
+    part makes them bit-exact, at one bit per zero, paid only by tensors holding a -0.0 (masks that
+    multiply a negative weight by 0 make one; modelpress's own masks give +0.0)."""
+    if not flat.is_floating_point():
+        return {}
+    zero = flat == 0
+    signs = torch.signbit(flat[zero])
+    if not bool(signs.any()):
+        return {}
+    return {"negzero": torch.from_numpy(np.packbits(signs.numpy().astype(np.uint8)))}
+
+
+def restore_negative_zeros(out: torch.Tensor, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Inverse of :func:`negative_zeros` on a decoded flat tensor (in place); returns ``out``."""
+    if "negzero" not in parts:
+        return out
+    zero = out == 0
+    count = int(zero.sum())
+    signs = np.unpackbits(parts["negzero"].numpy())
+    if signs.size < count or signs.size >= count + 8:
+        raise ModelLoadError("sparse tensor: the zeros' sign bits disagree with the bitmask (corrupt file)")
+    out[zero] = torch.where(torch.from_numpy(signs[:count].astype(bool)), -0.0, 0.0).to(out.dtype)
+    return out
 
 
 def encoded_bytes(count: int, bits: int, element_size: int) -> int:
@@ -84,7 +104,7 @@ def encoded_bytes(count: int, bits: int, element_size: int) -> int:
 def encode_relidx(t: torch.Tensor, bits: int | None = None):
     """``(parts, info)`` of ``t`` with the given gap width (default: the smallest result)."""
     flat = t.detach().reshape(-1).contiguous().cpu()
-    positions = torch.nonzero(stored_entries(flat)).squeeze(1).numpy()  # -0.0 kept: bit-exact
+    positions = torch.nonzero(flat != 0).squeeze(1).numpy()
     widths = (bits,) if bits is not None else WIDTHS
     best = None
     for b in widths:
@@ -95,7 +115,7 @@ def encode_relidx(t: torch.Tensor, bits: int | None = None):
     _, b, gaps, real = best
     values = torch.zeros(len(gaps), dtype=flat.dtype)
     values[torch.from_numpy(real)] = flat[torch.from_numpy(positions)]
-    parts = {"gaps": torch.from_numpy(_pack(gaps, b)), "values": values}
+    parts = {"gaps": torch.from_numpy(_pack(gaps, b)), "values": values, **negative_zeros(flat)}
     return parts, {"shape": list(t.shape), "bits": b, "count": len(gaps)}  # dtype: the values' own
 
 
@@ -110,7 +130,7 @@ def decode_relidx(parts: dict[str, torch.Tensor], info: dict) -> torch.Tensor:
         raise ModelLoadError("relidx tensor: indices run past the tensor's end (corrupt file)")
     out = torch.zeros(numel, dtype=values.dtype)
     out[torch.from_numpy(positions)] = values
-    return out.reshape(info["shape"])
+    return restore_negative_zeros(out, parts).reshape(info["shape"])
 
 
 def encode_relidx_if_smaller(t: torch.Tensor):
@@ -118,6 +138,7 @@ def encode_relidx_if_smaller(t: torch.Tensor):
     if not t.is_floating_point() or t.numel() < 64:
         return None
     parts, info = encode_relidx(t)
-    if encoded_bytes(info["count"], info["bits"], t.element_size()) >= t.numel() * t.element_size():
+    extra = parts["negzero"].numel() if "negzero" in parts else 0
+    if encoded_bytes(info["count"], info["bits"], t.element_size()) + extra >= t.numel() * t.element_size():
         return None
     return parts, info

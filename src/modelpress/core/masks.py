@@ -28,7 +28,7 @@ def set_mask(module: nn.Module, param_name: str, mask: torch.Tensor) -> None:
     else:
         module.register_buffer(buf, mask, persistent=False)
     with torch.no_grad():
-        param.mul_(mask)
+        param.mul_(mask).add_(0.0)  # + 0.0: a masked negative weight is -0.0 after mul_; make it +0.0
 
 
 def get_mask(module: nn.Module, param_name: str = "weight") -> torch.Tensor | None:
@@ -53,7 +53,7 @@ def masked_params(model: nn.Module):
 def apply_masks(model: nn.Module) -> None:
     """Re-zero every masked parameter (call after each optimizer step)."""
     for _, module, pname, mask in masked_params(model):
-        getattr(module, pname).mul_(mask)
+        getattr(module, pname).mul_(mask).add_(0.0)  # pruned zeros are +0.0: sparse storage keeps no signs
 
 
 def has_masks(model: nn.Module) -> bool:

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..core.data import call_model
-from ..core.errors import ConfigError
+from ..core.errors import ConfigError, require
 from ..core.registry import Registry
 from ..nn.modules import set_module
 from ..quantization.codebook import CodebookConv2d, CodebookLinear
@@ -41,6 +41,7 @@ from ..quantization.modules import QuantLinear
 from ..quantization.primitives import sqnr
 from ..quantization.rnn import QuantRNN
 from ..quantization.static import FakeQuant
+from . import openvino as ov_files
 from .onnx import OnnxMismatchError, check_onnx, export_onnx, ort_feeds, ort_session
 from .onnx_dynamic import quantize_onnx_dynamic
 from .onnx_nbits import export_nbits_onnx
@@ -123,8 +124,6 @@ def export_deployable(model: nn.Module, example_inputs: Any, path: str | os.Path
         done = export_tflite(float_copy(model), example_inputs, path, tflite, calibration=calibration, check=check)
         return done.path, done.note
     if fmt == "openvino":
-        from .openvino import export_openvino
-
         ir = export_openvino(model, example_inputs, path, check=check, embedding_bits=embedding_bits,
                              accuracy_level=accuracy_level)
         return ir.path, ir.note
@@ -249,3 +248,46 @@ def _int8_tolerance(model: nn.Module, inputs: Any) -> float:
         out = call_model(model.eval(), inputs)
     out = out if isinstance(out, torch.Tensor) else next(iter(out.values() if isinstance(out, dict) else out))
     return 0.05 * float(out.abs().max()) + 1e-3
+
+
+# -- OpenVINO IR ---------------------------------------------------------------------------------
+def export_openvino(model: nn.Module, example_inputs: Any, path: str | os.PathLike, *, check: bool = True,
+                    **deploy: Any) -> ov_files.OpenVinoExport:
+    """Write ``model`` as OpenVINO IR at ``path`` (``.xml``; the weights go to the ``.bin`` next to it).
+
+    ``deploy`` goes to :func:`~modelpress.export.deploy.export_deployable` (``embedding_bits``,
+    ``accuracy_level``). With ``check`` the IR runs on ``example_inputs`` and must match PyTorch (a
+    float model within 1e-3 of the output range; a quantized one within one rounding step, as ONNX).
+    """
+    path = Path(path)
+    if path.suffix != ".xml":
+        raise ConfigError(f"an OpenVINO IR is written as NAME.xml (+ NAME.bin), not {path.name}",
+                          hint="use -o model.xml")
+    require("openvino", "openvino")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_onnx = path.with_name(f".{path.stem}.partial.onnx")
+    tmp_xml = path.with_name(f".{path.stem}.partial.xml")
+    tmp_bin = tmp_xml.with_suffix(".bin")
+    try:
+        _, note = export_deployable(model, example_inputs, tmp_onnx, check=False, **deploy)
+        ov_files.onnx_to_ir(tmp_onnx, tmp_xml)
+        if check:
+            got = ov_files.run_ir(tmp_xml, example_inputs)
+            with torch.no_grad():
+                ref = call_model(model.eval(), example_inputs)
+            ref = ref if isinstance(ref, torch.Tensor) else next(iter(ref.values() if isinstance(ref, dict) else ref))
+            err = float((got.float() - ref.float()).abs().max()) if got.shape == ref.shape else float("inf")
+            atol = output_tolerance(model, example_inputs)
+            if not err <= atol:
+                raise ov_files.OpenVinoMismatchError(
+                    f"OpenVINO's output differs from PyTorch's by {err:.3g} (> {atol:.3g}); nothing was written",
+                    hint="export to ONNX (-o model.onnx) and report the model")
+            note += f"; OpenVINO max abs diff vs PyTorch {err:.2e}"
+        os.replace(tmp_bin, path.with_suffix(".bin"))  # weights first: an .xml never points at a missing .bin
+        os.replace(tmp_xml, path)
+    finally:
+        for f in (tmp_onnx, tmp_xml, tmp_bin):
+            if f.exists():
+                f.unlink()
+    size = path.stat().st_size + path.with_suffix(".bin").stat().st_size
+    return ov_files.OpenVinoExport(path, size, f"OpenVINO IR from {note}")

@@ -1,4 +1,6 @@
-"""OpenVINO IR (``.xml`` + ``.bin``) of a model, from modelpress's own ONNX file.
+"""OpenVINO IR (``.xml`` + ``.bin``) of a model, from modelpress's own ONNX file: the pieces that
+need OpenVINO (:func:`onnx_to_ir`, :func:`run_ir`); :func:`~modelpress.export.deploy.export_openvino`
+writes a model with them.
 
 The model is exported as :func:`~modelpress.export.deploy.export_deployable` would for ONNX Runtime
 (fp32; int8 QDQ for a statically quantized model), OpenVINO reads that file and saves it as IR
@@ -17,10 +19,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from torch import nn
 
-from ..core.data import call_model
-from ..core.errors import ConfigError, ModelpressError, require
+from ..core.errors import ModelpressError, require
 from .onnx import onnx_inputs
 
 
@@ -54,47 +54,3 @@ def run_ir(xml_path: str | os.PathLike, inputs: Any) -> torch.Tensor:
     arrays = onnx_inputs(inputs)
     feeds = {p.get_any_name(): arrays[p.get_any_name()] for p in compiled.inputs}
     return torch.from_numpy(np.asarray(compiled(feeds)[compiled.outputs[0]]))
-
-
-def export_openvino(model: nn.Module, example_inputs: Any, path: str | os.PathLike, *, check: bool = True,
-                    **deploy: Any) -> OpenVinoExport:
-    """Write ``model`` as OpenVINO IR at ``path`` (``.xml``; the weights go to the ``.bin`` next to it).
-
-    ``deploy`` goes to :func:`~modelpress.export.deploy.export_deployable` (``embedding_bits``,
-    ``accuracy_level``). With ``check`` the IR runs on ``example_inputs`` and must match PyTorch (a
-    float model within 1e-3 of the output range; a quantized one within one rounding step, as ONNX).
-    """
-    from .deploy import export_deployable, output_tolerance  # deploy dispatches here: imported when called
-
-    path = Path(path)
-    if path.suffix != ".xml":
-        raise ConfigError(f"an OpenVINO IR is written as NAME.xml (+ NAME.bin), not {path.name}",
-                          hint="use -o model.xml")
-    require("openvino", "openvino")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_onnx = path.with_name(f".{path.stem}.partial.onnx")
-    tmp_xml = path.with_name(f".{path.stem}.partial.xml")
-    tmp_bin = tmp_xml.with_suffix(".bin")
-    try:
-        _, note = export_deployable(model, example_inputs, tmp_onnx, check=False, **deploy)
-        onnx_to_ir(tmp_onnx, tmp_xml)
-        if check:
-            got = run_ir(tmp_xml, example_inputs)
-            with torch.no_grad():
-                ref = call_model(model.eval(), example_inputs)
-            ref = ref if isinstance(ref, torch.Tensor) else next(iter(ref.values() if isinstance(ref, dict) else ref))
-            err = float((got.float() - ref.float()).abs().max()) if got.shape == ref.shape else float("inf")
-            atol = output_tolerance(model, example_inputs)
-            if not err <= atol:
-                raise OpenVinoMismatchError(
-                    f"OpenVINO's output differs from PyTorch's by {err:.3g} (> {atol:.3g}); nothing was written",
-                    hint="export to ONNX (-o model.onnx) and report the model")
-            note += f"; OpenVINO max abs diff vs PyTorch {err:.2e}"
-        os.replace(tmp_bin, path.with_suffix(".bin"))  # weights first: an .xml never points at a missing .bin
-        os.replace(tmp_xml, path)
-    finally:
-        for f in (tmp_onnx, tmp_xml, tmp_bin):
-            if f.exists():
-                f.unlink()
-    size = path.stat().st_size + path.with_suffix(".bin").stat().st_size
-    return OpenVinoExport(path, size, f"OpenVINO IR from {note}")
