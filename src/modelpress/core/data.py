@@ -99,13 +99,13 @@ def to_device(obj: Any, device: torch.device | str) -> Any:
     return obj
 
 
-def slice_inputs(inputs: Any, n: int) -> Any:
-    """The first ``n`` samples of a batch of inputs (any convention)."""
+def slice_inputs(inputs: Any, n: int, start: int = 0) -> Any:
+    """``n`` samples of a batch of inputs (any convention), from sample ``start`` (default: the first)."""
     if isinstance(inputs, dict):
-        return {k: v[:n] for k, v in inputs.items()}
+        return {k: v[start:start + n] for k, v in inputs.items()}
     if isinstance(inputs, (list, tuple)):
-        return type(inputs)(slice_inputs(v, n) for v in inputs)
-    return inputs[:n]
+        return type(inputs)(slice_inputs(v, n, start) for v in inputs)
+    return inputs[start:start + n]
 
 
 def check_finite(inputs: Any, where: str) -> None:

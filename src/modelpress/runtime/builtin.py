@@ -98,7 +98,7 @@ class LiteRTSession(Session):
         The file takes batch 1: a larger batch runs sample by sample."""
         n = batch_size_of(inputs)
         if n > 1:
-            parts = [self(slice_batch(inputs, i, i + 1)) for i in range(n)]
+            parts = [self(slice_inputs(inputs, 1, start=i)) for i in range(n)]
             return [torch.cat(outs) for outs in zip(*parts)]
         details = self.runner.runner.get_output_details()
         outs = []
@@ -108,15 +108,6 @@ class LiteRTSession(Session):
                 y = (y.astype(np.float32) - zero) * scale
             outs.append(torch.from_numpy(np.asarray(y, dtype=np.float32)))
         return outs
-
-
-def slice_batch(inputs: Any, start: int, stop: int) -> Any:
-    """Samples ``start:stop`` of inputs in the batch convention (a tensor, a tuple or a dict of tensors)."""
-    if isinstance(inputs, dict):
-        return {k: v[start:stop] for k, v in inputs.items()}
-    if isinstance(inputs, (tuple, list)):
-        return type(inputs)(v[start:stop] for v in inputs)
-    return inputs[start:stop]
 
 
 class LiteRT(Runtime):
