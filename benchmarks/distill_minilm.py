@@ -42,7 +42,7 @@ import torch
 
 os.environ.setdefault("MODELPRESS_PROGRESS", "0")
 
-from sentence_grammar import generate_sentences  # noqa: E402
+from modelpress.zoo.grammar import generate_sentences  # noqa: E402
 
 from modelpress import TrainConfig  # noqa: E402
 from modelpress.analysis.latency import compare_latency  # noqa: E402

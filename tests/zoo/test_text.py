@@ -21,16 +21,11 @@ SENTENCES = ["A man is playing a guitar.", "Hi",
              "Ünïcode and numbers 1234 work too!"]
 
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-
-
 def grammar():
-    """benchmarks/sentence_grammar.py (the template grammar of the benchmarks, not part of the package)."""
-    if str(BENCHMARKS) not in sys.path:
-        sys.path.insert(0, str(BENCHMARKS))
-    import sentence_grammar
+    """modelpress.zoo.grammar (the template grammar of the ``grammar`` corpus)."""
+    from modelpress.zoo import grammar as module
 
-    return sentence_grammar
+    return module
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +189,9 @@ def test_sts_bundle(encoder):
     assert not bundle.task.labelled and bundle.num_classes is None
     pair_sents = set(embedding.pair_sentences(bundle.test.pairs))
     assert not pair_sents & set(bundle.train.sentences)  # evaluation sentences held out
-    assert len(bundle.train) == len(corpora.load_sentences()) - len(pair_sents)
+    near_copy = corpora.NearCopyFilter(pair_sents)  # and their near-copies
+    assert bundle.train.sentences == [s for s in corpora.load_sentences() if not near_copy(s)]
+    assert len(bundle.train) < len(corpora.load_sentences()) - len(pair_sents)
     batch = next(iter(DataLoader(bundle.train, batch_size=8)))
     assert batch["input_ids"].shape == (8, bundle.input_shape[0])
     assert bundle.input_shape[0] <= 64
@@ -212,6 +209,49 @@ def test_sentences_bundle():
     assert set(bundle.train[0]) == {"input_ids", "attention_mask", "token_type_ids"}
 
 
+def test_sentences_with_graded_pairs_train_on_all_but_the_pairs(tmp_path):
+    pytest.importorskip("transformers")
+    pairs = tmp_path / "pairs.tsv"
+    pairs.write_text("4.5\tA man is playing a guitar.\tA man plays the guitar.\n"
+                     "0.5\tA cat sleeps on the sofa.\tThe stock market fell today.\n"
+                     "3.0\tShe is cooking dinner.\tA woman is making food.\n", encoding="utf-8")
+    text = tmp_path / "mine.txt"
+    text.write_text("The men were playing the guitar.\nWhere is the nearest train station?\n\n"
+                    "I would like a cup of coffee, please.\nOur team won the match yesterday.\n", encoding="utf-8")
+    bundle = load_dataset(f"sentences:{text}?pairs={pairs}")
+    assert bundle.task.metrics == ("spearman", "fidelity") and len(bundle.test) == 3
+    assert bundle.train.sentences == ["Where is the nearest train station?", "I would like a cup of coffee, please.",
+                                      "Our team won the match yesterday."]  # the guitar sentence is a near-copy
+    assert load_dataset("sentences?pairs=bundled").test.pairs == corpora.load_sts_pairs()
+    only_pairs = tmp_path / "only.txt"
+    only_pairs.write_text("A man plays the guitar.\n", encoding="utf-8")
+    with pytest.raises(DataError, match="near-copy"):
+        load_dataset(f"sentences:{only_pairs}?pairs={pairs}")
+
+
+def test_bundled_corpora_join_with_repeats():
+    everyday = corpora.load_sentences(corpus="everyday")
+    assert corpora.load_corpus("everyday*2,bundled") == everyday * 2 + corpora.load_sentences()
+    grammar = corpora.load_sentences(corpus="grammar")
+    assert len(grammar) == corpora.GRAMMAR_SENTENCES == len(set(grammar))
+    for bad, match in (("everyday*0", "repeat"), ("everyday*x", "repeat"), ("novels", "unknown sentence corpus")):
+        with pytest.raises(DataError, match=match):
+            corpora.load_corpus(bad)
+
+
+def test_token_batches_are_cut_to_their_longest_sentence():
+    pytest.importorskip("transformers")
+    tok = corpora.load_tokenizer()
+    data = embedding.TokenizedSentences.from_sentences(["Hi.", "Hello there.", "A much longer sentence than the "
+                                                        "others, with many more tokens in it."], tok)
+    full = data.input_shape[0]
+    short = next(iter(DataLoader(data, batch_size=2, collate_fn=data.collate)))
+    assert short["input_ids"].shape == (2, int(data.tokens["attention_mask"][:2].sum(1).max())) < (2, full)
+    from modelpress.core.data import Data
+    assert next(iter(Data(data, batch_size=2)))["attention_mask"].shape[1] < full  # Data uses the dataset's collate
+    assert next(iter(Data(data, batch_size=3)))["input_ids"].shape == (3, full)
+
+
 # -- generated training sentences (no transformers needed) ----------------------------------
 def test_generate_sentences_is_deterministic_and_distinct():
     generate_sentences = grammar().generate_sentences
@@ -226,10 +266,10 @@ def test_generate_sentences_is_deterministic_and_distinct():
         generate_sentences(-1)
 
 
-def test_generate_sentences_never_copies_the_evaluation_sentences():
+def test_generate_sentences_never_copies_the_excluded_sentences():
     generate_sentences = grammar().generate_sentences
     held_out = embedding.pair_sentences(corpora.load_sts_pairs())
-    generated = generate_sentences(5000)
+    generated = generate_sentences(5000, exclude=held_out)
     assert not set(generated) & set(held_out)
     near_copy = corpora.NearCopyFilter(held_out)
     assert not any(near_copy(s) for s in generated)

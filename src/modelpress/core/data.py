@@ -251,10 +251,11 @@ class Data:
         if isinstance(src, Dataset) or (hasattr(src, "__getitem__") and hasattr(src, "__len__")
                                         and not isinstance(src, (list, tuple))):
             gen = torch.Generator().manual_seed(self.seed)
-            collate = None
+            # a dataset may say how its items form a batch (e.g. token rows cut to the batch's longest)
+            collate = getattr(src, "collate", None)
             if self.transform is not None:
-                transform = self.transform
-                collate = lambda items: torch.utils.data.default_collate([transform(i) for i in items])  # noqa: E731
+                transform, stack = self.transform, collate or torch.utils.data.default_collate
+                collate = lambda items: stack([transform(i) for i in items])  # noqa: E731
             return DataLoader(src, batch_size=self.batch_size, shuffle=self.shuffle, generator=gen,
                               collate_fn=collate)
         if isinstance(src, (list, tuple)) or hasattr(src, "__iter__"):

@@ -105,6 +105,17 @@ class TokenizedSentences(Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {k: v[i] for k, v in self.tokens.items()}
 
+    @staticmethod
+    def collate(items: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Stack items into a batch cut to its longest sentence: a batch of short sentences does not
+        pay for the padding of the corpus's longest one (training and timing see real lengths)."""
+        batch = torch.utils.data.default_collate(list(items))
+        mask = batch.get("attention_mask")
+        if mask is None or mask.ndim != 2 or not bool(mask[:, -1].eq(0).all()):
+            return batch
+        length = max(int(mask.sum(1).max()), 1)
+        return {k: v[:, :length] if v.ndim == 2 and v.shape[1] == mask.shape[1] else v for k, v in batch.items()}
+
 
 # -- the user's files -----------------------------------------------------------------------
 def parse_pairs(text: str, where: str) -> list[tuple[str, str, float]]:

@@ -9,14 +9,13 @@ part of modelpress. Nothing is downloaded.
 """
 from __future__ import annotations
 
-import re
 from importlib import resources
 from pathlib import Path
-from typing import Iterable
 
 from ..artifact.hf import import_transformers
 from ..core.errors import DataError, MissingDependencyError, ModelLoadError
 from ..tasks.embedding import parse_pairs
+from .nearcopy import NearCopyFilter  # noqa: F401  (keeps evaluation sentences out of training)
 
 NLP_HINT = "pip install 'modelpress[nlp]'"
 
@@ -54,7 +53,8 @@ def load_sts_pairs() -> list[tuple[str, str, float]]:
     return parse_pairs(_data_text("sts_pairs.tsv"), "src/modelpress/zoo/data/sts_pairs.tsv")
 
 
-_CORPORA = {"bundled": "sentences.txt", "everyday": "sentences_everyday.txt"}
+_CORPORA = {"bundled": "sentences.txt", "everyday": "sentences_everyday.txt", "grammar": None}
+GRAMMAR_SENTENCES = 20_000
 
 
 def load_sentences(n: int | None = None, corpus: str = "bundled") -> list[str]:
@@ -64,54 +64,39 @@ def load_sentences(n: int | None = None, corpus: str = "bundled") -> list[str]:
     plus the graded-pair sentences; the ``sts`` dataset's training split). ``"everyday"``:
     ``data/sentences_everyday.txt``, about 3,200 free-form sentences written by hand without looking
     at the graded pairs (questions, short replies, requests, many topics), for distilling sentence
-    encoders on text less regular than templates.
+    encoders on text less regular than templates. ``"grammar"``: 20,000 sentences of the template
+    grammar of :mod:`modelpress.zoo.grammar` (generated, seed 0: about 30 kinds of sentence).
     """
     if corpus not in _CORPORA:
-        raise DataError(f"unknown sentence corpus {corpus!r}", hint=f"use one of {sorted(_CORPORA)}")
-    sentences = [s.strip() for s in _data_text(_CORPORA[corpus]).splitlines() if s.strip()]
+        raise DataError(f"unknown sentence corpus {corpus!r}", hint=f"use one of {', '.join(_CORPORA)}")
+    if corpus == "grammar":
+        from .grammar import generate_sentences
+
+        sentences = generate_sentences(GRAMMAR_SENTENCES, seed=0, exclude=())
+    else:
+        sentences = [s.strip() for s in _data_text(_CORPORA[corpus]).splitlines() if s.strip()]
     if n is not None and not 0 < n <= len(sentences):
         raise DataError(f"asked for {n} sentences, the corpus has {len(sentences)}",
                         hint=f"use 1 <= n <= {len(sentences)}")
     return sentences[:n]
 
 
-# -- keeping evaluation sentences out of training -------------------------------------------
-_STOPWORDS = frozenset(
-    "a an the is are was were be been being am i you he she it we they me him her us them my your his its our "
-    "their this that these those of in on at to for from by with about into over under after before up down "
-    "out off and or but so because not no do does did don't doesn't didn't isn't wasn't has have had will "
-    "would can could should must might there here what who when where why how all some very too".split())
+def load_corpus(spec: str) -> list[str]:
+    """Bundled corpora joined: ``"bundled*2,everyday*3,grammar"`` is the bundled corpus twice, the
+    everyday one three times and the grammar's sentences once (``*N`` weights a corpus in training).
 
-
-def _content_stems(sentence: str) -> frozenset[str]:
-    """Lower-cased content words of a sentence, cut to 5 letters (a crude stem: plays / played)."""
-    return frozenset(w[:5] for w in re.findall(r"[a-z0-9']+", sentence.lower()) if w not in _STOPWORDS)
-
-
-class NearCopyFilter:
-    """Tells whether a sentence is a near-copy of one of ``references``: the same words, or
-    content words (stop words dropped, 5-letter stems) overlapping with Jaccard >= ``threshold``.
-
-        >>> f = NearCopyFilter(["A man is playing a guitar."])
-        >>> f("The man was playing the guitar on stage."), f("A woman is cooking dinner.")
-        (True, False)
+        >>> len(load_corpus("everyday*2")) == 2 * len(load_sentences(corpus="everyday"))
+        True
     """
-
-    def __init__(self, references: Iterable[str], threshold: float = 0.5):
-        self.threshold = threshold
-        self.refs = [_content_stems(s) for s in references]
-        self.exact = {" ".join(s.lower().split()).rstrip(".?!") for s in references}
-        self.index: dict[str, list[int]] = {}
-        for i, stems in enumerate(self.refs):
-            for w in stems:
-                self.index.setdefault(w, []).append(i)
-
-    def __call__(self, sentence: str) -> bool:
-        if " ".join(sentence.lower().split()).rstrip(".?!") in self.exact:
-            return True
-        stems = _content_stems(sentence)
-        shared: dict[int, int] = {}
-        for w in stems:
-            for i in self.index.get(w, ()):
-                shared[i] = shared.get(i, 0) + 1
-        return any(k / (len(stems) + len(self.refs[i]) - k) >= self.threshold for i, k in shared.items())
+    out: list[str] = []
+    for part in (p.strip() for p in str(spec).split(",")):
+        name, _, times = part.partition("*")
+        try:
+            repeat = int(times) if times else 1
+            if repeat < 1:
+                raise ValueError
+        except ValueError:
+            raise DataError(f"corpus {part!r}: the repeat after '*' must be a whole number >= 1",
+                            hint="e.g. corpus=bundled*2,everyday") from None
+        out += load_sentences(corpus=name.strip()) * repeat
+    return out

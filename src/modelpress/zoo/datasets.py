@@ -12,10 +12,14 @@ Registered with :func:`modelpress.tasks.datasets.register_dataset`; load them wi
                        options ``?size=28&channels=1``
 ``csv:FILE``           numeric feature columns + one class column (``?label=NAME``), 80/20
 ``sts``                graded sentence pairs (test) + the bundled corpus minus the pair
-                       sentences (train); ``sts:PAIRS.tsv`` scores your own pairs
-                       (``score<TAB>sentence1<TAB>sentence2``); options
-                       ``?sentences=FILE.txt`` (your training sentences), ``tokenizer=DIR``
-``sentences``          the bundled corpus, seeded 90/10 split; ``sentences:FILE.txt`` yours
+                       sentences and their near-copies (train); ``sts:PAIRS.tsv`` scores your
+                       own pairs (``score<TAB>sentence1<TAB>sentence2``); options
+                       ``?sentences=FILE.txt`` (your training sentences), ``corpus=``, ``tokenizer=DIR``
+``sentences``          the bundled corpus, seeded 90/10 split; ``sentences:FILE.txt`` yours (one
+                       per line); ``?pairs=PAIRS.tsv`` (or ``pairs=bundled``): train on all of
+                       them but near-copies of the pairs, score on the pairs (Spearman +
+                       fidelity); ``corpus=bundled*2,everyday*3,grammar``: bundled corpora
+                       joined (:func:`~modelpress.zoo.corpora.load_corpus`)
 ``pystdlib``           the Python stdlib's source as token blocks (language modelling: perplexity)
                        for the ``pylm`` decoder; ``pystdlib-tiny`` for ``pylm-tiny`` (zoo/pylm.py)
 ``text:FILE.txt``      your text as token blocks, last 10% held out (``?tokenizer=DIR``: a HF
@@ -44,6 +48,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from ..core.errors import DataError
 from ..tasks.base import DatasetBundle
 from ..tasks.classification import Classification
 from ..tasks.datasets import flag, list_datasets, load_dataset, register_dataset
@@ -184,34 +189,52 @@ def _sentence_task(tokenizer_dir: str | None):
     return load_tokenizer(path), path
 
 
-@register_dataset("sts", options={"max_length": int, "sentences": str, "tokenizer": str},
+def _unseen(sentences: list[str], pairs) -> list[str]:
+    """``sentences`` without the graded pairs' sentences and their near-copies
+    (:class:`~modelpress.zoo.corpora.NearCopyFilter`), so distilling on them and scoring on the
+    pairs does not flatter the student."""
+    near_copy = corpora.NearCopyFilter(pair_sentences(pairs))
+    kept = [s for s in sentences if not near_copy(s)]
+    if not kept:
+        raise DataError("every training sentence is a near-copy of a graded-pair sentence",
+                        hint="give training sentences other than those of the pairs")
+    return kept
+
+
+def _graded_bundle(name: str, source: list[str], pairs, seed, max_length: int, tokenizer: str | None,
+                   meta: dict) -> DatasetBundle:
+    tok, tok_path = _sentence_task(tokenizer)
+    train = TokenizedSentences.from_sentences(_unseen(source, pairs), tok, max_length=max_length)
+    meta = {"tokenizer": str(tok_path), "max_length": train.input_shape[0], "train_sentences": len(train), **meta}
+    return DatasetBundle(name, train, SentencePairs(pairs), SentenceEmbedding(tok), None, train.input_shape, meta)
+
+
+@register_dataset("sts", options={"max_length": int, "sentences": str, "tokenizer": str, "corpus": str},
                   summary="graded sentence pairs (bundled, or sts:PAIRS.tsv) + training sentences")
 def _sts(pairs_file, seed, max_length: int = 64, sentences: str | None = None,
-         tokenizer: str | None = None) -> DatasetBundle:
+         tokenizer: str | None = None, corpus: str = "bundled") -> DatasetBundle:
 
     pairs = read_pairs(pairs_file) if pairs_file is not None else corpora.load_sts_pairs()
-    in_pairs = set(pair_sentences(pairs))
-    # evaluation sentences stay out of the training corpus, so distilling on `train`
-    # and scoring on `test` does not flatter the student
-    source = read_sentences(sentences) if sentences else corpora.load_sentences()
-    corpus = [s for s in source if s not in in_pairs]
+    source = read_sentences(sentences) if sentences else corpora.load_corpus(corpus)
+    meta = {"pairs": str(pairs_file)} if pairs_file is not None else {}
+    return _graded_bundle("sts", source, pairs, seed, max_length, tokenizer, meta)
+
+
+@register_dataset("sentences", options={"max_length": int, "tokenizer": str, "corpus": str, "pairs": str},
+                  summary="unlabelled sentences (bundled, or sentences:FILE.txt), 90/10; ?pairs=PAIRS.tsv "
+                          "scores on graded pairs")
+def _sentences(path, seed, max_length: int = 64, tokenizer: str | None = None, corpus: str = "bundled",
+               pairs: str | None = None) -> DatasetBundle:
+
+    corpus_sentences = read_sentences(path) if path is not None else corpora.load_corpus(corpus)
+    if pairs:  # all sentences train; the graded pairs test (Spearman + fidelity)
+        graded = corpora.load_sts_pairs() if pairs == "bundled" else read_pairs(pairs)
+        return _graded_bundle("sentences", corpus_sentences, graded, seed, max_length, tokenizer,
+                              {"pairs": pairs, "seed": seed})
+    order = np.random.default_rng(seed).permutation(len(corpus_sentences))
+    n_train = int(round(0.9 * len(corpus_sentences)))
     tok, tok_path = _sentence_task(tokenizer)
-    train = TokenizedSentences.from_sentences(corpus, tok, max_length=max_length)
-    meta = {"tokenizer": str(tok_path), "max_length": train.input_shape[0]}
-    if pairs_file is not None:
-        meta["pairs"] = str(pairs_file)
-    return DatasetBundle("sts", train, SentencePairs(pairs), SentenceEmbedding(tok), None, train.input_shape, meta)
-
-
-@register_dataset("sentences", options={"max_length": int, "tokenizer": str},
-                  summary="unlabelled sentences (bundled, or sentences:FILE.txt), 90/10")
-def _sentences(path, seed, max_length: int = 64, tokenizer: str | None = None) -> DatasetBundle:
-
-    corpus = read_sentences(path) if path is not None else corpora.load_sentences()
-    order = np.random.default_rng(seed).permutation(len(corpus))
-    n_train = int(round(0.9 * len(corpus)))
-    tok, tok_path = _sentence_task(tokenizer)
-    train = TokenizedSentences.from_sentences([corpus[i] for i in order[:n_train]], tok, max_length)
-    test = TokenizedSentences.from_sentences([corpus[i] for i in order[n_train:]], tok, max_length)
+    train = TokenizedSentences.from_sentences([corpus_sentences[i] for i in order[:n_train]], tok, max_length)
+    test = TokenizedSentences.from_sentences([corpus_sentences[i] for i in order[n_train:]], tok, max_length)
     return DatasetBundle("sentences", train, test, SentenceEmbedding(tok, graded=False), None, train.input_shape,
                          {"tokenizer": str(tok_path), "seed": seed})

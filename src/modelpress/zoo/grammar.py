@@ -1,9 +1,9 @@
-"""A template grammar of English sentences, for distilling sentence encoders in the benchmarks.
+"""A template grammar of English sentences, for distilling sentence encoders without the user's text.
 
 ``generate_sentences(n, seed)`` gives ``n`` distinct sentences (about 30 kinds: tenses,
 negations, questions, passives, descriptions, reasons, people, animals, objects, places,
-times); the vocabulary is ``benchmarks/data/sentence_grammar.json``. Used by
-``benchmarks/distill_minilm.py``; not part of the product.
+times); the vocabulary is ``data/sentence_grammar.json``. The ``grammar`` corpus of the
+``sentences`` dataset (:func:`modelpress.zoo.corpora.load_corpus`) is its first 20,000 sentences.
 """
 from __future__ import annotations
 
@@ -11,9 +11,8 @@ import json
 from pathlib import Path
 from typing import Iterable
 
-from modelpress.core.errors import DataError
-from modelpress.tasks.embedding import pair_sentences
-from modelpress.zoo.corpora import NearCopyFilter, load_sts_pairs
+from ..core.errors import DataError
+from .nearcopy import NearCopyFilter
 
 GRAMMAR = Path(__file__).resolve().parent / "data" / "sentence_grammar.json"
 
@@ -23,7 +22,7 @@ def _grammar() -> dict:
 
 
 class _SentenceGrammar:
-    """The template grammar of :func:`generate_sentences` (vocabulary in ``benchmarks/data/sentence_grammar.json``)."""
+    """The template grammar of :func:`generate_sentences` (vocabulary in ``data/sentence_grammar.json``)."""
 
     def __init__(self, rng):
         g = _grammar()
@@ -381,15 +380,15 @@ class _SentenceGrammar:
         return text[0].upper() + text[1:]
 
 
-def generate_sentences(n: int, seed: int = 0, exclude: Iterable[str] | None = None) -> list[str]:
+def generate_sentences(n: int, seed: int = 0, exclude: Iterable[str] = ()) -> list[str]:
     """``n`` distinct English sentences from a hand-written template grammar (about 30 kinds of
     sentence: tenses, negations, questions, passives, descriptions, reasons, people, animals,
-    objects, places, times; vocabulary in ``benchmarks/data/sentence_grammar.json``). Deterministic: the
+    objects, places, times; vocabulary in ``data/sentence_grammar.json``). Deterministic: the
     same ``(n, seed)`` gives the same list, and a smaller ``n`` a prefix of it.
 
-    Sentences that are near-copies (see :class:`NearCopyFilter`) of ``exclude`` (default: the
-    sentences of the graded pairs, :func:`load_sts_pairs`, held out for evaluation) are skipped,
-    so training on them never sees the evaluation sentences.
+    Sentences that are near-copies (see :class:`~modelpress.zoo.nearcopy.NearCopyFilter`) of
+    ``exclude`` (e.g. the sentences of graded pairs held out for evaluation) are skipped, so
+    training on them never sees the evaluation sentences.
 
         >>> s = generate_sentences(3, seed=1)
         >>> len(s) == len(set(s)) == 3 and s == generate_sentences(5, seed=1)[:3]
@@ -399,7 +398,7 @@ def generate_sentences(n: int, seed: int = 0, exclude: Iterable[str] | None = No
 
     if n < 0:
         raise DataError(f"generate_sentences: n must be >= 0 (got {n})")
-    near_copy = NearCopyFilter(pair_sentences(load_sts_pairs()) if exclude is None else exclude)
+    near_copy = NearCopyFilter(exclude)
     grammar = _SentenceGrammar(random.Random(seed))
     out: dict[str, None] = {}
     tries = 0
