@@ -34,6 +34,16 @@ def load(ref: str, bundle, *, seed: int = 0, train=None, trust_remote_code: bool
     return resolve_model(ref, bundle, seed=seed, train=train, trust_remote_code=trust_remote_code)
 
 
+def load_with_data(ref: str, data: str, *, seed: int = 0, train=None, trust_remote_code: bool = False):
+    """``(model, bundle)``: the model ``ref`` names and the dataset ``data``, text tokenized by the
+    model's own tokenizer (:func:`~modelpress.recipes.resolve.tokenized_for`)."""
+    from ..recipes.resolve import resolve_model, tokenized_for
+
+    bundle = load_bundle(data, seed)
+    model = resolve_model(ref, bundle, seed=seed, train=train, trust_remote_code=trust_remote_code, spec=data)
+    return model, tokenized_for(model, bundle, data, seed)
+
+
 def rows_table(rows: list[dict], title: str = "") -> Table:
     """Report rows as a terminal table: one line per metric, one column per model (baseline
     first); size, MAC and latency cells carry ``(baseline / value)x``."""

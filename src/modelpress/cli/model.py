@@ -9,7 +9,7 @@ import typer
 from rich.table import Column, Table
 
 from ..core.errors import ModelpressError
-from .common import DATA_HELP, MODEL_HELP, load, load_bundle, out
+from .common import DATA_HELP, MODEL_HELP, load, load_bundle, load_with_data, out
 
 TRUST = typer.Option(False, "--trust-remote-code", help="allow loading files that can run code")
 
@@ -55,8 +55,7 @@ def evaluate(model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
     modelpress evaluate -m minilm -d sts ·
     modelpress evaluate -m runs/m8/model.safetensors -d sts:my_pairs.tsv --reference minilm
     """
-    bundle = load_bundle(data)
-    m = load(model, bundle, trust_remote_code=trust_remote_code)
+    m, bundle = load_with_data(model, data, trust_remote_code=trust_remote_code)
     ref = load(reference, bundle, trust_remote_code=trust_remote_code) if reference else None
     out.print(json.dumps(bundle.evaluate(m, reference=ref), indent=2))
 
@@ -90,8 +89,7 @@ def analyze(model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
     runtimes = tuple(r.strip() for r in runtime.split(",") if r.strip())
     for name in runtimes:  # an unknown name fails before the model loads
         get_runtime(name)
-    bundle = load_bundle(data)
-    m = load(model, bundle, trust_remote_code=trust_remote_code)
+    m, bundle = load_with_data(model, data, trust_remote_code=trust_remote_code)
     p = Path(model)
     size = p.stat().st_size if p.is_file() else artifact_size_of(m)
     bs = tuple(int(b) for b in batch_sizes.split(",") if b.strip())
@@ -183,8 +181,7 @@ def export(model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
         from ..recipes.schema import apply_overrides
 
         tflite = TfliteOptions.from_dict(apply_overrides({}, sets), where="--set")
-    bundle = load_bundle(data)
-    m = load(model, bundle, trust_remote_code=trust_remote_code)
+    m, bundle = load_with_data(model, data, trust_remote_code=trust_remote_code)
     if kind == "compressed-tensors":
         from ..export.compressed_tensors import export_compressed_tensors
 
@@ -223,8 +220,7 @@ def _export_auto(model: str, dest: Path, data: str, batch_size: int, threads: in
     """``export --runtime auto``: the fastest deployable that keeps quality, chosen by measuring here."""
     from ..analysis.choose import choose_deployable
 
-    bundle = load_bundle(data)
-    m = load(model, bundle, trust_remote_code=trust_remote_code)
+    m, bundle = load_with_data(model, data, trust_remote_code=trust_remote_code)
     choice = choose_deployable(m, bundle, dest, batch_size=batch_size, threads=threads, max_drop=max_drop)
     out.print(choice.table(), highlight=False, soft_wrap=True)
     c = choice.chosen
@@ -253,8 +249,7 @@ def sensitivity(model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP)
     from ..core.io import write_json
     from ..pruning.sensitivity import SensitivityConfig, sensitivity_scan
 
-    bundle = load_bundle(data)
-    m = load(model, bundle, trust_remote_code=trust_remote_code)
+    m, bundle = load_with_data(model, data, trust_remote_code=trust_remote_code)
     cfg = SensitivityConfig.from_dict({"sparsities": [float(v) for v in sparsities.split(",") if v.strip()],
                                        "metric": metric}, where="sensitivity")
     result = sensitivity_scan(m, bundle.test, cfg)

@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from ..core.errors import ModelpressError
-from .common import DATA_HELP, MODEL_HELP, load, load_bundle, out
+from .common import DATA_HELP, MODEL_HELP, load_with_data, out
 
 
 def search(model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
@@ -54,8 +54,7 @@ def search(model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
         raw = load_yaml(read_text_capped(space_file, MAX_YAML_BYTES, "search space"), str(space_file)) or {}
     space = SearchSpace.from_dict(apply_overrides(raw, sets), where="search space")
     b = Budget.parse(budget, max_drop=max_drop, runtime=runtime, batch_size=batch_size, threads=threads)
-    bundle = load_bundle(data, seed)
-    m = load(model, bundle, seed=seed, trust_remote_code=trust_remote_code)
+    m, bundle = load_with_data(model, data, seed=seed, trust_remote_code=trust_remote_code)
     res = run_search(m, bundle, b, space, out=run_dir, trials=trials, storage=storage, study_name=study,
                      model_ref=model, data_ref=data, seed=seed)
     fmt = (lambda c: f"{c:.3f} ms") if b.metric == "latency" else (lambda c: f"{c:,.0f}")  # noqa: E731

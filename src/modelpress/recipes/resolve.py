@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -18,7 +19,7 @@ from ..core.data import check_model_accepts
 from ..core.errors import ConfigError, DataError
 from ..core.training import TrainConfig
 from ..tasks.base import DatasetBundle
-from ..tasks.datasets import load_dataset
+from ..tasks.datasets import load_dataset, parse_spec
 from .schema import Recipe
 
 
@@ -39,16 +40,31 @@ def resolve_data(data: Any, seed: int = 0) -> DatasetBundle:
                       hint="pass a dataset spec (e.g. 'mnist5k', 'imagefolder:DIR') or a DatasetBundle")
 
 
+def tokenized_for(model: nn.Module, bundle: DatasetBundle, spec: Any, seed: int = 0) -> DatasetBundle:
+    """``bundle`` tokenized by ``model``'s own tokenizer: a text dataset named by a spec without
+    ``?tokenizer=`` is tokenized by the bundled MiniLM's, and another encoder (``-m hf:DIR``) must
+    read the token ids of its own vocabulary. Other bundles are returned as they are."""
+    folder = getattr(getattr(model, "tokenizer", None), "name_or_path", None)
+    have = (bundle.meta or {}).get("tokenizer")
+    if not (isinstance(spec, str) and folder and have) or "tokenizer" in parse_spec(spec)[2]:
+        return bundle
+    if Path(folder).expanduser().resolve() == Path(have).resolve() or not Path(folder).expanduser().is_dir():
+        return bundle
+    return load_dataset(spec, seed=seed, tokenizer=str(folder))
+
+
 def resolve_model(ref: str, bundle: DatasetBundle | None = None, *, seed: int = 0, train: TrainConfig | None = None,
-                  trust_remote_code: bool = False) -> nn.Module:
+                  trust_remote_code: bool = False, spec: Any = None) -> nn.Module:
     """The model ``ref`` names: trained on ``bundle`` when its source trains models, else loaded (and
-    run once on ``bundle``'s inputs: a model that does not take them is one DataError line)."""
+    run once on ``bundle``'s inputs: a model that does not take them is one DataError line;
+    ``spec``, the dataset spec of ``bundle``, lets a text dataset follow the model's tokenizer)."""
     if bundle is not None:
         trained = trained_model(ref, bundle, seed=seed, train=train)
         if trained is not None:
             return trained
     model = load_model(ref, trust_remote_code=trust_remote_code)
     if bundle is not None:
+        bundle = tokenized_for(model, bundle, spec, seed)
         name = getattr(bundle, "name", None)
         try:
             check_model_accepts(model, bundle.example_inputs(1), f"{ref} on dataset {name!r}" if name else ref)
@@ -80,5 +96,5 @@ def resolve_run(recipe: Recipe, model: nn.Module | str | None = None, data: Any 
         raise ConfigError(f"a recipe runs on a model or a model reference; got {type(model).__name__}",
                           hint="pass an nn.Module or a reference such as 'lenet5' or 'my.py:build'")
     m = resolve_model(model, bundle, seed=recipe.seed, train=recipe.baseline.train,
-                      trust_remote_code=trust_remote_code)
-    return ResolvedRun(m, bundle, model)
+                      trust_remote_code=trust_remote_code, spec=data)
+    return ResolvedRun(m, tokenized_for(m, bundle, data, recipe.seed), model)
