@@ -134,6 +134,7 @@ METHOD_CONFIGS: dict[str, tuple[dict, str]] = {
     "distill.mutual": ({}, "mutual, fresh peer"),
     "distill.qat": ({}, "W4A8 QAT + KD"),
     "distill.self": ({}, "3 exits"),
+    "distill.shallow": ({"keep": 0.5}, "half the blocks, chosen by fidelity"),
 }
 BASELINE = "baseline"  # the uncompressed model through the same measurements
 PEER = "peer.torch_pruning"  # Torch-Pruning on the prune.channels rows

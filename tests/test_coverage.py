@@ -44,11 +44,11 @@ cov = load_coverage()
 # One or two methods of each family, the ones whose code paths differ most: unstructured and
 # structured pruning, head pruning, gradient-based importance (needs a loss), post-training
 # dynamic / static / weight-only quantization, quantization-aware training, low rank for Linear
-# and for Conv2d, offline and online distillation, layer-by-layer calibration (GPTQ, SparseGPT), scales
-# folded into the producing op (AWQ, SmoothQuant).
+# and for Conv2d, offline and online distillation, a shallower student, layer-by-layer calibration
+# (GPTQ, SparseGPT), scales folded into the producing op (AWQ, SmoothQuant).
 METHODS = ("prune.magnitude", "prune.channels", "prune.heads", "prune.taylor", "quant.dynamic_int8",
            "quant.static_int8", "quant.weight_only", "quant.qat", "lowrank.svd", "lowrank.cp", "distill.kd",
-           "distill.mutual", "quant.gptq", "prune.sparsegpt", "quant.awq", "quant.smoothquant")
+           "distill.mutual", "distill.shallow", "quant.gptq", "prune.sparsegpt", "quant.awq", "quant.smoothquant")
 # Left out on purpose: CP at its default param_ratio on ResNet-18 (512x512 3x3 convs get a rank
 # above the tensor's sizes: ~35 s of ALS), GPTQ / SparseGPT on ResNet-18 (a 4608 x 4608 Hessian per
 # 512-channel 3x3 conv: 40-80 s); benchmarks/coverage.py shows them.

@@ -47,7 +47,10 @@ def _stack(model: nn.Module, path: str) -> nn.Module:
     return stack
 
 
-def _keep_in_place(model: nn.Module, path: str, keep: Sequence[int]) -> nn.Module:
+def keep_in_place(model: nn.Module, path: str, keep: Sequence[int]) -> nn.Module:
+    """``model`` with its stack at ``path`` holding only the blocks ``keep`` (edited in place; the
+    stack itself is returned when ``path`` is empty). A Hugging Face config's layer count and the
+    blocks' ``layer_idx`` (the key-value cache slot of a decoder layer) follow the new depth."""
     stack = _stack(model, path)
     n = len(stack)
     keep = list(keep)
@@ -57,19 +60,27 @@ def _keep_in_place(model: nn.Module, path: str, keep: Sequence[int]) -> nn.Modul
     new = nn.Sequential(*kept) if isinstance(stack, nn.Sequential) else nn.ModuleList(kept)
     if path:
         set_module(model, path, new)
-    config = getattr(_owner_with_config(model, path), "config", None)
-    if config is not None and hasattr(config, "num_hidden_layers"):
-        config.num_hidden_layers = len(kept)  # HF reads it for masks / caches
+    for position, block in enumerate(kept):
+        for m in block.modules():
+            if isinstance(getattr(m, "layer_idx", None), int):
+                m.layer_idx = position
+    config = config_of(model, path)
+    for key in DEPTH_KEYS:  # HF reads it for masks / caches (DistilBERT n_layers, GPT-2 n_layer ...)
+        if config is not None and getattr(config, key, None) == n:
+            setattr(config, key, len(kept))
     return model if path else new
 
 
-def _owner_with_config(model: nn.Module, path: str) -> Any:
-    """The nearest module above ``path`` that carries a Hugging Face ``config``."""
+DEPTH_KEYS = ("num_hidden_layers", "n_layers", "n_layer", "num_layers")
+
+
+def config_of(model: nn.Module, path: str) -> Any:
+    """The Hugging Face ``config`` of the nearest module above ``path`` that carries one, or None."""
     parts = path.split(".")
     for i in range(len(parts) - 1, -1, -1):
         m = model.get_submodule(".".join(parts[:i])) if i else model
         if hasattr(m, "config"):
-            return m
+            return m.config
     return None
 
 
@@ -77,20 +88,37 @@ def keep_layers(teacher: nn.Module, path: str, keep: Sequence[int]) -> nn.Module
     """A copy of ``teacher`` whose stack at ``path`` holds only the blocks ``keep`` (teacher weights)."""
     if not path:
         raise ConfigError("keep_layers: name the layer stack, e.g. 'backbone.encoder.layer'")
-    student = _keep_in_place(copy.deepcopy(teacher), path, keep)
+    student = keep_in_place(copy.deepcopy(teacher), path, keep)
     return mark_replay(student, teacher, "distill.keep_layers", {"path": path, "keep": list(keep)})
 
 
-register_replay("distill.keep_layers", lambda model, cfg: _keep_in_place(model, cfg["path"], cfg["keep"]))
+register_replay("distill.keep_layers", lambda model, cfg: keep_in_place(model, cfg["path"], cfg["keep"]))
+
+
+def block_stacks(model: nn.Module) -> list[str]:
+    """Names of the model's stacks of blocks: ``ModuleList`` / ``Sequential`` holding two or more
+    modules of one type with weights (a transformer's layers, a CNN stage), most parameters first."""
+    found = []
+    for name, m in model.named_modules():
+        if name and isinstance(m, _STACKS) and len(m) > 1 and len({type(c) for c in m}) == 1:
+            params = sum(p.numel() for p in m.parameters())
+            if params:
+                found.append((params, len(m), name))
+    return [name for _, _, name in sorted(found, key=lambda t: (-t[0], -t[1]))]
 
 
 def find_layer_stack(model: nn.Module) -> str:
-    """Name of a BERT-style encoder's layer list (``*.encoder.layer``)."""
+    """Name of the model's layer stack: a BERT-style encoder's ``*.encoder.layer``, else the stack
+    of blocks holding the most parameters (:func:`block_stacks`: ``transformer.layer`` of DistilBERT,
+    ``layers`` of Llama, ``h`` of GPT-2, ``blocks`` of a timm ViT)."""
     for name, m in model.named_modules():
         if isinstance(m, nn.ModuleList) and name.endswith("encoder.layer"):
             return name
-    raise UnsupportedError("bert_student: no '*.encoder.layer' ModuleList in this model",
-                           hint="use keep_layers(model, path, keep) with the name of its layer stack")
+    stacks = block_stacks(model)
+    if not stacks:
+        raise UnsupportedError("no stack of two or more blocks of one type (a ModuleList/Sequential of layers)",
+                               hint="name the stack: keep_layers(model, path, keep) / ShallowDistillation(stack=...)")
+    return stacks[0]
 
 
 def every_kth(n: int, every: int) -> list[int]:
