@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from ..core.errors import ModelpressError, require
+from ..core.errors import DataError, ModelpressError, require
 from .onnx import onnx_inputs
 
 
@@ -51,6 +51,19 @@ def run_ir(xml_path: str | os.PathLike, inputs: Any) -> torch.Tensor:
     """The first output of the IR (or ONNX file) on ``inputs``, run by OpenVINO on the CPU."""
     ov = require("openvino", "openvino")
     compiled = ov.Core().compile_model(str(xml_path), "CPU")
-    arrays = onnx_inputs(inputs)
-    feeds = {p.get_any_name(): arrays[p.get_any_name()] for p in compiled.inputs}
+    feeds = feeds_for(compiled.inputs, onnx_inputs(inputs))
     return torch.from_numpy(np.asarray(compiled(feeds)[compiled.outputs[0]]))
+
+
+def feeds_for(ports: Any, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``arrays`` keyed for OpenVINO's input ``ports``: a port may carry several tensor names (the
+    graph input's and that of an op OpenVINO fused into it, e.g. a Flatten), so each port is fed by
+    whichever of its names the inputs have."""
+    feeds = {}
+    for port in ports:
+        name = next((n for n in sorted(port.get_names()) if n in arrays), None)
+        if name is None:
+            raise DataError(f"the OpenVINO model takes an input named {port.get_any_name()!r}, got {sorted(arrays)}",
+                            hint="pass the inputs in the structure the model was exported with")
+        feeds[name] = arrays[name]
+    return feeds

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ..core.data import batch_size_of, slice_inputs
-from ..core.errors import DataError, ModelLoadError
+from ..core.errors import ModelLoadError
 from ..export.deploy import export_deployable
 from ..export.onnx import onnx_inputs, ort_feeds, ort_session
 from ..export.tflite import LiteRTRunner, TfliteOptions
@@ -55,16 +55,12 @@ class OpenVinoSession(Session):
             raise ModelLoadError(f"OpenVINO could not compile {path.name}: {first}",
                                  hint="export the model again (modelpress export), or run it in onnxruntime") from None
         self.request = self.compiled.create_infer_request()
-        self.names = [p.get_any_name() for p in self.compiled.inputs]
         self.threads = threads
 
     def feeds(self, inputs: Any) -> dict[str, np.ndarray]:
-        arrays = onnx_inputs(inputs)
-        missing = [n for n in self.names if n not in arrays]
-        if missing:
-            raise DataError(f"the OpenVINO model takes inputs {self.names}, got {sorted(arrays)}",
-                            hint="pass the inputs in the structure the model was exported with")
-        return {n: arrays[n] for n in self.names}
+        from ..export.openvino import feeds_for
+
+        return feeds_for(self.compiled.inputs, onnx_inputs(inputs))
 
     def invoke(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         result = self.request.infer(feeds)
