@@ -262,3 +262,48 @@ def test_search_command_rejects_a_bad_budget_and_space_before_any_work(cli, tmp_
     res = cli("search", "-m", "lenet300", "-d", "digits", "--budget", "bytes=5000", "--set", "bits=[0]",
               "-o", str(tmp_path / "s"), check=False)
     assert res.returncode == 2 and "bits" in res.stderr
+
+
+# -- the user's sentence encoder, text and graded pairs -------------------------------------------
+WORDS = ("a man woman child dog cat is are was plays playing eats eating reads sleeps runs the guitar piano "
+         "food book ball park on in at home today quickly slowly happy tired . , ?").split()
+
+
+def own_encoder(folder):
+    """A 4-layer BERT with its own 40-word vocabulary: MiniLM's token ids would not fit it."""
+    transformers = pytest.importorskip("transformers")
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = folder / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n", encoding="utf-8")
+    tok = transformers.BertTokenizer(str(vocab))
+    config = transformers.BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=4,
+                                     num_attention_heads=2, intermediate_size=64)
+    torch.manual_seed(0)
+    transformers.BertModel(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_sentence_encoder_recipe_on_the_users_encoder_and_files(cli, tmp_path):
+    pytest.importorskip("onnxruntime")
+    model_dir = own_encoder(tmp_path / "enc")
+    text = tmp_path / "sentences.txt"
+    subjects, verbs, objects = ("a man", "a woman", "the child", "a dog"), ("plays", "reads", "eats"), \
+        ("the guitar", "a book", "the food", "the ball")
+    text.write_text("\n".join(f"{s} {v} {o} in the park ." for s in subjects for v in verbs for o in objects),
+                    encoding="utf-8")
+    pairs = tmp_path / "pairs.tsv"
+    pairs.write_text("4.8\ta cat sleeps at home .\ta cat is sleeping at home .\n"
+                     "0.4\ta cat sleeps at home .\tthe child runs quickly today .\n"
+                     "2.5\ta woman is happy .\ta woman is tired .\n", encoding="utf-8")
+    out = tmp_path / "run"
+    res = cli("compress", "-r", "sentence-encoder-distill-int8", "-m", f"hf:{model_dir}",
+              "-d", f"sentences:{text}?pairs={pairs}", "-o", out,
+              "--set", "stage.1.finetune.max_steps=2", "--set", "eval.latency=false")
+    assert "model.onnx" in res.stdout
+    rows = json.loads((out / "report.json").read_text())["rows"]
+    assert [r["label"] for r in rows] == ["baseline", "shallow", "int8", "deployed: model.onnx (ONNX Runtime)"]
+    assert all({"spearman", "fidelity"} <= set(r) for r in rows)
+    assert rows[1]["params"] < rows[0]["params"] and (out / "model.onnx").stat().st_size == rows[-1]["artifact_bytes"]
+    stages = json.loads((out / "report.json").read_text())["stages"]
+    assert len(stages[0]["kept"]) == 2 and stages[0]["stack"] == "backbone.encoder.layer"

@@ -56,7 +56,7 @@ def test_fidelity_selection_keeps_the_blocks_that_matter():
 def test_keep_fraction_uniform_and_explicit_layers():
     model = residual_net()
     _, r = run_method(model, ShallowDistillation(keep=0.5, selection="uniform"), MethodInputs(data=data()))
-    assert r.info["kept"] == [0, 2, 5]  # every other block, ending at the last
+    assert r.info["kept"] == [1, 3, 5]  # every other block, ending at the last
     _, r = run_method(model, ShallowDistillation(layers=[1, 5]), MethodInputs(data=data()))
     assert r.info["kept"] == [1, 5] and r.info["selection"] == "layers"
     for bad in (ShallowDistillation(keep=6), ShallowDistillation(keep=0.99), ShallowDistillation(layers=[0, 9])):

@@ -79,3 +79,16 @@ def test_override_value_out_of_range_is_reported_with_path(tmp_path):
 def test_builtin_recipes_are_valid(name):
     r = Recipe.load(name)
     assert r.stages and r.model and r.data
+
+
+def test_builtin_recipe_headers_state_no_speed():
+    """Speed is what `compress` measures on the user's machine; a header states what a recipe does and
+    its quality, never a speed-up copied from another machine."""
+    import re
+
+    from modelpress.recipes.schema import BUILTIN_DIR
+
+    speed = re.compile(r"\d(\.\d+)?x (faster|slower)|\d+(\.\d+)? ms\b|\b(ORT|eager|OpenVINO)\b[^\n]*\d(\.\d+)?x")
+    for path in BUILTIN_DIR.glob("*.yaml"):
+        header = "\n".join(line for line in path.read_text().splitlines() if line.startswith("#"))
+        assert not speed.search(header), f"{path.name}: {speed.search(header).group(0)!r}"

@@ -297,11 +297,35 @@ def compare_models(baseline: nn.Module, model: nn.Module, example_inputs: Any, *
         files_b = deployables(model, example_inputs, chosen, Path(tmp) / "b", errors)
         for bs in batch_sizes:
             pairs = [("eager", baseline, model)]
-            pairs += [(name, files_a[name], files_b[name]) for name in chosen
-                      if name in files_a and name in files_b and (name != "litert" or bs == 1)]
-            for engine, a, b in pairs:
-                cmp = compare_latency(a, b, resize_batch(base_inputs, bs), inputs_b=resize_batch(example_inputs, bs),
-                                      warmup=warmup, repeats=repeats, threads=threads, max_time_s=max_time_s)
-                out[f"{key_of(engine)}_b{bs}_ms"] = cmp.b.median_ms
-                out[f"{key_of(engine)}_b{bs}_speedup"] = cmp.ratio
+            pairs += [(name, files_a[name], files_b[name]) for name in chosen if name in files_a and name in files_b]
+            out.update(_compare_pairs(pairs, bs, base_inputs, example_inputs, warmup, repeats, threads, max_time_s))
+    return out
+
+
+def _compare_pairs(pairs, bs: int, inputs_a: Any, inputs_b: Any, warmup: int, repeats: int, threads: int | None,
+                   max_time_s: float | None) -> dict[str, float]:
+    """``{key}_b{bs}_ms`` / ``_speedup`` of each ``(engine, a, b)`` pair, timed interleaved (LiteRT: batch 1)."""
+    out: dict[str, float] = {}
+    for engine, a, b in pairs:
+        if engine == "litert" and bs != 1:
+            continue
+        cmp = compare_latency(a, b, resize_batch(inputs_a, bs), inputs_b=resize_batch(inputs_b, bs),
+                              warmup=warmup, repeats=repeats, threads=threads, max_time_s=max_time_s)
+        out[f"{key_of(engine)}_b{bs}_ms"] = cmp.b.median_ms
+        out[f"{key_of(engine)}_b{bs}_speedup"] = cmp.ratio
+    return out
+
+
+def compare_deployed(baseline: nn.Module, deployed: Deployed, example_inputs: Any, *,
+                     batch_sizes: tuple[int, ...] = (1, 64), threads: int | None = 1, repeats: int = 20,
+                     warmup: int = 3, max_time_s: float | None = 10.0) -> dict[str, float]:
+    """Speed-up of a deployed file over ``baseline``'s float file in the same runtime (interleaved):
+    keys as :func:`compare_models`' for that runtime. Empty when the baseline cannot be built for it."""
+    out: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="modelpress-compare-") as tmp:
+        files = deployables(baseline, example_inputs, (deployed.runtime,), Path(tmp), {})
+        if deployed.runtime in files:
+            for bs in batch_sizes:
+                out.update(_compare_pairs([(deployed.runtime, files[deployed.runtime], deployed)], bs, example_inputs,
+                                          example_inputs, warmup, repeats, threads, max_time_s))
     return out

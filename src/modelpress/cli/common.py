@@ -77,7 +77,8 @@ def run_and_print(recipe, model: str | None, data: str | None, run_dir: Path, *,
     out.print(rows_table(result.rows, title=f"{recipe.name}: {run.model_ref} on {run.data.name}"))
     for line in explain_rows(result.rows, run.data.task.metrics):
         out.print(f"  {line}", highlight=False, soft_wrap=True)
-    out.print(f"run folder: {run_dir}  (report.html, report.md, report.json, model.safetensors)")
+    deployed = f", {result.deployed.path.name}" if result.deployed is not None else ""
+    out.print(f"run folder: {run_dir}  (report.html, report.md, report.json, model.safetensors{deployed})")
     return result
 
 

@@ -192,7 +192,7 @@ def _choose_stack(model: nn.Module, batches: list) -> str:
 
 
 def _uniform(n: int, k: int, droppable: list[bool]) -> list[int]:
-    keep = {round(n - 1 - i * (n - 1) / max(k - 1, 1)) for i in range(k)} if k > 1 else {n - 1}
+    keep = {n - 1 - round(i * n / k) for i in range(k)}  # every (n/k)-th block, ending at the last
     keep |= {i for i in range(n) if not droppable[i]}
     return sorted(keep)
 

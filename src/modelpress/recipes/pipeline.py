@@ -6,6 +6,8 @@ Run folder layout (``out``)::
     baseline.safetensors           the uncompressed model as given
     stages/01-prune/model.safetensors, metrics.json   one folder per finished stage
     model.safetensors              the final artifact
+    model.onnx                     with an ``export:`` section: the deployed file (.xml + .bin, .tflite
+                                   for other runtimes), measured in the report's last row
     report.json, report.md         baseline vs every finished stage (rewritten after each)
     report.html                    the same with plots (self-contained, opens offline)
 
@@ -25,13 +27,14 @@ are and listed in the stage's info (``unsupported_layers``) and on the log.
 from __future__ import annotations
 
 import copy
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from ..analysis.analyze import analyze, compare_models, resize_batch
+from ..analysis.analyze import analyze, compare_deployed, compare_models, resize_batch
 from ..analysis.latency import check_memory
 from ..analysis.report_html import write_html_report
 from ..analysis.tables import compare_rows
@@ -45,18 +48,22 @@ from ..core.progress import log
 from ..core.scope import Scope
 from ..distillation.kd import distillation_loss
 from ..engine import MethodInputs, run_method
+from ..export.deploy import export_deployable
+from ..runtime import Deployed, get_runtime
 from ..tasks.base import DatasetBundle
 from .schema import Recipe
 
 
 @dataclass
 class RunResult:
-    """What a recipe run produced: the final model, the report rows, and the run folder."""
+    """What a recipe run produced: the final model, the report rows, the run folder and, with an
+    ``export:`` section, the deployed file (its row is the last)."""
 
     model: nn.Module
     rows: list[dict]
     out: Path | None = None
     infos: list[dict] = field(default_factory=list)
+    deployed: Deployed | None = None
 
     @property
     def baseline(self) -> dict:
@@ -240,8 +247,41 @@ def _run_stages(recipe: Recipe, configs: list, model: nn.Module, data: DatasetBu
         # the metrics live in report.json: in the header they would cost ~170 B, 4% of a 4.7 KB model
         save_artifact(model, out / "model.safetensors", meta={"recipe": recipe.name})
         kill_point("final-saved")
+    deployed = None
+    if recipe.export is not None:
+        with tempfile.TemporaryDirectory(prefix="modelpress-deploy-") as tmp:
+            deployed, row = deploy(recipe, model, data, Path(out or tmp), baseline)
+            rows.append(row)
+            deployed = deployed if out else None  # without a run folder the file is not kept
+    if out:
         _write_reports(out, recipe, rows, infos)
-    return RunResult(model=model, rows=rows, out=out, infos=infos)
+    return RunResult(model=model, rows=rows, out=out, infos=infos, deployed=deployed)
+
+
+def deploy(recipe: Recipe, model: nn.Module, data: DatasetBundle, folder: Path, baseline: nn.Module
+           ) -> tuple[Deployed, dict]:
+    """Write the file of the recipe's ``export:`` section in ``folder`` (``model`` + the runtime's suffix)
+    and measure it: ``(Deployed, report row)``. The row's quality is what the runtime computes on the
+    test split; its latency is against the baseline's float file in the same runtime."""
+    spec, ev = recipe.export, recipe.eval
+    runtime = get_runtime(spec.runtime)
+    runtime.require()
+    path = folder / f"model{runtime.suffixes[0]}"
+    log(f"exporting for {runtime.label} ...")
+    path, note = export_deployable(model.eval(), data.example_inputs(1), path, embedding_bits=spec.embedding_bits,
+                                   accuracy_level=spec.accuracy_level, fmt=_FORMATS[runtime.name])
+    deployed = Deployed(path, runtime.name)
+    row: dict[str, Any] = {"label": f"deployed: {path.name} ({runtime.label})"}
+    row.update(data.evaluate(deployed.open(threads=ev.threads).as_module(), reference=baseline))
+    row["artifact_bytes"] = sum(p.stat().st_size for p in (path, path.with_suffix(".bin")) if p.exists())
+    if ev.latency:
+        row.update(compare_deployed(baseline.eval(), deployed, data.example_inputs(1),
+                                    batch_sizes=tuple(ev.batch_sizes), threads=ev.threads, repeats=ev.repeats))
+    log(f"  {path.name}: {note}")
+    return deployed, row
+
+
+_FORMATS = {"onnxruntime": "onnx", "openvino": "openvino", "litert": "tflite"}
 
 
 def _fmt(v):

@@ -14,6 +14,7 @@
         method: prune.magnitude
         config: {sparsity: 0.9, schedule: {kind: polynomial}}
         finetune: {epochs: 3, lr: 0.0005}
+    export: {runtime: onnxruntime}   # optional: end with RUN/model.onnx, measured in the last report row
 
 Unknown keys and bad values are rejected with their path (``stages.1.config.sparsity: ...``).
 ``apply_overrides(raw, ["stage.1.sparsity=0.8"])`` edits a raw recipe before validation:
@@ -93,6 +94,27 @@ class EvalSpec(StrictModel):
         return names
 
 
+class ExportSpec(StrictModel):
+    """The file a run ends with, for its runtime (``RUN/model.onnx``, ``.xml`` + ``.bin``, ``.tflite``),
+    written by :func:`~modelpress.export.deploy.export_deployable` and measured in the report's last
+    row: its quality as the runtime computes it, its bytes, and its latency against the
+    uncompressed model's file in the same runtime (interleaved)."""
+
+    runtime: str = "onnxruntime"
+    embedding_bits: Literal[4, 8] | None = Field(8, description="dynamic int8 models: bits of the embedding "
+                                                                "tables (null: float)")
+    accuracy_level: Literal[0, 1, 2, 3, 4] = Field(4, description="MatMulNBits layers: 0 fp32 compute, 4 int8")
+
+    @field_validator("runtime")
+    @classmethod
+    def _known_runtime(cls, name: str) -> str:
+        from ..runtime import runtime_names
+
+        if name not in runtime_names():
+            raise ValueError(f"unknown runtime {name!r}; known: {', '.join(runtime_names())}")
+        return name
+
+
 class Recipe(StrictModel):
     """A validated recipe. Build with :meth:`load`, :meth:`from_dict` or :meth:`builtin`."""
 
@@ -105,6 +127,7 @@ class Recipe(StrictModel):
     baseline: BaselineSpec = Field(default_factory=BaselineSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
     stages: list[Stage] = Field(min_length=1)
+    export: ExportSpec | None = None
 
     @model_validator(mode="after")
     def _unique_names(self):
