@@ -1,12 +1,15 @@
-"""modelpress's compressed MiniLM for the peer benchmark (issue 6, target 2), built with the public API:
+"""modelpress's compressed MiniLM for the peer benchmark (issue 6, target 2): the built-in recipe.
 
-1. distill: the 3-layer student of ``distill_minilm.py`` (teacher layers 0, 4, 5, distilled with
-   ``distill.kd`` / ``embedding_cosine`` on unlabeled sentences; cached after the first run);
-2. quantize: ``quant.dynamic_int8`` (int8 Linear weights, one scale per output channel);
-3. deploy: ``export_deployable(..., embedding_bits=4)``: ONNX Runtime dynamic int8 for the
-   MatMuls and 4-bit blocks (32 values per scale) for the embedding tables.
+``modelpress compress -r sentence-encoder-distill-int8`` (run by ``distill_minilm.recipe_run``, its
+run folder cached):
 
-``peers.py`` measures the file next to the other toolkits'. Run alone it prints the file's size,
+1. ``distill.shallow``: the 3 layers of MiniLM-L6 that hold its output best (0, 4, 5), distilled
+   from the 6-layer teacher on unlabelled sentences (1 - cos of the embeddings);
+2. ``quant.dynamic_int8``: int8 Linear weights, one scale per output channel;
+3. ``export: {runtime: onnxruntime, embedding_bits: 4}``: ``RUN/model.onnx``, ONNX Runtime dynamic
+   int8 for the MatMuls and 4-bit blocks (32 values per scale) for the embedding tables.
+
+``peers.py`` measures that file next to the other toolkits'. Run alone it prints the file's size,
 quality and batch-32 latency against the fp32 teacher in ONNX Runtime:
 
     python benchmarks/minilm_small.py [--quick]
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -25,28 +29,23 @@ import torch
 os.environ.setdefault("MODELPRESS_PROGRESS", "0")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from distill_minilm import KEEP, distilled_student  # noqa: E402
+from distill_minilm import RECIPE, load_recipe, recipe_run  # noqa: E402
 
-from modelpress import quantize  # noqa: E402
-from modelpress.export.deploy import export_deployable  # noqa: E402
-from modelpress.quantization.dynamic import DynamicInt8  # noqa: E402
 from modelpress.tasks.embedding import pair_sentences, tokenize  # noqa: E402
 from modelpress.zoo.corpora import load_sts_pairs  # noqa: E402
 from modelpress.zoo.models import build_model  # noqa: E402
 
 
 def compressed_minilm(quick: bool, workdir: Path, teacher=None) -> dict:
-    """Build the compressed MiniLM ONNX file in ``workdir``: ``{"name", "onnx", "notes"}``."""
-    teacher = teacher if teacher is not None else build_model("minilm").eval()
-    student, info = distilled_student(teacher, quick)
-    q = quantize(student, DynamicInt8())
-    batch = tokenize(teacher.tokenizer, pair_sentences(load_sts_pairs())[:32])
-    path, note = export_deployable(q, batch, Path(workdir) / "minilm-L3-int8-emb4.onnx", embedding_bits=4)
-    trained = "cached" if info["cached"] else f"distilled in {info['seconds']:.0f} s"
-    layers = ",".join(map(str, KEEP))
-    return {"name": f"modelpress distill (layers {layers}) + quant.dynamic_int8 + 4-bit embeddings, ORT",
+    """The recipe's ONNX file, copied into ``workdir``: ``{"name", "onnx", "notes"}``."""
+    run = recipe_run(load_recipe(quick), quick)
+    path = Path(workdir) / "minilm-L3-int8-emb4.onnx"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(run.deployed.path, path)
+    layers = ",".join(map(str, run.infos[0]["kept"]))
+    return {"name": f"modelpress recipe {RECIPE} (layers {layers}, quant.dynamic_int8, 4-bit embeddings), ORT",
             "onnx": path,
-            "notes": f"3-layer student ({trained}, {info['sentences']:,} unlabeled sentences); {note}"}
+            "notes": f"`modelpress compress -r {RECIPE}`; run folder {run.out}"}
 
 
 def main() -> None:
