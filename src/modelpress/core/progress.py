@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextvars
 import os
 import sys
+import time
 from contextlib import contextmanager
 
 from rich.console import Console
@@ -23,11 +24,39 @@ def progress_bar(description: str, total: int | None, enabled: bool = True):
     if not (enabled and progress_enabled()):
         yield lambda n=1, **kw: None
         return
+    if not console.is_terminal:  # a log file or a pipe: no live bar, a plain line every 10% / minute
+        yield _progress_lines(description, total)
+        return
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[note]}")]
     with Progress(*columns, console=console, transient=not sys.stderr.isatty()) as prog:
         task = prog.add_task(description, total=total, note="")
         yield lambda n=1, note=None: prog.update(task, advance=n, **({"note": note} if note else {}))
+
+
+def _progress_lines(description: str, total: int | None, every_s: float = 60.0):
+    """``advance(n=1, note=None)`` printing ``description: done/total (pct), elapsed, left`` when a
+    tenth of the work is done or a minute has passed, so a job writing to a file shows how far it is."""
+    start = last = time.monotonic()
+    state = {"done": 0, "tenth": 0}
+
+    def advance(n: int = 1, note: str | None = None, **_kw) -> None:
+        nonlocal last
+        state["done"] += n
+        now = time.monotonic()
+        tenth = int(10 * state["done"] / total) if total else 0
+        if tenth > state["tenth"] or now - last >= every_s:
+            state["tenth"], last = tenth, now
+            done, elapsed = state["done"], now - start
+            left = f", ~{_minutes(elapsed * (total - done) / done)} left" if total and done else ""
+            of = f"/{total} ({100 * done / total:.0f}%)" if total else ""
+            log(f"{description}: {done}{of}, {_minutes(elapsed)}{left}{f', {note}' if note else ''}")
+
+    return advance
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
 
 def log(msg: str) -> None:
