@@ -4,12 +4,12 @@
 2. TFMOT (``benchmarks/keras_lenet5_tfmot.py`` in the TensorFlow venv, ``constraints-tf.txt``) trains
    the seeds' LeNet-5 with tf_keras, saves it as ``lenet5.h5`` and writes its int8 rows (PTQ,
    pruning 80% / 90%, clustering, QAT, PCQAT) as ``.tflite`` files; ``--tfmot-dir`` reuses a run.
-3. modelpress on the same ``lenet5.h5`` (``keras:lenet5.h5?channels_first=true`` on
-   ``mnist5k?normalize=false``), through the verbs, every training step distilled from the Keras
-   model: the dense layers' neurons cut by ``--dense-ratio`` (``prune.channels``), global
-   magnitude pruning to ``--sparsity`` on a polynomial schedule, k-means weight sharing (conv 4
-   bits, dense ``--fc-bits``), then ``export_tflite`` int8 with one weight scale per layer (the
-   shared weights stay few distinct bytes) and without the inner tensors' debug names; and
+3. modelpress on the same ``lenet5.h5``: the built-in recipe ``keras-lenet5-litert`` run as
+   ``modelpress compress -r keras-lenet5-litert -m keras:lenet5.h5?channels_first=true`` does it
+   (every training step distilled from the Keras model: the dense layers' neurons cut 30%, global
+   magnitude pruning to 80% on a polynomial schedule, k-means weight sharing (conv 4 bits, dense 2),
+   then ``RUN/model.tflite`` int8 with one weight scale per layer (the shared weights stay few
+   distinct bytes) and without the inner tensors' debug names; ``--set`` changes the recipe); and
    modelpress's plain int8 export of the fp32 model.
 
 Columns: LiteRT accuracy on the 1,000 test images (batch 1), ``.tflite`` bytes, gzip -9 bytes, and
@@ -37,15 +37,14 @@ os.environ.setdefault("KERAS_BACKEND", "torch")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import modelpress  # noqa: E402
-from modelpress import KD, ChannelPruning, MagnitudePruning, TrainConfig, WeightSharing  # noqa: E402
+from modelpress import compress  # noqa: E402
 from modelpress.artifact.loading import load_model  # noqa: E402
-from modelpress.distillation.kd import distillation_loss  # noqa: E402
-from modelpress.export.deploy import float_copy  # noqa: E402
 from modelpress.export.tflite import LiteRTRunner, TfliteOptions, export_tflite  # noqa: E402
+from modelpress.recipes.schema import Recipe  # noqa: E402
 from modelpress.zoo.datasets import load_dataset  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
+RECIPE = "keras-lenet5-litert"
 
 
 def write_split(path: Path, seed: int = 0) -> None:
@@ -88,29 +87,13 @@ def modelpress_rows(h5: Path, out: Path, args) -> list[dict]:
                           TfliteOptions(precision="int8"), calibration=bundle.train)
     rows.append({"name": "modelpress int8 of the fp32 model", "path": str(plain.path), "note": "export_tflite int8"})
     t0 = time.perf_counter()
-    kd = distillation_loss(teacher, KD(T=2.0, alpha=0.5))
-    train = TrainConfig(epochs=1 if args.quick else args.epochs, lr=0.002, batch_size=32)
-    model = teacher
-    if args.dense_ratio:
-        model = modelpress.prune(model, ChannelPruning(ratio=args.dense_ratio, scope={"include": ["type:Linear"]},
-                                                       input_shape=[2, 1, 28, 28]), bundle.train, train=train,
-                                 loss_fn=kd)
-    model = modelpress.prune(model, MagnitudePruning(sparsity=args.sparsity, ranking="global", keep_first_last=False,
-                                                     schedule={"kind": "polynomial", "end_fraction": 0.6,
-                                                               "frequency": 25}),
-                             bundle.train, train=train, loss_fn=kd)
-    model = modelpress.quantize(model, WeightSharing(bits=4, layer_bits={"type:Conv2d": 4,
-                                                                         "type:Linear": args.fc_bits}),
-                                bundle.train, train=train, loss_fn=kd)
+    recipe = Recipe.load(RECIPE, [*args.overrides, *(["stage.1.finetune.epochs=1", "stage.2.finetune.epochs=1",
+                                                      "stage.3.finetune.epochs=1"] if args.quick else [])])
+    run = compress(f"keras:{h5}?channels_first=true", recipe, out=out / "run")
     secs = time.perf_counter() - t0
-    plain_layers = float_copy(model)  # k-means layers decoded into plain Linear / Conv2d
-    done = export_tflite(plain_layers, bundle.example_inputs(8), out / "modelpress_small.tflite",
-                         TfliteOptions(precision="int8", weight_granularity="tensor", strip_names=True),
-                         calibration=bundle.train)
-    params = sum(p.numel() for p in plain_layers.parameters())
-    rows.append({"name": f"modelpress dense {args.dense_ratio:.0%} cut + {args.sparsity:.0%} sparse + k-means "
-                         f"(conv 4, dense {args.fc_bits} bits), int8 per layer", "path": str(done.path),
-                 "note": f"{params:,} params; {secs:.0f}s training (KD from the Keras model)"})
+    rows.append({"name": f"modelpress recipe {RECIPE} (dense neurons cut 30%, 80% sparse, k-means conv 4 / dense "
+                         "2 bits, distilled; int8 per layer)", "path": str(run.deployed.path),
+                 "note": f"`modelpress compress -r {RECIPE}`; {secs:.0f}s"})
     return rows
 
 
@@ -132,10 +115,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tfmot-dir", type=Path, default=None, help="a keras_lenet5_tfmot.py run (else a new one)")
     ap.add_argument("--tf-python", default=None, help="python of the TensorFlow venv (constraints-tf.txt)")
-    ap.add_argument("--dense-ratio", type=float, default=0.3)
-    ap.add_argument("--sparsity", type=float, default=0.8)
-    ap.add_argument("--fc-bits", type=int, default=2)
-    ap.add_argument("--epochs", type=float, default=12)
+    ap.add_argument("--set", dest="overrides", action="append", default=[],
+                    help=f"override the recipe {RECIPE}, as `modelpress compress --set`")
     ap.add_argument("--calls", type=int, default=1000)
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()

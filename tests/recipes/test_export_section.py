@@ -49,6 +49,17 @@ def test_export_for_openvino_counts_the_weights_file(tmp_path, trained):
     assert res.rows[-1]["artifact_bytes"] == xml.stat().st_size + weights.stat().st_size
 
 
+def test_export_for_litert_calibrates_int8_on_the_training_split(tmp_path, trained):
+    pytest.importorskip("ai_edge_litert")
+    pytest.importorskip("litert_torch")
+    spec = {"runtime": "litert", "tflite": {"precision": "int8", "weight_granularity": "tensor", "strip_names": True}}
+    res = compress(trained, recipe(spec), toy_bundle(), out=tmp_path)
+    path = tmp_path / "model.tflite"
+    assert res.deployed.path == path and res.rows[-1]["artifact_bytes"] == path.stat().st_size
+    assert res.rows[-1]["label"] == "deployed: model.tflite (LiteRT)"
+    assert abs(res.rows[-1]["accuracy"] - res.rows[1]["accuracy"]) <= 0.05  # int8 activations too
+
+
 def test_without_a_run_folder_the_row_stays_and_no_file_is_kept(trained):
     pytest.importorskip("onnxruntime")
     res = compress(trained, recipe({}), toy_bundle())

@@ -57,12 +57,13 @@ FAMILIES = (
            "modelpress factorize svd -m lenet5 --set param_ratio=0.5 --finetune 3 -o runs/svd · "
            "modelpress factorize tucker -m resnet_small --set rank_ratio=0.5 --finetune 3 -o runs/tucker",
            train_help="fine-tune epochs after factorizing"),
-    Family("distill", "distill", "Train a student by distillation (offline KD, self, mutual or quantization-aware), "
-           "report before/after.",
+    Family("distill", "distill", "Train a student by distillation (offline KD, self, mutual, quantization-aware or "
+           "a shallower copy), report before/after.",
            "kd (from a teacher), self (deeper layers teach exit heads), mutual (two students), "
-           "qat (float model teaches its QAT copy)",
+           "qat (float model teaches its QAT copy), shallow (the blocks holding the output best, taught by the model)",
            "config field, e.g. T=4 or alpha=0.9",
            "modelpress distill -m small.py:build -t runs/base/model.safetensors --set T=4 -o runs/kd · "
+           "modelpress distill shallow -m hf:my-encoder -d sentences:my.txt --set keep=0.5 -o runs/half · "
            "modelpress distill self -m resnet_small --epochs 5 -o runs/self · "
            "modelpress distill qat -m runs/base/model.safetensors --set quant.weight_bits=4 -o runs/qad",
            train_help="training epochs", default_method="kd", train_option="--epochs", train_default=3,

@@ -269,7 +269,8 @@ def deploy(recipe: Recipe, model: nn.Module, data: DatasetBundle, folder: Path, 
     path = folder / f"model{runtime.suffixes[0]}"
     log(f"exporting for {runtime.label} ...")
     path, note = export_deployable(model.eval(), data.example_inputs(1), path, embedding_bits=spec.embedding_bits,
-                                   accuracy_level=spec.accuracy_level, fmt=_FORMATS[runtime.name])
+                                   accuracy_level=spec.accuracy_level, fmt=_FORMATS[runtime.name],
+                                   tflite=spec.tflite, calibration=data.train)
     deployed = Deployed(path, runtime.name)
     row: dict[str, Any] = {"label": f"deployed: {path.name} ({runtime.label})"}
     row.update(data.evaluate(deployed.open(threads=ev.threads).as_module(), reference=baseline))

@@ -36,6 +36,7 @@ from ..core.limits import MAX_YAML_BYTES, load_yaml, read_text_capped, short
 from ..core.training import TrainConfig
 from ..distillation.kd import KD
 from ..engine.registry import build_config
+from ..export.tflite import TfliteOptions
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 STAGE_KEYS = ("name", "method", "config", "finetune", "distill")
@@ -104,6 +105,9 @@ class ExportSpec(StrictModel):
     embedding_bits: Literal[4, 8] | None = Field(8, description="dynamic int8 models: bits of the embedding "
                                                                 "tables (null: float)")
     accuracy_level: Literal[0, 1, 2, 3, 4] = Field(4, description="MatMulNBits layers: 0 fp32 compute, 4 int8")
+    tflite: TfliteOptions = Field(default_factory=TfliteOptions,
+                                  description="runtime litert: precision, weight granularity ... (int8 calibrates "
+                                              "on the training split)")
 
     @field_validator("runtime")
     @classmethod
