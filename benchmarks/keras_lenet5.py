@@ -4,8 +4,8 @@
 2. TFMOT (``benchmarks/keras_lenet5_tfmot.py`` in the TensorFlow venv, ``constraints-tf.txt``) trains
    the seeds' LeNet-5 with tf_keras, saves it as ``lenet5.h5`` and writes its int8 rows (PTQ,
    pruning 80% / 90%, clustering, QAT, PCQAT) as ``.tflite`` files; ``--tfmot-dir`` reuses a run.
-3. modelpress on the same ``lenet5.h5``: the built-in recipe ``keras-lenet5-litert`` run as
-   ``modelpress compress -r keras-lenet5-litert -m keras:lenet5.h5?channels_first=true`` does it
+3. modelpress on the same ``lenet5.h5``: the built-in recipe ``lenet5-litert`` run as
+   ``modelpress compress -r lenet5-litert -m keras:lenet5.h5?channels_first=true`` does it
    (every training step distilled from the Keras model: the dense layers' neurons cut 30%, global
    magnitude pruning to 80% on a polynomial schedule, k-means weight sharing (conv 4 bits, dense 2),
    then ``RUN/model.tflite`` int8 with one weight scale per layer (the shared weights stay few
@@ -44,7 +44,7 @@ from modelpress.recipes.schema import Recipe  # noqa: E402
 from modelpress.zoo.datasets import load_dataset  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-RECIPE = "keras-lenet5-litert"
+RECIPE = "lenet5-litert"
 
 
 def write_split(path: Path, seed: int = 0) -> None:
