@@ -32,6 +32,8 @@ def test_removing_channels_is_faster_and_static_int8_depends_on_the_cpu():
     assert check_recipe(recipe("prune.channels"), "eager").verdict == "yes"
     assert check_recipe(recipe("prune.channels", "quant.static_int8"), "onnxruntime", NO_VNNI).verdict == "depends"
     assert check_recipe(recipe("quant.static_int8"), "onnxruntime", VNNI).verdict == "yes"
+    assert check_recipe(recipe("distill.shallow", "quant.dynamic_int8"), "eager").verdict == "yes"  # layers go
+    assert check_recipe(recipe("distill.kd"), "eager").verdict == "no"
     assert check_recipe(recipe("quant.static_int8"), "eager", VNNI).verdict == "no"
     assert has_int8_dot_product(VNNI) and not has_int8_dot_product(NO_VNNI)
 
