@@ -127,6 +127,25 @@ def test_sentence_encoder_keeps_half_its_layers_and_reloads(tmp_path):
         assert torch.allclose(again(**batch), small(**batch), atol=1e-6)
 
 
+def test_a_reloaded_shallow_encoder_saves_and_reloads_again(tmp_path):
+    """A recipe resuming after stage 1 loads stage 2's file into the reloaded stage-1 model: a reload's
+    replay record must describe the original architecture, as the file does."""
+    from modelpress.tasks.embedding import TokenizedSentences
+    from modelpress.zoo.corpora import load_sentences
+
+    enc = hf_encoder(tmp_path).eval()
+    sentences = TokenizedSentences.from_sentences(load_sentences(64), enc.tokenizer)
+    small, _ = run_method(enc, ShallowDistillation(keep=2), MethodInputs(data=sentences, task=SentenceEmbedding()))
+    first = save_artifact(small, tmp_path / "1.safetensors")
+    again, _ = load_artifact(first, base_model=hf_encoder(tmp_path))
+    second = save_artifact(again, tmp_path / "2.safetensors")
+    batch = sentences.collate([sentences[i] for i in range(4)])
+    for path, base in ((first, again), (second, again), (second, hf_encoder(tmp_path))):
+        model, _ = load_artifact(path, base_model=base)
+        with torch.no_grad():
+            assert len(model.backbone.encoder.layer) == 2 and torch.equal(model(**batch), small(**batch))
+
+
 def test_decoder_with_grouped_query_attention_renumbers_its_cache_slots():
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,

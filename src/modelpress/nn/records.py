@@ -15,7 +15,7 @@ the module the original model already has (only registered names, only integers)
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -270,9 +270,12 @@ def get_replay(model: nn.Module) -> dict | None:
 
 def mark_replay(new: nn.Module, before: nn.Module, method: str, config: dict) -> nn.Module:
     """Record on ``new`` that it is ``before`` rewritten by ``method`` with ``config``."""
-    prior = get_replay(before) or {}
-    rec = {"steps": [*prior.get("steps", []), {"method": method, "config": config, "before": describe(before)}],
-           "source": prior.get("source") or getattr(before, "zoo_spec", None)}
+    step = {"method": method, "config": config, "before": describe(before)}
+    return _record(new, get_replay(before) or {}, step, getattr(before, "zoo_spec", None))
+
+
+def _record(new: nn.Module, prior: dict, step: dict, source: Any) -> nn.Module:
+    rec = {"steps": [*prior.get("steps", []), step], "source": prior.get("source") or source}
     meta = getattr(new, "meta", None)
     if isinstance(meta, dict):
         meta[_REPLAY_KEY] = rec
@@ -290,7 +293,9 @@ def replay(model: nn.Module, steps: list[dict]) -> nn.Module:
             raise ModelLoadError(f"checkpoint asks to replay {method!r}, which modelpress cannot replay",
                                  hint="load it with the modelpress version that wrote it")
         rebuild(model, step.get("before") or {})
-        before, config = model, dict(step.get("config") or {})
-        model = REPLAYS.get(method)(model, config)
-        mark_replay(model, before, method, config)
+        # the step is recorded as the file has it: a rewrite done in place (keep_layers) leaves no
+        # "before" module to describe, and a later load must see the same steps to skip the replay
+        prior, source = get_replay(model) or {}, getattr(model, "zoo_spec", None)
+        model = REPLAYS.get(method)(model, dict(step.get("config") or {}))
+        _record(model, prior, step, source)
     return model
