@@ -18,7 +18,7 @@ err_console = Console(stderr=True, soft_wrap=True)  # soft_wrap: an error stays 
 
 MODEL_HELP = "zoo name (lenet5, resnet_small, minilm, pylm ...), path/file.py:factory, HF model dir, or artifact"
 DATA_HELP = ("dataset: mnist5k, digits, sts, sentences, pystdlib, pystdlib-tiny, mnist-idx:DIR, cifar10:DIR, "
-             "imagefolder:DIR, csv:FILE, sts:PAIRS.tsv, sentences:FILE.txt")
+             "imagefolder:DIR, csv:FILE, sts:PAIRS.tsv, sentences:FILE.txt[?pairs=PAIRS.tsv]")
 
 
 def load_bundle(spec: str, seed: int = 0):
