@@ -100,7 +100,8 @@ def test_any_alias_graph_is_refused_fast_and_small(doc):
     t = time.perf_counter()
     with pytest.raises(ConfigError, match="aliases"):
         load_yaml(doc, "doc.yaml")
-    assert time.perf_counter() - t < 1.0 and tracemalloc.get_traced_memory()[1] < 100 << 20
+    # 3 s: a loaded CI worker under tracemalloc took 1.2 s once; an exponential expansion takes far longer
+    assert time.perf_counter() - t < 3.0 and tracemalloc.get_traced_memory()[1] < 100 << 20
     tracemalloc.stop()
 
 
