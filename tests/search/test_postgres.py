@@ -93,6 +93,30 @@ def test_three_workers_share_one_postgres_study(tmp_path, postgres_url):
     workers = {t.user_attrs["worker"] for t in study.trials}
     assert len(workers) >= 2, workers  # the trials were split between the processes
     assert all(w.split(":")[1] in {str(p.pid) for p in procs} for w in workers)
+    # the team's best recipe is the one a single worker writes after the same trials, in the same order
+    trials = sorted(study.trials, key=lambda t: t.number)
+    shared = _search(tmp_path / "summary", len(trials), storage=postgres_url, study_name="shared")  # runs none
+    alone = _search(tmp_path / "alone", len(trials), enqueue=[t.params for t in trials])
+    assert shared.best is not None
+    assert [shared.best[k] for k in ("params", "quality", "cost")] == [alone.best[k] for k in
+                                                                      ("params", "quality", "cost")]
+
+    def recipe(out):  # the recipe without its name (search-trial-N: equal choices may hold another number)
+        return [line for line in (out / "best-recipe.yaml").read_text().splitlines() if not line.startswith("name:")]
+    assert recipe(tmp_path / "summary") == recipe(tmp_path / "alone")
+
+
+def _search(out: Path, trials: int, **kwargs):
+    """The workers' search (WORKER's settings) in this process."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from search.test_search import SMALL, toy_bundle, trained_mlp
+
+    from modelpress.search.space import Budget
+    from modelpress.search.study import run_search
+
+    space = type(SMALL).model_validate({**SMALL.model_dump(), "finetune": {"epochs": 0.5, "lr": 0.005}})
+    return run_search(trained_mlp(), toy_bundle(), Budget(metric="bytes", limit=1e9, max_drop=100), space, out=out,
+                      trials=trials, **kwargs)
 
 
 def test_a_killed_workers_trial_is_retried_by_another(tmp_path, postgres_url):

@@ -31,7 +31,7 @@ import socket
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -132,7 +132,8 @@ def _layers(model: nn.Module) -> list[str]:
 def run_search(model: nn.Module, bundle: DatasetBundle, budget: Budget, space: SearchSpace | None = None, *,
                out: str | Path, trials: int = 20, storage: str | None = None, study_name: str | None = None,
                model_ref: str | None = None, data_ref: str | None = None, seed: int = 0,
-               keep_trial_artifacts: bool = False, heartbeat: tuple[int, int] = (30, 120)) -> SearchResult:
+               keep_trial_artifacts: bool = False, heartbeat: tuple[int, int] = (30, 120),
+               enqueue: Sequence[dict] = ()) -> SearchResult:
     """Search ``space`` for the best compression of ``model`` on ``bundle`` under ``budget``.
 
     ``trials`` is the total the study should reach (a resumed or shared study counts the
@@ -140,6 +141,8 @@ def run_search(model: nn.Module, bundle: DatasetBundle, budget: Budget, space: S
     can rerun them (the Python caller passes the same model and data to ``compress``).
     ``heartbeat``: ``(interval, grace)`` seconds: a running trial whose worker sent no heartbeat for
     ``grace`` seconds (the process was killed) is failed and retried once by the next worker to start a trial.
+    ``enqueue``: trial parameters (``trials.json``'s ``params``) a new study runs first, in order, e.g. to
+    rerun on one machine the trials a team of workers ran.
     """
     import optuna
 
@@ -215,6 +218,8 @@ def run_search(model: nn.Module, bundle: DatasetBundle, budget: Budget, space: S
     study = optuna.create_study(storage=_storage(storage, out, heartbeat),
                                 study_name=study_name or f"modelpress-{out.name}",
                                 directions=["maximize", "minimize"], sampler=sampler, load_if_exists=True)
+    for params in enqueue if not study.trials else ():  # a new study: repeated choices stay repeated
+        study.enqueue_trial(dict(params))
     finished = len([t for t in study.trials if t.state.is_finished()])
     if finished < trials:
         log(f"search: {trials - finished} trial(s) to run ({finished} already in the study), budget "
