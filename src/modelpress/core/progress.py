@@ -34,9 +34,13 @@ def progress_bar(description: str, total: int | None, enabled: bool = True):
         yield lambda n=1, note=None: prog.update(task, advance=n, **({"note": note} if note else {}))
 
 
+QUIET_S = 10.0  # work shorter than this prints no progress line
+
+
 def _progress_lines(description: str, total: int | None, every_s: float = 60.0):
     """``advance(n=1, note=None)`` printing ``description: done/total (pct), elapsed, left`` when a
-    tenth of the work is done or a minute has passed, so a job writing to a file shows how far it is."""
+    tenth of the work is done or a minute has passed (after the first :data:`QUIET_S` seconds), so a
+    job writing to a file shows how far it is."""
     start = last = time.monotonic()
     state = {"done": 0, "tenth": 0}
 
@@ -45,7 +49,9 @@ def _progress_lines(description: str, total: int | None, every_s: float = 60.0):
         state["done"] += n
         now = time.monotonic()
         tenth = int(10 * state["done"] / total) if total else 0
-        if tenth > state["tenth"] or now - last >= every_s:
+        if now - start < QUIET_S:
+            state["tenth"] = tenth
+        elif tenth > state["tenth"] or now - last >= every_s:
             state["tenth"], last = tenth, now
             done, elapsed = state["done"], now - start
             left = f", ~{_minutes(elapsed * (total - done) / done)} left" if total and done else ""
