@@ -37,11 +37,10 @@ def load(ref: str, bundle, *, seed: int = 0, train=None, trust_remote_code: bool
 def load_with_data(ref: str, data: str, *, seed: int = 0, train=None, trust_remote_code: bool = False):
     """``(model, bundle)``: the model ``ref`` names and the dataset ``data``, text tokenized by the
     model's own tokenizer (:func:`~modelpress.recipes.resolve.tokenized_for`)."""
-    from ..recipes.resolve import resolve_model, tokenized_for
+    from ..recipes.resolve import resolve_model_and_data
 
-    bundle = load_bundle(data, seed)
-    model = resolve_model(ref, bundle, seed=seed, train=train, trust_remote_code=trust_remote_code, spec=data)
-    return model, tokenized_for(model, bundle, data, seed)
+    return resolve_model_and_data(ref, load_bundle(data, seed), seed=seed, train=train,
+                                  trust_remote_code=trust_remote_code, spec=data)
 
 
 def rows_table(rows: list[dict], title: str = "") -> Table:

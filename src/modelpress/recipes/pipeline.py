@@ -248,11 +248,12 @@ def _run_stages(recipe: Recipe, configs: list, model: nn.Module, data: DatasetBu
         save_artifact(model, out / "model.safetensors", meta={"recipe": recipe.name})
         kill_point("final-saved")
     deployed = None
-    if recipe.export is not None:
+    if recipe.export is not None and out:
+        deployed, row = deploy(recipe, model, data, out, baseline)
+        rows.append(row)
+    elif recipe.export is not None:  # without a run folder the file is measured, not kept
         with tempfile.TemporaryDirectory(prefix="modelpress-deploy-") as tmp:
-            deployed, row = deploy(recipe, model, data, Path(out or tmp), baseline)
-            rows.append(row)
-            deployed = deployed if out else None  # without a run folder the file is not kept
+            rows.append(deploy(recipe, model, data, Path(tmp), baseline)[1])
     if out:
         _write_reports(out, recipe, rows, infos)
     return RunResult(model=model, rows=rows, out=out, infos=infos, deployed=deployed)

@@ -54,14 +54,20 @@ def tokenized_for(model: nn.Module, bundle: DatasetBundle, spec: Any, seed: int 
 
 
 def resolve_model(ref: str, bundle: DatasetBundle | None = None, *, seed: int = 0, train: TrainConfig | None = None,
-                  trust_remote_code: bool = False, spec: Any = None) -> nn.Module:
+                  trust_remote_code: bool = False) -> nn.Module:
     """The model ``ref`` names: trained on ``bundle`` when its source trains models, else loaded (and
-    run once on ``bundle``'s inputs: a model that does not take them is one DataError line;
-    ``spec``, the dataset spec of ``bundle``, lets a text dataset follow the model's tokenizer)."""
+    run once on ``bundle``'s inputs: a model that does not take them is one DataError line)."""
+    return resolve_model_and_data(ref, bundle, seed=seed, train=train, trust_remote_code=trust_remote_code)[0]
+
+
+def resolve_model_and_data(ref: str, bundle: DatasetBundle | None, *, seed: int = 0, train: TrainConfig | None = None,
+                           trust_remote_code: bool = False, spec: Any = None) -> tuple[nn.Module, Any]:
+    """:func:`resolve_model` and the bundle it was checked on: with ``spec`` (the dataset spec of
+    ``bundle``), a text dataset tokenized by the model's own tokenizer (:func:`tokenized_for`)."""
     if bundle is not None:
         trained = trained_model(ref, bundle, seed=seed, train=train)
         if trained is not None:
-            return trained
+            return trained, bundle
     model = load_model(ref, trust_remote_code=trust_remote_code)
     if bundle is not None:
         bundle = tokenized_for(model, bundle, spec, seed)
@@ -74,7 +80,7 @@ def resolve_model(ref: str, bundle: DatasetBundle | None = None, *, seed: int = 
                 exc.hint = ("a Keras model takes channels-last (NHWC) images and modelpress's image datasets give "
                             "NCHW: load it as 'keras:FILE?channels_first=true'")
             raise
-    return model
+    return model, bundle
 
 
 def resolve_run(recipe: Recipe, model: nn.Module | str | None = None, data: Any = None, *,
@@ -95,6 +101,6 @@ def resolve_run(recipe: Recipe, model: nn.Module | str | None = None, data: Any 
     if not isinstance(model, str):
         raise ConfigError(f"a recipe runs on a model or a model reference; got {type(model).__name__}",
                           hint="pass an nn.Module or a reference such as 'lenet5' or 'my.py:build'")
-    m = resolve_model(model, bundle, seed=recipe.seed, train=recipe.baseline.train,
-                      trust_remote_code=trust_remote_code, spec=data)
-    return ResolvedRun(m, tokenized_for(m, bundle, data, recipe.seed), model)
+    m, bundle = resolve_model_and_data(model, bundle, seed=recipe.seed, train=recipe.baseline.train,
+                                       trust_remote_code=trust_remote_code, spec=data)
+    return ResolvedRun(m, bundle, model)
