@@ -138,7 +138,7 @@ def test_a_killed_workers_trial_is_retried_by_another(tmp_path, postgres_url):
         except KeyError:  # the study is not created yet
             pass
     assert running, "the slow worker never started a trial"
-    time.sleep(2.5)  # its heartbeat thread has recorded a beat (a trial killed before its first beat stays RUNNING)
+    time.sleep(2.5)  # well inside the trial (one killed before its first beat is failed too: test_search.py)
     slow.send_signal(signal.SIGKILL)
     slow.wait()
     time.sleep(3)  # past the grace period: its trial's heartbeat is stale

@@ -194,3 +194,21 @@ def test_search_report_page_is_self_contained(tmp_path):
     assert "https://" not in page and "http://" not in page and "data:image/png;base64," in page
     assert "trial 1, which meets the budget" in page and "3 completed trial(s) of 4" in page
     assert page.count("<tr>") == 3  # header + the two front trials
+
+
+def test_a_trial_that_never_sent_a_heartbeat_is_failed_and_retried(tmp_path):
+    """A worker killed between starting a trial and its first heartbeat: Optuna alone left it RUNNING."""
+    import time
+
+    import optuna
+
+    from modelpress.search.study import _storage
+
+    storage = _storage(None, tmp_path, heartbeat=(1, 1))
+    study = optuna.create_study(storage=storage, study_name="s", directions=["maximize", "minimize"])
+    trial = study.ask({"sparsity": optuna.distributions.CategoricalDistribution([0.5, 0.9])})  # RUNNING, no beat
+    assert storage._get_stale_trial_ids(study._study_id) == []  # within the grace period: maybe still alive
+    time.sleep(1.5)
+    optuna.storages.fail_stale_trials(study)
+    states = {t.number: t.state.name for t in study.trials}
+    assert states[trial.number] == "FAIL" and list(states.values()).count("WAITING") == 1  # retried once

@@ -24,12 +24,14 @@ drop trial with the lowest cost (``result.met_budget`` is False).
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import shutil
 import socket
 import warnings
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -116,13 +118,40 @@ def _storage(storage: str | None, out: Path, heartbeat: tuple[int, int] = (30, 1
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(
+                return _heartbeat_storage()(
                     url, heartbeat_interval=int(heartbeat[0]), grace_period=int(heartbeat[1]),
                     heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
         except DBAPIError:  # PostgreSQL: DuplicateTable / UniqueViolation when two workers create the schema
             if attempt == 4:
                 raise
             time.sleep(0.5 + attempt)
+
+
+@functools.lru_cache(maxsize=None)
+def _heartbeat_storage() -> type:
+    """Optuna's RDB storage that also fails a running trial which never sent a heartbeat once it started
+    more than the grace period ago: its worker died between starting it and its first beat, and Optuna
+    alone only fails trials whose heartbeat went stale, so such a trial stayed RUNNING for ever."""
+    import optuna
+    from optuna.storages._rdb import models
+
+    class HeartbeatStorage(optuna.storages.RDBStorage):
+        def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+            stale = super()._get_stale_trial_ids(study_id)
+            grace = timedelta(seconds=self.grace_period or 2 * self.heartbeat_interval)
+            now = datetime.now()  # the clock datetime_start was taken with (the worker's)
+            session = self.scoped_session()
+            try:
+                running = session.query(models.TrialModel).filter(
+                    models.TrialModel.study_id == study_id,
+                    models.TrialModel.state == optuna.trial.TrialState.RUNNING).all()
+                stale += [t.trial_id for t in running if not t.heartbeats and t.trial_id not in stale
+                          and t.datetime_start is not None and now - t.datetime_start > grace]
+            finally:
+                self.scoped_session.remove()
+            return stale
+
+    return HeartbeatStorage
 
 
 def _layers(model: nn.Module) -> list[str]:
