@@ -30,6 +30,8 @@ several methods share them.
 """
 from __future__ import annotations
 
+import contextlib
+import tempfile
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Protocol
 
@@ -41,6 +43,7 @@ from ..core.data import as_data, call_model, check_finite, to_device
 from ..core.errors import DataError, UnsupportedError
 from ..core.progress import progress_bar
 from ..nn.layer_kinds import is_transposed_linear, linear_features
+from .offload import DiskOffload, Offload, should_offload, tensor_bytes
 
 
 class Observer(Protocol):
@@ -65,6 +68,10 @@ class Hessian:
     def matrix(self) -> torch.Tensor:
         return self.sum * (2.0 / max(self.rows, 1))
 
+    @staticmethod
+    def bytes_for(features: int) -> int:
+        return features * features * 8
+
 
 def inverse_hessian_cholesky(h: torch.Tensor, damp: float, where: str) -> torch.Tensor:
     """Upper Cholesky factor of ``(H + damp * mean(diag H) I)^-1`` (GPTQ, SparseGPT), float64.
@@ -80,7 +87,7 @@ def inverse_hessian_cholesky(h: torch.Tensor, damp: float, where: str) -> torch.
             if extra:
                 h.diagonal().add_(extra * float(h.diagonal().mean()))
             return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-        except RuntimeError:
+        except torch.linalg.LinAlgError:  # not an allocation failure: that is no matter of damping
             continue
     raise DataError(f"{where}: the Hessian of the layer's inputs is not positive definite",
                     hint="use more calibration data, or a larger damp (e.g. 0.1)")
@@ -100,6 +107,10 @@ class InputNorms:
     @property
     def norms(self) -> torch.Tensor:
         return self.sq.sqrt()
+
+    @staticmethod
+    def bytes_for(features: int) -> int:
+        return features * 8
 
 
 def input_features(layer: nn.Module) -> int:
@@ -305,13 +316,22 @@ def calibrate_layerwise(model: nn.Module, layers: Iterable[tuple[str, nn.Module]
                         make_observer: Callable[[int, torch.device], Observer],
                         compress: Callable[[str, nn.Module, Observer], None] | None, description: str,
                         compress_group: Callable[[dict[str, nn.Module], dict[str, Observer]], None] | None = None,
-                        ) -> list[str]:
+                        *, offload: Offload = "none", also_hold: Callable[[list[str]], list[nn.Module]] | None = None,
+                        replaces_weights: bool = False, log: Callable[[str], None] | None = None) -> list[str]:
     """Observe and compress ``layers`` group by group (see the module docstring); returns the names
     of the layers the calibration data did not reach (left as they are). ``make_observer(features,
     device)`` builds the statistics of one layer (e.g. :class:`Hessian`); a recurrent layer gets a
     :class:`RecurrentInputs` and its ``compress`` goes through :func:`recurrent_rows`.
     ``compress(name, layer, observer)`` is called per layer, or ``compress_group(layers, observers)``
-    once per group (methods that choose something shared by the layers reading one input: AWQ's scales)."""
+    once per group (methods that choose something shared by the layers reading one input: AWQ's scales).
+
+    ``offload`` (``"none"``, ``"disk"``, ``"auto"``): keep the layers' weights on disk while they
+    are not running or being compressed (:mod:`.offload`); ``"auto"`` does so when the weights and
+    the calibration's estimated memory exceed what is available (``$MODELPRESS_MEMORY_LIMIT``, the
+    cgroup limit, ``MemAvailable``). ``also_hold(group names)`` names modules outside the group that
+    the method edits while compressing it (AWQ scales the layer producing the group's input).
+    ``replaces_weights``: the method keeps its own packed copy of each compressed layer's weight
+    (GPTQ, AWQ), so an offloaded layer comes back without its float weight (a ``meta`` tensor)."""
     layers = dict(layers)
     if not layers:
         raise UnsupportedError(f"{description}: no layer to calibrate", hint="widen the scope")
@@ -319,24 +339,71 @@ def calibrate_layerwise(model: nn.Module, layers: Iterable[tuple[str, nn.Module]
     batches = [to_device(b, device) for b in batches]  # the data go where the model is
     was_training = model.training
     model.eval()
+    devices = {n: next(m.parameters()).device for n, m in layers.items()}  # before any goes to disk
+    store, compressed = None, set()
+    go, why = should_offload(offload, tensor_bytes(layers), working_bytes(layers, make_observer, batches))
     try:
+        if go:
+            store = DiskOffload(model, layers, tempfile.mkdtemp(prefix="modelpress-offload-"))
+            (log or _silent)(f"{description}: {store.layers} layers' weights wait on disk during calibration ({why})")
         groups, unreached = call_groups(model, layers, batches[0])
         with progress_bar(description, total=len(groups)) as advance:
             for group in groups:
                 advance(0, note=group.names[0])
                 observers = {n: RecurrentInputs() if isinstance(layers[n], nn.RNNBase)
-                             else make_observer(input_features(layers[n]), layers[n].weight.device)
+                             else make_observer(input_features(layers[n]), devices[n])
                              for n in group.names}
                 _observe(model, {n: layers[n] for n in group.names}, observers, batches, group.once)
-                if compress_group is not None:
-                    compress_group({n: layers[n] for n in group.names}, observers)
-                else:
-                    for n in group.names:
-                        compress(n, layers[n], observers[n])
+                held = [layers[n] for n in group.names] + (also_hold(group.names) if also_hold else [])
+                with store.held(held) if store is not None else contextlib.nullcontext():
+                    if compress_group is not None:
+                        compress_group({n: layers[n] for n in group.names}, observers)
+                    else:
+                        for n in group.names:
+                            compress(n, layers[n], observers[n])
+                compressed.update(layers[n] for n in group.names)
                 advance()
+    except BaseException:
+        if store is not None:
+            with contextlib.suppress(Exception):  # the error that stopped calibration is the one to report
+                store.restore()
+        raise
+    else:
+        if store is not None:
+            store.restore({m: {"weight"} for m in compressed} if replaces_weights else None)
     finally:
         model.train(was_training)
     return unreached
+
+
+def _silent(_message: str) -> None:
+    pass
+
+
+def working_bytes(layers: dict[str, nn.Module], make_observer: Callable, batches: list[Any]) -> int:
+    """An estimate of what calibration allocates besides the layers' weights: the calibration
+    inputs, three of the largest layer's statistics (a group such as q, k, v) and a batch's
+    activations (a few tensors of the largest layer's input width per row of the batch)."""
+    widest = max((input_features(m) for m in layers.values() if not isinstance(m, nn.RNNBase)), default=1)
+    per = getattr(make_observer, "bytes_for", Hessian.bytes_for)
+    first = next(iter(batches[0].values())) if isinstance(batches[0], dict) else batches[0]
+    if isinstance(first, (tuple, list)):
+        first = first[0]
+    rows = 0
+    if isinstance(first, torch.Tensor):
+        rows = first.numel() // (first.shape[-1] if first.is_floating_point() and first.dim() > 1 else 1)
+    data = sum(_nbytes(b) for b in batches)
+    return data + 3 * per(widest) + 8 * rows * widest * 4
+
+
+def _nbytes(obj: Any) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
 
 
 def _observe(model: nn.Module, layers: dict[str, nn.Module], observers: dict[str, Observer],

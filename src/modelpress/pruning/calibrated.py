@@ -21,7 +21,14 @@ from ..core.config import MethodConfig
 from ..core.errors import UnsupportedError
 from ..core.scope import Scope, first_and_last
 from ..engine import MethodInputs, MethodResult
-from ..engine.layerwise import Observer, calibrate_layerwise, calibration_inputs, recurrent_rows, split_calibratable
+from ..engine.layerwise import (
+    Observer,
+    Offload,
+    calibrate_layerwise,
+    calibration_inputs,
+    recurrent_rows,
+    split_calibratable,
+)
 from ..nn.layer_kinds import RECURRENT, WeightRef, weight_refs
 from .nm import reduction_length, verify_nm
 
@@ -37,6 +44,9 @@ class CalibratedPruning(MethodConfig):
     pattern: str | None = Field(None, description="N:M semi-structured sparsity instead, e.g. '2:4' "
                                                   "(keep 2 of every 4 consecutive inputs)")
     calibration_batches: int = Field(16, ge=1, description="batches of data run for calibration")
+    offload: Offload = Field("auto", description="keep the calibrated layers' weights on disk except while "
+                                                 "they run or are compressed: 'disk', 'none', or 'auto' (when "
+                                                 "they and calibration do not fit in the memory available)")
     scope: Scope = Scope()
     keep_first_last: bool = Field(True, description="leave the first and last layer dense")
 
@@ -120,7 +130,8 @@ def run_calibrated_pruning(model: nn.Module, cfg: CalibratedPruning, inputs: Met
                     matrix_stats.observe(x)
                     prune_matrix(f"{name}.{param}", layer, matrix_stats)
 
-    unreached = calibrate_layerwise(model, list(modules.items()), batches, make_observer, compress, method)
+    unreached = calibrate_layerwise(model, list(modules.items()), batches, make_observer, compress, method,
+                                    offload=cfg.offload, log=inputs.log)
     for name in unreached:
         skipped[name] = "not reached by the calibration data"
     info: dict = {"layer_sparsity": sparsity, "target": cfg.target(), "calibration_batches": len(batches)}

@@ -47,7 +47,7 @@ from ..core.config import MethodConfig
 from ..core.errors import DataError
 from ..core.scope import Scope
 from ..engine import MethodInputs, MethodResult, register_method
-from ..engine.layerwise import Hessian, calibrate_layerwise, calibration_inputs, split_calibratable
+from ..engine.layerwise import Hessian, Offload, calibrate_layerwise, calibration_inputs, split_calibratable
 from .primitives import QuantizedTensor, QuantSpec, fake_quantize_tensor, minmax, quantize_tensor, sqnr
 from .smoothing import find_folds, scale_consumer, scale_producer, untie
 from .weight_only import install_calibrated, layer_spec, select_layers
@@ -66,6 +66,9 @@ class AWQ(MethodConfig):
     clip: bool = Field(True, description="search each weight group's clipping on the calibration inputs")
     max_shrink: float = Field(0.5, ge=0, lt=1, description="clip search: ranges down to (1 - max_shrink) x min/max")
     calibration_batches: int = Field(16, ge=1, description="batches of data run for calibration")
+    offload: Offload = Field("auto", description="keep the calibrated layers' weights on disk except while "
+                                                 "they run or are compressed: 'disk', 'none', or 'auto' (when "
+                                                 "they and calibration do not fit in the memory available)")
     scope: Scope = Scope()
     keep_first_last: bool = Field(False, description="leave the first and last layer in float")
 
@@ -198,8 +201,13 @@ def awq(model: nn.Module, cfg: AWQ, inputs: MethodInputs) -> MethodResult:
             layer.weight.data.copy_(deq.to(layer.weight.dtype))  # later groups see this layer quantized
             results[n] = (layer, spec, qt)
 
+    def producers(names: list[str]) -> list[nn.Module]:  # scaled with the group (on disk otherwise)
+        fold = folds.get(names[0])
+        return [modules[fold.producer]] if fold is not None and fold.producer in modules else []
+
     unreached = calibrate_layerwise(model, layers, batches, ActivationStats, None, "quant.awq",
-                                    compress_group=compress_group)
+                                    compress_group=compress_group, offload=cfg.offload, replaces_weights=True,
+                                    also_hold=producers, log=inputs.log)
     install_calibrated(model, results, unreached, skipped, fallback, cfg.group_size, inputs.log, "quant.awq")
     scaled = sorted({r["scaled_into"] for r in report.values() if r["scaled_into"]})
     info = {"layers": report, "fallback": fallback, "calibration_batches": len(batches),

@@ -49,6 +49,7 @@ from ..core.scope import Scope
 from ..engine import MethodInputs, MethodResult, register_method
 from ..engine.layerwise import (
     Hessian,
+    Offload,
     calibrate_layerwise,
     calibration_inputs,
     inverse_hessian_cholesky,
@@ -73,6 +74,9 @@ class GPTQ(MethodConfig):
                                                             "with the least squared error ('mse')")
     block_size: int = Field(128, ge=1, description="columns updated together (speed only)")
     calibration_batches: int = Field(16, ge=1, description="batches of data run for calibration")
+    offload: Offload = Field("auto", description="keep the calibrated layers' weights on disk except while "
+                                                 "they run or are compressed: 'disk', 'none', or 'auto' (when "
+                                                 "they and calibration do not fit in the memory available)")
     scope: Scope = Scope()
     keep_first_last: bool = Field(False, description="leave the first and last layer in float")
 
@@ -169,7 +173,8 @@ def gptq(model: nn.Module, cfg: GPTQ, inputs: MethodInputs) -> MethodResult:
         layer.weight.data.copy_(deq.reshape(layer.weight.shape))  # later layers see this layer quantized
         results[name] = (layer, spec, qt)
 
-    unreached = calibrate_layerwise(model, layers, batches, Hessian, compress, "quant.gptq")
+    unreached = calibrate_layerwise(model, layers, batches, Hessian, compress, "quant.gptq",
+                                    offload=cfg.offload, replaces_weights=True, log=inputs.log)
     install_calibrated(model, results, unreached, skipped, fallback, cfg.group_size, inputs.log, "quant.gptq")
     info = {"layers": report, "fallback": fallback, "calibration_batches": len(batches)}
     if skipped:

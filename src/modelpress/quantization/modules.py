@@ -255,14 +255,16 @@ def quantize_layer(layer: nn.Module, spec: QuantSpec, *, qt: QuantizedTensor | N
     ``bias`` replaces the layer's bias (bias correction may add one to a bias-free layer).
     """
     spec = weight_spec(spec.bits, spec.granularity, spec.group_size, spec.symmetric)
-    w = layer.weight.detach().float().cpu()
-    qt = qt if qt is not None else quantize_tensor(w, spec)
+    qt = qt if qt is not None else quantize_tensor(layer.weight.detach().float().cpu(), spec)
     q = empty_like_layer(layer, spec, act_bits, bias=(layer.bias is not None) or (bias is not None))
     q.set_weight(qt)
     if q.bias is not None:
         src = bias if bias is not None else layer.bias
         q.bias.copy_(src.detach().float().cpu())
-    return q.to(layer.weight.device)
+    device = layer.weight.device  # meta: a calibration kept the weight on disk and only its packed copy
+    if device.type == "meta":
+        device = layer.bias.device if layer.bias is not None else torch.device("cpu")
+    return q.to(device)
 
 
 def quantized_layers(model: nn.Module) -> list[tuple[str, QuantLinear | QuantConv2d]]:
