@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import torch
 from torch import nn
 
@@ -160,6 +159,8 @@ def export_nbits_onnx(model: nn.Module, example_inputs: Any, path: str | Path, *
     copy_, replaced, left = nbits_copy(model, accuracy_level)
     path = Path(path)
     export_onnx(copy_, example_inputs, path, opset=opset, exporter="torchscript")
+    import onnx  # here, not at the top: ml_dtypes costs every command 0.5 s of start-up
+
     proto = onnx.load(str(path))
     if replaced and not any(op.domain == MS_DOMAIN for op in proto.opset_import):
         proto.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))

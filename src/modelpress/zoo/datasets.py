@@ -121,15 +121,30 @@ def _mnist5k(root, seed, normalize: bool = True) -> DatasetBundle:
                           "classes": [str(i) for i in range(10)]}, normalize)
 
 
+def _sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits ``(images [N, 8, 8], labels)``, read from the file it ships without
+    importing it (its import costs every command a second of start-up, e.g. each search worker)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(folder) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            data = np.loadtxt(path, delimiter=",")
+            return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)
+    from sklearn.datasets import load_digits  # another layout: scikit-learn's own loader
+
+    d = load_digits()
+    return d.images, d.target
+
+
 @register_dataset("digits", options=IMAGE_OPTIONS, summary="sklearn's 1,797 8x8 digits at 28x28, 80/20")
 def _digits(root, seed, normalize: bool = True) -> DatasetBundle:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()  # bundled with scikit-learn: 1,797 8x8 images, values 0..16
-    x = torch.as_tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    images, target = _sklearn_digits()  # bundled with scikit-learn: 1,797 8x8 images, values 0..16
+    x = torch.as_tensor(images, dtype=torch.float32).unsqueeze(1) / 16.0
     # upsample so the same 28x28 zoo models apply
     x = torch.nn.functional.interpolate(x, size=(28, 28), mode="bilinear", align_corners=False)
-    x, y = x.clamp(0, 1).numpy(), d.target.astype(np.int64)
+    x, y = x.clamp(0, 1).numpy(), target.astype(np.int64)
     tr, te = loaders.stratified_split(y, 0.8, seed)
     mean, std = _train_stats(x[tr])
     return _image_bundle("digits", x[tr], y[tr], x[te], y[te], mean, std,
