@@ -1,6 +1,6 @@
 """Pruning masks that stay enforced through training.
 
-A mask is a non-persistent buffer ``<param>_mask`` (0/1, same shape as the parameter)
+A mask is a non-persistent ``bool`` buffer ``<param>_mask`` (True: kept; same shape as the parameter)
 next to the parameter it masks. It is not saved in the state_dict: the zeros in the
 weight already say where the model is sparse, so a checkpoint stays a plain one.
 
@@ -17,9 +17,10 @@ SUFFIX = "_mask"
 
 
 def set_mask(module: nn.Module, param_name: str, mask: torch.Tensor) -> None:
-    """Attach (or replace) the mask of ``module.<param_name>`` and zero the masked weights."""
+    """Attach (or replace) the mask of ``module.<param_name>`` (non-zero: kept) and zero the masked
+    weights. The mask is stored as ``bool``: a quarter of a float32 copy of the weight."""
     param = getattr(module, param_name)
-    mask = mask.to(dtype=param.dtype, device=param.device)
+    mask = (mask != 0).to(device=param.device)
     if mask.shape != param.shape:
         raise ValueError(f"mask shape {tuple(mask.shape)} != parameter shape {tuple(param.shape)}")
     buf = param_name + SUFFIX

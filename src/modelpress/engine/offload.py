@@ -33,6 +33,9 @@ the calibration's estimated working memory exceed :func:`~modelpress.core.resour
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import functools
 import os
 import re
 import shutil
@@ -102,6 +105,7 @@ class DiskOffload:
         except BaseException:
             self.restore()
             raise
+        release_free_memory()  # the weights just written out
 
     @property
     def layers(self) -> int:
@@ -154,6 +158,7 @@ class DiskOffload:
                 self._held.discard(m)
                 self._write(m)
                 self._drop(m)
+            release_free_memory()
 
     def restore(self, discard: dict[nn.Module, set[str]] | None = None) -> None:
         """Every layer back in memory, hooks removed, files deleted (idempotent). ``discard`` names
@@ -167,6 +172,26 @@ class DiskOffload:
             del self._files[layer]
         self._held.clear()
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def release_free_memory() -> None:
+    """Hand memory the process freed back to the system (glibc's ``malloc_trim``; no-op elsewhere).
+
+    Loading and dropping each layer's tensors again and again frees blocks of many sizes; glibc keeps
+    freed blocks below its (self-raising) mmap threshold in its heap, so without this the resident
+    memory of an offloaded calibration grew past an in-memory one (measured: +524 MB against +371 MB
+    on an 8-block Llama)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def tensor_bytes(layers: dict[str, nn.Module]) -> int:

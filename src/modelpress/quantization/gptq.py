@@ -142,10 +142,15 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, *, act_orde
                            zero.reshape(rows, 1).cpu(), spec, shape)
 
 
-def output_error(w: torch.Tensor, approx: torch.Tensor, h: torch.Tensor) -> float:
-    """``tr((W - Q) H (W - Q)^T)``: the layer's squared output error on the calibration inputs (x2/n)."""
-    d = w.detach().reshape(w.shape[0], -1).double().to(h.device) - approx.reshape(w.shape[0], -1).double().to(h.device)
-    return float(((d @ h) * d).sum())
+def output_error(w: torch.Tensor, approx: torch.Tensor, h: torch.Tensor, rows: int = 1024) -> float:
+    """``tr((W - Q) H (W - Q)^T)``: the layer's squared output error on the calibration inputs (x2/n),
+    in float64, ``rows`` output rows at a time (a whole float64 copy of an LM head is hundreds of MB)."""
+    w2, a2 = w.detach().reshape(w.shape[0], -1), approx.reshape(w.shape[0], -1)
+    total = 0.0
+    for i in range(0, w2.shape[0], rows):
+        d = w2[i:i + rows].to(h.device, torch.float64) - a2[i:i + rows].to(h.device, torch.float64)
+        total += float(((d @ h) * d).sum())
+    return total
 
 
 @register_method("quant.gptq", GPTQ, layer_types=LAYER_TYPES)
