@@ -43,7 +43,7 @@ from ..core.data import as_data, call_model, check_finite, to_device
 from ..core.errors import DataError, UnsupportedError
 from ..core.progress import progress_bar
 from ..nn.layer_kinds import is_transposed_linear, linear_features
-from .offload import DiskOffload, Offload, should_offload, tensor_bytes
+from .offload import DiskOffload, Offload, release_free_memory, should_offload, tensor_bytes
 
 
 class Observer(Protocol):
@@ -281,14 +281,18 @@ def call_groups(model: nn.Module, layers: dict[str, nn.Module], inputs: Any) -> 
     Consecutive calls reading the same tensor form one group; a layer called more than once per
     forward is a group of its own (observed over the whole forward).
     """
-    calls: list[tuple[str, Any]] = []   # (layer, its input), inputs held so no id is reused
+    calls: list[tuple[str, bool]] = []  # (layer, reads the tensor the call before it read)
     counts: dict[str, int] = {}
+    last: dict[str, Any] = {"input": None}  # only the latest input is held: all of them would be a
+    # whole batch's activations of every layer (the peak of calibration on a deep model)
 
     def hook(name):
         def fn(_module, args):
             counts[name] = counts.get(name, 0) + 1
+            x = args[0] if args else None
             if counts[name] == 1:
-                calls.append((name, args[0] if args else None))
+                calls.append((name, x is not None and x is last["input"]))
+            last["input"] = x
         return fn
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
@@ -298,15 +302,14 @@ def call_groups(model: nn.Module, layers: dict[str, nn.Module], inputs: Any) -> 
     finally:
         for h in handles:
             h.remove()
+    last["input"] = None
     groups: list[Group] = []
-    previous = None
-    for name, x in calls:
+    for name, same_input in calls:
         single = counts[name] == 1
-        if groups and x is previous and single and groups[-1].once:
+        if groups and same_input and single and groups[-1].once:
             groups[-1].names.append(name)
         else:
             groups.append(Group([name], single))
-        previous = x
     unreached = [n for n in layers if n not in counts]
     return groups, unreached
 
@@ -362,6 +365,8 @@ def calibrate_layerwise(model: nn.Module, layers: Iterable[tuple[str, nn.Module]
                         for n in group.names:
                             compress(n, layers[n], observers[n])
                 compressed.update(layers[n] for n in group.names)
+                del observers
+                release_free_memory()  # a group's statistics and copies, freed: glibc would keep them
                 advance()
     except BaseException:
         if store is not None:

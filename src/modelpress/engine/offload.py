@@ -158,7 +158,6 @@ class DiskOffload:
                 self._held.discard(m)
                 self._write(m)
                 self._drop(m)
-            release_free_memory()
 
     def restore(self, discard: dict[nn.Module, set[str]] | None = None) -> None:
         """Every layer back in memory, hooks removed, files deleted (idempotent). ``discard`` names
