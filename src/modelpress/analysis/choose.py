@@ -8,8 +8,9 @@ model, so it is measured, not assumed:
    is (fp32, or the int8 QDQ / weight-only file its quantization exports to) in ONNX Runtime and in
    OpenVINO; for a float model also static int8 (``quant.static_int8`` calibrated on the training
    split, exported as QDQ) in both, once whole and once with the first and last layer kept in
-   fp32 (a 1-channel stem and a small head are where int8 kernels lose most); and in LiteRT fp32
-   and int8 calibrated on the same split (batch 1).
+   fp32 (a 1-channel stem and a small head are where int8 kernels lose most); in LiteRT fp32
+   and int8 calibrated on the same split (batch 1); and the model as it is compiled by
+   ``torch.compile`` (a ``torch.export`` program, ``.pt2``; Inductor needs a C++ compiler).
 2. **Quality**: every candidate file is evaluated by the task on the test split, like the PyTorch
    model (accuracy, Spearman, perplexity ...). A candidate passes when its primary metric is within
    ``max_drop`` points of the PyTorch model's (:meth:`~modelpress.tasks.base.Task.points`).
@@ -44,7 +45,7 @@ from ..runtime import Deployed, available_runtimes, get_runtime
 from .analyze import resize_batch
 from .latency import measure_together
 
-AUTO_RUNTIMES = ("onnxruntime", "openvino", "litert")
+AUTO_RUNTIMES = ("onnxruntime", "openvino", "litert", "torch-compile")
 
 
 @dataclass
@@ -149,6 +150,8 @@ def _builders(model: nn.Module, bundle: Any, runtimes: tuple[str, ...], folder: 
             out += [(name, label, lambda k=k: ir(k)) for k, label in kinds]
         elif name == "litert" and batch_size == 1:
             out += [(name, p, lambda p=p: tflite(p)) for p in ("fp32", "int8")]
+        elif name == "torch-compile":  # the model as it is, compiled by Inductor when opened
+            out.append((name, as_is, lambda: export_deployable(model, example, folder / "model.pt2", fmt="pt2")[0]))
     return out
 
 
@@ -158,7 +161,7 @@ def choose_deployable(model: nn.Module, bundle: Any, dest: str | os.PathLike, *,
                       max_time_s: float | None = 60.0) -> Choice:
     """Build, check and time the deployables of ``model`` (see the module docstring); write the
     fastest that keeps quality within ``max_drop`` points to ``dest`` (its suffix becomes the chosen
-    runtime's: ``.onnx``, ``.xml`` + ``.bin``, ``.tflite``) and return the :class:`Choice`. Candidates
+    runtime's: ``.onnx``, ``.xml`` + ``.bin``, ``.tflite``, ``.pt2``) and return the :class:`Choice`. Candidates
     within ``same_speed`` (a fraction) of the fastest count as equally fast: the smallest file wins."""
     wanted = tuple(runtimes) if runtimes else AUTO_RUNTIMES
     for name in wanted:

@@ -128,7 +128,8 @@ def export(model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
                                               help="weight-only int2/4/8 Linear layers (MatMulNBits): 0 computes "
                                                    "in fp32 (exact), 4 with int8 activations (fast)"),
            runtime: Optional[str] = typer.Option(None, "--runtime",
-                                                 help="onnxruntime (.onnx), openvino (.xml IR), litert (.tflite), or "
+                                                 help="onnxruntime (.onnx), openvino (.xml IR), litert (.tflite), "
+                                                      "torch-compile (.pt2, a torch.export program), or "
                                                       "auto: build fp32 and int8 for every installed runtime, check "
                                                       "each on -d's test split, time them here, keep the fastest that "
                                                       "keeps quality"),
@@ -157,19 +158,21 @@ def export(model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
     if runtime == "auto":
         return _export_auto(model, dest, data, batch_size, threads, max_drop, trust_remote_code)
     if runtime is not None:
-        runtimes = {"onnxruntime": "onnx", "openvino": "openvino", "litert": "tflite"}
+        runtimes = {"onnxruntime": "onnx", "openvino": "openvino", "litert": "tflite", "torch-compile": "pt2"}
         if runtime not in runtimes:
             raise ModelpressError(f"--runtime {runtime!r} is not known",
-                                  hint="use auto, onnxruntime, openvino or litert")
+                                  hint="use auto, onnxruntime, openvino, litert or torch-compile")
         if fmt not in ("auto", runtimes[runtime]):
             raise ModelpressError(f"--runtime {runtime} writes {runtimes[runtime]}, not --format {fmt}",
                                   hint="give one of --runtime and --format")
         fmt = runtimes[runtime]
-    suffixes = {".onnx": "onnx", ".tflite": "tflite", ".keras": "keras", ".xml": "openvino"}
+    suffixes = {".onnx": "onnx", ".tflite": "tflite", ".keras": "keras", ".xml": "openvino", ".pt2": "pt2"}
     kind = fmt if fmt != "auto" else suffixes.get(dest.suffix, "artifact")
-    if kind not in ("onnx", "tflite", "keras", "openvino", "artifact", "compressed-tensors"):
+    if kind not in ("onnx", "tflite", "keras", "openvino", "pt2", "artifact", "compressed-tensors"):
         raise ModelpressError(f"--format {fmt!r} is not known",
-                              hint="use auto, onnx, tflite, keras, openvino, artifact or compressed-tensors")
+                              hint="use auto, onnx, tflite, keras, openvino, pt2, artifact or compressed-tensors")
+    if kind == "pt2" and dest.suffix != ".pt2":
+        dest = dest.with_suffix(".pt2")
     if kind == "openvino" and dest.suffix != ".xml":
         dest = dest.with_suffix(".xml")
     if sets and kind != "tflite":
@@ -209,7 +212,7 @@ def export(model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
         return
     path, note = export_deployable(m, bundle.example_inputs(1), dest, check=check,
                                    embedding_bits=embedding_bits or None, accuracy_level=accuracy_level,
-                                   fmt="openvino" if kind == "openvino" else "onnx")
+                                   fmt=kind if kind in ("openvino", "pt2") else "onnx")
     size = path.stat().st_size + (path.with_suffix(".bin").stat().st_size if kind == "openvino" else 0)
     out.print(f"wrote {path}{' + .bin' if kind == 'openvino' else ''} ({size:,} bytes){'; ' + note if note else ''}",
               highlight=False, soft_wrap=True)

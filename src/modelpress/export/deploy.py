@@ -16,7 +16,9 @@
 (:mod:`modelpress.export.openvino`). ``fmt="tflite"`` writes a LiteRT file instead, in the
 precision its :class:`TfliteOptions` name (fp32, fp16, dynamic-range int8, int8 calibrated on ``calibration``;
 :mod:`modelpress.export.tflite`): dynamically quantized layers go in as their dequantized float
-weights, which the LiteRT quantizer then quantizes its own way.
+weights, which the LiteRT quantizer then quantizes its own way. ``fmt="pt2"`` writes the model as a
+``torch.export`` program (:mod:`modelpress.export.torch_program`), what the ``torch-compile`` runtime
+compiles where it runs; the check runs the program uncompiled.
 
 With ``check=True`` the file is run in ONNX Runtime (LiteRT's interpreter) on the example input
 and compared with the PyTorch model; a mismatch raises instead of leaving a wrong file behind.
@@ -31,7 +33,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch import nn
 
-from ..core.data import call_model
+from ..core.data import call_model, output_tensor
 from ..core.errors import ConfigError, require
 from ..core.registry import Registry
 from ..nn.modules import set_module
@@ -47,8 +49,9 @@ from .onnx_dynamic import quantize_onnx_dynamic
 from .onnx_nbits import export_nbits_onnx
 from .onnx_quant import export_int8_onnx
 from .tflite import TfliteOptions, export_tflite
+from .torch_program import export_program
 
-FORMATS = ("onnx", "tflite", "openvino")
+FORMATS = ("onnx", "tflite", "openvino", "pt2")
 
 
 class Exporter(NamedTuple):
@@ -123,6 +126,8 @@ def export_deployable(model: nn.Module, example_inputs: Any, path: str | os.Path
     if fmt == "tflite":
         done = export_tflite(float_copy(model), example_inputs, path, tflite, calibration=calibration, check=check)
         return done.path, done.note
+    if fmt == "pt2":
+        return _export_program_checked(model, example_inputs, Path(path), check)
     if fmt == "openvino":
         ir = export_openvino(model, example_inputs, path, check=check, embedding_bits=embedding_bits,
                              accuracy_level=accuracy_level)
@@ -147,6 +152,28 @@ def export_deployable(model: nn.Module, example_inputs: Any, path: str | os.Path
                                                                "accuracy_level": accuracy_level})
             if check:
                 note += "; " + exporter.check(tmp, model, example_inputs)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path, note
+
+
+def _export_program_checked(model: nn.Module, example_inputs: Any, path: Path, check: bool) -> tuple[Path, str]:
+    tmp = path.with_name(f".{path.name}.partial.pt2")
+    try:
+        export_program(model, example_inputs, tmp)
+        note = "torch.export program (compiled by torch.compile where it runs)"
+        if check:
+            with torch.no_grad():
+                got = output_tensor(call_model(torch.export.load(str(tmp)).module(), example_inputs))
+                want = output_tensor(call_model(model.eval(), example_inputs))
+            err = float((got.float() - want.float()).abs().max()) if got.numel() else 0.0
+            scale = float(want.float().abs().max()) if want.numel() else 0.0
+            if not torch.isfinite(got).all() or err > 1e-4 * max(1.0, scale):
+                raise OnnxMismatchError(f"the torch.export program of {type(model).__name__} differs from the "
+                                        f"model by {err:.3g} (max abs)", hint="deploy with --runtime onnxruntime")
+            note += f"; max abs diff vs PyTorch {err:.2e}"
         os.replace(tmp, path)
     finally:
         if tmp.exists():

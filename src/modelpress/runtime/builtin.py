@@ -1,16 +1,17 @@
 """The built-in runtimes: ONNX Runtime (``.onnx``), OpenVINO (``.xml`` IR, and ``.onnx`` read
-directly, QDQ int8 included) and LiteRT (``.tflite``). Each imports its package only when a file
-is opened."""
+directly, QDQ int8 included), LiteRT (``.tflite``) and ``torch-compile`` (a ``torch.export`` program,
+``.pt2``, compiled by TorchInductor when opened). Each imports its package only when a file is opened."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..core.data import batch_size_of, slice_inputs
-from ..core.errors import ModelLoadError
+from ..core.data import batch_size_of, call_model, slice_inputs
+from ..core.errors import MissingDependencyError, ModelLoadError
 from ..export.deploy import export_deployable
 from ..export.onnx import onnx_inputs, ort_feeds, ort_session
 from ..export.tflite import LiteRTRunner, TfliteOptions
@@ -45,7 +46,9 @@ class OpenVinoSession(Session):
         import openvino as ov
 
         core = ov.Core()
-        config = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
+        from ..export.openvino import CPU_CONFIG
+
+        config = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, **CPU_CONFIG}
         if threads is not None:
             config["INFERENCE_NUM_THREADS"] = threads
         try:
@@ -120,6 +123,58 @@ class LiteRT(Runtime):
         return path
 
 
+class CompiledSession(Session):
+    """A ``.pt2`` program compiled by ``torch.compile`` (Inductor) for this machine; the first calls
+    compile (the warm-up every latency measurement runs before timing)."""
+
+    def __init__(self, path: Path, threads: int | None):
+        try:
+            program = torch.export.load(str(path))
+        except Exception as exc:  # not a program torch.export wrote, or a newer PyTorch's
+            raise ModelLoadError(f"cannot load {path.name} as a torch.export program: {str(exc)[:200]}",
+                                 hint="export it again with modelpress export --runtime torch-compile") from None
+        self.module = torch.compile(program.module(), dynamic=False)
+        self.threads = threads
+
+    def feeds(self, inputs: Any) -> Any:
+        return inputs
+
+    def invoke(self, feeds: Any) -> list[np.ndarray]:
+        previous = torch.get_num_threads()
+        if self.threads is not None and self.threads != previous:
+            torch.set_num_threads(self.threads)
+        try:
+            with torch.inference_mode():
+                out = call_model(self.module, feeds)
+        finally:
+            if torch.get_num_threads() != previous:
+                torch.set_num_threads(previous)
+        return [t.detach().cpu().numpy() for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+class TorchCompile(Runtime):
+    """PyTorch with TorchInductor: the model as a ``torch.export`` program, compiled where it runs."""
+
+    name, key, label, module, extra, suffixes = "torch-compile", "tc", "torch.compile", "torch", "dev", (".pt2",)
+
+    def available(self) -> bool:
+        """Inductor writes C++ for the CPU: a C++ compiler must be on the PATH."""
+        return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+
+    def require(self) -> None:
+        if not self.available():
+            raise MissingDependencyError("torch.compile needs a C++ compiler on the PATH (g++ or clang++) to "
+                                         "compile for the CPU", hint="install one (e.g. apt-get install g++), or "
+                                                                     "use --runtime onnxruntime")
+
+    def _open(self, path: Path, threads: int | None) -> Session:
+        return CompiledSession(path, threads)
+
+    def build(self, model: torch.nn.Module, example_inputs: Any, folder: Path) -> Path:
+        path, _ = export_deployable(model, example_inputs, folder / "model.pt2", fmt="pt2")
+        return path
+
+
 def build_onnx(model: torch.nn.Module, example_inputs: Any, folder: Path) -> Path:
     """The ONNX file the model deploys as (``model.onnx`` in ``folder``, written once for every runtime
     reading ONNX): fp32, or int8 QDQ / dynamic int8 / MatMulNBits for a quantized model, checked
@@ -130,5 +185,5 @@ def build_onnx(model: torch.nn.Module, example_inputs: Any, folder: Path) -> Pat
     return path
 
 
-for _runtime in (OnnxRuntime(), OpenVino(), LiteRT()):
+for _runtime in (OnnxRuntime(), OpenVino(), LiteRT(), TorchCompile()):
     register_runtime(_runtime)
