@@ -1,4 +1,5 @@
-"""Calibration memory of a decoder against its depth: GPTQ and SparseGPT layer by layer (issue 19).
+"""Calibration memory of a decoder against its depth: GPTQ and SparseGPT layer by layer, GPTQ also
+with its layers' weights on disk (``offload="disk"``) (issue 19).
 
 A Llama decoder (grouped-query attention, hidden 512, FFN 1,536, vocabulary 8,000, random init) with
 2, 4 and 8 blocks is calibrated on 64 sequences of 256 tokens, each depth and method in its own
@@ -8,7 +9,7 @@ Layer by layer (``modelpress.engine.layerwise``), calibration holds one group of
 statistics at a time, so the difference should not grow with depth, while the weights do. For
 scale: the activations of every block for these batches would be ``blocks x 64 x 256 x 512 x 4`` bytes.
 
-    python benchmarks/layerwise_memory.py            # ~3 minutes on 2 cores
+    python benchmarks/layerwise_memory.py            # ~13 minutes on 2 cores
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import time
 os.environ.setdefault("MODELPRESS_PROGRESS", "0")
 
 DEPTHS = (2, 4, 8)
-METHODS = ("quant.gptq", "prune.sparsegpt")
+METHODS = (("quant.gptq", "none"), ("prune.sparsegpt", "none"), ("quant.gptq", "disk"))
 SEQS, TOKENS, HIDDEN, FFN, VOCAB = 64, 256, 512, 1536, 8000
 
 
@@ -31,7 +32,7 @@ def rss_mb() -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
 
 
-def one(depth: int, method: str) -> dict:
+def one(depth: int, method: str, offload: str) -> dict:
     import torch
 
     from modelpress.artifact.hf import import_transformers  # next to this machine's torchvision
@@ -50,29 +51,29 @@ def one(depth: int, method: str) -> dict:
     before = rss_mb()
     peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t = time.perf_counter()
-    run_method(model, build_config(method, {"calibration_batches": len(batches)}), MethodInputs(data=batches),
-               inplace=True)
+    run_method(model, build_config(method, {"calibration_batches": len(batches), "offload": offload}),
+               MethodInputs(data=batches), inplace=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"depth": depth, "method": method, "weights_mb": weights / 2**20, "rss_before_mb": before,
-            "peak_before_mb": peak_before, "peak_mb": peak, "seconds": time.perf_counter() - t,
+    return {"depth": depth, "method": method, "offload": offload, "weights_mb": weights / 2**20,
+            "rss_before_mb": before, "peak_before_mb": peak_before, "peak_mb": peak, "seconds": time.perf_counter() - t,
             "all_activations_mb": depth * SEQS * TOKENS * HIDDEN * 4 / 2**20}
 
 
 def main() -> None:
-    if len(sys.argv) == 3:  # one measurement, in a fresh process
-        print(json.dumps(one(int(sys.argv[1]), sys.argv[2])))
+    if len(sys.argv) == 4:  # one measurement, in a fresh process
+        print(json.dumps(one(int(sys.argv[1]), sys.argv[2], sys.argv[3])))
         return
     rows = []
-    for method in METHODS:
+    for method, offload in METHODS:
         for depth in DEPTHS:
-            out = subprocess.run([sys.executable, __file__, str(depth), method], capture_output=True, text=True,
-                                 check=True)
+            out = subprocess.run([sys.executable, __file__, str(depth), method, offload], capture_output=True,
+                                 text=True, check=True)
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    print("| method | blocks | weights MB | RSS before calibration MB | peak RSS MB | peak - before MB | "
+    print("| method | offload | blocks | weights MB | RSS before calibration MB | peak RSS MB | peak - before MB | "
           "every block's activations MB | calibration s |")
-    print("|---|--:|--:|--:|--:|--:|--:|--:|")
+    print("|---|---|--:|--:|--:|--:|--:|--:|--:|")
     for r in rows:
-        print(f"| {r['method']} | {r['depth']} | {r['weights_mb']:.1f} | {r['rss_before_mb']:.0f} | "
+        print(f"| {r['method']} | {r['offload']} | {r['depth']} | {r['weights_mb']:.1f} | {r['rss_before_mb']:.0f} | "
               f"{r['peak_mb']:.0f} | {r['peak_mb'] - r['rss_before_mb']:.0f} | {r['all_activations_mb']:.0f} | "
               f"{r['seconds']:.1f} |")
     print(f"\n{SEQS} sequences x {TOKENS} tokens in batches of 8; Llama hidden {HIDDEN}, FFN {FFN}, 8 heads / 2 "
