@@ -46,9 +46,23 @@ def _dynamic_batch(inputs: Any) -> Any:
     return (one(inputs),)
 
 
+def _at_least_two(inputs: Any) -> Any:
+    """The inputs with a batch of one repeated to two: ``torch.export`` fixes a dimension traced at
+    size 1 (a program exported from one sample would run batch 1 only)."""
+    def one(x: Any) -> Any:
+        return torch.cat([x, x]) if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] == 1 else x
+
+    if isinstance(inputs, dict):
+        return {k: one(v) for k, v in inputs.items()}
+    if isinstance(inputs, (list, tuple)):
+        return type(inputs)(one(v) for v in inputs)
+    return one(inputs)
+
+
 def export_program(model: nn.Module, example_inputs: Any, path: str | os.PathLike) -> Path:
     """Write ``model`` as a ``torch.export`` program to ``path`` (``.pt2``), batch dimension dynamic."""
     path = Path(path)
+    example_inputs = _at_least_two(example_inputs)
     if isinstance(example_inputs, dict):
         args, kwargs = (), dict(example_inputs)
     else:
