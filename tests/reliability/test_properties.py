@@ -201,7 +201,7 @@ def test_a_valid_recipe_with_fuzzed_fields_parses_or_fails_with_our_error(edits)
     for where, key, value in edits:
         target = raw
         for part in filter(None, where.split(".")):
-            if isinstance(target, list) and int(part) < len(target):
+            if isinstance(target, list) and part.isdigit() and int(part) < len(target):
                 target = target[int(part)]
             elif isinstance(target, dict):
                 target = target.setdefault(part, {})
