@@ -4,7 +4,8 @@ For each model: the fp32 ONNX file (``export_onnx``) and modelpress's static int
 calibrated on ``--calib`` inputs, exported as QDQ by ``export_deployable``), each run by ONNX
 Runtime and by OpenVINO (which reads the same files: ``Deployed(path, "openvino")``), plus eager
 PyTorch, and the peer: NNCF's post-training quantization of the OpenVINO model (default settings,
-the same calibration inputs; the [peers] extra), run by OpenVINO; all timed in turns, call by
+the same calibration inputs; the [peers] extra), run by OpenVINO, and the fp32 model compiled by
+``torch.compile`` (the ``torch-compile`` runtime: a ``.pt2`` program, Inductor); all timed in turns, call by
 call, in this process (``measure_together``) at each batch size and thread count. Quality: SQNR
 (dB) of each file's logits against the PyTorch fp32 model on 8 inputs it was not calibrated on
 (torchvision models have random weights here: no ImageNet weights offline); the zoo CNNs
@@ -39,6 +40,7 @@ from modelpress.quantization.static import StaticInt8  # noqa: E402
 from modelpress.runtime import Deployed, available_runtimes  # noqa: E402
 
 RUNTIMES = [r for r in ("onnxruntime", "openvino") if r in available_runtimes()]
+COMPILE = "torch-compile" in available_runtimes()  # the fp32 model compiled by TorchInductor (.pt2)
 
 
 def files_for(model: torch.nn.Module, calib: list, example: torch.Tensor, folder: Path) -> dict[str, Path]:
@@ -88,6 +90,9 @@ def bench(name: str, model: torch.nn.Module, calib: list, x_eval: torch.Tensor, 
     with tempfile.TemporaryDirectory(prefix="deploy-") as tmp:
         files = files_for(model, calib, calib[0][0][:2], Path(tmp))
         deployed = {f"{rt} {p}": Deployed(f, rt) for p, f in files.items() for rt in RUNTIMES}
+        if COMPILE:
+            program, _ = export_deployable(model, calib[0][0][:2], Path(tmp) / "fp32.pt2", fmt="pt2")
+            deployed["torch-compile fp32"] = Deployed(program, "torch-compile")
         peer = nncf_ir(files["fp32"], calib, Path(tmp)) if "openvino" in RUNTIMES else None
         if peer is not None:
             deployed["NNCF int8"] = Deployed(peer, "openvino")
@@ -123,6 +128,7 @@ def main() -> None:
     torch.manual_seed(0)
     torch.set_num_threads(1)
     keys = ["eager"] + [f"{rt} {p}" for p in ("fp32", "int8") for rt in RUNTIMES]
+    keys += ["torch-compile fp32"] if COMPILE else []
     if "openvino" in RUNTIMES and importlib.util.find_spec("nncf"):
         keys.append("NNCF int8")
     header = ["model", "batch", "threads"] + [k.replace("onnxruntime", "ORT").replace("openvino", "OpenVINO")

@@ -67,7 +67,7 @@ def analyze(model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
             onnx: bool = typer.Option(True, help="export to ONNX (size, check; needed by onnxruntime and openvino)"),
             runtime: str = typer.Option("onnxruntime", "--runtime",
                                         help="comma-separated runtimes timed besides PyTorch: onnxruntime, "
-                                             "openvino, litert (batch 1)"),
+                                             "openvino, torch-compile, litert (batch 1)"),
             layers: int = typer.Option(10, help="show the N layers with the most MACs (0: none)"),
             json_out: Optional[Path] = typer.Option(None, "--json", help="write the report as JSON here"),
             md_out: Optional[Path] = typer.Option(None, "--markdown", help="write the report as Markdown here"),
