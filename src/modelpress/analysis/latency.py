@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..core.data import batch_size_of, call_model, slice_inputs
+from ..core.data import batch_size_of, call_model, slice_inputs, tensor_bytes
 from ..core.errors import ConfigError, ResourceError
 from ..core.resources import MEMORY_LIMIT_ENV, available_memory_bytes  # noqa: F401 (re-exported)
 from ..export.onnx import ort_feeds
@@ -103,16 +103,6 @@ class LatencyComparison:
                 "ratio_p10": self.ratio_p10, "ratio_p90": self.ratio_p90}
 
 
-def _tensor_bytes(obj: Any) -> int:
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(_tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(_tensor_bytes(v) for v in obj)
-    return 0  # (Hugging Face outputs are dicts)
-
-
 def largest_activation_bytes(model: nn.Module, inputs: Any) -> int:
     """Bytes of the largest output of one layer of ``model`` on ``inputs`` (at their batch size),
     measured on one sample and scaled: any forward on ``inputs`` allocates at least this much."""
@@ -121,7 +111,7 @@ def largest_activation_bytes(model: nn.Module, inputs: Any) -> int:
     except (AttributeError, IndexError, StopIteration, TypeError):
         return 0
     sizes = [0]
-    hooks = [m.register_forward_hook(lambda _m, _i, out: sizes.append(_tensor_bytes(out)))
+    hooks = [m.register_forward_hook(lambda _m, _i, out: sizes.append(tensor_bytes(out)))
              for m in model.modules()]
     try:
         with torch.inference_mode(), _eval(model):

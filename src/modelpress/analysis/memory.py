@@ -29,19 +29,9 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-from ..core.data import call_model
+from ..core.data import call_model, tensor_bytes
 from ..core.errors import UnsupportedError
 from .params import dense_bytes
-
-
-def _input_bytes(inputs: Any) -> int:
-    if isinstance(inputs, torch.Tensor):
-        return inputs.numel() * inputs.element_size()
-    if isinstance(inputs, dict):
-        return sum(_input_bytes(v) for v in inputs.values())
-    if isinstance(inputs, (list, tuple)):
-        return sum(_input_bytes(v) for v in inputs)
-    return 0
 
 
 def _allocations(nodes) -> Iterator[tuple[int, int, int]]:
@@ -112,6 +102,6 @@ def peak_memory(model: nn.Module, inputs: Any) -> dict[str, int]:
             activations = _activation_peak(model, inputs)
     finally:
         model.train(was_training)
-    params, input_bytes = dense_bytes(model), _input_bytes(inputs)
+    params, input_bytes = dense_bytes(model), tensor_bytes(inputs)
     return {"param_bytes": params, "input_bytes": input_bytes, "peak_activation_bytes": activations,
             "peak_total_bytes": params + input_bytes + activations}

@@ -57,6 +57,25 @@ def split_batch(batch: Batch) -> tuple[Any, torch.Tensor | None]:
     return batch, None
 
 
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors in ``obj`` (a tensor, or dicts / lists / tuples of them, Hugging Face
+    outputs included); anything else counts 0."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def args_and_kwargs(inputs: Any) -> tuple[tuple, dict]:
+    """Inputs in the batch convention as the ``(args, kwargs)`` of a call (a dict: keyword arguments)."""
+    if isinstance(inputs, dict):
+        return (), dict(inputs)
+    return (tuple(inputs) if isinstance(inputs, (list, tuple)) else (inputs,)), {}
+
+
 def call_model(model: nn.Module, inputs: Any) -> Any:
     """Run ``model`` on inputs in the batch convention (dict -> keyword arguments)."""
     if isinstance(inputs, dict):

@@ -39,11 +39,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.data import as_data, call_model, check_finite, to_device
+from ..core.data import as_data, call_model, check_finite, tensor_bytes, to_device
 from ..core.errors import DataError, UnsupportedError
 from ..core.progress import progress_bar
 from ..nn.layer_kinds import is_transposed_linear, linear_features
-from .offload import DiskOffload, Offload, release_free_memory, should_offload, tensor_bytes
+from .offload import DiskOffload, Offload, layer_bytes, release_free_memory, should_offload
 
 
 class Observer(Protocol):
@@ -344,7 +344,7 @@ def calibrate_layerwise(model: nn.Module, layers: Iterable[tuple[str, nn.Module]
     model.eval()
     devices = {n: next(m.parameters()).device for n, m in layers.items()}  # before any goes to disk
     store, compressed = None, set()
-    go, why = should_offload(offload, tensor_bytes(layers), working_bytes(layers, make_observer, batches))
+    go, why = should_offload(offload, layer_bytes(layers), working_bytes(layers, make_observer, batches))
     try:
         if go:
             store = DiskOffload(model, layers, tempfile.mkdtemp(prefix="modelpress-offload-"))
@@ -397,18 +397,7 @@ def working_bytes(layers: dict[str, nn.Module], make_observer: Callable, batches
     rows = 0
     if isinstance(first, torch.Tensor):
         rows = first.numel() // (first.shape[-1] if first.is_floating_point() and first.dim() > 1 else 1)
-    data = sum(_nbytes(b) for b in batches)
-    return data + 3 * per(widest) + 8 * rows * widest * 4
-
-
-def _nbytes(obj: Any) -> int:
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(_nbytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(_nbytes(v) for v in obj)
-    return 0
+    return tensor_bytes(batches) + 3 * per(widest) + 8 * rows * widest * 4
 
 
 def _observe(model: nn.Module, layers: dict[str, nn.Module], observers: dict[str, Observer],

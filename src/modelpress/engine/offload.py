@@ -193,7 +193,7 @@ def release_free_memory() -> None:
         trim(0)
 
 
-def tensor_bytes(layers: dict[str, nn.Module]) -> int:
+def layer_bytes(layers: dict[str, nn.Module]) -> int:
     """Bytes of the layers' own parameters and buffers."""
     return sum(t.numel() * t.element_size() for m in layers.values() for t in _own_tensors(m).values())
 

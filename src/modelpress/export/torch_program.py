@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.data import args_and_kwargs
 from ..core.errors import UnsupportedError
 from ..core.io import atomic_path
 
@@ -63,10 +64,7 @@ def export_program(model: nn.Module, example_inputs: Any, path: str | os.PathLik
     """Write ``model`` as a ``torch.export`` program to ``path`` (``.pt2``), batch dimension dynamic."""
     path = Path(path)
     example_inputs = _at_least_two(example_inputs)
-    if isinstance(example_inputs, dict):
-        args, kwargs = (), dict(example_inputs)
-    else:
-        args, kwargs = (tuple(example_inputs) if isinstance(example_inputs, (list, tuple)) else (example_inputs,)), {}
+    args, kwargs = args_and_kwargs(example_inputs)
     was_training = model.training
     model.eval()
     try:

@@ -45,6 +45,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from ..core.data import args_and_kwargs
 from ..core.errors import UnsupportedError
 from .channels import ChannelAnalysis, ParamRef, Value, _arg, _first_input, _op_name, _Walker
 from .tracing import _user_frame
@@ -83,10 +84,7 @@ def export_with_shapes(model: nn.Module, example_inputs: Any) -> fx.GraphModule:
 
     Raises :class:`UnsupportedError` naming the failing source line when the model cannot be exported.
     """
-    if isinstance(example_inputs, dict):
-        args, kwargs = (), dict(example_inputs)
-    else:
-        args, kwargs = (tuple(example_inputs) if isinstance(example_inputs, (list, tuple)) else (example_inputs,)), {}
+    args, kwargs = args_and_kwargs(example_inputs)
     was_training = model.training
     model.eval()
     try:  # with grad enabled: under no_grad nn.TransformerEncoderLayer takes its fused fast path
