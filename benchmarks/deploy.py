@@ -41,6 +41,7 @@ from modelpress.runtime import Deployed, available_runtimes  # noqa: E402
 
 RUNTIMES = [r for r in ("onnxruntime", "openvino") if r in available_runtimes()]
 COMPILE = "torch-compile" in available_runtimes()  # the fp32 model compiled by TorchInductor (.pt2)
+BF16 = "openvino-bf16" in available_runtimes()  # the fp32 file computed in bf16 (CPUs with native bf16)
 
 
 def files_for(model: torch.nn.Module, calib: list, example: torch.Tensor, folder: Path) -> dict[str, Path]:
@@ -90,6 +91,8 @@ def bench(name: str, model: torch.nn.Module, calib: list, x_eval: torch.Tensor, 
     with tempfile.TemporaryDirectory(prefix="deploy-") as tmp:
         files = files_for(model, calib, calib[0][0][:2], Path(tmp))
         deployed = {f"{rt} {p}": Deployed(f, rt) for p, f in files.items() for rt in RUNTIMES}
+        if BF16:
+            deployed["openvino-bf16 fp32"] = Deployed(files["fp32"], "openvino-bf16")
         if COMPILE:
             program, _ = export_deployable(model, calib[0][0][:2], Path(tmp) / "fp32.pt2", fmt="pt2")
             deployed["torch-compile fp32"] = Deployed(program, "torch-compile")
@@ -128,10 +131,12 @@ def main() -> None:
     torch.manual_seed(0)
     torch.set_num_threads(1)
     keys = ["eager"] + [f"{rt} {p}" for p in ("fp32", "int8") for rt in RUNTIMES]
-    keys += ["torch-compile fp32"] if COMPILE else []
+    keys += (["openvino-bf16 fp32"] if BF16 else []) + (["torch-compile fp32"] if COMPILE else [])
     if "openvino" in RUNTIMES and importlib.util.find_spec("nncf"):
         keys.append("NNCF int8")
-    header = ["model", "batch", "threads"] + [k.replace("onnxruntime", "ORT").replace("openvino", "OpenVINO")
+    header = ["model", "batch", "threads"] + [k.replace("onnxruntime", "ORT")
+                                               .replace("openvino-bf16 fp32", "OpenVINO bf16")
+                                               .replace("openvino", "OpenVINO")
                                                .replace("eager", "PyTorch eager")
                                                .replace("NNCF int8", "NNCF PTQ int8 (OpenVINO)") for k in keys]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

@@ -159,3 +159,20 @@ def test_cli_analyze_times_openvino_and_refuses_an_unknown_runtime(tmp_path, cap
     assert "unknown runtime 'tvm'" in capsys.readouterr().err
     engines = {e["engine"] for e in json.loads(out.read_text())["latency"]}
     assert engines == {"eager", "onnxruntime", "openvino"}
+
+
+def test_openvino_bf16_is_a_runtime_of_its_own_only_where_the_cpu_has_bf16(onnx_file):
+    """OpenVINO's CPU plug-in would compute an fp32 file in bf16 on such CPUs by default; here fp32
+    stays fp32 (exact) and bf16 is the separate runtime ``openvino-bf16`` (close, not exact)."""
+    from modelpress.runtime.builtin import _cpu_has_bf16
+
+    bf16 = get_runtime("openvino-bf16")
+    assert bf16.available() == _cpu_has_bf16()
+    x = torch.randn(3, 1, 8, 8)
+    want = small_cnn()(x)
+    (fp32,) = Deployed(onnx_file, "openvino").open()(x)
+    assert torch.allclose(fp32, want, atol=1e-5)
+    if not bf16.available():
+        pytest.skip("this CPU has no native bf16 (AVX-512 BF16 / AMX)")
+    (got,) = Deployed(onnx_file, "openvino-bf16").open()(x)
+    assert got.shape == want.shape and torch.allclose(got, want, atol=0.05, rtol=0.05)

@@ -8,7 +8,8 @@ model, so it is measured, not assumed:
    is (fp32, or the int8 QDQ / weight-only file its quantization exports to) in ONNX Runtime and in
    OpenVINO; for a float model also static int8 (``quant.static_int8`` calibrated on the training
    split, exported as QDQ) in both, once whole and once with the first and last layer kept in
-   fp32 (a 1-channel stem and a small head are where int8 kernels lose most); in LiteRT fp32
+   fp32 (a 1-channel stem and a small head are where int8 kernels lose most); the float IR computed
+   in bf16 by OpenVINO on CPUs with native bf16 (``openvino-bf16``); in LiteRT fp32
    and int8 calibrated on the same split (batch 1); and the model as it is compiled by
    ``torch.compile`` (a ``torch.export`` program, ``.pt2``; Inductor needs a C++ compiler).
 2. **Quality**: every candidate file is evaluated by the task on the test split, like the PyTorch
@@ -45,7 +46,7 @@ from ..runtime import Deployed, available_runtimes, get_runtime
 from .analyze import resize_batch
 from .latency import measure_together
 
-AUTO_RUNTIMES = ("onnxruntime", "openvino", "litert", "torch-compile")
+AUTO_RUNTIMES = ("onnxruntime", "openvino", "openvino-bf16", "litert", "torch-compile")
 
 
 @dataclass
@@ -148,6 +149,8 @@ def _builders(model: nn.Module, bundle: Any, runtimes: tuple[str, ...], folder: 
             out += [(name, label, lambda k=k: onnx(k)) for k, label in kinds]
         elif name == "openvino":
             out += [(name, label, lambda k=k: ir(k)) for k, label in kinds]
+        elif name == "openvino-bf16" and as_is == "fp32":  # the float file, computed in bf16
+            out.append((name, "bf16", lambda: ir("fp32")))
         elif name == "litert" and batch_size == 1:
             out += [(name, p, lambda p=p: tflite(p)) for p in ("fp32", "int8")]
         elif name == "torch-compile":  # the model as it is, compiled by Inductor when opened

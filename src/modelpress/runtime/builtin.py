@@ -1,6 +1,7 @@
 """The built-in runtimes: ONNX Runtime (``.onnx``), OpenVINO (``.xml`` IR, and ``.onnx`` read
-directly, QDQ int8 included), LiteRT (``.tflite``) and ``torch-compile`` (a ``torch.export`` program,
-``.pt2``, compiled by TorchInductor when opened). Each imports its package only when a file is opened."""
+directly, QDQ int8 included; ``openvino-bf16`` computes in bf16 on CPUs that have it), LiteRT
+(``.tflite``) and ``torch-compile`` (a ``torch.export`` program, ``.pt2``, compiled by TorchInductor
+when opened). Each imports its package only when a file is opened."""
 from __future__ import annotations
 
 import shutil
@@ -42,13 +43,15 @@ class OnnxRuntime(Runtime):
 
 
 class OpenVinoSession(Session):
-    def __init__(self, path: Path, threads: int | None):
+    def __init__(self, path: Path, threads: int | None, precision: str | None = None):
         import openvino as ov
 
-        core = ov.Core()
         from ..export.openvino import CPU_CONFIG
 
+        core = ov.Core()
         config = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, **CPU_CONFIG}
+        if precision:
+            config["INFERENCE_PRECISION_HINT"] = precision
         if threads is not None:
             config["INFERENCE_NUM_THREADS"] = threads
         try:
@@ -78,6 +81,30 @@ class OpenVino(Runtime):
 
     def build(self, model: torch.nn.Module, example_inputs: Any, folder: Path) -> Path:
         return build_onnx(model, example_inputs, folder)  # OpenVINO reads ONNX as it is
+
+
+def _cpu_has_bf16() -> bool:
+    """The CPU computes bf16 natively (AVX-512 BF16 or AMX), read from /proc/cpuinfo (Linux)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
+            flags = next((line.split(":", 1)[1].split() for line in fh if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+class OpenVinoBf16(OpenVino):
+    """OpenVINO computing the float parts of a file in bf16: what its CPU plug-in does by default on
+    CPUs with native bf16, here a separate runtime so it is measured and its quality checked, never
+    taken silently for fp32. Offered only on such CPUs."""
+
+    name, key, label = "openvino-bf16", "ovbf16", "OpenVINO bf16"
+
+    def available(self) -> bool:
+        return super().available() and _cpu_has_bf16()
+
+    def _open(self, path: Path, threads: int | None) -> Session:
+        return OpenVinoSession(path, threads, precision="bf16")
 
 
 class LiteRTSession(Session):
@@ -185,5 +212,5 @@ def build_onnx(model: torch.nn.Module, example_inputs: Any, folder: Path) -> Pat
     return path
 
 
-for _runtime in (OnnxRuntime(), OpenVino(), LiteRT(), TorchCompile()):
+for _runtime in (OnnxRuntime(), OpenVino(), OpenVinoBf16(), LiteRT(), TorchCompile()):
     register_runtime(_runtime)
