@@ -150,7 +150,7 @@ def _builders(model: nn.Module, bundle: Any, runtimes: tuple[str, ...], folder: 
         elif name == "openvino":
             out += [(name, label, lambda k=k: ir(k)) for k, label in kinds]
         elif name == "openvino-bf16" and as_is == "fp32":  # the float file, computed in bf16
-            out.append((name, "bf16", lambda: ir("fp32")))
+            out.append((name, "fp32 file", lambda: ir("fp32")))
         elif name == "litert" and batch_size == 1:
             out += [(name, p, lambda p=p: tflite(p)) for p in ("fp32", "int8")]
         elif name == "torch-compile":  # the model as it is, compiled by Inductor when opened

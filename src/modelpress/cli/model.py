@@ -228,7 +228,8 @@ def _export_auto(model: str, dest: Path, data: str, batch_size: int, threads: in
     out.print(choice.table(), highlight=False, soft_wrap=True)
     c = choice.chosen
     out.print(f"wrote {choice.path} ({c.bytes:,} bytes): {c.name}, {c.ms:.3f} ms at batch {batch_size} "
-              f"({threads} thr), {choice.primary} {c.metrics.get(choice.primary, float('nan')):.4f}",
+              f"({threads} thr), {choice.primary} {c.metrics.get(choice.primary, float('nan')):.4f}; "
+              f"run it with the {c.runtime} runtime (e.g. modelpress analyze --runtime {c.runtime})",
               highlight=False, soft_wrap=True)
 
 
