@@ -158,10 +158,11 @@ def export(model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
     if runtime == "auto":
         return _export_auto(model, dest, data, batch_size, threads, max_drop, trust_remote_code)
     if runtime is not None:
-        runtimes = {"onnxruntime": "onnx", "openvino": "openvino", "litert": "tflite", "torch-compile": "pt2"}
+        runtimes = {"onnxruntime": "onnx", "openvino": "openvino", "openvino-bf16": "openvino", "litert": "tflite",
+                    "torch-compile": "pt2"}  # openvino-bf16 runs the same IR with bf16 compute
         if runtime not in runtimes:
             raise ModelpressError(f"--runtime {runtime!r} is not known",
-                                  hint="use auto, onnxruntime, openvino, litert or torch-compile")
+                                  hint="use auto, onnxruntime, openvino, openvino-bf16, litert or torch-compile")
         if fmt not in ("auto", runtimes[runtime]):
             raise ModelpressError(f"--runtime {runtime} writes {runtimes[runtime]}, not --format {fmt}",
                                   hint="give one of --runtime and --format")
