@@ -35,6 +35,7 @@ from torch import nn
 
 from ..core.data import call_model, output_tensor
 from ..core.errors import ConfigError, require
+from ..core.io import atomic_path
 from ..core.registry import Registry
 from ..nn.modules import set_module
 from ..quantization.codebook import CodebookConv2d, CodebookLinear
@@ -160,10 +161,9 @@ def export_deployable(model: nn.Module, example_inputs: Any, path: str | os.Path
 
 
 def _export_program_checked(model: nn.Module, example_inputs: Any, path: Path, check: bool) -> tuple[Path, str]:
-    tmp = path.with_name(f".{path.name}.partial.pt2")
-    try:
+    note = "torch.export program (compiled by torch.compile where it runs)"
+    with atomic_path(path) as tmp:  # checked first, then moved into place
         export_program(model, example_inputs, tmp)
-        note = "torch.export program (compiled by torch.compile where it runs)"
         if check:
             with torch.no_grad():
                 got = output_tensor(call_model(torch.export.load(str(tmp)).module(), example_inputs))
@@ -174,10 +174,6 @@ def _export_program_checked(model: nn.Module, example_inputs: Any, path: Path, c
                 raise OnnxMismatchError(f"the torch.export program of {type(model).__name__} differs from the "
                                         f"model by {err:.3g} (max abs)", hint="deploy with --runtime onnxruntime")
             note += f"; max abs diff vs PyTorch {err:.2e}"
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path, note
 
 
